@@ -1,0 +1,312 @@
+//! The ops the tape knows: forward (as `Tape` methods) and backward.
+
+use super::{Tape, Var};
+use crate::backend::cpu::{
+    attention::{attention_backward, attention_forward, AttnDims},
+    elementwise, embedding,
+    gemm::{gemm, Layout},
+    loss, norm,
+    rope::{rope_backward, rope_forward, RopeTable},
+    swiglu,
+};
+use std::sync::Arc;
+
+/// What each op's backward needs. Inputs are `Var`s; everything else is saved state.
+pub enum Op {
+    /// y[m,n] = x[m,k] · w[n,k]ᵀ (a bias-free linear layer, w in PyTorch's [out, in] layout).
+    Linear {
+        x: Var,
+        w: Var,
+        m: usize,
+        k: usize,
+        n: usize,
+    },
+    Embedding {
+        table: Var,
+        ids: Vec<u32>,
+        dim: usize,
+    },
+    RmsNorm {
+        x: Var,
+        rstd: Vec<f32>,
+        dim: usize,
+    },
+    Rope {
+        x: Var,
+        b: usize,
+        t: usize,
+        h: usize,
+        table: Arc<RopeTable>,
+    },
+    /// Causal attention; the output and the log-sum-exp are all it keeps (O(T) per head).
+    Attention {
+        q: Var,
+        k: Var,
+        v: Var,
+        lse: Vec<f32>,
+        dims: AttnDims,
+    },
+    SwiGlu {
+        g: Var,
+        u: Var,
+    },
+    Add {
+        a: Var,
+        b: Var,
+    },
+    /// Σ x ∘ w for a constant w (a scalar; used to probe gradients in tests).
+    WeightedSum {
+        x: Var,
+        w: Vec<f32>,
+    },
+    /// Mean softcapped cross-entropy over rows with target ≥ 0.
+    CrossEntropy {
+        logits: Var,
+        targets: Vec<i32>,
+        vocab: usize,
+        cap: f32,
+        n_valid: usize,
+    },
+}
+
+impl Tape<'_> {
+    pub fn linear(&mut self, x: Var, w: Var) -> Var {
+        let (xs, ws) = (self.shape(x), self.shape(w));
+        let k = *xs.last().expect("linear: x has no dims");
+        let m = self.value(x).len() / k;
+        assert!(
+            ws.len() == 2 && ws[1] == k,
+            "linear: w {ws:?} does not match x's last dim {k}"
+        );
+        let n = ws[0];
+        let mut y = vec![0.0; m * n];
+        gemm(
+            m,
+            n,
+            k,
+            self.value(x),
+            Layout::N,
+            self.value(w),
+            Layout::T,
+            &mut y,
+            false,
+        );
+        let mut shape = xs[..xs.len() - 1].to_vec();
+        shape.push(n);
+        self.record(y, &shape, Op::Linear { x, w, m, k, n })
+    }
+
+    /// Rows of `table` [vocab, dim] for each id. Ids must be < vocab (the model checks and reports).
+    pub fn embedding(&mut self, table: Var, ids: &[u32]) -> Var {
+        let dim = self.shape(table)[1];
+        let mut y = vec![0.0; ids.len() * dim];
+        embedding::embedding_forward(self.value(table), dim, ids, &mut y);
+        self.record(
+            y,
+            &[ids.len(), dim],
+            Op::Embedding {
+                table,
+                ids: ids.to_vec(),
+                dim,
+            },
+        )
+    }
+
+    /// Parameter-free RMSNorm over groups of `dim` consecutive values (the last dim, or a head).
+    pub fn rmsnorm(&mut self, x: Var, dim: usize) -> Var {
+        let n = self.value(x).len();
+        let (mut y, mut rstd) = (vec![0.0; n], vec![0.0; n / dim]);
+        norm::rmsnorm_forward(self.value(x), dim, &mut y, &mut rstd);
+        let shape = self.shape(x).to_vec();
+        self.record(y, &shape, Op::RmsNorm { x, rstd, dim })
+    }
+
+    /// Rotary embedding on x viewed as [b, t, h, head_dim].
+    pub fn rope(&mut self, x: Var, b: usize, t: usize, h: usize, table: &Arc<RopeTable>) -> Var {
+        let mut y = vec![0.0; self.value(x).len()];
+        rope_forward(table, self.value(x), b, t, h, &mut y);
+        let shape = self.shape(x).to_vec();
+        self.record(
+            y,
+            &shape,
+            Op::Rope {
+                x,
+                b,
+                t,
+                h,
+                table: table.clone(),
+            },
+        )
+    }
+
+    pub fn attention(&mut self, q: Var, k: Var, v: Var, dims: AttnDims) -> Var {
+        let mut out = vec![0.0; self.value(q).len()];
+        let mut lse = vec![0.0; dims.b * dims.h * dims.t];
+        attention_forward(
+            &dims,
+            self.value(q),
+            self.value(k),
+            self.value(v),
+            &mut out,
+            &mut lse,
+        );
+        let shape = self.shape(q).to_vec();
+        self.record(out, &shape, Op::Attention { q, k, v, lse, dims })
+    }
+
+    pub fn swiglu(&mut self, g: Var, u: Var) -> Var {
+        let mut y = vec![0.0; self.value(g).len()];
+        swiglu::swiglu_forward(self.value(g), self.value(u), &mut y);
+        let shape = self.shape(g).to_vec();
+        self.record(y, &shape, Op::SwiGlu { g, u })
+    }
+
+    pub fn add(&mut self, a: Var, b: Var) -> Var {
+        assert_eq!(self.shape(a), self.shape(b), "add: shapes differ");
+        let mut y = vec![0.0; self.value(a).len()];
+        elementwise::add(self.value(a), self.value(b), &mut y);
+        let shape = self.shape(a).to_vec();
+        self.record(y, &shape, Op::Add { a, b })
+    }
+
+    /// Σ x ∘ w for a constant w of the same length (accumulated in f64).
+    pub fn weighted_sum(&mut self, x: Var, w: &[f32]) -> Var {
+        assert_eq!(
+            self.value(x).len(),
+            w.len(),
+            "weighted_sum: length mismatch"
+        );
+        let s: f64 = self
+            .value(x)
+            .iter()
+            .zip(w)
+            .map(|(&a, &b)| a as f64 * b as f64)
+            .sum();
+        self.record(vec![s as f32], &[], Op::WeightedSum { x, w: w.to_vec() })
+    }
+
+    /// Mean over rows with target ≥ 0 of the softcapped cross-entropy (a scalar).
+    /// Also returns the number of rows that counted.
+    pub fn cross_entropy(&mut self, logits: Var, targets: &[i32], cap: f32) -> (Var, usize) {
+        let vocab = *self
+            .shape(logits)
+            .last()
+            .expect("cross_entropy: logits have no dims");
+        let mut losses = vec![0.0; targets.len()];
+        loss::softcap_cross_entropy_forward(self.value(logits), vocab, targets, cap, &mut losses);
+        let n_valid = targets.iter().filter(|&&t| t >= 0).count();
+        let total: f64 = losses.iter().map(|&l| l as f64).sum();
+        let mean = if n_valid > 0 {
+            (total / n_valid as f64) as f32
+        } else {
+            0.0
+        };
+        let op = Op::CrossEntropy {
+            logits,
+            targets: targets.to_vec(),
+            vocab,
+            cap,
+            n_valid,
+        };
+        (self.record(vec![mean], &[], op), n_valid)
+    }
+}
+
+/// Gradients of the op's inputs given the gradient `dout` of its output `out`.
+pub(super) fn backward(tape: &Tape, op: &Op, out: Var, dout: &[f32]) -> Vec<(Var, Vec<f32>)> {
+    match op {
+        &Op::Linear { x, w, m, k, n } => {
+            let mut dx = vec![0.0; m * k];
+            gemm(
+                m,
+                k,
+                n,
+                dout,
+                Layout::N,
+                tape.value(w),
+                Layout::N,
+                &mut dx,
+                false,
+            ); // dX = dY·W
+            let mut dw = vec![0.0; n * k];
+            gemm(
+                n,
+                k,
+                m,
+                dout,
+                Layout::T,
+                tape.value(x),
+                Layout::N,
+                &mut dw,
+                false,
+            ); // dW = dYᵀ·X
+            vec![(x, dx), (w, dw)]
+        }
+        Op::Embedding { table, ids, dim } => {
+            let mut dt = vec![0.0; tape.value(*table).len()];
+            embedding::embedding_backward(dout, *dim, ids, &mut dt);
+            vec![(*table, dt)]
+        }
+        Op::RmsNorm { x, rstd, dim } => {
+            let mut dx = vec![0.0; dout.len()];
+            norm::rmsnorm_backward(tape.value(*x), rstd, dout, *dim, &mut dx);
+            vec![(*x, dx)]
+        }
+        Op::Rope { x, b, t, h, table } => {
+            let mut dx = vec![0.0; dout.len()];
+            rope_backward(table, dout, *b, *t, *h, &mut dx);
+            vec![(*x, dx)]
+        }
+        Op::Attention { q, k, v, lse, dims } => {
+            let (mut dq, mut dk, mut dv) = (
+                vec![0.0; dout.len()],
+                vec![0.0; tape.value(*k).len()],
+                vec![0.0; tape.value(*v).len()],
+            );
+            let (qv, kv, vv) = (tape.value(*q), tape.value(*k), tape.value(*v));
+            attention_backward(
+                dims,
+                qv,
+                kv,
+                vv,
+                tape.value(out),
+                lse,
+                dout,
+                &mut dq,
+                &mut dk,
+                &mut dv,
+            );
+            vec![(*q, dq), (*k, dk), (*v, dv)]
+        }
+        Op::SwiGlu { g, u } => {
+            let (mut dg, mut du) = (vec![0.0; dout.len()], vec![0.0; dout.len()]);
+            swiglu::swiglu_backward(tape.value(*g), tape.value(*u), dout, &mut dg, &mut du);
+            vec![(*g, dg), (*u, du)]
+        }
+        Op::WeightedSum { x, w } => vec![(*x, w.iter().map(|v| v * dout[0]).collect())],
+        Op::Add { a, b } => vec![(*a, dout.to_vec()), (*b, dout.to_vec())],
+        Op::CrossEntropy {
+            logits,
+            targets,
+            vocab,
+            cap,
+            n_valid,
+        } => {
+            let mut dz = vec![0.0; tape.value(*logits).len()];
+            let scale = if *n_valid > 0 {
+                dout[0] / *n_valid as f32
+            } else {
+                0.0
+            };
+            loss::softcap_cross_entropy_backward(
+                tape.value(*logits),
+                *vocab,
+                targets,
+                *cap,
+                scale,
+                &mut dz,
+            );
+            vec![(*logits, dz)]
+        }
+    }
+}

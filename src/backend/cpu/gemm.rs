@@ -1,0 +1,152 @@
+//! GEMM: C[m,n] = A·B (or C += A·B), with either operand stored transposed.
+//!
+//! Backed by the `gemm` crate (AVX-512 kernels with the `x86-v4` feature,
+//! picked at run time). Parallel over output tiles; the reduction over k is
+//! sequential within a tile, so results do not depend on scheduling.
+
+use gemm::Parallelism;
+
+/// How an operand is stored: `N` as written ([m,k] for A, [k,n] for B), `T` transposed ([k,m] for A, [n,k] for B).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    N,
+    T,
+}
+
+/// C[m,n] = A·B (accumulate = false) or C += A·B (accumulate = true).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    la: Layout,
+    b: &[f32],
+    lb: Layout,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    assert_eq!(a.len(), m * k, "gemm: A must hold m*k = {m}*{k} values");
+    assert_eq!(b.len(), k * n, "gemm: B must hold k*n = {k}*{n} values");
+    assert_eq!(c.len(), m * n, "gemm: C must hold m*n = {m}*{n} values");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c.fill(0.0);
+        }
+        return;
+    }
+    // (row stride, column stride) of each operand as the logical matrix.
+    let (a_rs, a_cs) = match la {
+        Layout::N => (k as isize, 1),
+        Layout::T => (1, m as isize),
+    };
+    let (b_rs, b_cs) = match lb {
+        Layout::N => (n as isize, 1),
+        Layout::T => (1, k as isize),
+    };
+    let flops = 2.0 * m as f64 * n as f64 * k as f64;
+    let par = if flops < 4.0e6 {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(0)
+    };
+    // SAFETY: the lengths were checked above and the strides address only inside each slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// The test and benchmark oracle: a plain triple loop in f64 (slow; small sizes only).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_naive(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    la: Layout,
+    b: &[f32],
+    lb: Layout,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    let at = |i: usize, p: usize| {
+        if la == Layout::N {
+            a[i * k + p]
+        } else {
+            a[p * m + i]
+        }
+    };
+    let bt = |p: usize, j: usize| {
+        if lb == Layout::N {
+            b[p * n + j]
+        } else {
+            b[j * k + p]
+        }
+    };
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0.0f64;
+            for p in 0..k {
+                s += at(i, p) as f64 * bt(p, j) as f64;
+            }
+            let base = if accumulate { c[i * n + j] } else { 0.0 };
+            c[i * n + j] = base + s as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    #[test]
+    fn matches_naive_for_all_layouts() {
+        let mut rng = Rng::new(3);
+        for &(m, n, k) in &[(1, 1, 1), (7, 5, 3), (33, 65, 17), (128, 96, 200)] {
+            for la in [Layout::N, Layout::T] {
+                for lb in [Layout::N, Layout::T] {
+                    for acc in [false, true] {
+                        let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+                        let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+                        let c0: Vec<f32> = (0..m * n).map(|_| rng.normal() as f32).collect();
+                        let (mut c1, mut c2) = (c0.clone(), c0.clone());
+                        gemm(m, n, k, &a, la, &b, lb, &mut c1, acc);
+                        gemm_naive(m, n, k, &a, la, &b, lb, &mut c2, acc);
+                        // f32 accumulation of k products of unit normals: error ~ sqrt(k)·2^-24·|terms|.
+                        let tol = 1e-5 * (k as f32).sqrt() * 4.0;
+                        for (x, y) in c1.iter().zip(&c2) {
+                            assert!(
+                                (x - y).abs() <= tol * (1.0 + y.abs()),
+                                "{m}x{n}x{k} {la:?}{lb:?}: {x} vs {y}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! `--device auto|cpu|cuda[:N]`: which backend a command runs on.
+
+use anyhow::{bail, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// Whether the CUDA training path exists in this build. The CUDA kernels come
+/// with the CUDA backend issue; until then `auto` resolves to the CPU.
+pub const CUDA_TRAINING_AVAILABLE: bool = false;
+
+impl Device {
+    /// Resolves a `--device` string. `auto` never fails: it falls back to the
+    /// CPU and prints one line saying why. An explicit `cuda` that cannot be
+    /// honoured is an error.
+    pub fn resolve(spec: &str) -> Result<Device> {
+        let spec = spec.trim().to_ascii_lowercase();
+        match spec.as_str() {
+            "cpu" => Ok(Device::Cpu),
+            "auto" => {
+                match crate::backend::cuda::probe_devices() {
+                    Err(why) => eprintln!("device: {why}; using the CPU"),
+                    Ok(n) if !CUDA_TRAINING_AVAILABLE => eprintln!(
+                        "device: {n} CUDA device(s) found, but this build has no CUDA training path yet; using the CPU"
+                    ),
+                    Ok(_) => return Ok(Device::Cuda(0)),
+                }
+                Ok(Device::Cpu)
+            }
+            s if s == "cuda" || s.starts_with("cuda:") => {
+                let index = match s.strip_prefix("cuda:") {
+                    None => 0,
+                    Some(i) => i
+                        .parse::<usize>()
+                        .map_err(|_| anyhow::anyhow!("bad device '{spec}': expected cuda:N"))?,
+                };
+                let n = crate::backend::cuda::probe_devices()
+                    .map_err(|why| anyhow::anyhow!("--device {spec}: {why}"))?;
+                if index >= n {
+                    bail!("--device {spec}: only {n} CUDA device(s) present");
+                }
+                if !CUDA_TRAINING_AVAILABLE {
+                    bail!("--device {spec}: this build has no CUDA training path yet (use --device cpu or auto)");
+                }
+                Ok(Device::Cuda(index))
+            }
+            _ => bail!("unknown device '{spec}': expected auto, cpu, cuda or cuda:N"),
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! nanoseek: train DeepSeek-V3.2-style language models end to end.
+//!
+//! Layers, bottom up: `backend` (kernels: `cpu` reference, `cuda`), `tensor`,
+//! `kernels` (the drop-in kernel API), `autograd` (the tape), `nn` (the model),
+//! `optim`, `data`, `train`, `generate`. The `nanoseek` binary is a thin CLI over these.
+
+pub mod autograd;
+pub mod backend;
+pub mod data;
+pub mod device;
+pub mod fsutil;
+pub mod generate;
+pub mod info;
+pub mod kernels;
+pub mod nn;
+pub mod optim;
+pub mod rng;
+pub mod tensor;
+pub mod train;
+
+pub use tensor::Tensor;

@@ -1,0 +1,266 @@
+//! The `nanoseek` command line: parse, call the library, print.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use nanoseek::device::Device;
+use nanoseek::nn::{ConfigOverrides, ModelConfig};
+use nanoseek::train::{self, RunConfig, TrainRequest, TrainSettings};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "nanoseek",
+    version,
+    about = "Train DeepSeek-V3.2-style language models end to end"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (default: `tiny` on the embedded synthetic language, a few minutes on a laptop CPU).
+    Train(TrainArgs),
+    /// Print exact parameter counts per component for a model size or config.
+    Info(ModelArgs),
+}
+
+/// Which model: a preset, an optional config file on top, then single-field overrides.
+#[derive(Args)]
+struct ModelArgs {
+    /// Preset: tiny, small, medium, large, xlarge, full.
+    #[arg(long, default_value = "tiny")]
+    model_size: String,
+    /// TOML or JSON file of model fields (may name its own `model_size`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    vocab_size: Option<usize>,
+    #[arg(long)]
+    n_layer: Option<usize>,
+    #[arg(long)]
+    n_embd: Option<usize>,
+    #[arg(long)]
+    n_head: Option<usize>,
+    #[arg(long)]
+    n_kv_head: Option<usize>,
+    #[arg(long)]
+    head_dim: Option<usize>,
+    #[arg(long)]
+    ffn_hidden: Option<usize>,
+    /// Training sequence length (also the model's context length).
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    #[arg(long)]
+    rope_theta: Option<f64>,
+    #[arg(long)]
+    logit_softcap: Option<f32>,
+}
+
+impl ModelArgs {
+    fn resolve(&self) -> Result<ModelConfig> {
+        let mut cfg = ModelConfig::preset(&self.model_size)?;
+        if let Some(path) = &self.config {
+            cfg = ModelConfig::from_file(path, &cfg)?;
+        }
+        let o = ConfigOverrides {
+            vocab_size: self.vocab_size,
+            n_layer: self.n_layer,
+            n_embd: self.n_embd,
+            n_head: self.n_head,
+            n_kv_head: self.n_kv_head,
+            head_dim: self.head_dim,
+            ffn_hidden: self.ffn_hidden,
+            max_seq_len: self.max_seq_len,
+            rope_theta: self.rope_theta,
+            logit_softcap: self.logit_softcap,
+        };
+        o.apply(&mut cfg)?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Args)]
+#[command(args_override_self = true)]
+struct TrainArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Sequences per micro-batch.
+    #[arg(long)]
+    device_batch_size: Option<usize>,
+    /// Tokens per optimizer step (a multiple of device_batch_size × max_seq_len; the rest is gradient accumulation).
+    #[arg(long)]
+    total_batch_size: Option<usize>,
+    /// Optimizer steps.
+    #[arg(long)]
+    num_iterations: Option<u64>,
+    /// Run name (a directory under --runs-dir); default: <model-size>-<UTC timestamp>.
+    #[arg(long)]
+    run: Option<String>,
+    #[arg(long, default_value = "runs")]
+    runs_dir: PathBuf,
+    /// Resume the run named by --run from its checkpoint at this step (its saved config is used).
+    #[arg(long)]
+    resume_from_step: Option<u64>,
+    /// A token shard (nanoseek format) to train on; default: the embedded synthetic language.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Checkpoint every N steps (0 = only at the end).
+    #[arg(long)]
+    save_every: Option<u64>,
+    /// Validation loss every N steps (0 = only at the end).
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// Checkpoints to keep (0 = all).
+    #[arg(long)]
+    keep_checkpoints: Option<usize>,
+    #[arg(long)]
+    embedding_lr: Option<f32>,
+    #[arg(long)]
+    unembedding_lr: Option<f32>,
+    #[arg(long)]
+    matrix_lr: Option<f32>,
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    #[arg(long)]
+    warmup_ratio: Option<f32>,
+    #[arg(long)]
+    warmdown_ratio: Option<f32>,
+    /// Global gradient-norm clip (0 = off).
+    #[arg(long)]
+    grad_clip: Option<f32>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Tokens to sample from the trained model at the end (0 = none).
+    #[arg(long, default_value_t = 60)]
+    sample_tokens: usize,
+    /// No progress bar or log lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// YYYYmmdd-HHMMSS in UTC, for default run names.
+fn utc_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // civil-from-days (proleptic Gregorian)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn run_train(a: TrainArgs) -> Result<()> {
+    let device = Device::resolve(&a.device)?;
+    let (run_name, run) = match a.resume_from_step {
+        Some(_) => {
+            let name = a
+                .run
+                .clone()
+                .context("--resume-from-step needs --run NAME (the run to resume)")?;
+            let path = a.runs_dir.join(&name).join("config.json");
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot resume: {} not found", path.display()))?;
+            let mut run: RunConfig = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a valid run config", path.display()))?;
+            if let Some(n) = a.num_iterations {
+                run.train.num_iterations = n;
+            }
+            eprintln!(
+                "resuming run '{name}' with its saved config ({})",
+                path.display()
+            );
+            (name, run)
+        }
+        None => {
+            let model = a.model.resolve()?;
+            let mut t = TrainSettings::for_model(&model);
+            let batch_given = a.device_batch_size.is_some();
+            t.device_batch_size = a.device_batch_size.unwrap_or(t.device_batch_size);
+            t.total_batch_size = a.total_batch_size.unwrap_or(if batch_given {
+                t.device_batch_size * model.max_seq_len
+            } else {
+                t.total_batch_size
+            });
+            t.num_iterations = a.num_iterations.unwrap_or(t.num_iterations);
+            t.seed = a.seed.unwrap_or(t.seed);
+            t.data = a.data.clone();
+            t.save_every = a.save_every.unwrap_or(t.save_every);
+            t.eval_every = a.eval_every.unwrap_or(t.eval_every);
+            t.keep_checkpoints = a.keep_checkpoints.unwrap_or(t.keep_checkpoints);
+            let o = &mut t.optim;
+            o.embedding_lr = a.embedding_lr.unwrap_or(o.embedding_lr);
+            o.unembedding_lr = a.unembedding_lr.unwrap_or(o.unembedding_lr);
+            o.matrix_lr = a.matrix_lr.unwrap_or(o.matrix_lr);
+            o.weight_decay = a.weight_decay.unwrap_or(o.weight_decay);
+            o.warmup_ratio = a.warmup_ratio.unwrap_or(o.warmup_ratio);
+            o.warmdown_ratio = a.warmdown_ratio.unwrap_or(o.warmdown_ratio);
+            o.grad_clip = a.grad_clip.unwrap_or(o.grad_clip);
+            let name = a
+                .run
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}", a.model.model_size, utc_stamp()));
+            (name, RunConfig { model, train: t })
+        }
+    };
+    let run_dir = a.runs_dir.join(&run_name);
+    let summary = train::train(TrainRequest {
+        run,
+        run_dir: run_dir.clone(),
+        resume_from_step: a.resume_from_step,
+        device,
+        verbose: !a.quiet,
+        sample_tokens: a.sample_tokens,
+    })?;
+    let first = summary.losses.first().map(|l| l.1).unwrap_or(f32::NAN);
+    let last = summary.losses.last().map(|l| l.1).unwrap_or(f32::NAN);
+    println!(
+        "done: loss {first:.4} → {last:.4}, val loss {}, {:.0} tokens/s",
+        summary.val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+        summary.tokens_per_s
+    );
+    println!("run directory: {}", run_dir.display());
+    println!("  checkpoint:  {}", summary.checkpoint.display());
+    println!("  metrics:     {}", run_dir.join("metrics.jsonl").display());
+    println!("  plot:        {}", run_dir.join("loss.svg").display());
+    if let Some(s) = summary.sample {
+        println!("sample:\n{s}");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(a) => run_train(a),
+        Command::Info(m) => m
+            .resolve()
+            .map(|cfg| print!("{}", nanoseek::info::report(&m.model_size, &cfg))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

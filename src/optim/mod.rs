@@ -1,0 +1,238 @@
+//! Optimizers: Muon for the hidden matrices, AdamW for everything else,
+//! the learning-rate schedule and gradient clipping.
+
+mod schedule;
+
+pub use schedule::lr_multiplier;
+
+use crate::backend::cpu::{
+    elementwise,
+    optim::{adamw_update, newton_schulz, AdamWStep},
+};
+use crate::nn::{Model, ParamKind};
+use crate::tensor::Tensor;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptimConfig {
+    pub embedding_lr: f32,
+    pub unembedding_lr: f32,
+    pub matrix_lr: f32,
+    pub weight_decay: f32,
+    pub adam_beta1: f32,
+    pub adam_beta2: f32,
+    pub adam_eps: f32,
+    pub muon_momentum: f32,
+    pub ns_steps: usize,
+    /// Clip the global gradient norm to this value; 0 disables clipping.
+    pub grad_clip: f32,
+    pub warmup_ratio: f32,
+    pub warmdown_ratio: f32,
+    /// Learning-rate multiplier reached at the end of the warmdown.
+    pub final_lr_frac: f32,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            embedding_lr: 0.2,
+            unembedding_lr: 0.004,
+            matrix_lr: 0.02,
+            weight_decay: 0.0,
+            adam_beta1: 0.8,
+            adam_beta2: 0.95,
+            adam_eps: 1e-10,
+            muon_momentum: 0.95,
+            ns_steps: 5,
+            grad_clip: 1.0,
+            warmup_ratio: 0.1,
+            warmdown_ratio: 0.2,
+            final_lr_frac: 0.0,
+        }
+    }
+}
+
+impl OptimConfig {
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("embedding_lr", self.embedding_lr),
+            ("unembedding_lr", self.unembedding_lr),
+            ("matrix_lr", self.matrix_lr),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                bail!("{name} must be a finite number ≥ 0, got {v}");
+            }
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio)
+            || !(0.0..=1.0).contains(&self.warmdown_ratio)
+            || self.warmup_ratio + self.warmdown_ratio > 1.0
+        {
+            bail!(
+                "warmup_ratio ({}) and warmdown_ratio ({}) must lie in [0, 1] and sum to at most 1",
+                self.warmup_ratio,
+                self.warmdown_ratio
+            );
+        }
+        if !(self.grad_clip >= 0.0) {
+            bail!("grad_clip must be ≥ 0 (0 = off), got {}", self.grad_clip);
+        }
+        Ok(())
+    }
+}
+
+/// Per-parameter optimizer state.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ParamState {
+    AdamW { m: Vec<f32>, v: Vec<f32> },
+    Muon { momentum: Vec<f32> },
+}
+
+pub struct Optimizer {
+    pub config: OptimConfig,
+    /// Optimizer steps taken so far.
+    pub step: u64,
+    pub state: Vec<ParamState>,
+    /// AdamW learning rates are scaled by (n_embd/768)^-½ (nanochat's convention), so the
+    /// defaults tuned at width 768 transfer to other widths.
+    adam_lr_scale: f32,
+}
+
+impl Optimizer {
+    pub fn new(model: &Model, config: OptimConfig) -> Optimizer {
+        let state = model
+            .params
+            .iter()
+            .map(|p| match p.kind {
+                ParamKind::Matrix => ParamState::Muon {
+                    momentum: vec![0.0; p.tensor.numel()],
+                },
+                _ => ParamState::AdamW {
+                    m: vec![0.0; p.tensor.numel()],
+                    v: vec![0.0; p.tensor.numel()],
+                },
+            })
+            .collect();
+        let adam_lr_scale = (model.config.n_embd as f32 / 768.0).powf(-0.5);
+        Optimizer {
+            config,
+            step: 0,
+            state,
+            adam_lr_scale,
+        }
+    }
+
+    /// One update of every parameter from `grads` (same order as `model.params`),
+    /// with every learning rate multiplied by `lr_mult` (the schedule).
+    pub fn update(&mut self, model: &mut Model, grads: &[Vec<f32>], lr_mult: f32) {
+        assert_eq!(
+            grads.len(),
+            model.params.len(),
+            "one gradient per parameter"
+        );
+        self.step += 1;
+        let c = &self.config;
+        for ((p, g), st) in model.params.iter_mut().zip(grads).zip(&mut self.state) {
+            match st {
+                ParamState::AdamW { m, v } => {
+                    let base = if p.kind == ParamKind::Embedding {
+                        c.embedding_lr
+                    } else {
+                        c.unembedding_lr
+                    };
+                    let h = AdamWStep {
+                        lr: base * self.adam_lr_scale * lr_mult,
+                        beta1: c.adam_beta1,
+                        beta2: c.adam_beta2,
+                        eps: c.adam_eps,
+                        weight_decay: c.weight_decay,
+                        step: self.step,
+                    };
+                    adamw_update(&mut p.tensor.data, g, m, v, h);
+                }
+                ParamState::Muon { momentum } => {
+                    let (rows, cols) = p.tensor.dims2();
+                    // Nesterov momentum in lerp form: buf ← μ·buf + (1−μ)·g, u = (1−μ)·g + μ·buf.
+                    let mu = c.muon_momentum;
+                    let mut u = vec![0.0f32; g.len()];
+                    for ((b, &gi), ui) in momentum.iter_mut().zip(g).zip(u.iter_mut()) {
+                        *b = mu * *b + (1.0 - mu) * gi;
+                        *ui = (1.0 - mu) * gi + mu * *b;
+                    }
+                    let o = newton_schulz(&u, rows, cols, c.ns_steps);
+                    // Tall matrices get a larger step so the update's RMS per entry stays comparable.
+                    let lr = c.matrix_lr * lr_mult * (rows as f32 / cols as f32).max(1.0).sqrt();
+                    let decay = 1.0 - c.matrix_lr * lr_mult * c.weight_decay;
+                    for (w, oi) in p.tensor.data.iter_mut().zip(&o) {
+                        *w = *w * decay - lr * oi;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The state as named tensors for a checkpoint: `<param>.adam_m`, `<param>.adam_v`, `<param>.muon_momentum`.
+    pub fn state_tensors(&self, model: &Model) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (p, st) in model.params.iter().zip(&self.state) {
+            let shape = &p.tensor.shape;
+            match st {
+                ParamState::AdamW { m, v } => {
+                    out.push((
+                        format!("{}.adam_m", p.name),
+                        Tensor::from_vec(shape, m.clone()),
+                    ));
+                    out.push((
+                        format!("{}.adam_v", p.name),
+                        Tensor::from_vec(shape, v.clone()),
+                    ));
+                }
+                ParamState::Muon { momentum } => out.push((
+                    format!("{}.muon_momentum", p.name),
+                    Tensor::from_vec(shape, momentum.clone()),
+                )),
+            }
+        }
+        out
+    }
+
+    /// Restores state written by `state_tensors`; `get` looks a tensor up by name.
+    pub fn load_state_tensors(
+        &mut self,
+        model: &Model,
+        step: u64,
+        mut get: impl FnMut(&str, &[usize]) -> Result<Vec<f32>>,
+    ) -> Result<()> {
+        for (p, st) in model.params.iter().zip(&mut self.state) {
+            let shape = &p.tensor.shape;
+            match st {
+                ParamState::AdamW { m, v } => {
+                    *m = get(&format!("{}.adam_m", p.name), shape)?;
+                    *v = get(&format!("{}.adam_v", p.name), shape)?;
+                }
+                ParamState::Muon { momentum } => {
+                    *momentum = get(&format!("{}.muon_momentum", p.name), shape)?
+                }
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Scales all gradients so their global L2 norm is at most `max_norm` (0 = no clipping).
+/// Returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f32) -> f32 {
+    let norm = grads
+        .iter()
+        .map(|g| elementwise::sum_sq(g))
+        .sum::<f64>()
+        .sqrt() as f32;
+    if max_norm > 0.0 && norm > max_norm {
+        let s = max_norm / (norm + 1e-6);
+        for g in grads.iter_mut() {
+            elementwise::scale(g, s);
+        }
+    }
+    norm
+}

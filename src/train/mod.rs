@@ -1,0 +1,448 @@
+//! The training loop: data → micro-batches → tape → gradients → optimizer,
+//! with evaluation, metrics, plots and checkpoints along the way.
+
+pub mod checkpoint;
+pub mod metrics;
+pub mod plot;
+
+use crate::autograd::Tape;
+use crate::data::synthetic::{SyntheticLanguage, BOS, EOT};
+use crate::data::{shard::TokenShard, Loader, TokenSource};
+use crate::device::Device;
+use crate::fsutil::write_atomic;
+use crate::generate::{generate, SampleOptions};
+use crate::nn::{Model, ModelConfig};
+use crate::optim::{clip_grad_norm, lr_multiplier, OptimConfig, Optimizer};
+use crate::rng::Rng;
+use anyhow::{bail, Context, Result};
+use checkpoint::CheckpointState;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Tokens of the embedded synthetic corpus (train split; validation is a separate stream).
+pub const EMBEDDED_TRAIN_TOKENS: usize = 2_000_000;
+pub const EMBEDDED_VAL_TOKENS: usize = 131_072;
+const EMBEDDED_TRAIN_SEED: u64 = 0x5EED_0001;
+const EMBEDDED_VAL_SEED: u64 = 0x5EED_0002;
+
+/// Everything about a run besides the model; saved as `config.json` with the model config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainSettings {
+    pub device_batch_size: usize,
+    /// Tokens per optimizer step, over all micro-batches (and ranks).
+    pub total_batch_size: usize,
+    pub num_iterations: u64,
+    pub seed: u64,
+    /// A token shard; None = the embedded synthetic language.
+    pub data: Option<PathBuf>,
+    /// Save a checkpoint every this many steps (0 = only at the end).
+    pub save_every: u64,
+    /// Evaluate validation loss every this many steps (0 = only at the end).
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    /// Newest checkpoints to keep (0 = all).
+    pub keep_checkpoints: usize,
+    pub optim: OptimConfig,
+}
+
+impl TrainSettings {
+    /// Defaults for a preset: `tiny` trains in about two minutes on two CPU cores.
+    pub fn for_model(cfg: &ModelConfig) -> TrainSettings {
+        TrainSettings {
+            device_batch_size: 8,
+            total_batch_size: 8 * cfg.max_seq_len,
+            num_iterations: 250,
+            seed: 42,
+            data: None,
+            save_every: 0,
+            eval_every: 50,
+            eval_batches: 4,
+            keep_checkpoints: 3,
+            optim: OptimConfig::default(),
+        }
+    }
+
+    /// Micro-batches per optimizer step; a total that does not divide is an error.
+    pub fn grad_accum_steps(&self, seq_len: usize, world: usize) -> Result<usize> {
+        let per_micro = self.device_batch_size * seq_len * world;
+        if self.device_batch_size == 0 || self.total_batch_size == 0 {
+            bail!("device_batch_size and total_batch_size must be positive");
+        }
+        if self.total_batch_size % per_micro != 0 {
+            bail!(
+                "total_batch_size {} is not a multiple of device_batch_size × max_seq_len × world_size = {} × {} × {} = {per_micro}",
+                self.total_batch_size,
+                self.device_batch_size,
+                seq_len,
+                world
+            );
+        }
+        Ok(self.total_batch_size / per_micro)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub train: TrainSettings,
+}
+
+pub struct TrainRequest {
+    pub run: RunConfig,
+    pub run_dir: PathBuf,
+    pub resume_from_step: Option<u64>,
+    pub device: Device,
+    /// Progress bar and log lines on stderr.
+    pub verbose: bool,
+    /// Tokens to sample at the end (0 = none).
+    pub sample_tokens: usize,
+}
+
+pub struct TrainSummary {
+    /// (step, loss) of every step this invocation ran.
+    pub losses: Vec<(u64, f32)>,
+    pub val_loss: Option<f32>,
+    pub tokens_per_s: f64,
+    pub checkpoint: PathBuf,
+    pub sample: Option<String>,
+}
+
+/// The training and validation token sources, and the embedded language (for decoding samples).
+pub fn open_data(
+    train: &TrainSettings,
+    model: &ModelConfig,
+) -> Result<(TokenSource, TokenSource, Option<SyntheticLanguage>)> {
+    let (tr, va, lang) = match &train.data {
+        None => {
+            let lang = SyntheticLanguage::new();
+            let v = lang.vocab_size();
+            let tr = TokenSource::Memory {
+                tokens: lang.stream(EMBEDDED_TRAIN_SEED, EMBEDDED_TRAIN_TOKENS),
+                vocab_size: v,
+            };
+            let va = TokenSource::Memory {
+                tokens: lang.stream(EMBEDDED_VAL_SEED, EMBEDDED_VAL_TOKENS),
+                vocab_size: v,
+            };
+            (tr, va, Some(lang))
+        }
+        Some(path) => {
+            // The last 5% (at least one sequence) is held out for validation.
+            let shard = TokenShard::open(path)?;
+            let hold = (shard.len / 20).max(model.max_seq_len + 1);
+            if shard.len < hold + model.max_seq_len + 1 {
+                bail!("token shard {} has {} tokens: too few for max_seq_len {} plus a validation split", path.display(), shard.len, model.max_seq_len);
+            }
+            // Scan once so a bad id is reported now, naming where it is, not mid-run.
+            if let Some((pos, id)) = (0..shard.len)
+                .map(|i| (i, shard.get(i)))
+                .find(|&(_, id)| id as usize >= model.vocab_size.min(shard.vocab_size))
+            {
+                bail!("token shard {}: token id {id} at position {pos} is out of range (shard vocab {}, model vocab_size {})", path.display(), shard.vocab_size, model.vocab_size);
+            }
+            let (tr, va) = TokenSource::split_shard(shard, hold);
+            (tr, va, None)
+        }
+    };
+    if tr.vocab_size() > model.vocab_size {
+        bail!(
+            "the data's vocabulary ({} ids) exceeds the model's vocab_size {}; set --vocab-size",
+            tr.vocab_size(),
+            model.vocab_size
+        );
+    }
+    Ok((tr, va, lang))
+}
+
+/// Data-parallel rank and world size from torchrun-style variables (a single process today).
+fn rank_and_world() -> Result<(usize, usize)> {
+    let get = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .map(|v| {
+                v.parse::<usize>()
+                    .with_context(|| format!("{k}={v} is not a number"))
+            })
+            .transpose()
+    };
+    let world = get("WORLD_SIZE")?.unwrap_or(1);
+    let rank = get("RANK")?.unwrap_or(0);
+    if world != 1 {
+        bail!("WORLD_SIZE={world}: multi-process data-parallel training is not built yet; run one process");
+    }
+    Ok((rank, world))
+}
+
+/// Mean loss over the first `batches` sequential validation batches.
+pub fn evaluate(model: &Model, val: &Loader, batches: usize) -> Result<f32> {
+    let (mut total, mut n) = (0.0f64, 0usize);
+    for i in 0..batches {
+        let Some(batch) = val.sequential_batch(i) else {
+            break;
+        };
+        let mut tape = Tape::new();
+        let pv = model.params_on(&mut tape);
+        let loss = model.loss(
+            &mut tape,
+            &pv,
+            &batch.ids,
+            &batch.targets,
+            val.batch,
+            val.seq_len,
+        )?;
+        total += tape.value(loss)[0] as f64;
+        n += 1;
+    }
+    if n == 0 {
+        bail!("the validation data is shorter than one batch");
+    }
+    Ok((total / n as f64) as f32)
+}
+
+pub fn write_plot(run_dir: &Path) -> Result<()> {
+    let records = metrics::read(&run_dir.join("metrics.jsonl"))?;
+    let series = vec![
+        plot::Series {
+            name: "train loss".into(),
+            points: metrics::series(&records, "loss"),
+        },
+        plot::Series {
+            name: "val loss".into(),
+            points: metrics::series(&records, "val_loss"),
+        },
+    ];
+    let svg = plot::line_chart_svg(
+        "nanoseek training loss",
+        "step",
+        "loss (nats/token)",
+        &series,
+        false,
+    );
+    write_atomic(&run_dir.join("loss.svg"), svg.as_bytes())
+}
+
+/// Runs (or resumes) training as requested. Everything is validated before the
+/// run directory is created, so bad input leaves no files behind.
+pub fn train(req: TrainRequest) -> Result<TrainSummary> {
+    let RunConfig {
+        model: mcfg,
+        train: ts,
+    } = &req.run;
+    mcfg.validate()?;
+    ts.optim.validate()?;
+    if req.device != Device::Cpu {
+        bail!(
+            "device {}: only the CPU training path exists in this build",
+            req.device
+        );
+    }
+    let (rank, world) = rank_and_world()?;
+    let seq = mcfg.max_seq_len;
+    let accum = ts.grad_accum_steps(seq, world)?;
+    if ts.num_iterations == 0 {
+        bail!("num_iterations must be positive");
+    }
+    let (train_src, val_src, lang) = open_data(ts, mcfg)?;
+    let mut loader = Loader::new(
+        train_src,
+        ts.device_batch_size,
+        seq,
+        rank,
+        world,
+        Rng::derive(ts.seed, "data"),
+    )?;
+    let val = Loader::new(val_src, ts.device_batch_size, seq, rank, world, Rng::new(0))?;
+
+    let (mut model, mut opt, start) = match req.resume_from_step {
+        Some(step) => {
+            let dir = checkpoint::checkpoint_dir(&req.run_dir, step);
+            let (model, opt, state) = checkpoint::load(&dir, mcfg, ts.optim.clone())?;
+            if state.step >= ts.num_iterations {
+                bail!(
+                    "checkpoint step {} is already at or past num_iterations {}",
+                    state.step,
+                    ts.num_iterations
+                );
+            }
+            loader.rng = state.loader_rng;
+            (model, opt, state.step)
+        }
+        None => {
+            if req.run_dir.join("checkpoints").exists() {
+                bail!("run directory {} already holds checkpoints; resume with --resume-from-step or pick another --run", req.run_dir.display());
+            }
+            let model = Model::new(mcfg, ts.seed)?;
+            let opt = Optimizer::new(&model, ts.optim.clone());
+            (model, opt, 0)
+        }
+    };
+
+    std::fs::create_dir_all(&req.run_dir)
+        .with_context(|| format!("cannot create run directory {}", req.run_dir.display()))?;
+    write_atomic(
+        &req.run_dir.join("config.json"),
+        serde_json::to_string_pretty(&req.run)?.as_bytes(),
+    )?;
+    let mut log = metrics::MetricsLog::open(&req.run_dir.join("metrics.jsonl"), Some(start))?;
+
+    let total = ts.num_iterations;
+    let pb = if req.verbose {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} {msg} ETA {eta}",
+        )
+        .unwrap(),
+    );
+    pb.set_position(start);
+    let say = |s: String| {
+        if req.verbose {
+            if pb.is_hidden() {
+                eprintln!("{s}");
+            } else {
+                pb.println(s);
+            }
+        }
+    };
+    say(format!(
+        "training {} params ({} layers, d {}) on {}: {} steps × {} tokens ({} micro-batch(es) of {}×{}), run dir {}",
+        model.num_params(),
+        mcfg.n_layer,
+        mcfg.n_embd,
+        req.device,
+        total,
+        ts.total_batch_size,
+        accum,
+        ts.device_batch_size,
+        seq,
+        req.run_dir.display()
+    ));
+    let log_every = (total / 10).max(1);
+    let mut losses = Vec::new();
+    let mut val_loss = None;
+    let mut last_ckpt = checkpoint::list_steps(&req.run_dir)
+        .last()
+        .map(|&s| checkpoint::checkpoint_dir(&req.run_dir, s));
+    let t0 = Instant::now();
+    let mut tokens_done = 0usize;
+    for step in start..total {
+        let ts_step = Instant::now();
+        let mut grads: Vec<Vec<f32>> = model
+            .params
+            .iter()
+            .map(|p| vec![0.0; p.tensor.numel()])
+            .collect();
+        let mut loss_sum = 0.0f64;
+        for micro in 0..accum {
+            let batch = loader.next_batch();
+            let mut tape = Tape::new();
+            let pv = model.params_on(&mut tape);
+            let loss = model.loss(
+                &mut tape,
+                &pv,
+                &batch.ids,
+                &batch.targets,
+                ts.device_batch_size,
+                seq,
+            )?;
+            let lv = tape.value(loss)[0];
+            if !lv.is_finite() {
+                bail!(
+                    "loss became {lv} at step {} (micro-batch {micro}); nothing was saved for this step. Last checkpoint: {}. Try a lower learning rate.",
+                    step + 1,
+                    last_ckpt.as_ref().map_or("none".into(), |p| p.display().to_string())
+                );
+            }
+            loss_sum += lv as f64;
+            tape.backward(loss, 1.0 / accum as f32);
+            for (g, &v) in grads.iter_mut().zip(&pv) {
+                if let Some(d) = tape.grad(v) {
+                    crate::backend::cpu::elementwise::accumulate(g, d);
+                }
+            }
+        }
+        // Data parallelism would all-reduce `grads` here (the one place they are complete).
+        let grad_norm = clip_grad_norm(&mut grads, ts.optim.grad_clip);
+        if !grad_norm.is_finite() {
+            bail!(
+                "gradient norm became {grad_norm} at step {}; nothing was saved for this step",
+                step + 1
+            );
+        }
+        let lr = lr_multiplier(
+            step,
+            total,
+            ts.optim.warmup_ratio,
+            ts.optim.warmdown_ratio,
+            ts.optim.final_lr_frac,
+        );
+        opt.update(&mut model, &grads, lr);
+        let done = step + 1;
+        let loss = (loss_sum / accum as f64) as f32;
+        losses.push((done, loss));
+        tokens_done += ts.total_batch_size;
+        let dt = ts_step.elapsed().as_secs_f64();
+        let tok_s = ts.total_batch_size as f64 / dt;
+        log.log(json!({"step": done, "loss": loss, "lr_mult": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s, "step_time_s": dt, "elapsed_s": t0.elapsed().as_secs_f64()}))?;
+        pb.set_position(done);
+        pb.set_message(format!("loss {loss:.4} | {tok_s:.0} tok/s"));
+        let is_last = done == total;
+        if (ts.eval_every > 0 && done % ts.eval_every == 0) || is_last {
+            let v = evaluate(&model, &val, ts.eval_batches)?;
+            val_loss = Some(v);
+            log.log(json!({"step": done, "val_loss": v}))?;
+        }
+        if done % log_every == 0 || is_last {
+            let vl = val_loss.map_or(String::new(), |v| format!(" | val {v:.4}"));
+            say(format!("step {done:>5}/{total} | loss {loss:.4}{vl} | lr ×{lr:.3} | grad norm {grad_norm:.3} | {tok_s:.0} tok/s"));
+        }
+        if (ts.save_every > 0 && done % ts.save_every == 0) || is_last {
+            let state = CheckpointState {
+                format_version: checkpoint::FORMAT_VERSION,
+                step: done,
+                loader_rng: loader.rng.clone(),
+            };
+            last_ckpt = Some(checkpoint::save(
+                &req.run_dir,
+                &model,
+                &opt,
+                &state,
+                ts.keep_checkpoints,
+            )?);
+            write_plot(&req.run_dir)?;
+        }
+    }
+    pb.finish_and_clear();
+    let elapsed = t0.elapsed().as_secs_f64();
+    let tokens_per_s = tokens_done as f64 / elapsed.max(1e-9);
+    let sample = match (req.sample_tokens, &lang) {
+        (0, _) => None,
+        (n, lang) => {
+            let opts = SampleOptions {
+                max_new_tokens: n,
+                temperature: 0.8,
+                top_k: 40,
+                stop_token: Some(EOT),
+                seed: ts.seed,
+            };
+            let out = generate(&model, &[BOS], &opts)?;
+            Some(match lang {
+                Some(l) => l.decode(&out),
+                None => format!("{out:?}"),
+            })
+        }
+    };
+    Ok(TrainSummary {
+        losses,
+        val_loss,
+        tokens_per_s,
+        checkpoint: last_ckpt.expect("the last step always saves"),
+        sample,
+    })
+}
