@@ -42,12 +42,12 @@ impl Device {
             s if s == "cuda" || s.starts_with("cuda:") => {
                 let index = match s.strip_prefix("cuda:") {
                     None => 0,
-                    Some(i) => i
-                        .parse::<usize>()
-                        .map_err(|_| anyhow::anyhow!("bad device '{spec}': expected cuda:N"))?,
+                    Some(i) => {
+                        i.parse::<usize>().map_err(|_| anyhow::anyhow!("bad device '{spec}': expected cuda:N"))?
+                    }
                 };
-                let n = crate::backend::cuda::probe_devices()
-                    .map_err(|why| anyhow::anyhow!("--device {spec}: {why}"))?;
+                let n =
+                    crate::backend::cuda::probe_devices().map_err(|why| anyhow::anyhow!("--device {spec}: {why}"))?;
                 if index >= n {
                     bail!("--device {spec}: only {n} CUDA device(s) present");
                 }

@@ -28,36 +28,18 @@ pub fn sample_token(logits: &[f32], temperature: f32, top_k: usize, rng: &mut Rn
         idx.truncate(top_k);
         idx.sort_unstable();
     }
-    let mx = idx
-        .iter()
-        .map(|&i| logits[i])
-        .fold(f32::NEG_INFINITY, f32::max);
-    let w: Vec<f64> = idx
-        .iter()
-        .map(|&i| (((logits[i] - mx) / temperature) as f64).exp())
-        .collect();
+    let mx = idx.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max);
+    let w: Vec<f64> = idx.iter().map(|&i| (((logits[i] - mx) / temperature) as f64).exp()).collect();
     idx[rng.categorical(&w)] as u32
 }
 
 fn argmax(x: &[f32]) -> u32 {
-    x.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-            if v > best.1 {
-                (i, v)
-            } else {
-                best
-            }
-        })
-        .0 as u32
+    x.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32
 }
 
 /// Continues `prompt`; returns only the new tokens (ending at the stop token, if drawn).
 pub fn generate(model: &Model, prompt: &[u32], opts: &SampleOptions) -> Result<Vec<u32>> {
-    anyhow::ensure!(
-        !prompt.is_empty(),
-        "generate: the prompt must hold at least one token"
-    );
+    anyhow::ensure!(!prompt.is_empty(), "generate: the prompt must hold at least one token");
     model.check_ids(prompt)?;
     let mut rng = Rng::derive(opts.seed, "sample");
     let mut ids = prompt.to_vec();

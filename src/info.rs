@@ -48,9 +48,6 @@ pub fn report(name: &str, c: &ModelConfig) -> String {
         }
         None => s += "  seed's approximate size: (not in the seed's table)\n",
     }
-    s += &format!(
-        "  training FLOPs per token at max_seq_len: {:.3e}\n",
-        c.flops_per_token(c.max_seq_len)
-    );
+    s += &format!("  training FLOPs per token at max_seq_len: {:.3e}\n", c.flops_per_token(c.max_seq_len));
     s
 }

@@ -15,17 +15,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Tensor {
     let ((m, k), (k2, n)) = (a.dims2(), b.dims2());
     assert_eq!(k, k2, "matmul: inner dimensions differ ({k} vs {k2})");
     let mut c = Tensor::zeros(&[m, n]);
-    gemm::gemm(
-        m,
-        n,
-        k,
-        &a.data,
-        gemm::Layout::N,
-        &b.data,
-        gemm::Layout::N,
-        &mut c.data,
-        false,
-    );
+    gemm::gemm(m, n, k, &a.data, gemm::Layout::N, &b.data, gemm::Layout::N, &mut c.data, false);
     c
 }
 
@@ -37,17 +27,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Tensor {
     let mut shape = x.shape.clone();
     *shape.last_mut().unwrap() = n;
     let mut y = Tensor::zeros(&shape);
-    gemm::gemm(
-        m,
-        n,
-        k,
-        &x.data,
-        gemm::Layout::N,
-        &w.data,
-        gemm::Layout::T,
-        &mut y.data,
-        false,
-    );
+    gemm::gemm(m, n, k, &x.data, gemm::Layout::N, &w.data, gemm::Layout::T, &mut y.data, false);
     y
 }
 
@@ -63,14 +43,7 @@ pub fn rmsnorm(x: &Tensor, dim: usize) -> Tensor {
 pub fn rope(x: &Tensor, table: &RopeTable) -> Tensor {
     assert_eq!(x.shape.len(), 4, "rope: x must be [b, t, h, head_dim]");
     let mut y = Tensor::zeros(&x.shape);
-    rope::rope_forward(
-        table,
-        &x.data,
-        x.shape[0],
-        x.shape[1],
-        x.shape[2],
-        &mut y.data,
-    );
+    rope::rope_forward(table, &x.data, x.shape[0], x.shape[1], x.shape[2], &mut y.data);
     y
 }
 
@@ -81,23 +54,10 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) 
         q.shape.len() == 4 && k.shape.len() == 4 && k.shape == v.shape,
         "attention: q, k, v must be 4-D, k and v alike"
     );
-    let dims = AttnDims {
-        b: q.shape[0],
-        t: q.shape[1],
-        h: q.shape[2],
-        h_kv: k.shape[2],
-        d: q.shape[3],
-    };
+    let dims = AttnDims { b: q.shape[0], t: q.shape[1], h: q.shape[2], h_kv: k.shape[2], d: q.shape[3] };
     let mut out = Tensor::zeros(&q.shape);
     let mut lse = Tensor::zeros(&[dims.b, dims.h, dims.t]);
-    attention::attention_forward(
-        &dims,
-        &q.data,
-        &k.data,
-        &v.data,
-        &mut out.data,
-        &mut lse.data,
-    );
+    attention::attention_forward(&dims, &q.data, &k.data, &v.data, &mut out.data, &mut lse.data);
     (out, lse)
 }
 
@@ -111,12 +71,9 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Tensor {
 
 /// Mean over rows with target ≥ 0 of cross-entropy(cap·tanh(logits/cap), target); cap 0 = no cap.
 pub fn softcap_cross_entropy(logits: &Tensor, targets: &[i32], cap: f32) -> f32 {
-    let vocab = *logits
-        .shape
-        .last()
-        .expect("cross_entropy: logits have no dims");
-    let mut losses = vec![0.0; targets.len()];
-    loss::softcap_cross_entropy_forward(&logits.data, vocab, targets, cap, &mut losses);
+    let vocab = *logits.shape.last().expect("cross_entropy: logits have no dims");
+    let (mut losses, mut lse) = (vec![0.0; targets.len()], vec![0.0; targets.len()]);
+    loss::softcap_cross_entropy_forward(&logits.data, vocab, targets, cap, &mut losses, &mut lse);
     let n = targets.iter().filter(|&&t| t >= 0).count().max(1);
     (losses.iter().map(|&l| l as f64).sum::<f64>() / n as f64) as f32
 }

@@ -9,11 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "nanoseek",
-    version,
-    about = "Train DeepSeek-V3.2-style language models end to end"
-)]
+#[command(name = "nanoseek", version, about = "Train DeepSeek-V3.2-style language models end to end")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,7 +18,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model (default: `tiny` on the embedded synthetic language, a few minutes on a laptop CPU).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Print exact parameter counts per component for a model size or config.
     Info(ModelArgs),
 }
@@ -146,10 +142,8 @@ struct TrainArgs {
 
 /// YYYYmmdd-HHMMSS in UTC, for default run names.
 fn utc_stamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0) as i64;
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     // civil-from-days (proleptic Gregorian)
     let z = days + 719_468;
@@ -161,34 +155,23 @@ fn utc_stamp() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 fn run_train(a: TrainArgs) -> Result<()> {
     let device = Device::resolve(&a.device)?;
     let (run_name, run) = match a.resume_from_step {
         Some(_) => {
-            let name = a
-                .run
-                .clone()
-                .context("--resume-from-step needs --run NAME (the run to resume)")?;
+            let name = a.run.clone().context("--resume-from-step needs --run NAME (the run to resume)")?;
             let path = a.runs_dir.join(&name).join("config.json");
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("cannot resume: {} not found", path.display()))?;
-            let mut run: RunConfig = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a valid run config", path.display()))?;
+            let mut run: RunConfig =
+                serde_json::from_str(&text).with_context(|| format!("{} is not a valid run config", path.display()))?;
             if let Some(n) = a.num_iterations {
                 run.train.num_iterations = n;
             }
-            eprintln!(
-                "resuming run '{name}' with its saved config ({})",
-                path.display()
-            );
+            eprintln!("resuming run '{name}' with its saved config ({})", path.display());
             (name, run)
         }
         None => {
@@ -215,10 +198,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
             o.warmup_ratio = a.warmup_ratio.unwrap_or(o.warmup_ratio);
             o.warmdown_ratio = a.warmdown_ratio.unwrap_or(o.warmdown_ratio);
             o.grad_clip = a.grad_clip.unwrap_or(o.grad_clip);
-            let name = a
-                .run
-                .clone()
-                .unwrap_or_else(|| format!("{}-{}", a.model.model_size, utc_stamp()));
+            let name = a.run.clone().unwrap_or_else(|| format!("{}-{}", a.model.model_size, utc_stamp()));
             (name, RunConfig { model, train: t })
         }
     };
@@ -251,10 +231,8 @@ fn run_train(a: TrainArgs) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(a) => run_train(a),
-        Command::Info(m) => m
-            .resolve()
-            .map(|cfg| print!("{}", nanoseek::info::report(&m.model_size, &cfg))),
+        Command::Train(a) => run_train(*a),
+        Command::Info(m) => m.resolve().map(|cfg| print!("{}", nanoseek::info::report(&m.model_size, &cfg))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

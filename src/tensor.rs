@@ -14,35 +14,21 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn zeros(shape: &[usize]) -> Tensor {
-        Tensor {
-            shape: shape.to_vec(),
-            data: vec![0.0; shape.iter().product()],
-        }
+        Tensor { shape: shape.to_vec(), data: vec![0.0; shape.iter().product()] }
     }
 
     /// Panics if `data.len()` does not match the shape (a programming error, not bad input).
     pub fn from_vec(shape: &[usize], data: Vec<f32>) -> Tensor {
         let n: usize = shape.iter().product();
-        assert_eq!(
-            n,
-            data.len(),
-            "Tensor::from_vec: shape {shape:?} holds {n} values, got {}",
-            data.len()
-        );
-        Tensor {
-            shape: shape.to_vec(),
-            data,
-        }
+        assert_eq!(n, data.len(), "Tensor::from_vec: shape {shape:?} holds {n} values, got {}", data.len());
+        Tensor { shape: shape.to_vec(), data }
     }
 
     /// Normal(0, std²) entries drawn from `rng`.
     pub fn randn(shape: &[usize], std: f32, rng: &mut Rng) -> Tensor {
         let n = shape.iter().product();
         let data = (0..n).map(|_| (rng.normal() as f32) * std).collect();
-        Tensor {
-            shape: shape.to_vec(),
-            data,
-        }
+        Tensor { shape: shape.to_vec(), data }
     }
 
     pub fn numel(&self) -> usize {
@@ -51,12 +37,7 @@ impl Tensor {
 
     /// Rows and columns of a 2-D tensor.
     pub fn dims2(&self) -> (usize, usize) {
-        assert_eq!(
-            self.shape.len(),
-            2,
-            "expected a 2-D tensor, got shape {:?}",
-            self.shape
-        );
+        assert_eq!(self.shape.len(), 2, "expected a 2-D tensor, got shape {:?}", self.shape);
         (self.shape[0], self.shape[1])
     }
 
@@ -74,10 +55,7 @@ impl Tensor {
     }
 
     pub fn from_le_bytes(shape: &[usize], bytes: &[u8]) -> Tensor {
-        let data = bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let data = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         Tensor::from_vec(shape, data)
     }
 

@@ -24,11 +24,7 @@ const MICRO: &[&str] = &[
 ];
 
 fn nanoseek(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nanoseek"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("run nanoseek")
+    Command::new(env!("CARGO_BIN_EXE_nanoseek")).args(args).current_dir(cwd).output().expect("run nanoseek")
 }
 
 fn stderr(o: &Output) -> String {
@@ -42,14 +38,8 @@ fn fails(dir: &Path, extra: &[&str], needle: &str) -> String {
     let o = nanoseek(&args, dir);
     let e = stderr(&o);
     assert!(!o.status.success(), "expected failure for {extra:?}");
-    assert!(
-        e.contains(needle),
-        "for {extra:?} expected '{needle}' in: {e}"
-    );
-    assert!(
-        e.starts_with("error:") || e.contains("\nerror:"),
-        "message should start with 'error:': {e}"
-    );
+    assert!(e.contains(needle), "for {extra:?} expected '{needle}' in: {e}");
+    assert!(e.starts_with("error:") || e.contains("\nerror:"), "message should start with 'error:': {e}");
     e
 }
 
@@ -75,22 +65,9 @@ fn bad_configuration_is_rejected_before_any_file_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     fails(d, &["--model-size", "huge"], "unknown model size 'huge'");
-    fails(
-        d,
-        &strs(&micro(&["--total-batch-size", "100"])),
-        "not a multiple",
-    );
+    fails(d, &strs(&micro(&["--total-batch-size", "100"])), "not a multiple");
     fails(d, &strs(&micro(&["--n-kv-head", "3"])), "n_kv_head");
-    fails(
-        d,
-        &strs(&micro(&[
-            "--warmup-ratio",
-            "0.9",
-            "--warmdown-ratio",
-            "0.5",
-        ])),
-        "warmup_ratio",
-    );
+    fails(d, &strs(&micro(&["--warmup-ratio", "0.9", "--warmdown-ratio", "0.5"])), "warmup_ratio");
     fails(d, &strs(&micro(&["--device", "tpu"])), "unknown device");
     fails(d, &strs(&micro(&["--device", "cuda"])), "--device cuda");
     std::fs::write(d.join("bad.toml"), "n_layer = \"four\"\n").unwrap();
@@ -98,10 +75,7 @@ fn bad_configuration_is_rejected_before_any_file_is_written() {
     std::fs::write(d.join("unknown.json"), "{\"n_layers\": 4}").unwrap();
     fails(d, &strs(&micro(&["--config", "unknown.json"])), "n_layers");
     fails(d, &strs(&micro(&["--resume-from-step", "5"])), "--run");
-    assert!(
-        !d.join("runs").exists(),
-        "no run directory may be created for bad input"
-    );
+    assert!(!d.join("runs").exists(), "no run directory may be created for bad input");
 }
 
 /// Writes a nanoseek token shard by hand (so it can hold ids the writer would refuse).
@@ -121,48 +95,26 @@ fn bad_data_is_rejected_with_the_reason() {
     let d = dir.path();
     let good: Vec<u16> = (0..4000).map(|i| (i % 100) as u16).collect();
     raw_shard(&d.join("big_vocab.bin"), 5000, &good);
-    fails(
-        d,
-        &strs(&micro(&["--data", "big_vocab.bin", "--vocab-size", "128"])),
-        "exceeds the model's vocab_size 128",
-    );
+    fails(d, &strs(&micro(&["--data", "big_vocab.bin", "--vocab-size", "128"])), "exceeds the model's vocab_size 128");
     let mut bad = good.clone();
     bad[1234] = 200;
     raw_shard(&d.join("bad_id.bin"), 128, &bad);
-    fails(
-        d,
-        &strs(&micro(&["--data", "bad_id.bin", "--vocab-size", "128"])),
-        "token id 200 at position 1234",
-    );
+    fails(d, &strs(&micro(&["--data", "bad_id.bin", "--vocab-size", "128"])), "token id 200 at position 1234");
     raw_shard(&d.join("ok.bin"), 128, &good);
     let mut bytes = std::fs::read(d.join("ok.bin")).unwrap();
     bytes.truncate(bytes.len() - 10);
     std::fs::write(d.join("truncated.bin"), &bytes).unwrap();
-    fails(
-        d,
-        &strs(&micro(&["--data", "truncated.bin", "--vocab-size", "128"])),
-        "truncated",
-    );
+    fails(d, &strs(&micro(&["--data", "truncated.bin", "--vocab-size", "128"])), "truncated");
     std::fs::write(d.join("magic.bin"), b"GARBAGE!0000000000000000000000000000").unwrap();
-    fails(
-        d,
-        &strs(&micro(&["--data", "magic.bin"])),
-        "not a nanoseek token shard",
-    );
+    fails(d, &strs(&micro(&["--data", "magic.bin"])), "not a nanoseek token shard");
     fails(d, &strs(&micro(&["--data", "missing.bin"])), "missing.bin");
-    assert!(
-        !d.join("runs").exists(),
-        "no run directory may be created for bad data"
-    );
+    assert!(!d.join("runs").exists(), "no run directory may be created for bad data");
     // and the good shard trains
     let o = nanoseek(
-        &[
-            "train",
-            &micro(&["--data", "ok.bin", "--vocab-size", "128", "--run", "ok"]).join(" "),
-        ]
-        .join(" ")
-        .split(' ')
-        .collect::<Vec<_>>(),
+        &["train", &micro(&["--data", "ok.bin", "--vocab-size", "128", "--run", "ok"]).join(" ")]
+            .join(" ")
+            .split(' ')
+            .collect::<Vec<_>>(),
         d,
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -174,11 +126,7 @@ fn corrupt_or_truncated_checkpoints_are_reported_and_left_alone() {
     let d = dir.path();
     let o = nanoseek(
         &strs(
-            &[
-                vec!["train".to_string()],
-                micro(&["--run", "r", "--num-iterations", "4", "--save-every", "2"]),
-            ]
-            .concat(),
+            &[vec!["train".to_string()], micro(&["--run", "r", "--num-iterations", "4", "--save-every", "2"])].concat(),
         ),
         d,
     );
@@ -188,30 +136,14 @@ fn corrupt_or_truncated_checkpoints_are_reported_and_left_alone() {
     let original = std::fs::read(&weights).unwrap();
 
     std::fs::write(&weights, &original[..original.len() / 2]).unwrap();
-    let e = fails(
-        d,
-        &["--run", "r", "--resume-from-step", "2", "--quiet"],
-        "corrupt checkpoint",
-    );
+    let e = fails(d, &["--run", "r", "--resume-from-step", "2", "--quiet"], "corrupt checkpoint");
     assert!(e.contains("model.safetensors"), "{e}");
     std::fs::write(&weights, b"\xff\xff\xff\xff\xff\xff\xff\xffgarbage").unwrap();
-    fails(
-        d,
-        &["--run", "r", "--resume-from-step", "2", "--quiet"],
-        "corrupt checkpoint",
-    );
+    fails(d, &["--run", "r", "--resume-from-step", "2", "--quiet"], "corrupt checkpoint");
     std::fs::write(&weights, &original).unwrap();
     std::fs::write(ck.join("state.json"), "{\"step\": ").unwrap();
-    fails(
-        d,
-        &["--run", "r", "--resume-from-step", "2", "--quiet"],
-        "state.json",
-    );
-    fails(
-        d,
-        &["--run", "r", "--resume-from-step", "3", "--quiet"],
-        "no checkpoint",
-    );
+    fails(d, &["--run", "r", "--resume-from-step", "2", "--quiet"], "state.json");
+    fails(d, &["--run", "r", "--resume-from-step", "3", "--quiet"], "no checkpoint");
     // the failed resumes wrote nothing: the newest checkpoint and metrics are untouched
     let steps: Vec<_> = std::fs::read_dir(d.join("runs/r/checkpoints"))
         .unwrap()

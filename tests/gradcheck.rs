@@ -9,81 +9,49 @@ use std::sync::Arc;
 
 #[test]
 fn linear() {
-    check_gradients(
-        "linear",
-        &[randn(&[5, 7], 1), randn(&[3, 7], 2)],
-        40,
-        &|t, v| t.linear(v[0], v[1]),
-    );
+    check_gradients("linear", &[randn(&[5, 7], 1), randn(&[3, 7], 2)], 40, &|t, v| t.linear(v[0], v[1]));
 }
 
 #[test]
 fn embedding() {
     let ids = [3u32, 0, 3, 5, 1];
-    check_gradients("embedding", &[randn(&[6, 4], 1)], 30, &|t, v| {
-        t.embedding(v[0], &ids)
-    });
+    check_gradients("embedding", &[randn(&[6, 4], 1)], 30, &|t, v| t.embedding(v[0], &ids));
 }
 
 #[test]
 fn rmsnorm() {
-    check_gradients("rmsnorm", &[randn(&[4, 16], 3)], 64, &|t, v| {
-        t.rmsnorm(v[0], 16)
-    });
+    check_gradients("rmsnorm", &[randn(&[4, 16], 3)], 64, &|t, v| t.rmsnorm(v[0], 16));
     // per-head normalization (QK-norm) groups of 8 inside rows of 16
-    check_gradients("rmsnorm per head", &[randn(&[4, 16], 4)], 64, &|t, v| {
-        t.rmsnorm(v[0], 8)
-    });
+    check_gradients("rmsnorm per head", &[randn(&[4, 16], 4)], 64, &|t, v| t.rmsnorm(v[0], 8));
 }
 
 #[test]
 fn rope() {
     let table = Arc::new(RopeTable::new(8, 16, 10_000.0));
-    check_gradients("rope", &[randn(&[2, 5, 3, 8], 5)], 60, &|t, v| {
-        t.rope(v[0], 2, 5, 3, &table)
-    });
+    check_gradients("rope", &[randn(&[2, 5, 3, 8], 5)], 60, &|t, v| t.rope(v[0], 2, 5, 3, &table));
 }
 
 #[test]
 fn attention_dense_and_gqa() {
     for (h, h_kv) in [(2, 2), (4, 2), (4, 1)] {
-        let dims = AttnDims {
-            b: 2,
-            t: 9,
-            h,
-            h_kv,
-            d: 8,
-        };
+        let dims = AttnDims { b: 2, t: 9, h, h_kv, d: 8 };
         let q = randn(&[2, 9, h, 8], 6);
         let k = randn(&[2, 9, h_kv, 8], 7);
         let v = randn(&[2, 9, h_kv, 8], 8);
-        check_gradients(
-            &format!("attention h={h} h_kv={h_kv}"),
-            &[q, k, v],
-            40,
-            &|t, x| t.attention(x[0], x[1], x[2], dims),
-        );
+        check_gradients(&format!("attention h={h} h_kv={h_kv}"), &[q, k, v], 40, &|t, x| {
+            t.attention(x[0], x[1], x[2], dims)
+        });
     }
 }
 
 #[test]
 fn swiglu() {
-    check_gradients(
-        "swiglu",
-        &[randn(&[3, 10], 9), randn(&[3, 10], 10)],
-        30,
-        &|t, v| t.swiglu(v[0], v[1]),
-    );
+    check_gradients("swiglu", &[randn(&[3, 10], 9), randn(&[3, 10], 10)], 30, &|t, v| t.swiglu(v[0], v[1]));
 }
 
 #[test]
 fn add() {
-    check_gradients(
-        "add",
-        &[randn(&[3, 4], 11), randn(&[3, 4], 12)],
-        12,
-        &|t, v| t.add(v[0], v[1]),
-    );
+    check_gradients("add", &[randn(&[3, 4], 11), randn(&[3, 4], 12)], 12, &|t, v| t.add(v[0], v[1]));
 }
 
 #[test]
@@ -93,27 +61,19 @@ fn softcapped_cross_entropy() {
     z.data.iter_mut().for_each(|x| *x *= 3.0);
     let targets = [2, 10, -1, 0, 7];
     for cap in [0.0, 3.0, 15.0] {
-        check_gradients(
-            &format!("cross-entropy cap {cap}"),
-            &[z.clone()],
-            55,
-            &|t, v| t.cross_entropy(v[0], &targets, cap).0,
-        );
+        check_gradients(&format!("cross-entropy cap {cap}"), &[z.clone()], 55, &|t, v| {
+            t.cross_entropy(v[0], &targets, cap).0
+        });
     }
 }
 
 #[test]
 fn composition_shares_inputs() {
     // x feeds two branches: gradients from both must add up
-    check_gradients(
-        "shared input",
-        &[randn(&[3, 6], 14), randn(&[6, 6], 15)],
-        30,
-        &|t, v| {
-            let a = t.linear(v[0], v[1]);
-            let b = t.rmsnorm(v[0], 6);
-            let c = t.add(a, b);
-            t.swiglu(c, a)
-        },
-    );
+    check_gradients("shared input", &[randn(&[3, 6], 14), randn(&[6, 6], 15)], 30, &|t, v| {
+        let a = t.linear(v[0], v[1]);
+        let b = t.rmsnorm(v[0], 6);
+        let c = t.add(a, b);
+        t.swiglu(c, a)
+    });
 }

@@ -53,18 +53,12 @@ fn two_layer_model_gradients_match_finite_differences() {
     let pv = model.params_on(&mut tape);
     let l = model.loss(&mut tape, &pv, &ids, &targets, b, t).unwrap();
     tape.backward(l, 1.0);
-    let grads: Vec<Vec<f32>> = pv
-        .iter()
-        .map(|&v| {
-            tape.grad(v)
-                .expect("every parameter gets a gradient")
-                .to_vec()
-        })
-        .collect();
+    let grads: Vec<Vec<f32>> =
+        pv.iter().map(|&v| tape.grad(v).expect("every parameter gets a gradient").to_vec()).collect();
     drop(tape);
     let eps = common::EPS;
     let mut worst = 0.0f64;
-    for pi in 0..model.params.len() {
+    for (pi, grad) in grads.iter().enumerate() {
         for s in 0..6 {
             let j = r.below(model.params[pi].tensor.numel());
             let orig = model.params[pi].tensor.data[j];
@@ -74,7 +68,7 @@ fn two_layer_model_gradients_match_finite_differences() {
             let lm = loss_of(&model, &ids, &targets, b, t);
             model.params[pi].tensor.data[j] = orig;
             let fd = (lp - lm) / (2.0 * eps as f64);
-            let an = grads[pi][j] as f64;
+            let an = grad[j] as f64;
             let bound = common::RTOL * an.abs().max(fd.abs()) + common::ATOL;
             worst = worst.max((an - fd).abs() / bound);
             assert!(
@@ -94,20 +88,9 @@ fn same_seed_same_model_and_loss_bitwise() {
     let a = Model::new(&cfg, 7).unwrap();
     let b = Model::new(&cfg, 7).unwrap();
     let c = Model::new(&cfg, 8).unwrap();
-    assert!(a
-        .params
-        .iter()
-        .zip(&b.params)
-        .all(|(x, y)| x.tensor == y.tensor));
-    assert!(a
-        .params
-        .iter()
-        .zip(&c.params)
-        .any(|(x, y)| x.tensor != y.tensor));
-    assert_eq!(
-        loss_of(&a, &ids, &targets, 2, 8).to_bits(),
-        loss_of(&b, &ids, &targets, 2, 8).to_bits()
-    );
+    assert!(a.params.iter().zip(&b.params).all(|(x, y)| x.tensor == y.tensor));
+    assert!(a.params.iter().zip(&c.params).any(|(x, y)| x.tensor != y.tensor));
+    assert_eq!(loss_of(&a, &ids, &targets, 2, 8).to_bits(), loss_of(&b, &ids, &targets, 2, 8).to_bits());
 }
 
 #[test]
@@ -126,17 +109,8 @@ fn out_of_range_ids_are_rejected_with_a_clear_error() {
     let mut tape = Tape::new();
     let pv = model.params_on(&mut tape);
     let ids = vec![1, 2, 17, 3];
-    let err = model
-        .loss(&mut tape, &pv, &ids, &[0, 0, 0, 0], 1, 4)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("token id 17") && err.contains("vocab_size 17"),
-        "{err}"
-    );
-    let err = model
-        .loss(&mut tape, &pv, &[0, 1, 2, 3], &[0, 0, 99, 0], 1, 4)
-        .unwrap_err()
-        .to_string();
+    let err = model.loss(&mut tape, &pv, &ids, &[0, 0, 0, 0], 1, 4).unwrap_err().to_string();
+    assert!(err.contains("token id 17") && err.contains("vocab_size 17"), "{err}");
+    let err = model.loss(&mut tape, &pv, &[0, 1, 2, 3], &[0, 0, 99, 0], 1, 4).unwrap_err().to_string();
     assert!(err.contains("99"), "{err}");
 }

@@ -49,18 +49,9 @@ fn tiny_loss_falls_clearly() {
     let s = train(req).unwrap();
     let first = s.losses[0].1;
     let last: f32 = s.losses[35..].iter().map(|l| l.1).sum::<f32>() / 5.0;
-    println!(
-        "tiny: loss {first:.3} → {last:.3} (val {:?}) in 40 steps",
-        s.val_loss
-    );
-    assert!(
-        (first - 4096f32.ln()).abs() < 0.1,
-        "first loss {first} should be ≈ ln(4096)"
-    );
-    assert!(
-        last < first - 2.0,
-        "loss should fall by more than 2 nats: {first} → {last}"
-    );
+    println!("tiny: loss {first:.3} → {last:.3} (val {:?}) in 40 steps", s.val_loss);
+    assert!((first - 4096f32.ln()).abs() < 0.1, "first loss {first} should be ≈ ln(4096)");
+    assert!(last < first - 2.0, "loss should fall by more than 2 nats: {first} → {last}");
     assert!(s.val_loss.unwrap() < first - 2.0);
 }
 
@@ -81,9 +72,7 @@ fn resume_is_bitwise_identical_to_an_uninterrupted_run() {
     let kept: String = std::fs::read_to_string(a.path().join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .filter(|l| {
-            l.contains("\"step\":1,") || l.contains("\"step\":2,") || l.contains("\"step\":3,")
-        })
+        .filter(|l| l.contains("\"step\":1,") || l.contains("\"step\":2,") || l.contains("\"step\":3,"))
         .map(|l| format!("{l}\n"))
         .collect();
     std::fs::write(b.path().join("metrics.jsonl"), kept).unwrap();
@@ -91,25 +80,14 @@ fn resume_is_bitwise_identical_to_an_uninterrupted_run() {
     req.resume_from_step = Some(3);
     let resumed = train(req).unwrap();
 
-    let tail: Vec<(u64, u32)> = full.losses[3..]
-        .iter()
-        .map(|&(s, l)| (s, l.to_bits()))
-        .collect();
-    let again: Vec<(u64, u32)> = resumed
-        .losses
-        .iter()
-        .map(|&(s, l)| (s, l.to_bits()))
-        .collect();
+    let tail: Vec<(u64, u32)> = full.losses[3..].iter().map(|&(s, l)| (s, l.to_bits())).collect();
+    let again: Vec<(u64, u32)> = resumed.losses.iter().map(|&(s, l)| (s, l.to_bits())).collect();
     assert_eq!(tail, again, "losses after resuming must be bitwise equal");
-    let wa =
-        std::fs::read(checkpoint::checkpoint_dir(a.path(), 6).join("model.safetensors")).unwrap();
-    let wb =
-        std::fs::read(checkpoint::checkpoint_dir(b.path(), 6).join("model.safetensors")).unwrap();
+    let wa = std::fs::read(checkpoint::checkpoint_dir(a.path(), 6).join("model.safetensors")).unwrap();
+    let wb = std::fs::read(checkpoint::checkpoint_dir(b.path(), 6).join("model.safetensors")).unwrap();
     assert!(wa == wb, "final weights must be bitwise equal");
-    let oa =
-        std::fs::read(checkpoint::checkpoint_dir(a.path(), 6).join("optim.safetensors")).unwrap();
-    let ob =
-        std::fs::read(checkpoint::checkpoint_dir(b.path(), 6).join("optim.safetensors")).unwrap();
+    let oa = std::fs::read(checkpoint::checkpoint_dir(a.path(), 6).join("optim.safetensors")).unwrap();
+    let ob = std::fs::read(checkpoint::checkpoint_dir(b.path(), 6).join("optim.safetensors")).unwrap();
     assert!(oa == ob, "final optimizer state must be bitwise equal");
 
     // metrics: each step exactly once
@@ -129,11 +107,7 @@ fn run_directory_holds_checkpoint_metrics_plot_and_config() {
     req.run.train.keep_checkpoints = 1;
     req.sample_tokens = 5;
     let s = train(req).unwrap();
-    assert_eq!(
-        checkpoint::list_steps(dir.path()),
-        vec![4],
-        "only the newest checkpoint is kept"
-    );
+    assert_eq!(checkpoint::list_steps(dir.path()), vec![4], "only the newest checkpoint is kept");
     assert!(s.sample.is_some_and(|t| !t.is_empty()));
     for f in ["config.json", "metrics.jsonl", "loss.svg"] {
         assert!(dir.path().join(f).is_file(), "{f} missing");
@@ -152,10 +126,7 @@ fn run_directory_holds_checkpoint_metrics_plot_and_config() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
     // a new run into the same directory refuses to overwrite it
-    let err = train(request(micro_config(), 4, dir.path()))
-        .err()
-        .expect("must refuse")
-        .to_string();
+    let err = train(request(micro_config(), 4, dir.path())).err().expect("must refuse").to_string();
     assert!(err.contains("already holds checkpoints"), "{err}");
 }
 

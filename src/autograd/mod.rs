@@ -13,6 +13,15 @@ mod ops;
 pub use ops::Op;
 
 use crate::tensor::Tensor;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Wall time spent per op kind, forward and backward (when profiling is on).
+#[derive(Clone, Debug, Default)]
+pub struct OpTimes {
+    /// op name → (forward seconds, backward seconds, calls)
+    pub by_op: BTreeMap<&'static str, (f64, f64, usize)>,
+}
 
 /// A handle to a value on the tape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +46,8 @@ pub struct Tape<'p> {
     shapes: Vec<Vec<usize>>,
     ops: Vec<(Var, Op)>,
     grads: Vec<Option<Vec<f32>>>,
+    /// Some when profiling: the per-op times, and when the last op finished.
+    profile: Option<(OpTimes, Instant)>,
 }
 
 impl Default for Tape<'_> {
@@ -47,12 +58,16 @@ impl Default for Tape<'_> {
 
 impl<'p> Tape<'p> {
     pub fn new() -> Self {
-        Tape {
-            values: Vec::new(),
-            shapes: Vec::new(),
-            ops: Vec::new(),
-            grads: Vec::new(),
-        }
+        Tape { values: Vec::new(), shapes: Vec::new(), ops: Vec::new(), grads: Vec::new(), profile: None }
+    }
+
+    /// A tape that times every op (forward: from the previous op's end to this op's record).
+    pub fn with_profiling() -> Self {
+        Tape { profile: Some((OpTimes::default(), Instant::now())), ..Self::new() }
+    }
+
+    pub fn op_times(&self) -> Option<&OpTimes> {
+        self.profile.as_ref().map(|p| &p.0)
     }
 
     fn push(&mut self, value: Value<'p>, shape: &[usize]) -> Var {
@@ -64,6 +79,13 @@ impl<'p> Tape<'p> {
     }
 
     /// A parameter, borrowed for the life of the tape.
+    /// Restarts the forward clock (call after work that is not an op, e.g. before the first op).
+    pub fn mark(&mut self) {
+        if let Some((_, last)) = &mut self.profile {
+            *last = Instant::now();
+        }
+    }
+
     pub fn param(&mut self, t: &'p Tensor) -> Var {
         self.push(Value::Borrowed(&t.data), &t.shape)
     }
@@ -75,6 +97,12 @@ impl<'p> Tape<'p> {
 
     pub(crate) fn record(&mut self, data: Vec<f32>, shape: &[usize], op: Op) -> Var {
         let v = self.push(Value::Owned(data), shape);
+        if let Some((times, last)) = &mut self.profile {
+            let e = times.by_op.entry(op.name()).or_default();
+            e.0 += last.elapsed().as_secs_f64();
+            e.2 += 1;
+            *last = Instant::now();
+        }
         self.ops.push((v, op));
         v
     }
@@ -94,19 +122,12 @@ impl<'p> Tape<'p> {
 
     /// Number of f32 values held by the tape's owned activations (for memory reports).
     pub fn activation_floats(&self) -> usize {
-        self.values
-            .iter()
-            .map(|v| if let Value::Owned(d) = v { d.len() } else { 0 })
-            .sum()
+        self.values.iter().map(|v| if let Value::Owned(d) = v { d.len() } else { 0 }).sum()
     }
 
     /// Back-propagates from the scalar `out`, seeded with d(out) = seed.
     pub fn backward(&mut self, out: Var, seed: f32) {
-        assert_eq!(
-            self.value(out).len(),
-            1,
-            "backward: the output must be a scalar"
-        );
+        assert_eq!(self.value(out).len(), 1, "backward: the output must be a scalar");
         for g in &mut self.grads {
             *g = None;
         }
@@ -117,7 +138,11 @@ impl<'p> Tape<'p> {
             let Some(dout) = self.grads[v.0].take() else {
                 continue;
             };
+            let t0 = Instant::now();
             let input_grads = ops::backward(self, &self.ops[i].1, v, &dout);
+            if let Some((times, _)) = &mut self.profile {
+                times.by_op.entry(self.ops[i].1.name()).or_default().1 += t0.elapsed().as_secs_f64();
+            }
             for (input, g) in input_grads {
                 self.accumulate_grad(input, g);
             }

@@ -66,7 +66,25 @@ pub enum Op {
         vocab: usize,
         cap: f32,
         n_valid: usize,
+        /// Per-row log-sum-exp of the capped logits, from the forward.
+        lse: Vec<f32>,
     },
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Linear { .. } => "linear",
+            Op::Embedding { .. } => "embedding",
+            Op::RmsNorm { .. } => "rmsnorm",
+            Op::Rope { .. } => "rope",
+            Op::Attention { .. } => "attention",
+            Op::SwiGlu { .. } => "swiglu",
+            Op::Add { .. } => "add",
+            Op::WeightedSum { .. } => "weighted_sum",
+            Op::CrossEntropy { .. } => "cross_entropy",
+        }
+    }
 }
 
 impl Tape<'_> {
@@ -74,23 +92,10 @@ impl Tape<'_> {
         let (xs, ws) = (self.shape(x), self.shape(w));
         let k = *xs.last().expect("linear: x has no dims");
         let m = self.value(x).len() / k;
-        assert!(
-            ws.len() == 2 && ws[1] == k,
-            "linear: w {ws:?} does not match x's last dim {k}"
-        );
+        assert!(ws.len() == 2 && ws[1] == k, "linear: w {ws:?} does not match x's last dim {k}");
         let n = ws[0];
         let mut y = vec![0.0; m * n];
-        gemm(
-            m,
-            n,
-            k,
-            self.value(x),
-            Layout::N,
-            self.value(w),
-            Layout::T,
-            &mut y,
-            false,
-        );
+        gemm(m, n, k, self.value(x), Layout::N, self.value(w), Layout::T, &mut y, false);
         let mut shape = xs[..xs.len() - 1].to_vec();
         shape.push(n);
         self.record(y, &shape, Op::Linear { x, w, m, k, n })
@@ -101,15 +106,7 @@ impl Tape<'_> {
         let dim = self.shape(table)[1];
         let mut y = vec![0.0; ids.len() * dim];
         embedding::embedding_forward(self.value(table), dim, ids, &mut y);
-        self.record(
-            y,
-            &[ids.len(), dim],
-            Op::Embedding {
-                table,
-                ids: ids.to_vec(),
-                dim,
-            },
-        )
+        self.record(y, &[ids.len(), dim], Op::Embedding { table, ids: ids.to_vec(), dim })
     }
 
     /// Parameter-free RMSNorm over groups of `dim` consecutive values (the last dim, or a head).
@@ -126,30 +123,13 @@ impl Tape<'_> {
         let mut y = vec![0.0; self.value(x).len()];
         rope_forward(table, self.value(x), b, t, h, &mut y);
         let shape = self.shape(x).to_vec();
-        self.record(
-            y,
-            &shape,
-            Op::Rope {
-                x,
-                b,
-                t,
-                h,
-                table: table.clone(),
-            },
-        )
+        self.record(y, &shape, Op::Rope { x, b, t, h, table: table.clone() })
     }
 
     pub fn attention(&mut self, q: Var, k: Var, v: Var, dims: AttnDims) -> Var {
         let mut out = vec![0.0; self.value(q).len()];
         let mut lse = vec![0.0; dims.b * dims.h * dims.t];
-        attention_forward(
-            &dims,
-            self.value(q),
-            self.value(k),
-            self.value(v),
-            &mut out,
-            &mut lse,
-        );
+        attention_forward(&dims, self.value(q), self.value(k), self.value(v), &mut out, &mut lse);
         let shape = self.shape(q).to_vec();
         self.record(out, &shape, Op::Attention { q, k, v, lse, dims })
     }
@@ -171,43 +151,21 @@ impl Tape<'_> {
 
     /// Σ x ∘ w for a constant w of the same length (accumulated in f64).
     pub fn weighted_sum(&mut self, x: Var, w: &[f32]) -> Var {
-        assert_eq!(
-            self.value(x).len(),
-            w.len(),
-            "weighted_sum: length mismatch"
-        );
-        let s: f64 = self
-            .value(x)
-            .iter()
-            .zip(w)
-            .map(|(&a, &b)| a as f64 * b as f64)
-            .sum();
+        assert_eq!(self.value(x).len(), w.len(), "weighted_sum: length mismatch");
+        let s: f64 = self.value(x).iter().zip(w).map(|(&a, &b)| a as f64 * b as f64).sum();
         self.record(vec![s as f32], &[], Op::WeightedSum { x, w: w.to_vec() })
     }
 
     /// Mean over rows with target ≥ 0 of the softcapped cross-entropy (a scalar).
     /// Also returns the number of rows that counted.
     pub fn cross_entropy(&mut self, logits: Var, targets: &[i32], cap: f32) -> (Var, usize) {
-        let vocab = *self
-            .shape(logits)
-            .last()
-            .expect("cross_entropy: logits have no dims");
-        let mut losses = vec![0.0; targets.len()];
-        loss::softcap_cross_entropy_forward(self.value(logits), vocab, targets, cap, &mut losses);
+        let vocab = *self.shape(logits).last().expect("cross_entropy: logits have no dims");
+        let (mut losses, mut lse) = (vec![0.0; targets.len()], vec![0.0; targets.len()]);
+        loss::softcap_cross_entropy_forward(self.value(logits), vocab, targets, cap, &mut losses, &mut lse);
         let n_valid = targets.iter().filter(|&&t| t >= 0).count();
         let total: f64 = losses.iter().map(|&l| l as f64).sum();
-        let mean = if n_valid > 0 {
-            (total / n_valid as f64) as f32
-        } else {
-            0.0
-        };
-        let op = Op::CrossEntropy {
-            logits,
-            targets: targets.to_vec(),
-            vocab,
-            cap,
-            n_valid,
-        };
+        let mean = if n_valid > 0 { (total / n_valid as f64) as f32 } else { 0.0 };
+        let op = Op::CrossEntropy { logits, targets: targets.to_vec(), vocab, cap, n_valid, lse };
         (self.record(vec![mean], &[], op), n_valid)
     }
 }
@@ -217,29 +175,9 @@ pub(super) fn backward(tape: &Tape, op: &Op, out: Var, dout: &[f32]) -> Vec<(Var
     match op {
         &Op::Linear { x, w, m, k, n } => {
             let mut dx = vec![0.0; m * k];
-            gemm(
-                m,
-                k,
-                n,
-                dout,
-                Layout::N,
-                tape.value(w),
-                Layout::N,
-                &mut dx,
-                false,
-            ); // dX = dY·W
+            gemm(m, k, n, dout, Layout::N, tape.value(w), Layout::N, &mut dx, false); // dX = dY·W
             let mut dw = vec![0.0; n * k];
-            gemm(
-                n,
-                k,
-                m,
-                dout,
-                Layout::T,
-                tape.value(x),
-                Layout::N,
-                &mut dw,
-                false,
-            ); // dW = dYᵀ·X
+            gemm(n, k, m, dout, Layout::T, tape.value(x), Layout::N, &mut dw, false); // dW = dYᵀ·X
             vec![(x, dx), (w, dw)]
         }
         Op::Embedding { table, ids, dim } => {
@@ -258,24 +196,10 @@ pub(super) fn backward(tape: &Tape, op: &Op, out: Var, dout: &[f32]) -> Vec<(Var
             vec![(*x, dx)]
         }
         Op::Attention { q, k, v, lse, dims } => {
-            let (mut dq, mut dk, mut dv) = (
-                vec![0.0; dout.len()],
-                vec![0.0; tape.value(*k).len()],
-                vec![0.0; tape.value(*v).len()],
-            );
+            let (mut dq, mut dk, mut dv) =
+                (vec![0.0; dout.len()], vec![0.0; tape.value(*k).len()], vec![0.0; tape.value(*v).len()]);
             let (qv, kv, vv) = (tape.value(*q), tape.value(*k), tape.value(*v));
-            attention_backward(
-                dims,
-                qv,
-                kv,
-                vv,
-                tape.value(out),
-                lse,
-                dout,
-                &mut dq,
-                &mut dk,
-                &mut dv,
-            );
+            attention_backward(dims, qv, kv, vv, tape.value(out), lse, dout, &mut dq, &mut dk, &mut dv);
             vec![(*q, dq), (*k, dk), (*v, dv)]
         }
         Op::SwiGlu { g, u } => {
@@ -285,27 +209,10 @@ pub(super) fn backward(tape: &Tape, op: &Op, out: Var, dout: &[f32]) -> Vec<(Var
         }
         Op::WeightedSum { x, w } => vec![(*x, w.iter().map(|v| v * dout[0]).collect())],
         Op::Add { a, b } => vec![(*a, dout.to_vec()), (*b, dout.to_vec())],
-        Op::CrossEntropy {
-            logits,
-            targets,
-            vocab,
-            cap,
-            n_valid,
-        } => {
+        Op::CrossEntropy { logits, targets, vocab, cap, n_valid, lse } => {
             let mut dz = vec![0.0; tape.value(*logits).len()];
-            let scale = if *n_valid > 0 {
-                dout[0] / *n_valid as f32
-            } else {
-                0.0
-            };
-            loss::softcap_cross_entropy_backward(
-                tape.value(*logits),
-                *vocab,
-                targets,
-                *cap,
-                scale,
-                &mut dz,
-            );
+            let scale = if *n_valid > 0 { dout[0] / *n_valid as f32 } else { 0.0 };
+            loss::softcap_cross_entropy_backward(tape.value(*logits), *vocab, targets, *cap, lse, scale, &mut dz);
             vec![(*logits, dz)]
         }
     }

@@ -42,15 +42,10 @@ impl TokenSource {
 
     fn copy_range(&self, start: usize, out: &mut [u32]) {
         match self {
-            TokenSource::Memory { tokens, .. } => {
-                out.copy_from_slice(&tokens[start..start + out.len()])
+            TokenSource::Memory { tokens, .. } => out.copy_from_slice(&tokens[start..start + out.len()]),
+            TokenSource::ShardRange { shard, start: s0, .. } => {
+                out.iter_mut().enumerate().for_each(|(i, o)| *o = shard.get(s0 + start + i))
             }
-            TokenSource::ShardRange {
-                shard, start: s0, ..
-            } => out
-                .iter_mut()
-                .enumerate()
-                .for_each(|(i, o)| *o = shard.get(s0 + start + i)),
         }
     }
 }
@@ -80,31 +75,18 @@ impl Loader {
         rng: Rng,
     ) -> Result<Loader> {
         if source.len() < seq_len + 1 {
-            bail!(
-                "the data has {} tokens, fewer than one sequence of max_seq_len + 1 = {}",
-                source.len(),
-                seq_len + 1
-            );
+            bail!("the data has {} tokens, fewer than one sequence of max_seq_len + 1 = {}", source.len(), seq_len + 1);
         }
         if rank >= world {
             bail!("rank {rank} must be below world size {world}");
         }
-        Ok(Loader {
-            source,
-            batch,
-            seq_len,
-            rank,
-            world,
-            rng,
-        })
+        Ok(Loader { source, batch, seq_len, rank, world, rng })
     }
 
     /// The next random batch (this rank's share).
     pub fn next_batch(&mut self) -> Batch {
         let span = self.source.len() - self.seq_len; // valid window starts
-        let starts: Vec<usize> = (0..self.batch * self.world)
-            .map(|_| self.rng.below(span))
-            .collect();
+        let starts: Vec<usize> = (0..self.batch * self.world).map(|_| self.rng.below(span)).collect();
         self.windows(&starts[self.rank * self.batch..(self.rank + 1) * self.batch])
     }
 
@@ -141,16 +123,8 @@ impl TokenSource {
         let shard = std::sync::Arc::new(shard);
         let n = shard.len - hold;
         (
-            TokenSource::ShardRange {
-                shard: shard.clone(),
-                start: 0,
-                len: n,
-            },
-            TokenSource::ShardRange {
-                shard,
-                start: n,
-                len: hold,
-            },
+            TokenSource::ShardRange { shard: shard.clone(), start: 0, len: n },
+            TokenSource::ShardRange { shard, start: n, len: hold },
         )
     }
 }

@@ -27,28 +27,21 @@ pub struct TokenShard {
 
 impl TokenShard {
     pub fn open(path: &Path) -> Result<TokenShard> {
-        let file = File::open(path)
-            .with_context(|| format!("cannot open token shard {}", path.display()))?;
+        let file = File::open(path).with_context(|| format!("cannot open token shard {}", path.display()))?;
         // SAFETY: the map is read-only; a shard changed underneath a run is the user's error, as with any reader.
-        let map = unsafe { Mmap::map(&file) }
-            .with_context(|| format!("cannot map {}", path.display()))?;
+        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
         let p = path.display();
         if map.len() < HEADER_BYTES {
             bail!("token shard {p} is truncated: {} bytes, shorter than its {HEADER_BYTES}-byte header", map.len());
         }
         if &map[0..8] != MAGIC {
-            bail!(
-                "{p} is not a nanoseek token shard (bad magic {:?})",
-                String::from_utf8_lossy(&map[0..8])
-            );
+            bail!("{p} is not a nanoseek token shard (bad magic {:?})", String::from_utf8_lossy(&map[0..8]));
         }
         let u32_at = |o: usize| u32::from_le_bytes(map[o..o + 4].try_into().unwrap());
         let u64_at = |o: usize| u64::from_le_bytes(map[o..o + 8].try_into().unwrap());
         let version = u32_at(8);
         if version != VERSION {
-            bail!(
-                "token shard {p} has format version {version}; this build reads version {VERSION}"
-            );
+            bail!("token shard {p} has format version {version}; this build reads version {VERSION}");
         }
         let width = u32_at(12) as usize;
         if width != 2 && width != 4 {
@@ -56,19 +49,15 @@ impl TokenShard {
         }
         let vocab_size = u64_at(16) as usize;
         let len = u64_at(24) as usize;
-        let want = len
-            .checked_mul(width)
-            .and_then(|b| b.checked_add(HEADER_BYTES));
+        let want = len.checked_mul(width).and_then(|b| b.checked_add(HEADER_BYTES));
         if want != Some(map.len()) {
-            bail!("token shard {p} is truncated or padded: header says {len} tokens ({} bytes) but the file has {} bytes", want.map_or("overflowing".into(), |w| w.to_string()), map.len());
+            bail!(
+                "token shard {p} is truncated or padded: header says {len} tokens ({} bytes) but the file has {} bytes",
+                want.map_or("overflowing".into(), |w| w.to_string()),
+                map.len()
+            );
         }
-        Ok(TokenShard {
-            path: path.to_path_buf(),
-            vocab_size,
-            width,
-            len,
-            map,
-        })
+        Ok(TokenShard { path: path.to_path_buf(), vocab_size, width, len, map })
     }
 
     pub fn get(&self, i: usize) -> u32 {

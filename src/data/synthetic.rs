@@ -103,26 +103,20 @@ const MIN_DOC: usize = 50;
 
 const PUNCT: [&str; 3] = [".", ",", "?"];
 const FUNCTION_WORDS: [&str; 32] = [
-    "the", "a", "some", "every", "many", "very", "is", "are", "and", "but", "because", "when",
-    "in", "near", "with", "what", "where", "who", "how", "does", "live", "lives", "has", "likes",
-    "like", "have", "yes", "no", "color", "of", "there", "named",
+    "the", "a", "some", "every", "many", "very", "is", "are", "and", "but", "because", "when", "in", "near", "with",
+    "what", "where", "who", "how", "does", "live", "lives", "has", "likes", "like", "have", "yes", "no", "color", "of",
+    "there", "named",
 ];
-const COLORS: [&str; 12] = [
-    "red", "blue", "green", "yellow", "black", "white", "orange", "purple", "brown", "gray",
-    "pink", "silver",
-];
-const NUMBERS: [&str; 12] = [
-    "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-    "twelve",
-];
+const COLORS: [&str; 12] =
+    ["red", "blue", "green", "yellow", "black", "white", "orange", "purple", "brown", "gray", "pink", "silver"];
+const NUMBERS: [&str; 12] =
+    ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"];
 
 const ONSETS: [&str; 26] = [
-    "b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gl",
-    "kr", "pl", "sk", "st", "tr", "th", "sh", "ch",
+    "b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gl", "kr", "pl", "sk",
+    "st", "tr", "th", "sh", "ch",
 ];
-const VOWELS: [&str; 13] = [
-    "a", "e", "i", "o", "u", "a", "e", "i", "o", "ai", "ou", "ee", "oo",
-];
+const VOWELS: [&str; 13] = ["a", "e", "i", "o", "u", "a", "e", "i", "o", "ai", "ou", "ee", "oo"];
 const CODAS: [&str; 10] = ["n", "r", "l", "m", "k", "s", "t", "sh", "nd", "rk"];
 const ADJ_SUFFIXES: [&str; 7] = ["ish", "y", "ic", "ous", "ful", "al", "en"];
 
@@ -182,14 +176,8 @@ impl Class {
     fn new(lex: Vec<Lex>) -> Self {
         let n = lex.len();
         let global = Table::zipf((0..n).collect());
-        let by_topic = (0..N_TOPICS)
-            .map(|t| Table::zipf((t..n).step_by(N_TOPICS).collect()))
-            .collect();
-        Class {
-            lex,
-            global,
-            by_topic,
-        }
+        let by_topic = (0..N_TOPICS).map(|t| Table::zipf((t..n).step_by(N_TOPICS).collect())).collect();
+        Class { lex, global, by_topic }
     }
 
     /// Index of a word, from the topic's table with probability `p_topic`.
@@ -313,9 +301,7 @@ impl WordMaker {
         loop {
             let forms = make(self);
             let distinct: HashSet<&String> = forms.iter().collect();
-            if distinct.len() == forms.len()
-                && forms.iter().all(|w| w.len() >= 3 && !self.used.contains(w))
-            {
+            if distinct.len() == forms.len() && forms.iter().all(|w| w.len() >= 3 && !self.used.contains(w)) {
                 for w in &forms {
                     self.used.insert(w.clone());
                 }
@@ -418,10 +404,7 @@ impl SyntheticLanguage {
         let mut index: HashMap<String, u32> = HashMap::new();
         let mut add = |w: &str, words: &mut Vec<String>| -> u32 {
             let id = words.len() as u32;
-            assert!(
-                index.insert(w.to_string(), id).is_none(),
-                "duplicate word {w}"
-            );
+            assert!(index.insert(w.to_string(), id).is_none(), "duplicate word {w}");
             words.push(w.to_string());
             id
         };
@@ -433,10 +416,7 @@ impl SyntheticLanguage {
         let colors: Vec<u32> = COLORS.iter().map(|w| add(w, &mut words)).collect();
         let numbers: Vec<u32> = NUMBERS.iter().map(|w| add(w, &mut words)).collect();
 
-        let mut maker = WordMaker {
-            rng: Rng::new(LEXICON_SEED),
-            used: words.iter().cloned().collect(),
-        };
+        let mut maker = WordMaker { rng: Rng::new(LEXICON_SEED), used: words.iter().cloned().collect() };
         let names: Vec<u32> = (0..N_NAMES)
             .map(|_| {
                 let w = maker.name();
@@ -447,10 +427,7 @@ impl SyntheticLanguage {
             (0..n)
                 .map(|_| {
                     let (sg, pl) = maker.noun();
-                    Lex {
-                        sg: add(&sg, words),
-                        pl: add(&pl, words),
-                    }
+                    Lex { sg: add(&sg, words), pl: add(&pl, words) }
                 })
                 .collect()
         };
@@ -466,10 +443,7 @@ impl SyntheticLanguage {
             (0..n)
                 .map(|_| {
                     let (sg, pl) = maker.verb();
-                    Lex {
-                        sg: add(&sg, words),
-                        pl: add(&pl, words),
-                    }
+                    Lex { sg: add(&sg, words), pl: add(&pl, words) }
                 })
                 .collect()
         };
@@ -695,14 +669,7 @@ impl SyntheticLanguage {
         ents
     }
 
-    fn state_fact(
-        &self,
-        rng: &mut Rng,
-        ents: &mut [Entity],
-        e: usize,
-        fact: Fact,
-        out: &mut Vec<u32>,
-    ) {
+    fn state_fact(&self, rng: &mut Rng, ents: &mut [Entity], e: usize, fact: Fact, out: &mut Vec<u32>) {
         let f = &self.f;
         let ent = &ents[e];
         match fact {
@@ -841,16 +808,8 @@ impl SyntheticLanguage {
             self.np(rng, topic, &self.creatures, plural, out);
             if rng.uniform() < 0.15 {
                 // An attractor noun between subject and verb, with its own number.
-                out.push(if rng.uniform() < 0.5 {
-                    self.f.near
-                } else {
-                    self.f.with
-                });
-                let class = if rng.uniform() < 0.5 {
-                    &self.things
-                } else {
-                    &self.creatures
-                };
+                out.push(if rng.uniform() < 0.5 { self.f.near } else { self.f.with });
+                let class = if rng.uniform() < 0.5 { &self.things } else { &self.creatures };
                 let attractor_plural = rng.uniform() < 0.5;
                 self.np(rng, topic, class, attractor_plural, out);
             }
@@ -890,15 +849,7 @@ impl SyntheticLanguage {
     /// Verb phrase agreeing with a subject of the given number. `subj` are the
     /// entities the subject names (if any): the first one's home and things are
     /// preferred, and a named object is never one of the subjects.
-    fn vp(
-        &self,
-        rng: &mut Rng,
-        topic: usize,
-        plural: bool,
-        ents: &[Entity],
-        subj: &[usize],
-        out: &mut Vec<u32>,
-    ) {
+    fn vp(&self, rng: &mut Rng, topic: usize, plural: bool, ents: &[Entity], subj: &[usize], out: &mut Vec<u32>) {
         let f = &self.f;
         let ent = subj.first().copied();
         let r = rng.uniform();
@@ -983,10 +934,7 @@ mod tests {
         assert!(a.vocab_size() <= 4096);
         for (i, w) in a.words.iter().enumerate() {
             assert_eq!(a.token(w), Some(i as u32));
-            assert!(
-                !w.is_empty() && !w.contains(char::is_whitespace),
-                "bad word {w:?}"
-            );
+            assert!(!w.is_empty() && !w.contains(char::is_whitespace), "bad word {w:?}");
         }
         assert_eq!(a.token("<bos>"), Some(BOS));
         assert_eq!(a.token("<eot>"), Some(EOT));
@@ -1021,11 +969,7 @@ mod tests {
             let d = lang.document(&mut rng);
             assert_eq!(d[0], BOS);
             assert_eq!(*d.last().unwrap(), EOT);
-            assert!(
-                (MIN_DOC..=400).contains(&d.len()),
-                "document length {}",
-                d.len()
-            );
+            assert!((MIN_DOC..=400).contains(&d.len()), "document length {}", d.len());
             assert!(d[1..d.len() - 1].iter().all(|&t| t != BOS && t != EOT));
             assert!(d.iter().all(|&t| t < v));
             total += d.len();
@@ -1052,10 +996,7 @@ mod tests {
         let the = lang.token("the").unwrap();
         let red = lang.token("red").unwrap();
         let dot = lang.token(".").unwrap();
-        assert_eq!(
-            lang.decode(&[the, red, dot, 99_999]),
-            "the red. <unk:99999>"
-        );
+        assert_eq!(lang.decode(&[the, red, dot, 99_999]), "the red. <unk:99999>");
         assert_eq!(lang.decode(&[BOS, the, EOT, BOS]), "<bos> the <eot>\n<bos>");
         assert_eq!(lang.decode(&[]), "");
     }
@@ -1090,10 +1031,7 @@ mod tests {
             singular.insert(&lang.words[l.sg as usize], &lang.words[l.sg as usize]);
         }
         let stream = lang.stream(11, 300_000);
-        let words: Vec<&str> = stream
-            .iter()
-            .map(|&t| lang.words[t as usize].as_str())
-            .collect();
+        let words: Vec<&str> = stream.iter().map(|&t| lang.words[t as usize].as_str()).collect();
         let mut checked: HashMap<&str, usize> = HashMap::new();
         let mut n_docs = 0;
         for doc in split_docs(&stream) {
@@ -1108,11 +1046,7 @@ mod tests {
                     Some(q) => {
                         let ans = &sent[q + 1..];
                         // "no , NAME is COLOR" restates a fact: parse it as a statement.
-                        let st: &[&str] = if ans.len() > 2 && ans[0] == "no" {
-                            &ans[2..]
-                        } else {
-                            &[]
-                        };
+                        let st: &[&str] = if ans.len() > 2 && ans[0] == "no" { &ans[2..] } else { &[] };
                         (st, Some(&sent[..q]), ans)
                     }
                     None => (sent, None, &[][..]),
@@ -1179,21 +1113,8 @@ mod tests {
             }
         }
         println!("checked answers in {n_docs} documents: {checked:?}");
-        for k in [
-            "kind",
-            "color",
-            "yes",
-            "no",
-            "who-color",
-            "place",
-            "who-place",
-            "count",
-            "likes",
-        ] {
-            assert!(
-                checked.get(k).copied().unwrap_or(0) > 50,
-                "too few {k} questions"
-            );
+        for k in ["kind", "color", "yes", "no", "who-color", "place", "who-place", "count", "likes"] {
+            assert!(checked.get(k).copied().unwrap_or(0) > 50, "too few {k} questions");
         }
     }
 
@@ -1241,7 +1162,9 @@ mod tests {
                 plain += 1;
             }
         }
-        println!("agreement checked: {plain} plain, {attracted} with attractor ({mismatched_attractor} of different number)");
+        println!(
+            "agreement checked: {plain} plain, {attracted} with attractor ({mismatched_attractor} of different number)"
+        );
         assert!(plain > 1000 && mismatched_attractor > 100);
     }
 

@@ -43,13 +43,7 @@ pub fn default_head_dim(n_embd: usize, n_head: usize) -> usize {
 }
 
 impl ModelConfig {
-    fn shaped(
-        vocab_size: usize,
-        n_layer: usize,
-        n_embd: usize,
-        n_head: usize,
-        max_seq_len: usize,
-    ) -> ModelConfig {
+    fn shaped(vocab_size: usize, n_layer: usize, n_embd: usize, n_head: usize, max_seq_len: usize) -> ModelConfig {
         ModelConfig {
             vocab_size,
             n_layer,
@@ -72,10 +66,7 @@ impl ModelConfig {
             "large" => Self::shaped(65536, 32, 2048, 32, 32768),
             "xlarge" => Self::shaped(65536, 48, 4096, 48, 65536),
             "full" => Self::shaped(65536, 64, 8192, 64, 131072),
-            other => bail!(
-                "unknown model size '{other}': expected one of {}",
-                PRESETS.join(", ")
-            ),
+            other => bail!("unknown model size '{other}': expected one of {}", PRESETS.join(", ")),
         })
     }
 
@@ -94,33 +85,29 @@ impl ModelConfig {
     /// Reads a TOML (`.toml`) or JSON file. Missing fields come from `base`
     /// (or from the preset named by a `model_size` key in the file).
     pub fn from_file(path: &Path, base: &ModelConfig) -> Result<ModelConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
         let value: serde_json::Value = if path.extension().is_some_and(|e| e == "toml") {
-            let v: toml::Value = toml::from_str(&text)
-                .with_context(|| format!("{} is not valid TOML", path.display()))?;
+            let v: toml::Value =
+                toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
             serde_json::to_value(v)?
         } else {
-            serde_json::from_str(&text)
-                .with_context(|| format!("{} is not valid JSON", path.display()))?
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?
         };
         let serde_json::Value::Object(mut fields) = value else {
             bail!("{}: expected a table of config fields", path.display());
         };
         let base = match fields.remove("model_size") {
             Some(serde_json::Value::String(name)) => ModelConfig::preset(&name)?,
-            Some(other) => bail!(
-                "{}: model_size must be a string, got {other}",
-                path.display()
-            ),
+            Some(other) => bail!("{}: model_size must be a string, got {other}", path.display()),
             None => base.clone(),
         };
         let mut merged = serde_json::to_value(&base)?;
         for (k, v) in fields {
             merged[k] = v;
         }
-        let cfg: ModelConfig = serde_json::from_value(merged)
-            .with_context(|| format!("{}: bad model config", path.display()))?;
+        let cfg: ModelConfig =
+            serde_json::from_value(merged).with_context(|| format!("{}: bad model config", path.display()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -143,35 +130,19 @@ impl ModelConfig {
             }
         }
         if self.n_head % self.n_kv_head != 0 {
-            bail!(
-                "config: n_head ({}) must be a multiple of n_kv_head ({})",
-                self.n_head,
-                self.n_kv_head
-            );
+            bail!("config: n_head ({}) must be a multiple of n_kv_head ({})", self.n_head, self.n_kv_head);
         }
         if self.head_dim % 2 != 0 {
-            bail!(
-                "config: head_dim ({}) must be even for rotary embeddings",
-                self.head_dim
-            );
+            bail!("config: head_dim ({}) must be even for rotary embeddings", self.head_dim);
         }
         if self.vocab_size > u32::MAX as usize {
-            bail!(
-                "config: vocab_size {} does not fit in u32 token ids",
-                self.vocab_size
-            );
+            bail!("config: vocab_size {} does not fit in u32 token ids", self.vocab_size);
         }
-        if !(self.rope_theta > 1.0) || !self.rope_theta.is_finite() {
-            bail!(
-                "config: rope_theta must be a finite number > 1, got {}",
-                self.rope_theta
-            );
+        if !self.rope_theta.is_finite() || self.rope_theta <= 1.0 {
+            bail!("config: rope_theta must be a finite number > 1, got {}", self.rope_theta);
         }
-        if !(self.logit_softcap >= 0.0) || !self.logit_softcap.is_finite() {
-            bail!(
-                "config: logit_softcap must be ≥ 0 (0 = off), got {}",
-                self.logit_softcap
-            );
+        if !self.logit_softcap.is_finite() || self.logit_softcap < 0.0 {
+            bail!("config: logit_softcap must be ≥ 0 (0 = off), got {}", self.logit_softcap);
         }
         Ok(())
     }
@@ -203,8 +174,7 @@ impl ModelConfig {
         let (a, f) = self.block_params();
         let matmul = (self.n_layer * (a + f) + self.vocab_size * self.n_embd) as f64;
         // causal attention: QKᵀ and PV, forward 2·2·(T/2)·head_dim per head, ×3 for fwd+bwd
-        let attn =
-            6.0 * self.n_layer as f64 * self.n_head as f64 * self.head_dim as f64 * seq_len as f64;
+        let attn = 6.0 * self.n_layer as f64 * self.n_head as f64 * self.head_dim as f64 * seq_len as f64;
         6.0 * matmul + attn
     }
 }
@@ -284,28 +254,15 @@ mod tests {
         let non_emb = s.n_layer * (a + f);
         assert!((80_000_000..90_000_000).contains(&non_emb), "{non_emb}");
         assert_eq!(ModelConfig::preset("xlarge").unwrap().head_dim, 128);
-        assert!(ModelConfig::preset("huge")
-            .unwrap_err()
-            .to_string()
-            .contains("unknown model size"));
+        assert!(ModelConfig::preset("huge").unwrap_err().to_string().contains("unknown model size"));
     }
 
     #[test]
     fn overrides_rederive_shapes() {
         let mut c = ModelConfig::preset("tiny").unwrap();
-        ConfigOverrides {
-            n_embd: Some(128),
-            n_head: Some(2),
-            ..Default::default()
-        }
-        .apply(&mut c)
-        .unwrap();
+        ConfigOverrides { n_embd: Some(128), n_head: Some(2), ..Default::default() }.apply(&mut c).unwrap();
         assert_eq!((c.head_dim, c.n_kv_head, c.ffn_hidden), (64, 2, 384));
-        let bad = ConfigOverrides {
-            n_kv_head: Some(3),
-            ..Default::default()
-        }
-        .apply(&mut c);
+        let bad = ConfigOverrides { n_kv_head: Some(3), ..Default::default() }.apply(&mut c);
         assert!(bad.unwrap_err().to_string().contains("n_kv_head"));
     }
 }

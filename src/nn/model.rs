@@ -34,15 +34,8 @@ pub struct Param {
 }
 
 /// Matrices of one block, in checkpoint order.
-pub const BLOCK_MATRICES: [&str; 7] = [
-    "attn.c_q",
-    "attn.c_k",
-    "attn.c_v",
-    "attn.c_proj",
-    "mlp.w_gate",
-    "mlp.w_up",
-    "mlp.w_down",
-];
+pub const BLOCK_MATRICES: [&str; 7] =
+    ["attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.w_gate", "mlp.w_up", "mlp.w_down"];
 
 pub struct Model {
     pub config: ModelConfig,
@@ -59,18 +52,8 @@ impl Model {
         let c = config;
         let mut rng = Rng::derive(seed, "init");
         let mut params = Vec::new();
-        let mut add = |name: String, kind, t| {
-            params.push(Param {
-                name,
-                kind,
-                tensor: t,
-            })
-        };
-        add(
-            "wte.weight".into(),
-            ParamKind::Embedding,
-            Tensor::randn(&[c.vocab_size, c.n_embd], 1.0, &mut rng),
-        );
+        let mut add = |name: String, kind, t| params.push(Param { name, kind, tensor: t });
+        add("wte.weight".into(), ParamKind::Embedding, Tensor::randn(&[c.vocab_size, c.n_embd], 1.0, &mut rng));
         let std = 1.0 / (c.n_embd as f32).sqrt();
         for l in 0..c.n_layer {
             for name in BLOCK_MATRICES {
@@ -83,26 +66,14 @@ impl Model {
                 add(format!("blocks.{l}.{name}.weight"), ParamKind::Matrix, t);
             }
         }
-        add(
-            "lm_head.weight".into(),
-            ParamKind::Head,
-            Tensor::randn(&[c.vocab_size, c.n_embd], 0.001, &mut rng),
-        );
+        add("lm_head.weight".into(), ParamKind::Head, Tensor::randn(&[c.vocab_size, c.n_embd], 0.001, &mut rng));
         Ok(Model::from_params(config.clone(), params))
     }
 
     /// Assembles a model from parameters in checkpoint order (shapes are trusted; see `expected_shapes`).
     pub fn from_params(config: ModelConfig, params: Vec<Param>) -> Model {
-        let rope = Arc::new(RopeTable::new(
-            config.head_dim,
-            config.max_seq_len,
-            config.rope_theta,
-        ));
-        Model {
-            config,
-            params,
-            rope,
-        }
+        let rope = Arc::new(RopeTable::new(config.head_dim, config.max_seq_len, config.rope_theta));
+        Model { config, params, rope }
     }
 
     /// [out, in] shape of a block matrix.
@@ -119,25 +90,13 @@ impl Model {
 
     /// Every parameter's name, kind and shape, in checkpoint order.
     pub fn expected_shapes(c: &ModelConfig) -> Vec<(String, ParamKind, Vec<usize>)> {
-        let mut v = vec![(
-            "wte.weight".to_string(),
-            ParamKind::Embedding,
-            vec![c.vocab_size, c.n_embd],
-        )];
+        let mut v = vec![("wte.weight".to_string(), ParamKind::Embedding, vec![c.vocab_size, c.n_embd])];
         for l in 0..c.n_layer {
             for name in BLOCK_MATRICES {
-                v.push((
-                    format!("blocks.{l}.{name}.weight"),
-                    ParamKind::Matrix,
-                    Self::matrix_shape(c, name),
-                ));
+                v.push((format!("blocks.{l}.{name}.weight"), ParamKind::Matrix, Self::matrix_shape(c, name)));
             }
         }
-        v.push((
-            "lm_head.weight".to_string(),
-            ParamKind::Head,
-            vec![c.vocab_size, c.n_embd],
-        ));
+        v.push(("lm_head.weight".to_string(), ParamKind::Head, vec![c.vocab_size, c.n_embd]));
         v
     }
 
@@ -147,15 +106,8 @@ impl Model {
 
     /// Every id must be < vocab_size; the error names the first bad one.
     pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
-        if let Some((pos, &id)) = ids
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id as usize >= self.config.vocab_size)
-        {
-            bail!(
-                "token id {id} at position {pos} is out of range for vocab_size {}",
-                self.config.vocab_size
-            );
+        if let Some((pos, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= self.config.vocab_size) {
+            bail!("token id {id} at position {pos} is out of range for vocab_size {}", self.config.vocab_size);
         }
         Ok(())
     }
@@ -167,32 +119,16 @@ impl Model {
 
     /// Raw logits [b·t, vocab] (before the softcap, which the loss applies)
     /// for `ids` viewed as [b, t]. `pv` are the handles from `params_on`.
-    pub fn logits(
-        &self,
-        tape: &mut Tape,
-        pv: &[Var],
-        ids: &[u32],
-        b: usize,
-        t: usize,
-    ) -> Result<Var> {
+    pub fn logits(&self, tape: &mut Tape, pv: &[Var], ids: &[u32], b: usize, t: usize) -> Result<Var> {
         let c = &self.config;
         if ids.len() != b * t {
             bail!("forward: {} ids do not form a [{b}, {t}] batch", ids.len());
         }
         if t > c.max_seq_len {
-            bail!(
-                "forward: sequence length {t} exceeds max_seq_len {}",
-                c.max_seq_len
-            );
+            bail!("forward: sequence length {t} exceeds max_seq_len {}", c.max_seq_len);
         }
         self.check_ids(ids)?;
-        let dims = AttnDims {
-            b,
-            t,
-            h: c.n_head,
-            h_kv: c.n_kv_head,
-            d: c.head_dim,
-        };
+        let dims = AttnDims { b, t, h: c.n_head, h_kv: c.n_kv_head, d: c.head_dim };
         let x = tape.embedding(pv[0], ids);
         let mut x = tape.rmsnorm(x, c.n_embd);
         for l in 0..c.n_layer {
@@ -221,31 +157,15 @@ impl Model {
     }
 
     /// Mean cross-entropy of predicting `targets` (−1 = ignore) from `ids`, both [b, t].
-    pub fn loss(
-        &self,
-        tape: &mut Tape,
-        pv: &[Var],
-        ids: &[u32],
-        targets: &[i32],
-        b: usize,
-        t: usize,
-    ) -> Result<Var> {
+    pub fn loss(&self, tape: &mut Tape, pv: &[Var], ids: &[u32], targets: &[i32], b: usize, t: usize) -> Result<Var> {
         if targets.len() != ids.len() {
             bail!("loss: {} targets for {} ids", targets.len(), ids.len());
         }
-        if let Some(&bad) = targets
-            .iter()
-            .find(|&&y| y >= 0 && y as usize >= self.config.vocab_size)
-        {
-            bail!(
-                "target token id {bad} is out of range for vocab_size {}",
-                self.config.vocab_size
-            );
+        if let Some(&bad) = targets.iter().find(|&&y| y >= 0 && y as usize >= self.config.vocab_size) {
+            bail!("target token id {bad} is out of range for vocab_size {}", self.config.vocab_size);
         }
         let logits = self.logits(tape, pv, ids, b, t)?;
-        Ok(tape
-            .cross_entropy(logits, targets, self.config.logit_softcap)
-            .0)
+        Ok(tape.cross_entropy(logits, targets, self.config.logit_softcap).0)
     }
 
     /// Softcapped logits of the last position of a single sequence (for sampling).
@@ -258,9 +178,6 @@ impl Model {
         let v = self.config.vocab_size;
         let cap = self.config.logit_softcap;
         let last = &tape.value(logits)[(t - 1) * v..t * v];
-        Ok(last
-            .iter()
-            .map(|&z| if cap > 0.0 { cap * (z / cap).tanh() } else { z })
-            .collect())
+        Ok(last.iter().map(|&z| if cap > 0.0 { cap * crate::backend::cpu::math::tanh(z / cap) } else { z }).collect())
     }
 }

@@ -12,6 +12,7 @@ use crate::backend::cpu::{
 use crate::nn::{Model, ParamKind};
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -60,7 +61,7 @@ impl OptimConfig {
             ("unembedding_lr", self.unembedding_lr),
             ("matrix_lr", self.matrix_lr),
         ] {
-            if !(v >= 0.0 && v.is_finite()) {
+            if !v.is_finite() || v < 0.0 {
                 bail!("{name} must be a finite number ≥ 0, got {v}");
             }
         }
@@ -74,7 +75,7 @@ impl OptimConfig {
                 self.warmdown_ratio
             );
         }
-        if !(self.grad_clip >= 0.0) {
+        if !self.grad_clip.is_finite() || self.grad_clip < 0.0 {
             bail!("grad_clip must be ≥ 0 (0 = off), got {}", self.grad_clip);
         }
         Ok(())
@@ -104,49 +105,34 @@ impl Optimizer {
             .params
             .iter()
             .map(|p| match p.kind {
-                ParamKind::Matrix => ParamState::Muon {
-                    momentum: vec![0.0; p.tensor.numel()],
-                },
-                _ => ParamState::AdamW {
-                    m: vec![0.0; p.tensor.numel()],
-                    v: vec![0.0; p.tensor.numel()],
-                },
+                ParamKind::Matrix => ParamState::Muon { momentum: vec![0.0; p.tensor.numel()] },
+                _ => ParamState::AdamW { m: vec![0.0; p.tensor.numel()], v: vec![0.0; p.tensor.numel()] },
             })
             .collect();
         let adam_lr_scale = (model.config.n_embd as f32 / 768.0).powf(-0.5);
-        Optimizer {
-            config,
-            step: 0,
-            state,
-            adam_lr_scale,
-        }
+        Optimizer { config, step: 0, state, adam_lr_scale }
     }
 
     /// One update of every parameter from `grads` (same order as `model.params`),
     /// with every learning rate multiplied by `lr_mult` (the schedule).
     pub fn update(&mut self, model: &mut Model, grads: &[Vec<f32>], lr_mult: f32) {
-        assert_eq!(
-            grads.len(),
-            model.params.len(),
-            "one gradient per parameter"
-        );
+        assert_eq!(grads.len(), model.params.len(), "one gradient per parameter");
         self.step += 1;
-        let c = &self.config;
-        for ((p, g), st) in model.params.iter_mut().zip(grads).zip(&mut self.state) {
+        let (c, step, adam_lr_scale) = (&self.config, self.step, self.adam_lr_scale);
+        // Parameters update independently, so they run as parallel tasks (each one's
+        // GEMMs then stay on its thread); the result does not depend on scheduling.
+        let jobs = model.params.par_iter_mut().zip(grads.par_iter()).zip(self.state.par_iter_mut());
+        jobs.for_each(|((p, g), st)| {
             match st {
                 ParamState::AdamW { m, v } => {
-                    let base = if p.kind == ParamKind::Embedding {
-                        c.embedding_lr
-                    } else {
-                        c.unembedding_lr
-                    };
+                    let base = if p.kind == ParamKind::Embedding { c.embedding_lr } else { c.unembedding_lr };
                     let h = AdamWStep {
-                        lr: base * self.adam_lr_scale * lr_mult,
+                        lr: base * adam_lr_scale * lr_mult,
                         beta1: c.adam_beta1,
                         beta2: c.adam_beta2,
                         eps: c.adam_eps,
                         weight_decay: c.weight_decay,
-                        step: self.step,
+                        step,
                     };
                     adamw_update(&mut p.tensor.data, g, m, v, h);
                 }
@@ -168,7 +154,7 @@ impl Optimizer {
                     }
                 }
             }
-        }
+        });
     }
 
     /// The state as named tensors for a checkpoint: `<param>.adam_m`, `<param>.adam_v`, `<param>.muon_momentum`.
@@ -178,19 +164,12 @@ impl Optimizer {
             let shape = &p.tensor.shape;
             match st {
                 ParamState::AdamW { m, v } => {
-                    out.push((
-                        format!("{}.adam_m", p.name),
-                        Tensor::from_vec(shape, m.clone()),
-                    ));
-                    out.push((
-                        format!("{}.adam_v", p.name),
-                        Tensor::from_vec(shape, v.clone()),
-                    ));
+                    out.push((format!("{}.adam_m", p.name), Tensor::from_vec(shape, m.clone())));
+                    out.push((format!("{}.adam_v", p.name), Tensor::from_vec(shape, v.clone())));
                 }
-                ParamState::Muon { momentum } => out.push((
-                    format!("{}.muon_momentum", p.name),
-                    Tensor::from_vec(shape, momentum.clone()),
-                )),
+                ParamState::Muon { momentum } => {
+                    out.push((format!("{}.muon_momentum", p.name), Tensor::from_vec(shape, momentum.clone())))
+                }
             }
         }
         out
@@ -210,9 +189,7 @@ impl Optimizer {
                     *m = get(&format!("{}.adam_m", p.name), shape)?;
                     *v = get(&format!("{}.adam_v", p.name), shape)?;
                 }
-                ParamState::Muon { momentum } => {
-                    *momentum = get(&format!("{}.muon_momentum", p.name), shape)?
-                }
+                ParamState::Muon { momentum } => *momentum = get(&format!("{}.muon_momentum", p.name), shape)?,
             }
         }
         self.step = step;
@@ -223,11 +200,7 @@ impl Optimizer {
 /// Scales all gradients so their global L2 norm is at most `max_norm` (0 = no clipping).
 /// Returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f32) -> f32 {
-    let norm = grads
-        .iter()
-        .map(|g| elementwise::sum_sq(g))
-        .sum::<f64>()
-        .sqrt() as f32;
+    let norm = grads.iter().map(|g| elementwise::sum_sq(g)).sum::<f64>().sqrt() as f32;
     if max_norm > 0.0 && norm > max_norm {
         let s = max_norm / (norm + 1e-6);
         for g in grads.iter_mut() {

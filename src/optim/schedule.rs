@@ -3,13 +3,7 @@
 /// Multiplier for optimizer step `step` (0-based) of `total`:
 /// rises linearly to 1 over the first warmup_ratio·total steps, stays at 1,
 /// then falls linearly to `final_frac` over the last warmdown_ratio·total steps.
-pub fn lr_multiplier(
-    step: u64,
-    total: u64,
-    warmup_ratio: f32,
-    warmdown_ratio: f32,
-    final_frac: f32,
-) -> f32 {
+pub fn lr_multiplier(step: u64, total: u64, warmup_ratio: f32, warmdown_ratio: f32, final_frac: f32) -> f32 {
     let warmup = (warmup_ratio as f64 * total as f64).round() as u64;
     let warmdown = (warmdown_ratio as f64 * total as f64).round() as u64;
     if step < warmup {

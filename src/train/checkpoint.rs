@@ -45,68 +45,35 @@ pub fn list_steps(run_dir: &Path) -> Vec<u64> {
     steps
 }
 
-fn safetensors_bytes(
-    tensors: &[(String, Tensor)],
-    metadata: Option<HashMap<String, String>>,
-) -> Result<Vec<u8>> {
+fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
     let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, t)| t.to_le_bytes()).collect();
     let views = tensors
         .iter()
         .zip(&bytes)
-        .map(|((name, t), b)| {
-            Ok((
-                name.clone(),
-                TensorView::new(Dtype::F32, t.shape.clone(), b)?,
-            ))
-        })
+        .map(|((name, t), b)| Ok((name.clone(), TensorView::new(Dtype::F32, t.shape.clone(), b)?)))
         .collect::<Result<Vec<_>>>()?;
     Ok(safetensors::serialize(views, metadata)?)
 }
 
 /// Writes the checkpoint for `state.step` and keeps only the newest `keep` (0 = keep all).
-pub fn save(
-    run_dir: &Path,
-    model: &Model,
-    opt: &Optimizer,
-    state: &CheckpointState,
-    keep: usize,
-) -> Result<PathBuf> {
+pub fn save(run_dir: &Path, model: &Model, opt: &Optimizer, state: &CheckpointState, keep: usize) -> Result<PathBuf> {
     let final_dir = checkpoint_dir(run_dir, state.step);
     let parent = final_dir.parent().unwrap();
     fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let tmp = parent.join(format!(
-        ".tmp-step_{:06}-{}",
-        state.step,
-        std::process::id()
-    ));
+    let tmp = parent.join(format!(".tmp-step_{:06}-{}", state.step, std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     let result = (|| -> Result<()> {
         fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        let weights: Vec<(String, Tensor)> = model
-            .params
-            .iter()
-            .map(|p| (p.name.clone(), p.tensor.clone()))
-            .collect();
+        let weights: Vec<(String, Tensor)> = model.params.iter().map(|p| (p.name.clone(), p.tensor.clone())).collect();
         // One metadata key: safetensors writes a HashMap in arbitrary order, and one key keeps files byte-reproducible.
         let meta = HashMap::from([("config".to_string(), serde_json::to_string(&model.config)?)]);
-        write_atomic(
-            &tmp.join("model.safetensors"),
-            &safetensors_bytes(&weights, Some(meta))?,
-        )?;
-        write_atomic(
-            &tmp.join("optim.safetensors"),
-            &safetensors_bytes(&opt.state_tensors(model), None)?,
-        )?;
-        write_atomic(
-            &tmp.join("state.json"),
-            serde_json::to_string_pretty(state)?.as_bytes(),
-        )?;
+        write_atomic(&tmp.join("model.safetensors"), &safetensors_bytes(&weights, Some(meta))?)?;
+        write_atomic(&tmp.join("optim.safetensors"), &safetensors_bytes(&opt.state_tensors(model), None)?)?;
+        write_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
         if final_dir.exists() {
-            fs::remove_dir_all(&final_dir)
-                .with_context(|| format!("cannot replace {}", final_dir.display()))?;
+            fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
         }
-        fs::rename(&tmp, &final_dir)
-            .with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))?;
+        fs::rename(&tmp, &final_dir).with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))?;
         sync_dir(parent)
     })();
     if let Err(e) = result {
@@ -132,12 +99,8 @@ struct TensorFile {
 impl TensorFile {
     fn read(path: &Path) -> Result<TensorFile> {
         let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        SafeTensors::deserialize(&bytes)
-            .map_err(|e| anyhow!("corrupt checkpoint file {}: {e}", path.display()))?;
-        Ok(TensorFile {
-            path: path.to_path_buf(),
-            bytes,
-        })
+        SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("corrupt checkpoint file {}: {e}", path.display()))?;
+        Ok(TensorFile { path: path.to_path_buf(), bytes })
     }
 
     fn parsed(&self) -> SafeTensors<'_> {
@@ -145,26 +108,16 @@ impl TensorFile {
     }
 
     fn metadata(&self) -> Option<HashMap<String, String>> {
-        SafeTensors::read_metadata(&self.bytes)
-            .ok()
-            .and_then(|(_, m)| m.metadata().clone())
+        SafeTensors::read_metadata(&self.bytes).ok().and_then(|(_, m)| m.metadata().clone())
     }
 
     /// The F32 tensor `name`, which must have exactly `shape`.
     fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let st = self.parsed();
-        let view = st.tensor(name).map_err(|_| {
-            anyhow!(
-                "checkpoint file {} has no tensor '{name}'",
-                self.path.display()
-            )
-        })?;
+        let view =
+            st.tensor(name).map_err(|_| anyhow!("checkpoint file {} has no tensor '{name}'", self.path.display()))?;
         if view.dtype() != Dtype::F32 {
-            bail!(
-                "checkpoint tensor '{name}' in {} has dtype {:?}; expected F32",
-                self.path.display(),
-                view.dtype()
-            );
+            bail!("checkpoint tensor '{name}' in {} has dtype {:?}; expected F32", self.path.display(), view.dtype());
         }
         if view.shape() != shape {
             bail!(
@@ -181,14 +134,10 @@ impl TensorFile {
 pub fn read_config(ckpt_dir: &Path) -> Result<ModelConfig> {
     let file = TensorFile::read(&ckpt_dir.join("model.safetensors"))?;
     let meta = file.metadata().unwrap_or_default();
-    let text = meta.get("config").ok_or_else(|| {
-        anyhow!(
-            "{} has no model config in its metadata",
-            file.path.display()
-        )
-    })?;
-    let cfg: ModelConfig = serde_json::from_str(text)
-        .with_context(|| format!("{}: bad model config in metadata", file.path.display()))?;
+    let text =
+        meta.get("config").ok_or_else(|| anyhow!("{} has no model config in its metadata", file.path.display()))?;
+    let cfg: ModelConfig =
+        serde_json::from_str(text).with_context(|| format!("{}: bad model config in metadata", file.path.display()))?;
     cfg.validate()?;
     Ok(cfg)
 }
@@ -198,25 +147,11 @@ pub fn load_model(ckpt_dir: &Path, config: &ModelConfig) -> Result<Model> {
     let file = TensorFile::read(&ckpt_dir.join("model.safetensors"))?;
     let params = Model::expected_shapes(config)
         .into_iter()
-        .map(|(name, kind, shape)| {
-            Ok(Param {
-                tensor: Tensor::from_vec(&shape, file.get(&name, &shape)?),
-                name,
-                kind,
-            })
-        })
+        .map(|(name, kind, shape)| Ok(Param { tensor: Tensor::from_vec(&shape, file.get(&name, &shape)?), name, kind }))
         .collect::<Result<Vec<_>>>()?;
     let model = Model::from_params(config.clone(), params);
-    if let Some(p) = model
-        .params
-        .iter()
-        .find(|p| p.tensor.data.iter().any(|v| !v.is_finite()))
-    {
-        bail!(
-            "checkpoint {} holds non-finite values in '{}'",
-            ckpt_dir.display(),
-            p.name
-        );
+    if let Some(p) = model.params.iter().find(|p| p.tensor.data.iter().any(|v| !v.is_finite())) {
+        bail!("checkpoint {} holds non-finite values in '{}'", ckpt_dir.display(), p.name);
     }
     Ok(model)
 }
@@ -231,10 +166,9 @@ pub fn load(
         bail!("no checkpoint at {}", ckpt_dir.display());
     }
     let state_path = ckpt_dir.join("state.json");
-    let text = fs::read_to_string(&state_path)
-        .with_context(|| format!("cannot read {}", state_path.display()))?;
-    let state: CheckpointState = serde_json::from_str(&text)
-        .map_err(|e| anyhow!("corrupt checkpoint file {}: {e}", state_path.display()))?;
+    let text = fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?;
+    let state: CheckpointState =
+        serde_json::from_str(&text).map_err(|e| anyhow!("corrupt checkpoint file {}: {e}", state_path.display()))?;
     if state.format_version != FORMAT_VERSION {
         bail!(
             "checkpoint {} has format version {}; this build reads {FORMAT_VERSION}",

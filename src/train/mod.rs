@@ -119,14 +119,9 @@ pub fn open_data(
         None => {
             let lang = SyntheticLanguage::new();
             let v = lang.vocab_size();
-            let tr = TokenSource::Memory {
-                tokens: lang.stream(EMBEDDED_TRAIN_SEED, EMBEDDED_TRAIN_TOKENS),
-                vocab_size: v,
-            };
-            let va = TokenSource::Memory {
-                tokens: lang.stream(EMBEDDED_VAL_SEED, EMBEDDED_VAL_TOKENS),
-                vocab_size: v,
-            };
+            let tr =
+                TokenSource::Memory { tokens: lang.stream(EMBEDDED_TRAIN_SEED, EMBEDDED_TRAIN_TOKENS), vocab_size: v };
+            let va = TokenSource::Memory { tokens: lang.stream(EMBEDDED_VAL_SEED, EMBEDDED_VAL_TOKENS), vocab_size: v };
             (tr, va, Some(lang))
         }
         Some(path) => {
@@ -134,7 +129,12 @@ pub fn open_data(
             let shard = TokenShard::open(path)?;
             let hold = (shard.len / 20).max(model.max_seq_len + 1);
             if shard.len < hold + model.max_seq_len + 1 {
-                bail!("token shard {} has {} tokens: too few for max_seq_len {} plus a validation split", path.display(), shard.len, model.max_seq_len);
+                bail!(
+                    "token shard {} has {} tokens: too few for max_seq_len {} plus a validation split",
+                    path.display(),
+                    shard.len,
+                    model.max_seq_len
+                );
             }
             // Scan once so a bad id is reported now, naming where it is, not mid-run.
             if let Some((pos, id)) = (0..shard.len)
@@ -162,10 +162,7 @@ fn rank_and_world() -> Result<(usize, usize)> {
     let get = |k: &str| {
         std::env::var(k)
             .ok()
-            .map(|v| {
-                v.parse::<usize>()
-                    .with_context(|| format!("{k}={v} is not a number"))
-            })
+            .map(|v| v.parse::<usize>().with_context(|| format!("{k}={v} is not a number")))
             .transpose()
     };
     let world = get("WORLD_SIZE")?.unwrap_or(1);
@@ -185,14 +182,7 @@ pub fn evaluate(model: &Model, val: &Loader, batches: usize) -> Result<f32> {
         };
         let mut tape = Tape::new();
         let pv = model.params_on(&mut tape);
-        let loss = model.loss(
-            &mut tape,
-            &pv,
-            &batch.ids,
-            &batch.targets,
-            val.batch,
-            val.seq_len,
-        )?;
+        let loss = model.loss(&mut tape, &pv, &batch.ids, &batch.targets, val.batch, val.seq_len)?;
         total += tape.value(loss)[0] as f64;
         n += 1;
     }
@@ -205,39 +195,21 @@ pub fn evaluate(model: &Model, val: &Loader, batches: usize) -> Result<f32> {
 pub fn write_plot(run_dir: &Path) -> Result<()> {
     let records = metrics::read(&run_dir.join("metrics.jsonl"))?;
     let series = vec![
-        plot::Series {
-            name: "train loss".into(),
-            points: metrics::series(&records, "loss"),
-        },
-        plot::Series {
-            name: "val loss".into(),
-            points: metrics::series(&records, "val_loss"),
-        },
+        plot::Series { name: "train loss".into(), points: metrics::series(&records, "loss") },
+        plot::Series { name: "val loss".into(), points: metrics::series(&records, "val_loss") },
     ];
-    let svg = plot::line_chart_svg(
-        "nanoseek training loss",
-        "step",
-        "loss (nats/token)",
-        &series,
-        false,
-    );
+    let svg = plot::line_chart_svg("nanoseek training loss", "step", "loss (nats/token)", &series, false);
     write_atomic(&run_dir.join("loss.svg"), svg.as_bytes())
 }
 
 /// Runs (or resumes) training as requested. Everything is validated before the
 /// run directory is created, so bad input leaves no files behind.
 pub fn train(req: TrainRequest) -> Result<TrainSummary> {
-    let RunConfig {
-        model: mcfg,
-        train: ts,
-    } = &req.run;
+    let RunConfig { model: mcfg, train: ts } = &req.run;
     mcfg.validate()?;
     ts.optim.validate()?;
     if req.device != Device::Cpu {
-        bail!(
-            "device {}: only the CPU training path exists in this build",
-            req.device
-        );
+        bail!("device {}: only the CPU training path exists in this build", req.device);
     }
     let (rank, world) = rank_and_world()?;
     let seq = mcfg.max_seq_len;
@@ -246,14 +218,7 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         bail!("num_iterations must be positive");
     }
     let (train_src, val_src, lang) = open_data(ts, mcfg)?;
-    let mut loader = Loader::new(
-        train_src,
-        ts.device_batch_size,
-        seq,
-        rank,
-        world,
-        Rng::derive(ts.seed, "data"),
-    )?;
+    let mut loader = Loader::new(train_src, ts.device_batch_size, seq, rank, world, Rng::derive(ts.seed, "data"))?;
     let val = Loader::new(val_src, ts.device_batch_size, seq, rank, world, Rng::new(0))?;
 
     let (mut model, mut opt, start) = match req.resume_from_step {
@@ -261,18 +226,17 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
             let dir = checkpoint::checkpoint_dir(&req.run_dir, step);
             let (model, opt, state) = checkpoint::load(&dir, mcfg, ts.optim.clone())?;
             if state.step >= ts.num_iterations {
-                bail!(
-                    "checkpoint step {} is already at or past num_iterations {}",
-                    state.step,
-                    ts.num_iterations
-                );
+                bail!("checkpoint step {} is already at or past num_iterations {}", state.step, ts.num_iterations);
             }
             loader.rng = state.loader_rng;
             (model, opt, state.step)
         }
         None => {
             if req.run_dir.join("checkpoints").exists() {
-                bail!("run directory {} already holds checkpoints; resume with --resume-from-step or pick another --run", req.run_dir.display());
+                bail!(
+                    "run directory {} already holds checkpoints; resume with --resume-from-step or pick another --run",
+                    req.run_dir.display()
+                );
             }
             let model = Model::new(mcfg, ts.seed)?;
             let opt = Optimizer::new(&model, ts.optim.clone());
@@ -282,23 +246,14 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
 
     std::fs::create_dir_all(&req.run_dir)
         .with_context(|| format!("cannot create run directory {}", req.run_dir.display()))?;
-    write_atomic(
-        &req.run_dir.join("config.json"),
-        serde_json::to_string_pretty(&req.run)?.as_bytes(),
-    )?;
+    write_atomic(&req.run_dir.join("config.json"), serde_json::to_string_pretty(&req.run)?.as_bytes())?;
     let mut log = metrics::MetricsLog::open(&req.run_dir.join("metrics.jsonl"), Some(start))?;
 
     let total = ts.num_iterations;
-    let pb = if req.verbose {
-        ProgressBar::new(total)
-    } else {
-        ProgressBar::hidden()
-    };
+    let pb = if req.verbose { ProgressBar::new(total) } else { ProgressBar::hidden() };
     pb.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} {msg} ETA {eta}",
-        )
-        .unwrap(),
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} {msg} ETA {eta}")
+            .unwrap(),
     );
     pb.set_position(start);
     let say = |s: String| {
@@ -326,31 +281,19 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     let log_every = (total / 10).max(1);
     let mut losses = Vec::new();
     let mut val_loss = None;
-    let mut last_ckpt = checkpoint::list_steps(&req.run_dir)
-        .last()
-        .map(|&s| checkpoint::checkpoint_dir(&req.run_dir, s));
+    let mut last_ckpt =
+        checkpoint::list_steps(&req.run_dir).last().map(|&s| checkpoint::checkpoint_dir(&req.run_dir, s));
     let t0 = Instant::now();
     let mut tokens_done = 0usize;
     for step in start..total {
         let ts_step = Instant::now();
-        let mut grads: Vec<Vec<f32>> = model
-            .params
-            .iter()
-            .map(|p| vec![0.0; p.tensor.numel()])
-            .collect();
+        let mut grads: Vec<Vec<f32>> = model.params.iter().map(|p| vec![0.0; p.tensor.numel()]).collect();
         let mut loss_sum = 0.0f64;
         for micro in 0..accum {
             let batch = loader.next_batch();
             let mut tape = Tape::new();
             let pv = model.params_on(&mut tape);
-            let loss = model.loss(
-                &mut tape,
-                &pv,
-                &batch.ids,
-                &batch.targets,
-                ts.device_batch_size,
-                seq,
-            )?;
+            let loss = model.loss(&mut tape, &pv, &batch.ids, &batch.targets, ts.device_batch_size, seq)?;
             let lv = tape.value(loss)[0];
             if !lv.is_finite() {
                 bail!(
@@ -370,18 +313,9 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         // Data parallelism would all-reduce `grads` here (the one place they are complete).
         let grad_norm = clip_grad_norm(&mut grads, ts.optim.grad_clip);
         if !grad_norm.is_finite() {
-            bail!(
-                "gradient norm became {grad_norm} at step {}; nothing was saved for this step",
-                step + 1
-            );
+            bail!("gradient norm became {grad_norm} at step {}; nothing was saved for this step", step + 1);
         }
-        let lr = lr_multiplier(
-            step,
-            total,
-            ts.optim.warmup_ratio,
-            ts.optim.warmdown_ratio,
-            ts.optim.final_lr_frac,
-        );
+        let lr = lr_multiplier(step, total, ts.optim.warmup_ratio, ts.optim.warmdown_ratio, ts.optim.final_lr_frac);
         opt.update(&mut model, &grads, lr);
         let done = step + 1;
         let loss = (loss_sum / accum as f64) as f32;
@@ -408,13 +342,7 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
                 step: done,
                 loader_rng: loader.rng.clone(),
             };
-            last_ckpt = Some(checkpoint::save(
-                &req.run_dir,
-                &model,
-                &opt,
-                &state,
-                ts.keep_checkpoints,
-            )?);
+            last_ckpt = Some(checkpoint::save(&req.run_dir, &model, &opt, &state, ts.keep_checkpoints)?);
             write_plot(&req.run_dir)?;
         }
     }
@@ -424,13 +352,8 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     let sample = match (req.sample_tokens, &lang) {
         (0, _) => None,
         (n, lang) => {
-            let opts = SampleOptions {
-                max_new_tokens: n,
-                temperature: 0.8,
-                top_k: 40,
-                stop_token: Some(EOT),
-                seed: ts.seed,
-            };
+            let opts =
+                SampleOptions { max_new_tokens: n, temperature: 0.8, top_k: 40, stop_token: Some(EOT), seed: ts.seed };
             let out = generate(&model, &[BOS], &opts)?;
             Some(match lang {
                 Some(l) => l.decode(&out),

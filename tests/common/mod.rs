@@ -20,25 +20,13 @@ pub const ATOL: f64 = 2e-3;
 /// Checks d(objective)/d(inputs[i]) at up to `samples` coordinates of each input.
 /// `build` puts the computation on a tape from the input leaves and returns a
 /// non-scalar output; the objective is Σ out ∘ w for a fixed random w, evaluated in f64.
-pub fn check_gradients(
-    name: &str,
-    inputs: &[Tensor],
-    samples: usize,
-    build: &dyn Fn(&mut Tape, &[Var]) -> Var,
-) {
+pub fn check_gradients(name: &str, inputs: &[Tensor], samples: usize, build: &dyn Fn(&mut Tape, &[Var]) -> Var) {
     let probe = |inputs: &[Tensor]| -> (f64, usize) {
         let mut tape = Tape::new();
         let vars: Vec<Var> = inputs.iter().map(|t| tape.leaf(t.clone())).collect();
         let out = build(&mut tape, &vars);
         let w = randn(&[tape.value(out).len()], 999);
-        (
-            tape.value(out)
-                .iter()
-                .zip(&w.data)
-                .map(|(&a, &b)| a as f64 * b as f64)
-                .sum(),
-            tape.value(out).len(),
-        )
+        (tape.value(out).iter().zip(&w.data).map(|(&a, &b)| a as f64 * b as f64).sum(), tape.value(out).len())
     };
     // analytic gradients
     let mut tape = Tape::new();
@@ -50,10 +38,7 @@ pub fn check_gradients(
     let mut rng = Rng::new(5);
     let mut worst = 0.0f64;
     for (i, x) in inputs.iter().enumerate() {
-        let g = tape
-            .grad(vars[i])
-            .unwrap_or_else(|| panic!("{name}: input {i} got no gradient"))
-            .to_vec();
+        let g = tape.grad(vars[i]).unwrap_or_else(|| panic!("{name}: input {i} got no gradient")).to_vec();
         let coords: Vec<usize> = if x.numel() <= samples {
             (0..x.numel()).collect()
         } else {
@@ -69,10 +54,7 @@ pub fn check_gradients(
             let err = (an - fd).abs();
             let bound = RTOL * an.abs().max(fd.abs()) + ATOL;
             worst = worst.max(err / bound);
-            assert!(
-                err <= bound,
-                "{name}: input {i} coord {j}: analytic {an:.6} vs finite difference {fd:.6}"
-            );
+            assert!(err <= bound, "{name}: input {i} coord {j}: analytic {an:.6} vs finite difference {fd:.6}");
         }
     }
     println!("{name}: gradients match finite differences (worst error / bound = {worst:.3})");

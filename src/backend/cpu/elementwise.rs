@@ -6,10 +6,7 @@ const CHUNK: usize = 1 << 14;
 
 /// out = a + b.
 pub fn add(a: &[f32], b: &[f32], out: &mut [f32]) {
-    assert!(
-        a.len() == b.len() && a.len() == out.len(),
-        "add: length mismatch"
-    );
+    assert!(a.len() == b.len() && a.len() == out.len(), "add: length mismatch");
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
         let s = c * CHUNK;
         for (i, y) in o.iter_mut().enumerate() {
@@ -21,26 +18,20 @@ pub fn add(a: &[f32], b: &[f32], out: &mut [f32]) {
 /// acc += x.
 pub fn accumulate(acc: &mut [f32], x: &[f32]) {
     assert_eq!(acc.len(), x.len(), "accumulate: length mismatch");
-    acc.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(a, b)| {
-            for (y, v) in a.iter_mut().zip(b) {
-                *y += v;
-            }
-        });
+    acc.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(a, b)| {
+        for (y, v) in a.iter_mut().zip(b) {
+            *y += v;
+        }
+    });
 }
 
 /// x *= s.
 pub fn scale(x: &mut [f32], s: f32) {
-    x.par_chunks_mut(CHUNK)
-        .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+    x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
 }
 
 /// Σ x² in f64, deterministic (fixed chunking, chunk sums added in order).
 pub fn sum_sq(x: &[f32]) -> f64 {
-    let partial: Vec<f64> = x
-        .par_chunks(CHUNK)
-        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum())
-        .collect();
+    let partial: Vec<f64> = x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum()).collect();
     partial.iter().sum()
 }

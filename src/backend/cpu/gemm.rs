@@ -3,6 +3,7 @@
 //! Backed by the `gemm` crate (AVX-512 kernels with the `x86-v4` feature,
 //! picked at run time). Parallel over output tiles; the reduction over k is
 //! sequential within a tile, so results do not depend on scheduling.
+//! Called from inside a rayon task, a GEMM runs on that task's thread.
 
 use gemm::Parallelism;
 
@@ -48,11 +49,10 @@ pub fn gemm(
         Layout::T => (1, k as isize),
     };
     let flops = 2.0 * m as f64 * n as f64 * k as f64;
-    let par = if flops < 4.0e6 {
-        Parallelism::None
-    } else {
-        Parallelism::Rayon(0)
-    };
+    // Small products, and products requested from inside a rayon task (which is
+    // already one of several parallel jobs), run on the calling thread.
+    let nested = rayon::current_thread_index().is_some();
+    let par = if flops < 4.0e6 || nested { Parallelism::None } else { Parallelism::Rayon(0) };
     // SAFETY: the lengths were checked above and the strides address only inside each slice.
     unsafe {
         gemm::gemm(
@@ -139,10 +139,7 @@ mod tests {
                         // f32 accumulation of k products of unit normals: error ~ sqrt(k)·2^-24·|terms|.
                         let tol = 1e-5 * (k as f32).sqrt() * 4.0;
                         for (x, y) in c1.iter().zip(&c2) {
-                            assert!(
-                                (x - y).abs() <= tol * (1.0 + y.abs()),
-                                "{m}x{n}x{k} {la:?}{lb:?}: {x} vs {y}"
-                            );
+                            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{m}x{n}x{k} {la:?}{lb:?}: {x} vs {y}");
                         }
                     }
                 }

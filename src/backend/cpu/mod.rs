@@ -8,6 +8,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod gemm;
 pub mod loss;
+pub mod math;
 pub mod norm;
 pub mod optim;
 pub mod rope;

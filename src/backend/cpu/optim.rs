@@ -18,20 +18,14 @@ pub struct AdamWStep {
 
 /// Decoupled AdamW: p ← p(1 − lr·wd) − lr · m̂ / (√v̂ + eps).
 pub fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: AdamWStep) {
-    assert!(
-        p.len() == g.len() && m.len() == g.len() && v.len() == g.len(),
-        "adamw_update: length mismatch"
-    );
+    assert!(p.len() == g.len() && m.len() == g.len() && v.len() == g.len(), "adamw_update: length mismatch");
     let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
     let bc2 = 1.0 - (h.beta2 as f64).powi(h.step as i32);
     let step_size = (h.lr as f64 / bc1) as f32;
     let bc2_sqrt = bc2.sqrt() as f32;
     let decay = 1.0 - h.lr * h.weight_decay;
-    p.par_chunks_mut(CHUNK)
-        .zip(m.par_chunks_mut(CHUNK))
-        .zip(v.par_chunks_mut(CHUNK))
-        .enumerate()
-        .for_each(|(c, ((pc, mc), vc))| {
+    p.par_chunks_mut(CHUNK).zip(m.par_chunks_mut(CHUNK)).zip(v.par_chunks_mut(CHUNK)).enumerate().for_each(
+        |(c, ((pc, mc), vc))| {
             let gc = &g[c * CHUNK..c * CHUNK + pc.len()];
             for i in 0..pc.len() {
                 let gi = gc[i];
@@ -40,7 +34,8 @@ pub fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: A
                 let denom = vc[i].sqrt() / bc2_sqrt + h.eps;
                 pc[i] = pc[i] * decay - step_size * mc[i] / denom;
             }
-        });
+        },
+    );
 }
 
 /// Quintic Newton–Schulz coefficients (Keller Jordan's Muon): they push every
@@ -51,17 +46,9 @@ const NS_COEFFS: (f32, f32, f32) = (3.4445, -4.7750, 2.0315);
 /// X₀ = G/‖G‖_F, then `steps` times X ← aX + (bA + cA²)X with A = XXᵀ, working
 /// on the wide orientation (rows ≤ cols) so A is the smaller Gram matrix.
 pub fn newton_schulz(g: &[f32], rows: usize, cols: usize, steps: usize) -> Vec<f32> {
-    assert_eq!(
-        g.len(),
-        rows * cols,
-        "newton_schulz: G must be [rows, cols]"
-    );
+    assert_eq!(g.len(), rows * cols, "newton_schulz: G must be [rows, cols]");
     let transpose = rows > cols;
-    let (r, c) = if transpose {
-        (cols, rows)
-    } else {
-        (rows, cols)
-    };
+    let (r, c) = if transpose { (cols, rows) } else { (rows, cols) };
     let norm = (super::elementwise::sum_sq(g).sqrt() as f32) + 1e-7;
     let mut x: Vec<f32> = if transpose {
         let mut t = vec![0.0; g.len()];
@@ -80,17 +67,7 @@ pub fn newton_schulz(g: &[f32], rows: usize, cols: usize, steps: usize) -> Vec<f
     let mut next = vec![0.0f32; r * c];
     for _ in 0..steps {
         gemm(r, r, c, &x, Layout::N, &x, Layout::T, &mut gram, false); // A = X Xᵀ
-        gemm(
-            r,
-            r,
-            r,
-            &gram,
-            Layout::N,
-            &gram,
-            Layout::N,
-            &mut poly,
-            false,
-        ); // A²
+        gemm(r, r, r, &gram, Layout::N, &gram, Layout::N, &mut poly, false); // A²
         for (p, g) in poly.iter_mut().zip(&gram) {
             *p = b * g + cc * *p; // B = bA + cA²
         }
@@ -145,19 +122,9 @@ mod tests {
         let mut p = vec![1.0f32, -1.0];
         let g = [0.5f32, -2.0];
         let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
-        let h = AdamWStep {
-            lr: 0.1,
-            beta1: 0.9,
-            beta2: 0.99,
-            eps: 1e-10,
-            weight_decay: 0.0,
-            step: 1,
-        };
+        let h = AdamWStep { lr: 0.1, beta1: 0.9, beta2: 0.99, eps: 1e-10, weight_decay: 0.0, step: 1 };
         adamw_update(&mut p, &g, &mut m, &mut v, h);
         // first bias-corrected step is lr·sign(g)
-        assert!(
-            (p[0] - 0.9).abs() < 1e-6 && (p[1] + 0.9).abs() < 1e-6,
-            "{p:?}"
-        );
+        assert!((p[0] - 0.9).abs() < 1e-6 && (p[1] + 0.9).abs() < 1e-6, "{p:?}");
     }
 }

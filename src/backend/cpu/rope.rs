@@ -20,10 +20,7 @@ pub struct RopeTable {
 
 impl RopeTable {
     pub fn new(head_dim: usize, max_t: usize, theta: f64) -> RopeTable {
-        assert!(
-            head_dim % 2 == 0,
-            "rope: head_dim must be even, got {head_dim}"
-        );
+        assert!(head_dim % 2 == 0, "rope: head_dim must be even, got {head_dim}");
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(max_t * half);
         let mut sin = Vec::with_capacity(max_t * half);
@@ -34,37 +31,17 @@ impl RopeTable {
                 sin.push(angle.sin() as f32);
             }
         }
-        RopeTable {
-            head_dim,
-            max_t,
-            cos,
-            sin,
-        }
+        RopeTable { head_dim, max_t, cos, sin }
     }
 }
 
 /// x, y: [b, t, h, d] with positions 0..t in each batch row. `inverse` applies the backward rotation.
 #[allow(clippy::too_many_arguments)]
-fn rotate(
-    table: &RopeTable,
-    x: &[f32],
-    b: usize,
-    t: usize,
-    h: usize,
-    y: &mut [f32],
-    inverse: bool,
-) {
+fn rotate(table: &RopeTable, x: &[f32], b: usize, t: usize, h: usize, y: &mut [f32], inverse: bool) {
     let d = table.head_dim;
     let half = d / 2;
-    assert!(
-        t <= table.max_t,
-        "rope: sequence length {t} exceeds the table's {}",
-        table.max_t
-    );
-    assert!(
-        x.len() == b * t * h * d && y.len() == x.len(),
-        "rope: x and y must be [b, t, h, d]"
-    );
+    assert!(t <= table.max_t, "rope: sequence length {t} exceeds the table's {}", table.max_t);
+    assert!(x.len() == b * t * h * d && y.len() == x.len(), "rope: x and y must be [b, t, h, d]");
     let sign = if inverse { -1.0 } else { 1.0 };
     let row = h * d; // one token
     let rpt = rows_per_task(row);
@@ -72,10 +49,7 @@ fn rotate(
         for (r, yt) in yc.chunks_exact_mut(row).enumerate() {
             let tok = c * rpt + r;
             let pos = tok % t;
-            let (cs, sn) = (
-                &table.cos[pos * half..(pos + 1) * half],
-                &table.sin[pos * half..(pos + 1) * half],
-            );
+            let (cs, sn) = (&table.cos[pos * half..(pos + 1) * half], &table.sin[pos * half..(pos + 1) * half]);
             let xt = &x[tok * row..(tok + 1) * row];
             for (xh, yh) in xt.chunks_exact(d).zip(yt.chunks_exact_mut(d)) {
                 let (x1, x2) = xh.split_at(half);

@@ -10,10 +10,8 @@ pub fn probe_devices() -> Result<usize, String> {
         return Err("no CUDA driver (libcuda) found".into());
     }
     let count = std::panic::catch_unwind(|| {
-        cudarc::driver::result::init()
-            .map_err(|e| format!("CUDA driver failed to initialize: {e:?}"))?;
-        cudarc::driver::result::device::get_count()
-            .map_err(|e| format!("cuDeviceGetCount failed: {e:?}"))
+        cudarc::driver::result::init().map_err(|e| format!("CUDA driver failed to initialize: {e:?}"))?;
+        cudarc::driver::result::device::get_count().map_err(|e| format!("cuDeviceGetCount failed: {e:?}"))
     })
     .map_err(|_| "the CUDA driver library could not be loaded".to_string())??;
     if count <= 0 {
@@ -21,3 +19,6 @@ pub fn probe_devices() -> Result<usize, String> {
     }
     Ok(count as usize)
 }
+
+// The PTX committed in `ptx/`, embedded by build.rs (empty until the CUDA kernels land).
+include!(concat!(env!("OUT_DIR"), "/embedded_ptx.rs"));
