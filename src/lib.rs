@@ -8,6 +8,7 @@ pub mod autograd;
 pub mod backend;
 pub mod data;
 pub mod device;
+pub mod eval;
 pub mod fsutil;
 pub mod generate;
 pub mod info;

@@ -21,6 +21,27 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Print exact parameter counts per component for a model size or config.
     Info(ModelArgs),
+    /// Loss and perplexity of a checkpoint on a token shard (default: the embedded validation text).
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A checkpoint directory (runs/NAME/checkpoints/step_NNNNNN).
+    #[arg(long)]
+    model_path: PathBuf,
+    /// A nanoseek token shard; default: the embedded synthetic validation stream.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Stop after the batch that brings the scored tokens to at least this many.
+    #[arg(long, default_value_t = 65536)]
+    eval_tokens: usize,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    output: Option<PathBuf>,
 }
 
 /// Which model: a preset, an optional config file on top, then single-field overrides.
@@ -32,25 +53,34 @@ struct ModelArgs {
     /// TOML or JSON file of model fields (may name its own `model_size`).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Vocabulary size (every token id must be below it).
     #[arg(long)]
     vocab_size: Option<usize>,
+    /// Transformer blocks.
     #[arg(long)]
     n_layer: Option<usize>,
+    /// Model width.
     #[arg(long)]
     n_embd: Option<usize>,
+    /// Query heads.
     #[arg(long)]
     n_head: Option<usize>,
+    /// Key/value heads (grouped-query attention; divides n_head).
     #[arg(long)]
     n_kv_head: Option<usize>,
+    /// Width of one head (default n_embd / n_head, or 128 when that does not divide).
     #[arg(long)]
     head_dim: Option<usize>,
+    /// SwiGLU hidden width (default 8/3·n_embd rounded up to a multiple of 64).
     #[arg(long)]
     ffn_hidden: Option<usize>,
     /// Training sequence length (also the model's context length).
     #[arg(long)]
     max_seq_len: Option<usize>,
+    /// RoPE base.
     #[arg(long)]
     rope_theta: Option<f64>,
+    /// Logits pass through cap·tanh(z/cap); 0 = off.
     #[arg(long)]
     logit_softcap: Option<f32>,
 }
@@ -103,6 +133,7 @@ struct TrainArgs {
     /// A token shard (nanoseek format) to train on; default: the embedded synthetic language.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Seed for initialization and data order (default 42).
     #[arg(long)]
     seed: Option<u64>,
     /// Checkpoint every N steps (0 = only at the end).
@@ -114,16 +145,22 @@ struct TrainArgs {
     /// Checkpoints to keep (0 = all).
     #[arg(long)]
     keep_checkpoints: Option<usize>,
+    /// AdamW learning rate of the token embedding (default 0.2).
     #[arg(long)]
     embedding_lr: Option<f32>,
+    /// AdamW learning rate of lm_head (default 0.004).
     #[arg(long)]
     unembedding_lr: Option<f32>,
+    /// Muon learning rate of the block matrices (default 0.02).
     #[arg(long)]
     matrix_lr: Option<f32>,
+    /// Decoupled weight decay (default 0).
     #[arg(long)]
     weight_decay: Option<f32>,
+    /// Fraction of steps with linear warmup (default 0.1).
     #[arg(long)]
     warmup_ratio: Option<f32>,
+    /// Fraction of final steps with linear decay to 0 (default 0.2).
     #[arg(long)]
     warmdown_ratio: Option<f32>,
     /// Global gradient-norm clip (0 = off).
@@ -232,6 +269,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => run_train(*a),
+        Command::Eval(e) => {
+            nanoseek::eval::run(&e.model_path, e.data.as_deref(), e.batch_size, e.eval_tokens, e.output.as_deref())
+                .map(|r| println!("{}", serde_json::to_string_pretty(&r).expect("serializable")))
+        }
         Command::Info(m) => m.resolve().map(|cfg| print!("{}", nanoseek::info::report(&m.model_size, &cfg))),
     };
     match result {

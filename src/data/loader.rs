@@ -118,6 +118,12 @@ impl Loader {
 }
 
 impl TokenSource {
+    /// All of a shard.
+    pub fn from_shard(shard: TokenShard) -> TokenSource {
+        let len = shard.len;
+        TokenSource::ShardRange { shard: std::sync::Arc::new(shard), start: 0, len }
+    }
+
     /// Splits a shard into (train, validation): the last `hold` tokens are validation.
     pub fn split_shard(shard: TokenShard, hold: usize) -> (TokenSource, TokenSource) {
         let shard = std::sync::Arc::new(shard);

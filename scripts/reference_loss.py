@@ -1,0 +1,311 @@
+#!/usr/bin/env python3
+"""Independent NumPy (float64) reference for the nanoseek dense model's loss.
+
+Written from docs/model.md alone (not from the Rust code), so that CI can check
+that the engine computes the model the page describes. See
+scripts/check-reference.sh for how it is used.
+
+Usage:
+    reference_loss.py CKPT_DIR SHARD [--eval-tokens N] [--batch-size B]
+        Mean next-token cross-entropy of the checkpoint on the shard, over the
+        same sequential windows as `nanoseek eval`; prints
+        {"loss": ..., "tokens": ...} as JSON.
+
+    reference_loss.py --write-shard OUT --vocab V --n N --seed S [--max-id M]
+        Write a token shard of N ids drawn from a deterministic Markov chain
+        over ids < M (default V), for testing.
+
+Token shard format (little-endian): magic b"NSEEKTOK" (8 bytes), version u32 = 1,
+token width u32 (2: uint16 ids, 4: uint32 ids), vocab size u64, token count u64,
+then the ids.
+"""
+
+import argparse
+import json
+import math
+import struct
+import sys
+
+import numpy as np
+
+MAGIC = b"NSEEKTOK"
+HEADER_LEN = 32
+RMS_EPS = 1e-6
+CONFIG_KEYS = {
+    "vocab_size",
+    "n_layer",
+    "n_embd",
+    "n_head",
+    "n_kv_head",
+    "head_dim",
+    "ffn_hidden",
+    "max_seq_len",
+    "rope_theta",
+    "logit_softcap",
+}
+
+
+def die(msg):
+    print(f"reference_loss.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------- token shards
+
+
+def read_shard(path):
+    with open(path, "rb") as f:
+        header = f.read(HEADER_LEN)
+        if len(header) < HEADER_LEN or header[:8] != MAGIC:
+            die(f"{path}: not a nanoseek token shard (bad magic)")
+        version, width, vocab, count = struct.unpack("<IIQQ", header[8:])
+        if version != 1:
+            die(f"{path}: unsupported shard version {version}")
+        dtype = {2: "<u2", 4: "<u4"}.get(width)
+        if dtype is None:
+            die(f"{path}: unsupported token width {width}")
+        tokens = np.fromfile(f, dtype=dtype, count=count)
+    if tokens.size != count:
+        die(f"{path}: header says {count} tokens, file holds {tokens.size}")
+    return tokens.astype(np.int64), vocab
+
+
+def write_shard(path, tokens, vocab):
+    tokens = np.asarray(tokens)
+    if tokens.size and int(tokens.max()) >= vocab:
+        die("token id >= vocab")
+    if vocab <= 65536:
+        width, data = 2, tokens.astype("<u2")
+    else:
+        width, data = 4, tokens.astype("<u4")
+    with open(path, "wb") as f:
+        f.write(MAGIC)
+        f.write(struct.pack("<IIQQ", 1, width, vocab, tokens.size))
+        f.write(data.tobytes())
+
+
+def markov_tokens(n, n_ids, seed):
+    """A deterministic, structured (far from uniform) token stream.
+
+    Each id has 4 fixed successors taken with probabilities 0.55/0.2/0.1/0.05;
+    with probability 0.1 the chain jumps to a Zipf-like (1/rank) random id.
+    """
+    rng = np.random.default_rng(seed)
+    succ = rng.integers(0, n_ids, size=(n_ids, 4))
+    zipf_p = 1.0 / np.arange(1, n_ids + 1)
+    zipf_p /= zipf_p.sum()
+    zipf_ids = rng.permutation(n_ids)
+    branch = rng.choice(5, size=n, p=[0.55, 0.2, 0.1, 0.05, 0.1])
+    jumps = zipf_ids[rng.choice(n_ids, size=n, p=zipf_p)]
+    out = np.empty(n, dtype=np.int64)
+    cur = int(jumps[0])
+    for i in range(n):
+        out[i] = cur
+        b = branch[i]
+        cur = int(jumps[i]) if b == 4 else int(succ[cur, b])
+    return out
+
+
+# ---------------------------------------------------------------- checkpoint
+
+
+def load_checkpoint(ckpt_dir):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    path = f"{ckpt_dir.rstrip('/')}/model.safetensors"
+    with safe_open(path, "np") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        die(f"{path}: no 'config' metadata")
+    cfg = json.loads(meta["config"])
+    unknown = set(cfg) - CONFIG_KEYS
+    missing = CONFIG_KEYS - set(cfg)
+    if unknown or missing:
+        # docs/model.md describes exactly these fields (the dense model); anything
+        # else would be architecture this reference does not know how to compute.
+        die(
+            f"config fields differ from docs/model.md: unknown {sorted(unknown)}, "
+            f"missing {sorted(missing)}"
+        )
+
+    raw = load_file(path)
+    V, C, L = cfg["vocab_size"], cfg["n_embd"], cfg["n_layer"]
+    H, Hkv, d, F = cfg["n_head"], cfg["n_kv_head"], cfg["head_dim"], cfg["ffn_hidden"]
+    expected = {"wte.weight": (V, C), "lm_head.weight": (V, C)}
+    for l in range(L):
+        p = f"blocks.{l}."
+        expected[p + "attn.c_q.weight"] = (H * d, C)
+        expected[p + "attn.c_k.weight"] = (Hkv * d, C)
+        expected[p + "attn.c_v.weight"] = (Hkv * d, C)
+        expected[p + "attn.c_proj.weight"] = (C, H * d)
+        expected[p + "mlp.w_gate.weight"] = (F, C)
+        expected[p + "mlp.w_up.weight"] = (F, C)
+        expected[p + "mlp.w_down.weight"] = (C, F)
+    if set(raw) != set(expected):
+        die(
+            f"tensor names differ from docs/model.md: extra {sorted(set(raw) - set(expected))}, "
+            f"missing {sorted(set(expected) - set(raw))}"
+        )
+    params = {}
+    for name, shape in expected.items():
+        t = raw[name]
+        if t.dtype != np.float32:
+            die(f"{name}: dtype {t.dtype}, expected float32")
+        if tuple(t.shape) != shape:
+            die(f"{name}: shape {tuple(t.shape)}, expected {shape}")
+        params[name] = t.astype(np.float64)
+    if H % Hkv != 0:
+        die(f"n_head {H} is not a multiple of n_kv_head {Hkv}")
+    if d % 2 != 0:
+        die(f"head_dim {d} is odd (RoPE needs pairs)")
+    return cfg, params
+
+
+# ---------------------------------------------------------------- model (float64)
+
+
+def rmsnorm(x):
+    """Parameter-free RMSNorm over the last axis: x / sqrt(mean(x²) + 1e-6)."""
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + RMS_EPS)
+
+
+def silu(u):
+    # u·σ(u), written with tanh so no exp overflows: σ(u) = (1 + tanh(u/2)) / 2.
+    return u * 0.5 * (1.0 + np.tanh(0.5 * u))
+
+
+def rope_tables(T, d, theta):
+    """cos/sin [T, d/2]: angles in f64, then cos/sin rounded to f32 (docs/model.md)."""
+    i = np.arange(d // 2, dtype=np.float64)
+    inv_freq = theta ** (-2.0 * i / d)
+    ang = np.arange(T, dtype=np.float64)[:, None] * inv_freq[None, :]
+    cos = np.cos(ang).astype(np.float32).astype(np.float64)
+    sin = np.sin(ang).astype(np.float32).astype(np.float64)
+    return cos, sin
+
+
+def rope(x, cos, sin):
+    """NeoX half-split RoPE on x [B, T, nh, d], position = index along T."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c = cos[None, :, None, :]
+    s = sin[None, :, None, :]
+    return np.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+
+
+def attention(q, k, v):
+    """Causal GQA softmax attention. q [B,T,H,d], k/v [B,T,Hkv,d] -> [B,T,H,d]."""
+    B, T, H, d = q.shape
+    group = H // k.shape[2]
+    # query head j uses kv head j // group
+    k = np.repeat(k, group, axis=2)
+    v = np.repeat(v, group, axis=2)
+    scores = np.einsum("bthd,bshd->bhts", q, k) / math.sqrt(d)
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)  # s > t
+    scores = np.where(future[None, None], -np.inf, scores)
+    scores -= scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores)
+    p /= p.sum(axis=-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", p, v)
+
+
+def forward_logits(cfg, P, ids):
+    """Capped logits ẑ [B, T, V] for ids [B, T]."""
+    B, T = ids.shape
+    H, Hkv, d = cfg["n_head"], cfg["n_kv_head"], cfg["head_dim"]
+    cos, sin = rope_tables(T, d, float(cfg["rope_theta"]))
+    x = rmsnorm(P["wte.weight"][ids])
+    for l in range(cfg["n_layer"]):
+        p = f"blocks.{l}."
+        h = rmsnorm(x)
+        q = (h @ P[p + "attn.c_q.weight"].T).reshape(B, T, H, d)
+        k = (h @ P[p + "attn.c_k.weight"].T).reshape(B, T, Hkv, d)
+        v = (h @ P[p + "attn.c_v.weight"].T).reshape(B, T, Hkv, d)
+        q = rope(rmsnorm(q), cos, sin)
+        k = rope(rmsnorm(k), cos, sin)
+        o = attention(q, k, v)
+        x = x + o.reshape(B, T, H * d) @ P[p + "attn.c_proj.weight"].T
+        h = rmsnorm(x)
+        g = silu(h @ P[p + "mlp.w_gate.weight"].T) * (h @ P[p + "mlp.w_up.weight"].T)
+        x = x + g @ P[p + "mlp.w_down.weight"].T
+    z = rmsnorm(x) @ P["lm_head.weight"].T
+    cap = float(cfg["logit_softcap"])
+    if cap > 0:
+        z = cap * np.tanh(z / cap)
+    return z
+
+
+def token_losses(cfg, P, ids, targets):
+    """Per-position cross-entropy [B, T] (positions with target < 0 -> NaN)."""
+    z = forward_logits(cfg, P, ids)
+    m = z.max(axis=-1, keepdims=True)
+    lse = m[..., 0] + np.log(np.exp(z - m).sum(axis=-1))
+    valid = targets >= 0
+    picked = np.take_along_axis(z, np.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return np.where(valid, lse - picked, np.nan)
+
+
+# ---------------------------------------------------------------- eval
+
+
+def evaluate(cfg, P, tokens, eval_tokens, batch):
+    """Mean loss over sequential windows, grouped as `nanoseek eval` does."""
+    T = cfg["max_seq_len"]
+    V = cfg["vocab_size"]
+    if tokens.size and int(tokens.max()) >= V:
+        die(f"shard holds id {int(tokens.max())} >= model vocab {V}")
+    n_windows = (tokens.size - 1) // T if tokens.size > 0 else 0  # i·T+T+1 ≤ n
+    n_groups = n_windows // batch
+    if n_groups == 0:
+        die(f"shard too short: {tokens.size} tokens, need {batch * T + 1} for one batch")
+    total, count = 0.0, 0
+    for g in range(n_groups):
+        w0 = g * batch
+        starts = (w0 + np.arange(batch)) * T
+        idx = starts[:, None] + np.arange(T)[None, :]
+        ids, targets = tokens[idx], tokens[idx + 1]
+        losses = token_losses(cfg, P, ids, targets)
+        valid = targets >= 0
+        total += float(losses[valid].sum())
+        count += int(valid.sum())
+        if count >= eval_tokens:
+            break
+    return total / count, count
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("ckpt", nargs="?", help="checkpoint directory (holds model.safetensors)")
+    ap.add_argument("shard", nargs="?", help="nanoseek token shard")
+    ap.add_argument("--eval-tokens", type=int, default=65536)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--write-shard", metavar="OUT", help="write a synthetic test shard instead")
+    ap.add_argument("--vocab", type=int, help="vocab size in the written shard's header")
+    ap.add_argument("--max-id", type=int, help="written ids are < this (default: --vocab)")
+    ap.add_argument("--n", type=int, help="tokens to write")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+
+    if a.write_shard:
+        if a.vocab is None or a.n is None:
+            ap.error("--write-shard needs --vocab and --n")
+        max_id = a.max_id if a.max_id is not None else a.vocab
+        if not 0 < max_id <= a.vocab:
+            ap.error("--max-id must be in 1..=--vocab")
+        write_shard(a.write_shard, markov_tokens(a.n, max_id, a.seed), a.vocab)
+        return 0
+
+    if a.ckpt is None or a.shard is None:
+        ap.error("need CKPT_DIR and SHARD (or --write-shard)")
+    if a.batch_size < 1 or a.eval_tokens < 1:
+        ap.error("--batch-size and --eval-tokens must be positive")
+    cfg, P = load_checkpoint(a.ckpt)
+    tokens, _ = read_shard(a.shard)
+    loss, count = evaluate(cfg, P, tokens, a.eval_tokens, a.batch_size)
+    print(json.dumps({"loss": loss, "tokens": count}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
