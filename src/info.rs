@@ -51,3 +51,102 @@ pub fn report(name: &str, c: &ModelConfig) -> String {
     s += &format!("  training FLOPs per token at max_seq_len: {:.3e}\n", c.flops_per_token(c.max_seq_len));
     s
 }
+
+/// Predicted bytes of a CPU training step by `memory::Category` (CATEGORIES order),
+/// mirroring what the engine allocates: f32 parameters, one gradient buffer, optimizer
+/// state (Muon: 1 value per matrix entry; AdamW: 2), the tape's activations, and its
+/// gradient workspace at its largest. `checkpoint_every` as in `Model::checkpoint_every`.
+pub fn predict_training_bytes(c: &ModelConfig, batch: usize, seq: usize, checkpoint_every: usize) -> [usize; 5] {
+    let (n, cc, f, v) = (batch * seq, c.n_embd, c.ffn_hidden, c.vocab_size);
+    let (hd, kvd, h, hkv) = (c.q_dim(), c.kv_dim(), c.n_head, c.n_kv_head);
+    let params = c.num_params();
+    let (attn, ffn) = c.block_params();
+    let matrices = c.n_layer * (attn + ffn);
+    let optimizer = matrices + 2 * (params - matrices);
+    // Values and saved state the tape keeps for one block (see Model::block): six [n, C]
+    // tensors, four of the query width, four of the kv width, three of the FFN width,
+    // plus RMSNorm's 1/rms per row and per head, and attention's log-sum-exp.
+    let block = n * (6 * cc + 4 * hd + 4 * kvd + 3 * f + 2 + h + hkv + h);
+    // embedding (+ids), its norm, the final norm, the logits, the loss's targets and lse
+    let outer = n * (cc + 1) + n * (cc + 1) + n * (cc + 1) + n * v + 2 * n + 1;
+    let checkpointed = if checkpoint_every == 0 { 0 } else { c.n_layer.div_ceil(checkpoint_every) };
+    let plain = c.n_layer - checkpointed;
+    // A checkpointed block keeps only its output; while one is recomputed, its activations
+    // (and a copy of its input) exist once more.
+    let recompute = if checkpointed > 0 { block + n * cc } else { 0 };
+    let activations = outer + plain * block + checkpointed * n * cc + recompute;
+    // Gradient workspace: at the start of the backward the logits' gradient and lm_head's;
+    // by the end every parameter's gradient plus the embedding output's.
+    let workspace = (n * v + v * cc + n * cc).max(params + 2 * n * cc);
+    [params, params, optimizer, activations, workspace].map(|floats| floats * 4)
+}
+
+/// Inference bytes: f32 parameters, and the KV cache per token of context (dense attention:
+/// K and V, n_kv_head·head_dim values each, per layer).
+pub fn predict_inference_bytes(c: &ModelConfig) -> (usize, usize) {
+    (c.num_params() * 4, c.n_layer * 2 * c.kv_dim() * 4)
+}
+
+/// The memory part of `nanoseek info`.
+pub fn memory_report(c: &ModelConfig, batch: usize, seq: usize, checkpoint_every: usize) -> String {
+    use crate::memory::{mib, CATEGORIES};
+    let train = predict_training_bytes(c, batch, seq, checkpoint_every);
+    let mut s = format!(
+        "predicted CPU training memory (f32) at device_batch_size {batch} × seq {seq}{}:\n",
+        if checkpoint_every > 0 { format!(", grad checkpoint every {checkpoint_every}") } else { String::new() }
+    );
+    for (cat, bytes) in CATEGORIES.iter().zip(train) {
+        s += &format!("  {:<16} {:>12.1} MiB\n", cat.name(), mib(bytes));
+    }
+    s += &format!("  {:<16} {:>12.1} MiB\n", "total", mib(train.iter().sum()));
+    let (weights, kv_per_token) = predict_inference_bytes(c);
+    s += &format!(
+        "predicted inference memory (f32): weights {:.1} MiB + KV cache {:.1} KiB per token ({:.1} MiB at {} tokens)\n",
+        mib(weights),
+        kv_per_token as f64 / 1024.0,
+        mib(kv_per_token * c.max_seq_len),
+        c.max_seq_len
+    );
+    s
+}
+
+/// The seed's hardware table: GPU memory it says each preset needs.
+fn seed_memory_claim(name: &str) -> &'static str {
+    match name {
+        "small" => "8 GB",
+        "medium" => "16 GB",
+        "large" => "32 GB",
+        "xlarge" => "80 GB",
+        "full" => "multi-GPU",
+        _ => "-",
+    }
+}
+
+/// Every preset: parameters and predicted f32 training memory for one sequence at its
+/// max_seq_len, plain and with every block checkpointed, beside the seed's claims.
+pub fn presets_table() -> anyhow::Result<String> {
+    use crate::memory::mib;
+    let gib = |b: usize| mib(b) / 1024.0;
+    let mut s = format!(
+        "{:<8} {:>10} {:>9} {:>14} {:>16} {:>12} {:>16}\n",
+        "preset", "params", "context", "train (GiB)", "train+ckpt (GiB)", "seed claim", "weights+KV (GiB)"
+    );
+    for name in crate::nn::config::PRESETS {
+        let c = ModelConfig::preset(name)?;
+        let plain: usize = predict_training_bytes(&c, 1, c.max_seq_len, 0).iter().sum();
+        let ckpt: usize = predict_training_bytes(&c, 1, c.max_seq_len, 1).iter().sum();
+        let (w, kv) = predict_inference_bytes(&c);
+        s += &format!(
+            "{:<8} {:>10} {:>9} {:>14.1} {:>16.1} {:>12} {:>16.1}\n",
+            name,
+            human(c.num_params()),
+            c.max_seq_len,
+            gib(plain),
+            gib(ckpt),
+            seed_memory_claim(name),
+            gib(w + kv * c.max_seq_len)
+        );
+    }
+    s += "train: f32 weights, gradients, Muon/AdamW state, activations and workspace for batch 1 × context.\n";
+    Ok(s)
+}

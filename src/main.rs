@@ -19,10 +19,47 @@ struct Cli {
 enum Command {
     /// Train a model (default: `tiny` on the embedded synthetic language, a few minutes on a laptop CPU).
     Train(Box<TrainArgs>),
-    /// Print exact parameter counts per component for a model size or config.
-    Info(ModelArgs),
+    /// Exact parameter counts per component and predicted memory for a model size or config.
+    Info(InfoArgs),
     /// Loss and perplexity of a checkpoint on a token shard (default: the embedded validation text).
     Eval(EvalArgs),
+    /// Time a few training steps per op, with FLOP/s, MFU and the memory breakdown.
+    Profile(ProfileArgs),
+}
+
+#[derive(Args)]
+struct ProfileArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 8)]
+    device_batch_size: usize,
+    /// Recompute every N-th block in the backward (0 = off).
+    #[arg(long, default_value_t = 0)]
+    grad_checkpoint: usize,
+    /// Measured steps (after one warm-up step).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Write the report as JSON here (and an SVG chart beside it, same name with .svg).
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Sequences per micro-batch for the memory prediction.
+    #[arg(long, default_value_t = 8)]
+    device_batch_size: usize,
+    /// Recompute every N-th block in the backward (0 = off), for the memory prediction.
+    #[arg(long, default_value_t = 0)]
+    grad_checkpoint: usize,
+    /// Training precision; the CPU engine trains in f32 (bf16 arrives with the CUDA backend).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// One table for every preset (batch 1 at each preset's max_seq_len) beside the seed's claims.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Args)]
@@ -142,6 +179,9 @@ struct TrainArgs {
     /// Validation loss every N steps (0 = only at the end).
     #[arg(long)]
     eval_every: Option<u64>,
+    /// Activation checkpointing: recompute every N-th block in the backward (1 = all blocks; 0 = off).
+    #[arg(long)]
+    grad_checkpoint: Option<usize>,
     /// Checkpoints to keep (0 = all).
     #[arg(long)]
     keep_checkpoints: Option<usize>,
@@ -227,6 +267,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
             t.save_every = a.save_every.unwrap_or(t.save_every);
             t.eval_every = a.eval_every.unwrap_or(t.eval_every);
             t.keep_checkpoints = a.keep_checkpoints.unwrap_or(t.keep_checkpoints);
+            t.grad_checkpoint = a.grad_checkpoint.unwrap_or(t.grad_checkpoint);
             let o = &mut t.optim;
             o.embedding_lr = a.embedding_lr.unwrap_or(o.embedding_lr);
             o.unembedding_lr = a.unembedding_lr.unwrap_or(o.unembedding_lr);
@@ -265,6 +306,33 @@ fn run_train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_profile(p: &ProfileArgs) -> Result<()> {
+    let cfg = p.model.resolve()?;
+    let report = nanoseek::profile::run(&cfg, p.device_batch_size, p.grad_checkpoint, p.steps)?;
+    print!("{}", report.table());
+    if let Some(out) = &p.output {
+        nanoseek::fsutil::write_atomic(out, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        let svg = out.with_extension("svg");
+        nanoseek::fsutil::write_atomic(&svg, report.svg().as_bytes())?;
+        println!("wrote {} and {}", out.display(), svg.display());
+    }
+    Ok(())
+}
+
+fn run_info(i: &InfoArgs) -> Result<()> {
+    if i.dtype != "f32" {
+        anyhow::bail!("--dtype {}: the CPU engine trains in f32 only (bf16 arrives with the CUDA backend)", i.dtype);
+    }
+    if i.all {
+        print!("{}", nanoseek::info::presets_table()?);
+        return Ok(());
+    }
+    let cfg = i.model.resolve()?;
+    print!("{}", nanoseek::info::report(&i.model.model_size, &cfg));
+    print!("{}", nanoseek::info::memory_report(&cfg, i.device_batch_size, cfg.max_seq_len, i.grad_checkpoint));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -273,7 +341,8 @@ fn main() -> ExitCode {
             nanoseek::eval::run(&e.model_path, e.data.as_deref(), e.batch_size, e.eval_tokens, e.output.as_deref())
                 .map(|r| println!("{}", serde_json::to_string_pretty(&r).expect("serializable")))
         }
-        Command::Info(m) => m.resolve().map(|cfg| print!("{}", nanoseek::info::report(&m.model_size, &cfg))),
+        Command::Info(i) => run_info(&i),
+        Command::Profile(p) => run_profile(&p),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -75,6 +75,9 @@ fn bad_configuration_is_rejected_before_any_file_is_written() {
     std::fs::write(d.join("unknown.json"), "{\"n_layers\": 4}").unwrap();
     fails(d, &strs(&micro(&["--config", "unknown.json"])), "n_layers");
     fails(d, &strs(&micro(&["--resume-from-step", "5"])), "--run");
+    // a model far larger than this machine: refused before anything is allocated
+    let e = fails(d, &["--model-size", "full", "--quiet"], "out of memory");
+    assert!(e.contains("GiB") && e.contains("--grad-checkpoint"), "{e}");
     assert!(!d.join("runs").exists(), "no run directory may be created for bad input");
 }
 
@@ -181,4 +184,47 @@ fn nan_loss_stops_with_a_clear_error_and_no_half_written_checkpoint() {
         !ck.exists() || std::fs::read_dir(&ck).unwrap().count() == 0,
         "no checkpoint may be written for a diverged run"
     );
+}
+
+#[test]
+fn profile_and_info_report_time_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let args = [
+        "profile",
+        "--n-layer",
+        "1",
+        "--n-embd",
+        "32",
+        "--n-head",
+        "2",
+        "--max-seq-len",
+        "32",
+        "--device-batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--grad-checkpoint",
+        "1",
+        "--output",
+        "p.json",
+    ];
+    let o = nanoseek(&args, d);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("linear")
+            && out.contains("update (Muon+AdamW)")
+            && out.contains("MFU")
+            && out.contains("peak memory"),
+        "{out}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("p.json")).unwrap()).unwrap();
+    assert!(json["tokens_per_s"].as_f64().unwrap() > 0.0 && json["peak_memory_mib"].as_f64().unwrap() > 0.0);
+    assert!(std::fs::read_to_string(d.join("p.svg")).unwrap().starts_with("<svg"));
+    let o = nanoseek(&["info", "--model-size", "tiny", "--device-batch-size", "4", "--grad-checkpoint", "1"], d);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("activations") && out.contains("KV cache"), "{out}");
+    let o = nanoseek(&["info", "--all"], d);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("xlarge"));
 }

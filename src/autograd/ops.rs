@@ -9,10 +9,14 @@ use crate::backend::cpu::{
     rope::{rope_backward, rope_forward, RopeTable},
     swiglu,
 };
+use std::rc::Rc;
 use std::sync::Arc;
 
+/// A function of tape variables that `Tape::checkpoint` can recompute.
+pub type CheckpointFn<'p> = dyn Fn(&mut Tape<'p>, &[Var]) -> Var + 'p;
+
 /// What each op's backward needs. Inputs are `Var`s; everything else is saved state.
-pub enum Op {
+pub enum Op<'p> {
     /// y[m,n] = x[m,k] · w[n,k]ᵀ (a bias-free linear layer, w in PyTorch's [out, in] layout).
     Linear {
         x: Var,
@@ -59,6 +63,11 @@ pub enum Op {
         x: Var,
         w: Vec<f32>,
     },
+    /// A recomputed sub-graph: `f(inputs)` runs again in the backward (activation checkpointing).
+    Checkpoint {
+        inputs: Vec<Var>,
+        f: Rc<CheckpointFn<'p>>,
+    },
     /// Mean softcapped cross-entropy over rows with target ≥ 0.
     CrossEntropy {
         logits: Var,
@@ -71,7 +80,36 @@ pub enum Op {
     },
 }
 
-impl Op {
+impl Op<'_> {
+    /// Bytes of saved state beyond the op's output (counted as activations).
+    pub fn saved_bytes(&self) -> usize {
+        4 * match self {
+            Op::Embedding { ids, .. } => ids.len(),
+            Op::RmsNorm { rstd, .. } => rstd.len(),
+            Op::Attention { lse, .. } => lse.len(),
+            Op::WeightedSum { w, .. } => w.len(),
+            Op::CrossEntropy { targets, lse, .. } => targets.len() + lse.len(),
+            Op::Linear { .. } | Op::Rope { .. } | Op::SwiGlu { .. } | Op::Add { .. } | Op::Checkpoint { .. } => 0,
+        }
+    }
+
+    /// (forward, backward) floating-point operations of the op's matrix products.
+    pub fn flops(&self) -> (f64, f64) {
+        match self {
+            Op::Linear { m, k, n, .. } => {
+                let f = 2.0 * (*m * *k * *n) as f64;
+                (f, 2.0 * f) // backward: dX and dW, one product each
+            }
+            Op::Attention { dims, .. } => {
+                // causal: T(T+1)/2 scores per head; forward QKᵀ and PV, backward five products
+                let pairs = (dims.b * dims.h) as f64 * (dims.t * (dims.t + 1) / 2) as f64;
+                let f = 4.0 * pairs * dims.d as f64;
+                (f, 2.5 * f)
+            }
+            _ => (0.0, 0.0),
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Op::Linear { .. } => "linear",
@@ -83,11 +121,12 @@ impl Op {
             Op::Add { .. } => "add",
             Op::WeightedSum { .. } => "weighted_sum",
             Op::CrossEntropy { .. } => "cross_entropy",
+            Op::Checkpoint { .. } => "checkpoint",
         }
     }
 }
 
-impl Tape<'_> {
+impl<'p> Tape<'p> {
     pub fn linear(&mut self, x: Var, w: Var) -> Var {
         let (xs, ws) = (self.shape(x), self.shape(w));
         let k = *xs.last().expect("linear: x has no dims");
@@ -209,6 +248,7 @@ pub(super) fn backward(tape: &Tape, op: &Op, out: Var, dout: &[f32]) -> Vec<(Var
         }
         Op::WeightedSum { x, w } => vec![(*x, w.iter().map(|v| v * dout[0]).collect())],
         Op::Add { a, b } => vec![(*a, dout.to_vec()), (*b, dout.to_vec())],
+        Op::Checkpoint { .. } => unreachable!("the tape runs checkpoint backwards itself"),
         Op::CrossEntropy { logits, targets, vocab, cap, n_valid, lse } => {
             let mut dz = vec![0.0; tape.value(*logits).len()];
             let scale = if *n_valid > 0 { dout[0] / *n_valid as f32 } else { 0.0 };

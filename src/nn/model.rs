@@ -11,9 +11,11 @@ use super::config::ModelConfig;
 use crate::autograd::{Tape, Var};
 use crate::backend::cpu::attention::AttnDims;
 use crate::backend::cpu::rope::RopeTable;
+use crate::memory::{Category, Tracked};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
+use std::rc::Rc;
 use std::sync::Arc;
 
 /// Which optimizer group a parameter belongs to.
@@ -41,7 +43,10 @@ pub struct Model {
     pub config: ModelConfig,
     /// wte, then 7 matrices per block (BLOCK_MATRICES order), then lm_head.
     pub params: Vec<Param>,
+    /// Activation checkpointing: recompute every n-th block in the backward (0 = off, 1 = all).
+    pub checkpoint_every: usize,
     rope: Arc<RopeTable>,
+    _memory: Tracked,
 }
 
 impl Model {
@@ -73,7 +78,8 @@ impl Model {
     /// Assembles a model from parameters in checkpoint order (shapes are trusted; see `expected_shapes`).
     pub fn from_params(config: ModelConfig, params: Vec<Param>) -> Model {
         let rope = Arc::new(RopeTable::new(config.head_dim, config.max_seq_len, config.rope_theta));
-        Model { config, params, rope }
+        let floats = params.iter().map(|p| p.tensor.numel()).sum();
+        Model { config, params, checkpoint_every: 0, rope, _memory: Tracked::floats(Category::Parameters, floats) }
     }
 
     /// [out, in] shape of a block matrix.
@@ -119,7 +125,7 @@ impl Model {
 
     /// Raw logits [b·t, vocab] (before the softcap, which the loss applies)
     /// for `ids` viewed as [b, t]. `pv` are the handles from `params_on`.
-    pub fn logits(&self, tape: &mut Tape, pv: &[Var], ids: &[u32], b: usize, t: usize) -> Result<Var> {
+    pub fn logits<'p>(&'p self, tape: &mut Tape<'p>, pv: &[Var], ids: &[u32], b: usize, t: usize) -> Result<Var> {
         let c = &self.config;
         if ids.len() != b * t {
             bail!("forward: {} ids do not form a [{b}, {t}] batch", ids.len());
@@ -128,36 +134,58 @@ impl Model {
             bail!("forward: sequence length {t} exceeds max_seq_len {}", c.max_seq_len);
         }
         self.check_ids(ids)?;
-        let dims = AttnDims { b, t, h: c.n_head, h_kv: c.n_kv_head, d: c.head_dim };
         let x = tape.embedding(pv[0], ids);
         let mut x = tape.rmsnorm(x, c.n_embd);
         for l in 0..c.n_layer {
             let w = &pv[1 + 7 * l..1 + 7 * (l + 1)];
-            let h = tape.rmsnorm(x, c.n_embd);
-            let q = tape.linear(h, w[0]);
-            let k = tape.linear(h, w[1]);
-            let v = tape.linear(h, w[2]);
-            // QK-norm per head, then RoPE (RoPE preserves the norm, so the order is immaterial).
-            let q = tape.rmsnorm(q, c.head_dim);
-            let k = tape.rmsnorm(k, c.head_dim);
-            let q = tape.rope(q, b, t, c.n_head, &self.rope);
-            let k = tape.rope(k, b, t, c.n_kv_head, &self.rope);
-            let y = tape.attention(q, k, v, dims);
-            let y = tape.linear(y, w[3]);
-            x = tape.add(x, y);
-            let h = tape.rmsnorm(x, c.n_embd);
-            let g = tape.linear(h, w[4]);
-            let u = tape.linear(h, w[5]);
-            let a = tape.swiglu(g, u);
-            let y = tape.linear(a, w[6]);
-            x = tape.add(x, y);
+            x = if self.checkpoint_every > 0 && l % self.checkpoint_every == 0 {
+                let inputs: Vec<Var> = std::iter::once(x).chain(w.iter().copied()).collect();
+                tape.checkpoint(
+                    &inputs,
+                    Rc::new(move |tp: &mut Tape<'p>, v: &[Var]| self.block(tp, v[0], &v[1..], b, t)),
+                )
+            } else {
+                self.block(tape, x, w, b, t)
+            };
         }
         let x = tape.rmsnorm(x, c.n_embd);
         Ok(tape.linear(x, pv[pv.len() - 1]))
     }
 
+    /// One block on x [b·t, n_embd] with its 7 matrices `w` (BLOCK_MATRICES order).
+    fn block<'p>(&'p self, tape: &mut Tape<'p>, x: Var, w: &[Var], b: usize, t: usize) -> Var {
+        let c = &self.config;
+        let dims = AttnDims { b, t, h: c.n_head, h_kv: c.n_kv_head, d: c.head_dim };
+        let h = tape.rmsnorm(x, c.n_embd);
+        let q = tape.linear(h, w[0]);
+        let k = tape.linear(h, w[1]);
+        let v = tape.linear(h, w[2]);
+        // QK-norm per head, then RoPE (RoPE preserves the norm, so the order is immaterial).
+        let q = tape.rmsnorm(q, c.head_dim);
+        let k = tape.rmsnorm(k, c.head_dim);
+        let q = tape.rope(q, b, t, c.n_head, &self.rope);
+        let k = tape.rope(k, b, t, c.n_kv_head, &self.rope);
+        let y = tape.attention(q, k, v, dims);
+        let y = tape.linear(y, w[3]);
+        let x = tape.add(x, y);
+        let h = tape.rmsnorm(x, c.n_embd);
+        let g = tape.linear(h, w[4]);
+        let u = tape.linear(h, w[5]);
+        let a = tape.swiglu(g, u);
+        let y = tape.linear(a, w[6]);
+        tape.add(x, y)
+    }
+
     /// Mean cross-entropy of predicting `targets` (−1 = ignore) from `ids`, both [b, t].
-    pub fn loss(&self, tape: &mut Tape, pv: &[Var], ids: &[u32], targets: &[i32], b: usize, t: usize) -> Result<Var> {
+    pub fn loss<'p>(
+        &'p self,
+        tape: &mut Tape<'p>,
+        pv: &[Var],
+        ids: &[u32],
+        targets: &[i32],
+        b: usize,
+        t: usize,
+    ) -> Result<Var> {
         if targets.len() != ids.len() {
             bail!("loss: {} targets for {} ids", targets.len(), ids.len());
         }

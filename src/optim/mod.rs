@@ -97,6 +97,7 @@ pub struct Optimizer {
     /// AdamW learning rates are scaled by (n_embd/768)^-½ (nanochat's convention), so the
     /// defaults tuned at width 768 transfer to other widths.
     adam_lr_scale: f32,
+    _memory: crate::memory::Tracked,
 }
 
 impl Optimizer {
@@ -110,7 +111,10 @@ impl Optimizer {
             })
             .collect();
         let adam_lr_scale = (model.config.n_embd as f32 / 768.0).powf(-0.5);
-        Optimizer { config, step: 0, state, adam_lr_scale }
+        let floats =
+            model.params.iter().map(|p| if p.kind == ParamKind::Matrix { 1 } else { 2 } * p.tensor.numel()).sum();
+        let _memory = crate::memory::Tracked::floats(crate::memory::Category::OptimizerState, floats);
+        Optimizer { config, step: 0, state, adam_lr_scale, _memory }
     }
 
     /// One update of every parameter from `grads` (same order as `model.params`),

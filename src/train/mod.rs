@@ -11,6 +11,7 @@ use crate::data::{shard::TokenShard, Loader, TokenSource};
 use crate::device::Device;
 use crate::fsutil::write_atomic;
 use crate::generate::{generate, SampleOptions};
+use crate::memory::{self, Category, Tracked};
 use crate::nn::{Model, ModelConfig};
 use crate::optim::{clip_grad_norm, lr_multiplier, OptimConfig, Optimizer};
 use crate::rng::Rng;
@@ -45,6 +46,9 @@ pub struct TrainSettings {
     pub eval_batches: usize,
     /// Newest checkpoints to keep (0 = all).
     pub keep_checkpoints: usize,
+    /// Activation checkpointing: recompute every n-th block in the backward (0 = off, 1 = all blocks).
+    #[serde(default)]
+    pub grad_checkpoint: usize,
     pub optim: OptimConfig,
 }
 
@@ -61,6 +65,7 @@ impl TrainSettings {
             eval_every: 50,
             eval_batches: 4,
             keep_checkpoints: 3,
+            grad_checkpoint: 0,
             optim: OptimConfig::default(),
         }
     }
@@ -202,6 +207,68 @@ pub fn write_plot(run_dir: &Path) -> Result<()> {
     write_atomic(&run_dir.join("loss.svg"), svg.as_bytes())
 }
 
+pub struct StepStats {
+    /// Mean loss over the micro-batches.
+    pub loss: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    /// Seconds in the optimizer update.
+    pub update_s: f64,
+    /// Per-op times of the forward and backward passes, when asked for.
+    pub op_times: Option<crate::autograd::OpTimes>,
+}
+
+/// One optimizer step, exactly as `train` runs it: `accum` micro-batches from `next_batch`
+/// (forward, backward seeded with 1/accum, gradients summed), clipping, then the update with
+/// learning-rate multiplier `lr`. The memory peak window restarts at the step's start.
+pub fn train_step(
+    model: &mut Model,
+    opt: &mut Optimizer,
+    mut next_batch: impl FnMut() -> crate::data::Batch,
+    accum: usize,
+    grad_clip: f32,
+    lr: f32,
+    profile: bool,
+) -> Result<StepStats> {
+    memory::reset_peak();
+    let mut grads: Vec<Vec<f32>> = model.params.iter().map(|p| vec![0.0; p.tensor.numel()]).collect();
+    let _grads_memory = Tracked::floats(Category::Gradients, model.num_params());
+    let t = model.config.max_seq_len;
+    let mut loss_sum = 0.0f64;
+    let mut op_times: Option<crate::autograd::OpTimes> = profile.then(Default::default);
+    for micro in 0..accum {
+        let batch = next_batch();
+        let rows = batch.ids.len() / t;
+        let mut tape = if profile { Tape::with_profiling() } else { Tape::new() };
+        tape.mark();
+        let pv = model.params_on(&mut tape);
+        let loss = model.loss(&mut tape, &pv, &batch.ids, &batch.targets, rows, t)?;
+        let lv = tape.value(loss)[0];
+        if !lv.is_finite() {
+            bail!("loss became {lv} (micro-batch {micro}). Try a lower learning rate.");
+        }
+        loss_sum += lv as f64;
+        tape.backward(loss, 1.0 / accum as f32);
+        for (g, &v) in grads.iter_mut().zip(&pv) {
+            if let Some(d) = tape.grad(v) {
+                crate::backend::cpu::elementwise::accumulate(g, d);
+            }
+        }
+        if let (Some(all), Some(these)) = (&mut op_times, tape.op_times()) {
+            all.merge(these);
+        }
+    }
+    // Data parallelism would all-reduce `grads` here (the one place they are complete).
+    let grad_norm = clip_grad_norm(&mut grads, grad_clip);
+    if !grad_norm.is_finite() {
+        bail!("gradient norm became {grad_norm}");
+    }
+    let t0 = Instant::now();
+    opt.update(model, &grads, lr);
+    let update_s = t0.elapsed().as_secs_f64();
+    Ok(StepStats { loss: (loss_sum / accum as f64) as f32, grad_norm, update_s, op_times })
+}
+
 /// Runs (or resumes) training as requested. Everything is validated before the
 /// run directory is created, so bad input leaves no files behind.
 pub fn train(req: TrainRequest) -> Result<TrainSummary> {
@@ -217,6 +284,12 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     if ts.num_iterations == 0 {
         bail!("num_iterations must be positive");
     }
+    let predicted: usize =
+        crate::info::predict_training_bytes(mcfg, ts.device_batch_size, seq, ts.grad_checkpoint).iter().sum();
+    memory::check_fits(
+        predicted,
+        &format!("training this model at device_batch_size {} × max_seq_len {seq}", ts.device_batch_size),
+    )?;
     let (train_src, val_src, lang) = open_data(ts, mcfg)?;
     let mut loader = Loader::new(train_src, ts.device_batch_size, seq, rank, world, Rng::derive(ts.seed, "data"))?;
     let val = Loader::new(val_src, ts.device_batch_size, seq, rank, world, Rng::new(0))?;
@@ -244,6 +317,7 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         }
     };
 
+    model.checkpoint_every = ts.grad_checkpoint;
     std::fs::create_dir_all(&req.run_dir)
         .with_context(|| format!("cannot create run directory {}", req.run_dir.display()))?;
     write_atomic(&req.run_dir.join("config.json"), serde_json::to_string_pretty(&req.run)?.as_bytes())?;
@@ -287,45 +361,22 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     let mut tokens_done = 0usize;
     for step in start..total {
         let ts_step = Instant::now();
-        let mut grads: Vec<Vec<f32>> = model.params.iter().map(|p| vec![0.0; p.tensor.numel()]).collect();
-        let mut loss_sum = 0.0f64;
-        for micro in 0..accum {
-            let batch = loader.next_batch();
-            let mut tape = Tape::new();
-            let pv = model.params_on(&mut tape);
-            let loss = model.loss(&mut tape, &pv, &batch.ids, &batch.targets, ts.device_batch_size, seq)?;
-            let lv = tape.value(loss)[0];
-            if !lv.is_finite() {
-                bail!(
-                    "loss became {lv} at step {} (micro-batch {micro}); nothing was saved for this step. Last checkpoint: {}. Try a lower learning rate.",
-                    step + 1,
-                    last_ckpt.as_ref().map_or("none".into(), |p| p.display().to_string())
-                );
-            }
-            loss_sum += lv as f64;
-            tape.backward(loss, 1.0 / accum as f32);
-            for (g, &v) in grads.iter_mut().zip(&pv) {
-                if let Some(d) = tape.grad(v) {
-                    crate::backend::cpu::elementwise::accumulate(g, d);
-                }
-            }
-        }
-        // Data parallelism would all-reduce `grads` here (the one place they are complete).
-        let grad_norm = clip_grad_norm(&mut grads, ts.optim.grad_clip);
-        if !grad_norm.is_finite() {
-            bail!("gradient norm became {grad_norm} at step {}; nothing was saved for this step", step + 1);
-        }
         let lr = lr_multiplier(step, total, ts.optim.warmup_ratio, ts.optim.warmdown_ratio, ts.optim.final_lr_frac);
-        opt.update(&mut model, &grads, lr);
+        let stats = train_step(&mut model, &mut opt, || loader.next_batch(), accum, ts.optim.grad_clip, lr, false)
+            .map_err(|e| {
+                let last = last_ckpt.as_ref().map_or("none".into(), |p| p.display().to_string());
+                e.context(format!("step {} failed; nothing was saved for it (last checkpoint: {last})", step + 1))
+            })?;
+        let (loss, grad_norm) = (stats.loss, stats.grad_norm);
         let done = step + 1;
-        let loss = (loss_sum / accum as f64) as f32;
         losses.push((done, loss));
         tokens_done += ts.total_batch_size;
         let dt = ts_step.elapsed().as_secs_f64();
         let tok_s = ts.total_batch_size as f64 / dt;
-        log.log(json!({"step": done, "loss": loss, "lr_mult": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s, "step_time_s": dt, "elapsed_s": t0.elapsed().as_secs_f64()}))?;
+        let peak_mib = memory::mib(memory::report().peak_total);
+        log.log(json!({"step": done, "loss": loss, "lr_mult": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s, "step_time_s": dt, "elapsed_s": t0.elapsed().as_secs_f64(), "peak_memory_mib": peak_mib}))?;
         pb.set_position(done);
-        pb.set_message(format!("loss {loss:.4} | {tok_s:.0} tok/s"));
+        pb.set_message(format!("loss {loss:.4} | {tok_s:.0} tok/s | peak {peak_mib:.0} MiB"));
         let is_last = done == total;
         if (ts.eval_every > 0 && done % ts.eval_every == 0) || is_last {
             let v = evaluate(&model, &val, ts.eval_batches)?;
@@ -334,7 +385,7 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         }
         if done % log_every == 0 || is_last {
             let vl = val_loss.map_or(String::new(), |v| format!(" | val {v:.4}"));
-            say(format!("step {done:>5}/{total} | loss {loss:.4}{vl} | lr ×{lr:.3} | grad norm {grad_norm:.3} | {tok_s:.0} tok/s"));
+            say(format!("step {done:>5}/{total} | loss {loss:.4}{vl} | lr ×{lr:.3} | grad norm {grad_norm:.3} | {tok_s:.0} tok/s | peak mem {peak_mib:.0} MiB"));
         }
         if (ts.save_every > 0 && done % ts.save_every == 0) || is_last {
             let state = CheckpointState {

@@ -333,6 +333,43 @@ pub fn line_chart_svg(title: &str, x_label: &str, y_label: &str, series: &[Serie
     svg
 }
 
+/// A horizontal bar chart (one bar per label, value printed at the bar's end) as a standalone SVG.
+pub fn bar_chart_svg(title: &str, value_label: &str, bars: &[(String, f64)]) -> String {
+    let label_w = 200.0;
+    let row_h = 26.0;
+    let height = TOP + BOTTOM + row_h * bars.len().max(1) as f64;
+    let plot_w = WIDTH - label_w - 120.0;
+    let max = bars.iter().map(|b| b.1).filter(|v| v.is_finite()).fold(0.0, f64::max).max(1e-12);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"28\" text-anchor=\"middle\" font-size=\"16\" font-weight=\"bold\">{}</text>\n",
+        WIDTH / 2.0,
+        xml_escape(title)
+    );
+    for (i, (label, v)) in bars.iter().enumerate() {
+        let y = TOP + i as f64 * row_h;
+        let w = if v.is_finite() { (v / max) * plot_w } else { 0.0 };
+        s += &format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n<rect x=\"{label_w}\" y=\"{:.1}\" width=\"{w:.1}\" height=\"{:.1}\" fill=\"{}\"/>\n<text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n",
+            label_w - 8.0,
+            y + row_h * 0.65,
+            xml_escape(label),
+            y + 3.0,
+            row_h - 6.0,
+            PALETTE[i % PALETTE.len()],
+            label_w + w + 6.0,
+            y + row_h * 0.65,
+            xml_escape(&format!("{v:.1}"))
+        );
+    }
+    s += &format!(
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n</svg>\n",
+        label_w + plot_w / 2.0,
+        height - 20.0,
+        xml_escape(value_label)
+    );
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,5 +508,12 @@ mod tests {
         // Constant y is padded: a tick label at the value itself.
         let c = line_chart_svg("t", "x", "y", &cases[6], false);
         assert!(c.contains(">2.5<"), "{c}");
+    }
+
+    #[test]
+    fn bar_chart_is_well_formed() {
+        let svg = bar_chart_svg("t<1>", "ms", &[("linear".into(), 3.0), ("a&b".into(), f64::NAN)]);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("t&lt;1&gt;") && svg.contains("a&amp;b"));
     }
 }
