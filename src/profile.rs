@@ -94,6 +94,7 @@ pub fn run(model_cfg: &ModelConfig, batch: usize, grad_checkpoint: usize, steps:
     let mut ops: Vec<OpRow> = times
         .by_op
         .iter()
+        .filter(|(_, s)| s.forward_s + s.backward_s > 0.0) // the checkpoint node itself does no work
         .map(|(name, s)| {
             let secs = s.forward_s + s.backward_s;
             let flops = s.forward_flops + s.backward_flops;
