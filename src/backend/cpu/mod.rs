@@ -9,6 +9,7 @@ pub mod embedding;
 pub mod gemm;
 pub mod loss;
 pub mod math;
+pub mod moe;
 pub mod norm;
 pub mod optim;
 pub mod rope;
