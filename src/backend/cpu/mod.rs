@@ -14,6 +14,7 @@ pub mod norm;
 pub mod optim;
 pub mod rope;
 pub mod swiglu;
+pub mod window_attention;
 
 /// Rows per rayon task for row-wise kernels: enough work per task to amortize scheduling.
 pub(crate) fn rows_per_task(row_len: usize) -> usize {
