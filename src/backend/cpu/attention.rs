@@ -45,12 +45,9 @@
 //! `[t, BLOCK_Q]` score blocks and, in the backward, `[t, d]` `dK`/`dV` accumulators, held in a
 //! per-thread scratch buffer reused across tasks and calls: nothing `T × T`.
 
-use super::math::{self, dot};
-use gemm::Parallelism;
+use super::blocks::{self, with_avx2, with_scratch, SharedOut};
+use super::gemm::{gemm_strided, Strided};
 use rayon::prelude::*;
-use std::cell::Cell;
-use std::f32::consts::{LN_2, LOG2_E};
-use std::marker::PhantomData;
 
 /// Query rows per block.
 pub const BLOCK_Q: usize = 64;
@@ -124,183 +121,21 @@ fn check_len(name: &str, got: usize, want: usize, dims: &AttnDims) {
     assert_eq!(got, want, "attention: `{name}` has length {got}, expected {want} for {dims:?}");
 }
 
-/// A read-only strided matrix: element `(i, j)` is `data[i * rs + j * cs]`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> View<'a> {
-    /// Rows of `data` starting at `offset`, `stride` floats apart.
-    fn rows(data: &'a [f32], offset: usize, stride: usize) -> Self {
-        View { data: &data[offset..], rs: stride, cs: 1 }
-    }
-
-    fn t(self) -> Self {
-        View { rs: self.cs, cs: self.rs, ..self }
-    }
-
-    fn check(&self, rows: usize, cols: usize) {
-        assert!((rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len(), "attention: matrix view out of bounds");
-    }
-}
-
-/// `C = A·B` (or `C += A·B` when `accumulate`) for `A: [m, k]`, `B: [k, n]` and `C` row-major
-/// with row stride `ldc`. Single-threaded: it runs inside rayon tasks, and its summation order
-/// then depends only on the shapes.
-#[allow(clippy::too_many_arguments)]
-fn matmul(m: usize, n: usize, k: usize, a: View, b: View, c: &mut [f32], ldc: usize, accumulate: bool) {
-    assert!(m > 0 && n > 0 && k > 0 && n <= ldc && (m - 1) * ldc + n <= c.len());
-    a.check(m, k);
-    b.check(k, n);
-    // SAFETY: the checks above keep every address inside its slice, and `c` (a `&mut`) cannot
-    // alias `a` or `b`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
-}
-
 /// Key `s` is visible to the query rows `i0 + i` with `i >= visible_from(s, i0, tq)` of a block.
 fn visible_from(s: usize, i0: usize, tq: usize) -> usize {
     s.saturating_sub(i0).min(tq)
 }
 
-/// Runs `f` compiled for AVX2 where the CPU has it (the element-wise loops inlined into it then
-/// vectorise 8 wide instead of 4). Those loops contain no contractible or reassociable operation,
-/// so both builds give bitwise-identical results (checked by a test).
-#[inline(always)]
-fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        #[target_feature(enable = "avx2")]
-        unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { run(f) };
-    }
-    f()
-}
-
-/// Forward softmax on a transposed score block `st` (`[end, tq]`, unscaled; see the module doc):
-/// overwrites it with `Pᵀ = exp(S·scale − m)` (unnormalised, exact zeros where masked) and returns
-/// the sums `l` of the rows of `P` and `lse = m + ln l`, `m` being the row maximum of `S·scale`.
-/// Exponentials are taken base 2 (`exp(z) = 2^(z·log₂e)`, the factor folded into the scale).
+/// [`blocks::softmax_t`] on a query block's `Sᵀ` (`[end, tq]`, keys `0..end`, causal mask).
 #[inline(always)]
 fn softmax_t(st: &mut [f32], i0: usize, tq: usize, scale: f32) -> ([f32; BLOCK_Q], [f32; BLOCK_Q]) {
-    let c = scale * LOG2_E;
-    let mut m = [f32::NEG_INFINITY; BLOCK_Q];
-    for (s, row) in st.chunks_exact(tq).enumerate() {
-        let j = visible_from(s, i0, tq);
-        for (mi, &x) in m[j..tq].iter_mut().zip(&row[j..]) {
-            *mi = if x > *mi { x } else { *mi };
-        }
-    }
-    // Scaling is monotonic, so this is also the maximum of the scaled scores.
-    m.iter_mut().for_each(|mi| *mi *= c);
-    let mut l = [0.0f32; BLOCK_Q];
-    for (kt, tile) in st.chunks_mut(BLOCK_K * tq).enumerate() {
-        let mut part = [0.0f32; BLOCK_Q];
-        for (s, row) in (kt * BLOCK_K..).zip(tile.chunks_exact_mut(tq)) {
-            let j = visible_from(s, i0, tq);
-            row[..j].fill(0.0);
-            for ((x, &mi), pi) in row[j..].iter_mut().zip(&m[j..]).zip(&mut part[j..]) {
-                *x = math::exp2(*x * c - mi);
-                *pi += *x;
-            }
-        }
-        l.iter_mut().zip(part).for_each(|(li, pi)| *li += pi);
-    }
-    let mut lse = [0.0f32; BLOCK_Q];
-    for ((lse_i, &mi), &li) in lse.iter_mut().zip(&m).zip(&l).take(tq) {
-        *lse_i = mi * LN_2 + li.ln();
-    }
-    (l, lse)
+    blocks::softmax_t(st, tq, scale, |s| (visible_from(s, i0, tq), tq))
 }
 
-/// Backward element-wise step on transposed blocks (`[end, tq]`): `p` holds the unscaled `Sᵀ` and
-/// becomes `Pᵀ = exp(S·scale − lse)`, `ds` holds `dPᵀ` and becomes `dSᵀ = P ∘ (dP − D) · scale`
-/// (both exact zeros where masked).
+/// [`blocks::grad_t`] on a query block's transposed blocks (`[end, tq]`, causal mask).
 #[inline(always)]
 fn grad_t(p: &mut [f32], ds: &mut [f32], i0: usize, tq: usize, scale: f32, lse: &[f32], delta: &[f32]) {
-    let c = scale * LOG2_E;
-    let mut lse2 = [0.0f32; BLOCK_Q];
-    lse2.iter_mut().zip(lse).for_each(|(l2, &l)| *l2 = l * LOG2_E);
-    for (s, (p_row, ds_row)) in p.chunks_exact_mut(tq).zip(ds.chunks_exact_mut(tq)).enumerate() {
-        let j = visible_from(s, i0, tq);
-        p_row[..j].fill(0.0);
-        ds_row[..j].fill(0.0);
-        let rows = p_row[j..].iter_mut().zip(&mut ds_row[j..]);
-        for ((x, y), (&lse_i, &delta_i)) in rows.zip(lse2[j..].iter().zip(&delta[j..])) {
-            *x = math::exp2(*x * c - lse_i);
-            *y = *x * (*y - delta_i) * scale;
-        }
-    }
-}
-
-/// Per-thread scratch, reused across tasks and calls so that the large blocks of a task are not
-/// allocated (and page-faulted in) each time. Its contents on entry are arbitrary.
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    thread_local!(static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) });
-    // Taken out while in use, so a nested call would just get a fresh buffer.
-    let mut buf = SCRATCH.take();
-    if buf.len() < len {
-        buf.resize(len, 0.0);
-    }
-    let r = f(&mut buf[..len]);
-    SCRATCH.set(buf);
-    r
-}
-
-/// An output tensor that parallel tasks write through at disjoint element ranges.
-#[derive(Clone, Copy)]
-struct SharedOut<'a> {
-    ptr: *mut f32,
-    len: usize,
-    _borrow: PhantomData<&'a mut [f32]>,
-}
-
-// SAFETY: it only hands out writes (`write`), whose callers guarantee that no two threads touch the
-// same elements; the tensor itself stays mutably borrowed for `'a`.
-unsafe impl Send for SharedOut<'_> {}
-unsafe impl Sync for SharedOut<'_> {}
-
-impl<'a> SharedOut<'a> {
-    fn new(x: &'a mut [f32]) -> Self {
-        SharedOut { ptr: x.as_mut_ptr(), len: x.len(), _borrow: PhantomData }
-    }
-
-    /// Copies `src` to the elements `offset..offset + src.len()`.
-    ///
-    /// # Safety
-    /// No other thread accesses these elements during the call.
-    unsafe fn write(self, offset: usize, src: &[f32]) {
-        assert!(offset <= self.len && src.len() <= self.len - offset, "attention: output write out of bounds");
-        // SAFETY: in bounds (checked above); exclusive access is the caller's guarantee.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(offset), src.len()) };
-    }
+    blocks::grad_t(p, ds, tq, scale, lse, delta, |s| (visible_from(s, i0, tq), tq))
 }
 
 /// Causal softmax attention, scale 1/sqrt(d): `out[t] = sum_{s<=t} softmax_s(q_t·k_s * scale) v_s`.
@@ -345,15 +180,15 @@ fn forward_block(
     with_scratch(end * tq, |st| {
         for hq in 0..h {
             let kv_off = dims.kv_off(bi, hq / dims.group());
-            let (k_all, v_all) = (View::rows(k, kv_off, h_kv * d), View::rows(v, kv_off, h_kv * d));
-            let q_blk = View::rows(q, dims.q_off(bi, i0, hq), h * d);
-            matmul(end, tq, d, k_all, q_blk.t(), st, tq, false);
+            let (k_all, v_all) = (Strided::rows(k, kv_off, h_kv * d), Strided::rows(v, kv_off, h_kv * d));
+            let q_blk = Strided::rows(q, dims.q_off(bi, i0, hq), h * d);
+            gemm_strided(end, tq, d, k_all, q_blk.t(), st, tq, false);
             let (l, lse_blk) = with_avx2(
                 #[inline(always)]
                 || softmax_t(st, i0, tq, scale),
             );
             let o = &mut out_blk[hq * d..];
-            matmul(tq, d, end, View::rows(st, 0, tq).t(), v_all, o, h * d, false);
+            gemm_strided(tq, d, end, Strided::rows(st, 0, tq).t(), v_all, o, h * d, false);
             for (o_row, &li) in o.chunks_mut(h * d).zip(&l) {
                 let inv_l = 1.0 / li;
                 o_row[..d].iter_mut().for_each(|x| *x *= inv_l);
@@ -418,7 +253,7 @@ fn backward_group(
     let AttnDims { t, h, h_kv, d, .. } = *dims;
     let scale = 1.0 / (d as f32).sqrt();
     let kv_off = dims.kv_off(bi, g);
-    let (k_all, v_all) = (View::rows(k, kv_off, h_kv * d), View::rows(v, kv_off, h_kv * d));
+    let (k_all, v_all) = (Strided::rows(k, kv_off, h_kv * d), Strided::rows(v, kv_off, h_kv * d));
     let blk = t * BLOCK_Q.min(t);
     with_scratch(2 * blk + 2 * t * d + BLOCK_Q * d, |scratch| {
         let (p_buf, rest) = scratch.split_at_mut(blk);
@@ -431,37 +266,29 @@ fn backward_group(
             for qb in 0..t.div_ceil(BLOCK_Q) {
                 let (i0, tq, end) = dims.block(qb);
                 let q_off = dims.q_off(bi, i0, hq);
-                let (q_blk, do_blk) = (View::rows(q, q_off, h * d), View::rows(dout, q_off, h * d));
+                let (q_blk, do_blk) = (Strided::rows(q, q_off, h * d), Strided::rows(dout, q_off, h * d));
                 // Transposed blocks `[end, tq]`: Pᵀ (from Sᵀ) and dSᵀ (from dPᵀ).
                 let (p, ds) = (&mut p_buf[..end * tq], &mut ds_buf[..end * tq]);
-                matmul(end, tq, d, k_all, q_blk.t(), p, tq, false);
-                matmul(end, tq, d, v_all, do_blk.t(), ds, tq, false);
+                gemm_strided(end, tq, d, k_all, q_blk.t(), p, tq, false);
+                gemm_strided(end, tq, d, v_all, do_blk.t(), ds, tq, false);
                 let lse_blk = &lse[(bi * h + hq) * t + i0..][..tq];
-                let mut delta = [0.0f32; BLOCK_Q];
-                for (ii, di) in delta[..tq].iter_mut().enumerate() {
-                    let row = q_off + ii * h * d;
-                    *di = dot(&dout[row..][..d], &out[row..][..d]);
-                }
+                let delta = blocks::row_dots(dout, out, q_off, h * d, d, tq);
                 with_avx2(
                     #[inline(always)]
                     || grad_t(p, ds, i0, tq, scale, lse_blk, &delta[..tq]),
                 );
-                let (p, ds) = (View::rows(p, 0, tq), View::rows(ds, 0, tq));
-                matmul(tq, d, end, ds.t(), k_all, dq_blk, d, false);
-                matmul(end, d, tq, ds, q_blk, dk_acc, d, true);
-                matmul(end, d, tq, p, do_blk, dv_acc, d, true);
-                for (ii, row) in dq_blk.chunks_exact(d).take(tq).enumerate() {
-                    // SAFETY: only this task writes the dq rows of query head hq of batch bi.
-                    unsafe { dq.write(q_off + ii * h * d, row) };
-                }
+                let (p, ds) = (Strided::rows(p, 0, tq), Strided::rows(ds, 0, tq));
+                gemm_strided(tq, d, end, ds.t(), k_all, dq_blk, d, false);
+                gemm_strided(end, d, tq, ds, q_blk, dk_acc, d, true);
+                gemm_strided(end, d, tq, p, do_blk, dv_acc, d, true);
+                // SAFETY: only this task writes the dq rows of query head hq of batch bi.
+                unsafe { dq.write_rows(q_off, h * d, &dq_blk[..tq * d], d) };
             }
         }
-        for (s, (dk_row, dv_row)) in dk_acc.chunks_exact(d).zip(dv_acc.chunks_exact(d)).enumerate() {
-            // SAFETY: only this task writes the dk, dv rows of kv head g of batch bi.
-            unsafe {
-                dk.write(kv_off + s * h_kv * d, dk_row);
-                dv.write(kv_off + s * h_kv * d, dv_row);
-            }
+        // SAFETY: only this task writes the dk, dv rows of kv head g of batch bi.
+        unsafe {
+            dk.write_rows(kv_off, h_kv * d, dk_acc, d);
+            dv.write_rows(kv_off, h_kv * d, dv_acc, d);
         }
     });
 }

@@ -79,6 +79,97 @@ pub fn gemm(
     }
 }
 
+/// A read-only strided matrix for [`gemm_strided`]: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided<'a> {
+    pub data: &'a [f32],
+    /// Row stride, in elements.
+    pub rs: usize,
+    /// Column stride, in elements.
+    pub cs: usize,
+}
+
+impl<'a> Strided<'a> {
+    /// Element `(i, j)` at `data[i * rs + j * cs]`.
+    pub fn new(data: &'a [f32], rs: usize, cs: usize) -> Self {
+        Strided { data, rs, cs }
+    }
+
+    /// Rows of `data` starting at `offset`, `stride` elements apart (unit column stride).
+    pub fn rows(data: &'a [f32], offset: usize, stride: usize) -> Self {
+        Strided { data: &data[offset..], rs: stride, cs: 1 }
+    }
+
+    /// The transposed view (strides swapped; no data moves).
+    pub fn t(self) -> Self {
+        Strided { rs: self.cs, cs: self.rs, ..self }
+    }
+
+    /// Whether a `[rows, cols]` matrix (both > 0) lies inside `data`.
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `C = A·B` (`accumulate = false`) or `C += A·B` (`accumulate = true`) for strided views
+/// `A: [m, k]` and `B: [k, n]`, and `C: [m, n]` row-major with row stride `ldc >= n` (elements
+/// between the rows are left untouched). `m = 0` or `n = 0` does nothing; `k = 0` zeroes `C`
+/// (or leaves it, when accumulating).
+///
+/// Always single-threaded, like [`gemm`] inside a rayon task: it is meant to run inside such
+/// tasks, and its summation order then depends only on the shapes (results are bitwise
+/// reproducible for any thread count).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Strided,
+    b: Strided,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    assert!(n <= ldc, "gemm_strided: ldc ({ldc}) must be >= n ({n})");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!((m - 1) * ldc + n <= c.len(), "gemm_strided: C out of bounds");
+    if k == 0 {
+        if !accumulate {
+            c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
+        }
+        return;
+    }
+    assert!(a.fits(m, k), "gemm_strided: A view out of bounds");
+    assert!(b.fits(k, n), "gemm_strided: B view out of bounds");
+    // SAFETY: the checks above keep every address inside its slice, and `c` (a `&mut`) cannot
+    // alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
 /// The test and benchmark oracle: a plain triple loop in f64 (slow; small sizes only).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_naive(

@@ -4,6 +4,7 @@
 //! with assertions because a mismatch here is a bug in the caller.
 
 pub mod attention;
+pub(crate) mod blocks;
 pub mod elementwise;
 pub mod embedding;
 pub mod gemm;

@@ -51,7 +51,7 @@
 //! slot order. GEMMs inside tasks are single-threaded, blocks are fixed by the shapes, every output
 //! element is written by one task: results are bitwise identical for any thread count.
 
-use super::gemm::{gemm, Layout};
+use super::gemm::{gemm, gemm_strided, Layout, Strided};
 use super::math::{self, dot, sigmoid};
 use super::rows_per_task;
 use rayon::prelude::*;
@@ -469,54 +469,6 @@ pub fn moe_forward(
     });
 }
 
-/// A read-only strided matrix: element `(i, j)` is `data[i * rs + j * cs]`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-/// `C = A·B` for `A: [m, k]`, `B: [k, n]` (strided views) and row-major contiguous `C: [m, n]`.
-/// Single-threaded (it runs inside rayon tasks); k = 0 gives zeros.
-fn matmul_strided(m: usize, n: usize, k: usize, a: View, b: View, c: &mut [f32]) {
-    assert_eq!(c.len(), m * n, "moe: matmul output size");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        c.fill(0.0);
-        return;
-    }
-    assert!((m - 1) * a.rs + (k - 1) * a.cs < a.data.len(), "moe: matmul A view out of bounds");
-    assert!((k - 1) * b.rs + (n - 1) * b.cs < b.data.len(), "moe: matmul B view out of bounds");
-    // SAFETY: the checks above keep every address inside its slice, and `c` (a `&mut`) cannot
-    // alias `a` or `b`.
-    unsafe {
-        ::gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            ::gemm::Parallelism::None,
-        );
-    }
-}
-
 /// Backward of [`moe_forward`] (the routing is treated as fixed; gates get `d_gates`).
 ///
 /// `dout`: `[n, C]`; `cache`: from the forward with the same inputs. Overwrites
@@ -663,9 +615,10 @@ pub fn moe_backward(
             out.fill(0.0);
             return;
         }
-        let a = View { data: &dh[p0 * dh_w + r0..], rs: 1, cs: dh_w };
-        let b = View { data: &inp[p0 * in_w..], rs: in_w, cs: 1 };
-        matmul_strided(m, in_w, cnt, a, b, out);
+        let a = Strided::new(&dh[p0 * dh_w + r0..], 1, dh_w);
+        let b = Strided::rows(inp, p0 * in_w, in_w);
+        assert_eq!(out.len(), m * in_w, "moe: matmul output size");
+        gemm_strided(m, in_w, cnt, a, b, out, in_w, false);
     });
 }
 

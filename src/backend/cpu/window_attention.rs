@@ -31,18 +31,15 @@
 //! backward's `dK`/`dV` accumulators) in a reused scratch buffer; nothing `T × T`.
 
 use super::attention::AttnDims;
-use super::math::{self, dot};
-use gemm::Parallelism;
+use super::blocks::{self, with_avx2, with_scratch, SharedOut};
+use super::gemm::{gemm_strided, Strided};
 use rayon::prelude::*;
-use std::cell::Cell;
-use std::f32::consts::{LN_2, LOG2_E};
-use std::marker::PhantomData;
 use std::ops::Range;
 
-/// Query rows per block.
-pub const BLOCK_Q: usize = 64;
+/// Query rows per block (the dense kernel's: the block softmax of [`super::blocks`] is shared).
+pub const BLOCK_Q: usize = super::attention::BLOCK_Q;
 /// Softmax denominators are summed per this many rows of `Sᵀ`, then over those tiles.
-pub const BLOCK_K: usize = 64;
+pub const BLOCK_K: usize = super::attention::BLOCK_K;
 
 /// Shapes of one call. Row-major layouts as in [`AttnDims`]: q, out, dout, dq: [b, t, h, d];
 /// k, v, dk, dv: [b, t, h_kv, d]; lse: [b, h, t]. `window` (≥ 1) is W, `n_global` is G (any value;
@@ -143,59 +140,7 @@ fn seg_rows(segs: &[Range<usize>; 2]) -> impl Iterator<Item = (usize, Range<usiz
     [(0, segs[0].clone()), (segs[0].len(), segs[1].clone())].into_iter().filter(|(_, s)| !s.is_empty())
 }
 
-/// A strided read-only matrix `(data, row stride, column stride)`.
-type Mat<'a> = (&'a [f32], usize, usize);
-
-/// `C = A·B` (or `C += A·B`), `A: [m, k]`, `B: [k, n]`, `C` row-major with row stride `ldc`.
-/// Single-threaded, so its summation order depends only on the shapes.
-#[allow(clippy::too_many_arguments)]
-fn matmul(m: usize, n: usize, k: usize, a: Mat, b: Mat, c: &mut [f32], ldc: usize, accumulate: bool) {
-    let fits = |(x, rs, cs): Mat, r: usize, col: usize| (r - 1) * rs + (col - 1) * cs < x.len();
-    assert!(m > 0 && n > 0 && k > 0 && n <= ldc && (m - 1) * ldc + n <= c.len() && fits(a, m, k) && fits(b, k, n));
-    // SAFETY: the check above keeps every address inside its slice; `c` cannot alias `a`, `b`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            accumulate,
-            a.0.as_ptr(),
-            a.2 as isize,
-            a.1 as isize,
-            b.0.as_ptr(),
-            b.2 as isize,
-            b.1 as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
-}
-
-/// Runs `f` compiled for AVX2 where available (bitwise-identical: the element-wise loops have
-/// nothing to contract or reassociate).
-#[inline(always)]
-fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        #[target_feature(enable = "avx2")]
-        unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { run(f) };
-    }
-    f()
-}
-
-/// Forward softmax on `st` (`[nk, tq]`, unscaled `Sᵀ`): overwrites it with the unnormalised
-/// `Pᵀ = exp(S·scale − m)` (exact zeros where masked); returns the row sums `l` and `lse`.
+/// [`blocks::softmax_t`] on a query block's `Sᵀ` (`[nk, tq]`, the rows of its key segments).
 #[inline(always)]
 fn softmax_t(
     dims: &WindowDims,
@@ -205,38 +150,10 @@ fn softmax_t(
     tq: usize,
     scale: f32,
 ) -> ([f32; BLOCK_Q], [f32; BLOCK_Q]) {
-    let c = scale * LOG2_E;
-    let mut m = [f32::NEG_INFINITY; BLOCK_Q];
-    for (r, row) in st.chunks_exact(tq).enumerate() {
-        let (lo, hi) = dims.visible(key_at(segs, r), i0, tq);
-        for (mi, &x) in m[lo..hi].iter_mut().zip(&row[lo..hi]) {
-            *mi = if x > *mi { x } else { *mi };
-        }
-    }
-    m.iter_mut().for_each(|mi| *mi *= c);
-    let mut l = [0.0f32; BLOCK_Q];
-    for (kt, tile) in st.chunks_mut(BLOCK_K * tq).enumerate() {
-        let mut part = [0.0f32; BLOCK_Q];
-        for (r, row) in (kt * BLOCK_K..).zip(tile.chunks_exact_mut(tq)) {
-            let (lo, hi) = dims.visible(key_at(segs, r), i0, tq);
-            row[..lo].fill(0.0);
-            row[hi..].fill(0.0);
-            for ((x, &mi), pi) in row[lo..hi].iter_mut().zip(&m[lo..hi]).zip(&mut part[lo..hi]) {
-                *x = math::exp2(*x * c - mi);
-                *pi += *x;
-            }
-        }
-        l.iter_mut().zip(part).for_each(|(li, pi)| *li += pi);
-    }
-    let mut lse = [0.0f32; BLOCK_Q];
-    for ((lse_i, &mi), &li) in lse.iter_mut().zip(&m).zip(&l).take(tq) {
-        *lse_i = mi * LN_2 + li.ln();
-    }
-    (l, lse)
+    blocks::softmax_t(st, tq, scale, |r| dims.visible(key_at(segs, r), i0, tq))
 }
 
-/// Backward element-wise step on `[nk, tq]` blocks: `p` (unscaled `Sᵀ`) becomes
-/// `Pᵀ = exp(S·scale − lse)`, `ds` (`dPᵀ`) becomes `dSᵀ = P ∘ (dP − D)·scale`; zeros where masked.
+/// [`blocks::grad_t`] on a query block's transposed blocks (`[nk, tq]`, rows as in [`softmax_t`]).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn grad_t(
@@ -250,61 +167,7 @@ fn grad_t(
     lse: &[f32],
     delta: &[f32],
 ) {
-    let c = scale * LOG2_E;
-    let mut lse2 = [0.0f32; BLOCK_Q];
-    lse2.iter_mut().zip(lse).for_each(|(l2, &l)| *l2 = l * LOG2_E);
-    for (r, (p_row, ds_row)) in p.chunks_exact_mut(tq).zip(ds.chunks_exact_mut(tq)).enumerate() {
-        let (lo, hi) = dims.visible(key_at(segs, r), i0, tq);
-        for row in [&mut *p_row, &mut *ds_row] {
-            row[..lo].fill(0.0);
-            row[hi..].fill(0.0);
-        }
-        let rows = p_row[lo..hi].iter_mut().zip(&mut ds_row[lo..hi]);
-        for ((x, y), (&lse_i, &delta_i)) in rows.zip(lse2[lo..hi].iter().zip(&delta[lo..hi])) {
-            *x = math::exp2(*x * c - lse_i);
-            *y = *x * (*y - delta_i) * scale;
-        }
-    }
-}
-
-/// Per-thread scratch reused across tasks and calls; contents on entry are arbitrary.
-fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    thread_local!(static SCRATCH: Cell<Vec<f32>> = const { Cell::new(Vec::new()) });
-    let mut buf = SCRATCH.take();
-    if buf.len() < len {
-        buf.resize(len, 0.0);
-    }
-    let r = f(&mut buf[..len]);
-    SCRATCH.set(buf);
-    r
-}
-
-/// An output tensor that parallel tasks write at disjoint element ranges.
-#[derive(Clone, Copy)]
-struct SharedOut<'a> {
-    ptr: *mut f32,
-    len: usize,
-    _borrow: PhantomData<&'a mut [f32]>,
-}
-
-// SAFETY: only `write` touches the data, and its callers guarantee disjoint ranges per thread.
-unsafe impl Send for SharedOut<'_> {}
-unsafe impl Sync for SharedOut<'_> {}
-
-impl<'a> SharedOut<'a> {
-    fn new(x: &'a mut [f32]) -> Self {
-        SharedOut { ptr: x.as_mut_ptr(), len: x.len(), _borrow: PhantomData }
-    }
-
-    /// Copies `src` to `offset..offset + src.len()`.
-    ///
-    /// # Safety
-    /// No other thread accesses these elements during the call.
-    unsafe fn write(self, offset: usize, src: &[f32]) {
-        assert!(offset <= self.len && src.len() <= self.len - offset, "window_attention: write out of bounds");
-        // SAFETY: in bounds (checked above); exclusive access is the caller's guarantee.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(offset), src.len()) };
-    }
+    blocks::grad_t(p, ds, tq, scale, lse, delta, |r| dims.visible(key_at(segs, r), i0, tq))
 }
 
 fn check_lens(dims: &WindowDims, tensors: &[(&str, usize, usize)]) {
@@ -353,10 +216,10 @@ fn forward_block(
     with_scratch(nk * tq, |st| {
         for hq in 0..h {
             let g = hq / dims.group();
-            let q_t: Mat = (&q[dims.q_off(bi, i0, hq)..], 1, h * d);
+            let q_t = Strided::new(&q[dims.q_off(bi, i0, hq)..], 1, h * d);
             for (r, seg) in seg_rows(&segs) {
-                let k_seg = (&k[dims.kv_off(bi, seg.start, g)..], h_kv * d, 1);
-                matmul(seg.len(), tq, d, k_seg, q_t, &mut st[r * tq..], tq, false);
+                let k_seg = Strided::new(&k[dims.kv_off(bi, seg.start, g)..], h_kv * d, 1);
+                gemm_strided(seg.len(), tq, d, k_seg, q_t, &mut st[r * tq..], tq, false);
             }
             let (l, lse_blk) = with_avx2(
                 #[inline(always)]
@@ -364,8 +227,8 @@ fn forward_block(
             );
             let o = &mut out_blk[hq * d..];
             for (n, (r, seg)) in seg_rows(&segs).enumerate() {
-                let v_seg = (&v[dims.kv_off(bi, seg.start, g)..], h_kv * d, 1);
-                matmul(tq, d, seg.len(), (&st[r * tq..], 1, tq), v_seg, o, h * d, n > 0);
+                let v_seg = Strided::new(&v[dims.kv_off(bi, seg.start, g)..], h_kv * d, 1);
+                gemm_strided(tq, d, seg.len(), Strided::new(&st[r * tq..], 1, tq), v_seg, o, h * d, n > 0);
             }
             for (o_row, &li) in o.chunks_mut(h * d).zip(&l) {
                 let inv_l = 1.0 / li;
@@ -440,37 +303,33 @@ fn backward_group(
                 let (i0, tq, segs) = dims.block(qb);
                 let nk = segs[0].len() + segs[1].len();
                 let q_off = dims.q_off(bi, i0, hq);
-                let (q_blk, do_blk): (Mat, Mat) = ((&q[q_off..], h * d, 1), (&dout[q_off..], h * d, 1));
+                let (q_blk, do_blk) = (Strided::rows(q, q_off, h * d), Strided::rows(dout, q_off, h * d));
                 let (p, ds) = (&mut p_buf[..nk * tq], &mut ds_buf[..nk * tq]);
                 for (r, seg) in seg_rows(&segs) {
                     let off = dims.kv_off(bi, seg.start, g);
-                    matmul(
+                    gemm_strided(
                         seg.len(),
                         tq,
                         d,
-                        (&k[off..], h_kv * d, 1),
-                        (q_blk.0, 1, h * d),
+                        Strided::rows(k, off, h_kv * d),
+                        q_blk.t(),
                         &mut p[r * tq..],
                         tq,
                         false,
                     );
-                    matmul(
+                    gemm_strided(
                         seg.len(),
                         tq,
                         d,
-                        (&v[off..], h_kv * d, 1),
-                        (do_blk.0, 1, h * d),
+                        Strided::rows(v, off, h_kv * d),
+                        do_blk.t(),
                         &mut ds[r * tq..],
                         tq,
                         false,
                     );
                 }
                 let lse_blk = &lse[(bi * h + hq) * t + i0..][..tq];
-                let mut delta = [0.0f32; BLOCK_Q];
-                for (ii, di) in delta[..tq].iter_mut().enumerate() {
-                    let row = q_off + ii * h * d;
-                    *di = dot(&dout[row..][..d], &out[row..][..d]);
-                }
+                let delta = blocks::row_dots(dout, out, q_off, h * d, d, tq);
                 with_avx2(
                     #[inline(always)]
                     || grad_t(dims, p, ds, &segs, i0, tq, scale, lse_blk, &delta[..tq]),
@@ -478,23 +337,27 @@ fn backward_group(
                 for (n, (r, seg)) in seg_rows(&segs).enumerate() {
                     let (ns, off) = (seg.len(), dims.kv_off(bi, seg.start, g));
                     let (p_seg, ds_seg) = (&p[r * tq..(r + ns) * tq], &ds[r * tq..(r + ns) * tq]);
-                    matmul(tq, d, ns, (ds_seg, 1, tq), (&k[off..], h_kv * d, 1), dq_blk, d, n > 0);
-                    matmul(ns, d, tq, (ds_seg, tq, 1), q_blk, &mut dk_acc[seg.start * d..], d, true);
-                    matmul(ns, d, tq, (p_seg, tq, 1), do_blk, &mut dv_acc[seg.start * d..], d, true);
+                    gemm_strided(
+                        tq,
+                        d,
+                        ns,
+                        Strided::new(ds_seg, 1, tq),
+                        Strided::rows(k, off, h_kv * d),
+                        dq_blk,
+                        d,
+                        n > 0,
+                    );
+                    gemm_strided(ns, d, tq, Strided::rows(ds_seg, 0, tq), q_blk, &mut dk_acc[seg.start * d..], d, true);
+                    gemm_strided(ns, d, tq, Strided::rows(p_seg, 0, tq), do_blk, &mut dv_acc[seg.start * d..], d, true);
                 }
-                for (ii, row) in dq_blk.chunks_exact(d).take(tq).enumerate() {
-                    // SAFETY: only this task writes the dq rows of query head hq of batch bi.
-                    unsafe { dq.write(q_off + ii * h * d, row) };
-                }
+                // SAFETY: only this task writes the dq rows of query head hq of batch bi.
+                unsafe { dq.write_rows(q_off, h * d, &dq_blk[..tq * d], d) };
             }
         }
-        for (s, (dk_row, dv_row)) in dk_acc.chunks_exact(d).zip(dv_acc.chunks_exact(d)).enumerate() {
-            let off = dims.kv_off(bi, s, g);
-            // SAFETY: only this task writes the dk, dv rows of kv head g of batch bi.
-            unsafe {
-                dk.write(off, dk_row);
-                dv.write(off, dv_row);
-            }
+        // SAFETY: only this task writes the dk, dv rows of kv head g of batch bi.
+        unsafe {
+            dk.write_rows(dims.kv_off(bi, 0, g), h_kv * d, dk_acc, d);
+            dv.write_rows(dims.kv_off(bi, 0, g), h_kv * d, dv_acc, d);
         }
     });
 }
