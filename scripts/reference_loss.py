@@ -42,7 +42,12 @@ CONFIG_KEYS = {
     "max_seq_len",
     "rope_theta",
     "logit_softcap",
+    "attn_pattern",
+    "dsa_window_size",
+    "n_global",
 }
+# Fields docs/model.md gives defaults for when a checkpoint predates them.
+CONFIG_DEFAULTS = {"attn_pattern": "D", "dsa_window_size": 256, "n_global": 4}
 
 
 def die(msg):
@@ -118,7 +123,7 @@ def load_checkpoint(ckpt_dir):
         meta = f.metadata() or {}
     if "config" not in meta:
         die(f"{path}: no 'config' metadata")
-    cfg = json.loads(meta["config"])
+    cfg = {**CONFIG_DEFAULTS, **json.loads(meta["config"])}
     unknown = set(cfg) - CONFIG_KEYS
     missing = CONFIG_KEYS - set(cfg)
     if unknown or missing:
@@ -194,16 +199,27 @@ def rope(x, cos, sin):
     return np.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
 
 
-def attention(q, k, v):
-    """Causal GQA softmax attention. q [B,T,H,d], k/v [B,T,Hkv,d] -> [B,T,H,d]."""
+def allowed(T, kind, W, G):
+    """A(t) as a [T, T] boolean matrix (row t, column s), per docs/model.md."""
+    t = np.arange(T)[:, None]
+    s = np.arange(T)[None, :]
+    causal = s <= t
+    if kind == "D":
+        return causal
+    if kind == "W":
+        return causal & ((s > t - W) | (s < G))
+    die(f"unknown attention kind {kind!r} in attn_pattern")
+
+
+def attention(q, k, v, mask):
+    """GQA softmax attention over the allowed keys. q [B,T,H,d], k/v [B,T,Hkv,d] -> [B,T,H,d]."""
     B, T, H, d = q.shape
     group = H // k.shape[2]
     # query head j uses kv head j // group
     k = np.repeat(k, group, axis=2)
     v = np.repeat(v, group, axis=2)
     scores = np.einsum("bthd,bshd->bhts", q, k) / math.sqrt(d)
-    future = np.triu(np.ones((T, T), dtype=bool), k=1)  # s > t
-    scores = np.where(future[None, None], -np.inf, scores)
+    scores = np.where(mask[None, None], scores, -np.inf)
     scores -= scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
@@ -224,7 +240,9 @@ def forward_logits(cfg, P, ids):
         v = (h @ P[p + "attn.c_v.weight"].T).reshape(B, T, Hkv, d)
         q = rope(rmsnorm(q), cos, sin)
         k = rope(rmsnorm(k), cos, sin)
-        o = attention(q, k, v)
+        pattern = cfg["attn_pattern"]
+        kind = pattern[l % len(pattern)]
+        o = attention(q, k, v, allowed(T, kind, cfg["dsa_window_size"], cfg["n_global"]))
         x = x + o.reshape(B, T, H * d) @ P[p + "attn.c_proj.weight"].T
         h = rmsnorm(x)
         g = silu(h @ P[p + "mlp.w_gate.weight"].T) * (h @ P[p + "mlp.w_up.weight"].T)

@@ -120,6 +120,15 @@ struct ModelArgs {
     /// Logits pass through cap·tanh(z/cap); 0 = off.
     #[arg(long)]
     logit_softcap: Option<f32>,
+    /// Attention per layer, repeated: D dense, W sliding window + global tokens (e.g. WWWD).
+    #[arg(long)]
+    attn_pattern: Option<String>,
+    /// Window W of the W layers (keys t−W < s ≤ t).
+    #[arg(long)]
+    dsa_window_size: Option<usize>,
+    /// Leading tokens every query of a W layer can see (attention sinks).
+    #[arg(long)]
+    n_global: Option<usize>,
 }
 
 impl ModelArgs {
@@ -139,6 +148,9 @@ impl ModelArgs {
             max_seq_len: self.max_seq_len,
             rope_theta: self.rope_theta,
             logit_softcap: self.logit_softcap,
+            attn_pattern: self.attn_pattern.clone(),
+            dsa_window_size: self.dsa_window_size,
+            n_global: self.n_global,
         };
         o.apply(&mut cfg)?;
         Ok(cfg)

@@ -45,6 +45,17 @@ fn attention_dense_and_gqa() {
 }
 
 #[test]
+fn window_attention() {
+    use nanoseek::backend::cpu::window_attention::WindowDims;
+    for (window, n_global, h_kv) in [(3, 0, 2), (4, 2, 1), (20, 1, 2)] {
+        let dims = WindowDims { b: 2, t: 11, h: 2, h_kv, d: 8, window, n_global };
+        let (q, k, v) = (randn(&[2, 11, 2, 8], 16), randn(&[2, 11, h_kv, 8], 17), randn(&[2, 11, h_kv, 8], 18));
+        let name = format!("window attention W={window} G={n_global} h_kv={h_kv}");
+        check_gradients(&name, &[q, k, v], 40, &|t, x| t.window_attention(x[0], x[1], x[2], dims));
+    }
+}
+
+#[test]
 fn swiglu() {
     check_gradients("swiglu", &[randn(&[3, 10], 9), randn(&[3, 10], 10)], 30, &|t, v| t.swiglu(v[0], v[1]));
 }

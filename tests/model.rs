@@ -18,6 +18,7 @@ fn small_config() -> ModelConfig {
         max_seq_len: 8,
         rope_theta: 10_000.0,
         logit_softcap: 15.0,
+        ..ModelConfig::preset("tiny").unwrap()
     }
 }
 
@@ -36,10 +37,15 @@ fn loss_of(model: &Model, ids: &[u32], targets: &[i32], b: usize, t: usize) -> f
 }
 
 /// Finite differences through a whole 2-layer GQA model, for every parameter tensor
-/// (zero-initialized projections are randomized first so every path is active).
+/// (zero-initialized projections are randomized first so every path is active); the
+/// second run uses a window + global layer (W = 3, G = 1) before a dense one.
 #[test]
 fn two_layer_model_gradients_match_finite_differences() {
-    let cfg = small_config();
+    two_layer_gradcheck(small_config());
+    two_layer_gradcheck(ModelConfig { attn_pattern: "WD".into(), dsa_window_size: 3, n_global: 1, ..small_config() });
+}
+
+fn two_layer_gradcheck(cfg: ModelConfig) {
     let mut model = Model::new(&cfg, 1).unwrap();
     let mut r = Rng::new(2);
     for p in &mut model.params {
@@ -113,4 +119,35 @@ fn out_of_range_ids_are_rejected_with_a_clear_error() {
     assert!(err.contains("token id 17") && err.contains("vocab_size 17"), "{err}");
     let err = model.loss(&mut tape, &pv, &[0, 1, 2, 3], &[0, 0, 99, 0], 1, 4).unwrap_err().to_string();
     assert!(err.contains("99"), "{err}");
+}
+
+#[test]
+fn window_layers_with_a_window_as_long_as_the_sequence_equal_dense() {
+    let dense = small_config();
+    let window =
+        ModelConfig { attn_pattern: "W".into(), dsa_window_size: dense.max_seq_len, n_global: 2, ..small_config() };
+    let (ids, targets) = batch(&dense, 2, 8, 6);
+    let a = loss_of(&Model::new(&dense, 3).unwrap(), &ids, &targets, 2, 8);
+    let b = loss_of(&Model::new(&window, 3).unwrap(), &ids, &targets, 2, 8);
+    assert!((a - b).abs() <= 1e-6 * a.abs(), "dense {a} vs window {b}");
+    // a short window does change the result
+    let short = ModelConfig { dsa_window_size: 2, n_global: 0, ..window };
+    let mut m = Model::new(&short, 3).unwrap();
+    let mut r = Rng::new(4);
+    m.params.iter_mut().flat_map(|p| p.tensor.data.iter_mut()).for_each(|x| *x = r.normal() as f32 * 0.3);
+    let mut d = Model::new(&dense, 3).unwrap();
+    let mut r = Rng::new(4);
+    d.params.iter_mut().flat_map(|p| p.tensor.data.iter_mut()).for_each(|x| *x = r.normal() as f32 * 0.3);
+    assert_ne!(loss_of(&m, &ids, &targets, 2, 8), loss_of(&d, &ids, &targets, 2, 8));
+}
+
+#[test]
+fn attention_pattern_is_validated_and_repeats() {
+    let mut c = small_config();
+    c.attn_pattern = "WWD".into();
+    c.n_layer = 5;
+    use nanoseek::nn::AttnKind::{Dense, Window};
+    assert_eq!((0..5).map(|l| c.attn_kind(l)).collect::<Vec<_>>(), vec![Window, Window, Dense, Window, Window]);
+    c.attn_pattern = "WX".into();
+    assert!(c.validate().unwrap_err().to_string().contains("attn_pattern"));
 }

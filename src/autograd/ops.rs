@@ -8,6 +8,7 @@ use crate::backend::cpu::{
     loss, norm,
     rope::{rope_backward, rope_forward, RopeTable},
     swiglu,
+    window_attention::{window_attention_backward, window_attention_forward, WindowDims},
 };
 use std::rc::Rc;
 use std::sync::Arc;
@@ -50,6 +51,14 @@ pub enum Op<'p> {
         lse: Vec<f32>,
         dims: AttnDims,
     },
+    /// Sliding-window + global-token attention (same layouts and saved state as `Attention`).
+    WindowAttention {
+        q: Var,
+        k: Var,
+        v: Var,
+        lse: Vec<f32>,
+        dims: WindowDims,
+    },
     SwiGlu {
         g: Var,
         u: Var,
@@ -86,7 +95,7 @@ impl Op<'_> {
         4 * match self {
             Op::Embedding { ids, .. } => ids.len(),
             Op::RmsNorm { rstd, .. } => rstd.len(),
-            Op::Attention { lse, .. } => lse.len(),
+            Op::Attention { lse, .. } | Op::WindowAttention { lse, .. } => lse.len(),
             Op::WeightedSum { w, .. } => w.len(),
             Op::CrossEntropy { targets, lse, .. } => targets.len() + lse.len(),
             Op::Linear { .. } | Op::Rope { .. } | Op::SwiGlu { .. } | Op::Add { .. } | Op::Checkpoint { .. } => 0,
@@ -106,6 +115,14 @@ impl Op<'_> {
                 let f = 4.0 * pairs * dims.d as f64;
                 (f, 2.5 * f)
             }
+            Op::WindowAttention { dims, .. } => {
+                // visible keys per query: the window (or fewer near the start) plus globals before it
+                let visible: usize = (0..dims.t)
+                    .map(|t: usize| (t + 1).min(dims.window) + dims.n_global.min((t + 1).saturating_sub(dims.window)))
+                    .sum();
+                let f = 4.0 * (dims.b * dims.h) as f64 * visible as f64 * dims.d as f64;
+                (f, 2.5 * f)
+            }
             _ => (0.0, 0.0),
         }
     }
@@ -117,6 +134,7 @@ impl Op<'_> {
             Op::RmsNorm { .. } => "rmsnorm",
             Op::Rope { .. } => "rope",
             Op::Attention { .. } => "attention",
+            Op::WindowAttention { .. } => "window_attention",
             Op::SwiGlu { .. } => "swiglu",
             Op::Add { .. } => "add",
             Op::WeightedSum { .. } => "weighted_sum",
@@ -171,6 +189,14 @@ impl<'p> Tape<'p> {
         attention_forward(&dims, self.value(q), self.value(k), self.value(v), &mut out, &mut lse);
         let shape = self.shape(q).to_vec();
         self.record(out, &shape, Op::Attention { q, k, v, lse, dims })
+    }
+
+    pub fn window_attention(&mut self, q: Var, k: Var, v: Var, dims: WindowDims) -> Var {
+        let mut out = vec![0.0; self.value(q).len()];
+        let mut lse = vec![0.0; dims.b * dims.h * dims.t];
+        window_attention_forward(&dims, self.value(q), self.value(k), self.value(v), &mut out, &mut lse);
+        let shape = self.shape(q).to_vec();
+        self.record(out, &shape, Op::WindowAttention { q, k, v, lse, dims })
     }
 
     pub fn swiglu(&mut self, g: Var, u: Var) -> Var {
@@ -239,6 +265,13 @@ pub(super) fn backward(tape: &Tape, op: &Op, out: Var, dout: &[f32]) -> Vec<(Var
                 (vec![0.0; dout.len()], vec![0.0; tape.value(*k).len()], vec![0.0; tape.value(*v).len()]);
             let (qv, kv, vv) = (tape.value(*q), tape.value(*k), tape.value(*v));
             attention_backward(dims, qv, kv, vv, tape.value(out), lse, dout, &mut dq, &mut dk, &mut dv);
+            vec![(*q, dq), (*k, dk), (*v, dv)]
+        }
+        Op::WindowAttention { q, k, v, lse, dims } => {
+            let (mut dq, mut dk, mut dv) =
+                (vec![0.0; dout.len()], vec![0.0; tape.value(*k).len()], vec![0.0; tape.value(*v).len()]);
+            let (qv, kv, vv) = (tape.value(*q), tape.value(*k), tape.value(*v));
+            window_attention_backward(dims, qv, kv, vv, tape.value(out), lse, dout, &mut dq, &mut dk, &mut dv);
             vec![(*q, dq), (*k, dk), (*v, dv)]
         }
         Op::SwiGlu { g, u } => {

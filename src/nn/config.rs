@@ -23,6 +23,33 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     /// Logits pass through cap·tanh(z/cap); 0 disables the cap.
     pub logit_softcap: f32,
+    /// Attention kind per layer, repeated over the layers: `D` dense causal, `W` sliding
+    /// window of `dsa_window_size` keys plus the first `n_global` tokens. E.g. "WWWD".
+    #[serde(default = "dense_pattern")]
+    pub attn_pattern: String,
+    #[serde(default = "default_window")]
+    pub dsa_window_size: usize,
+    #[serde(default = "default_n_global")]
+    pub n_global: usize,
+}
+
+/// Per-layer attention variant (see `ModelConfig::attn_pattern`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnKind {
+    Dense,
+    Window,
+}
+
+fn dense_pattern() -> String {
+    "D".into()
+}
+
+fn default_window() -> usize {
+    256
+}
+
+fn default_n_global() -> usize {
+    4
 }
 
 /// The named sizes. `tiny` is the CPU default; the rest follow the seed's table.
@@ -55,6 +82,9 @@ impl ModelConfig {
             max_seq_len,
             rope_theta: 10_000.0,
             logit_softcap: 15.0,
+            attn_pattern: dense_pattern(),
+            dsa_window_size: default_window(),
+            n_global: default_n_global(),
         }
     }
 
@@ -144,7 +174,24 @@ impl ModelConfig {
         if !self.logit_softcap.is_finite() || self.logit_softcap < 0.0 {
             bail!("config: logit_softcap must be ≥ 0 (0 = off), got {}", self.logit_softcap);
         }
+        if self.attn_pattern.is_empty() || self.attn_pattern.chars().any(|ch| ch != 'D' && ch != 'W') {
+            bail!(
+                "config: attn_pattern '{}' must be a non-empty string of D (dense) and W (window + global)",
+                self.attn_pattern
+            );
+        }
+        if self.dsa_window_size == 0 {
+            bail!("config: dsa_window_size must be positive");
+        }
         Ok(())
+    }
+
+    /// The attention variant of layer `l` (the pattern repeats over the layers).
+    pub fn attn_kind(&self, l: usize) -> AttnKind {
+        match self.attn_pattern.as_bytes()[l % self.attn_pattern.len()] {
+            b'W' => AttnKind::Window,
+            _ => AttnKind::Dense,
+        }
     }
 
     pub fn q_dim(&self) -> usize {
@@ -192,6 +239,9 @@ pub struct ConfigOverrides {
     pub max_seq_len: Option<usize>,
     pub rope_theta: Option<f64>,
     pub logit_softcap: Option<f32>,
+    pub attn_pattern: Option<String>,
+    pub dsa_window_size: Option<usize>,
+    pub n_global: Option<usize>,
 }
 
 impl ConfigOverrides {
@@ -235,6 +285,15 @@ impl ConfigOverrides {
         }
         if let Some(v) = self.logit_softcap {
             cfg.logit_softcap = v;
+        }
+        if let Some(v) = &self.attn_pattern {
+            cfg.attn_pattern = v.clone();
+        }
+        if let Some(v) = self.dsa_window_size {
+            cfg.dsa_window_size = v;
+        }
+        if let Some(v) = self.n_global {
+            cfg.n_global = v;
         }
         cfg.validate()
     }

@@ -3,5 +3,5 @@
 pub mod config;
 pub mod model;
 
-pub use config::{ConfigOverrides, ModelConfig};
+pub use config::{AttnKind, ConfigOverrides, ModelConfig};
 pub use model::{Model, Param, ParamKind};

@@ -7,10 +7,11 @@
 //!
 //! Every norm is the parameter-free RMSNorm; q and k are normalized per head (QK-norm).
 
-use super::config::ModelConfig;
+use super::config::{AttnKind, ModelConfig};
 use crate::autograd::{Tape, Var};
 use crate::backend::cpu::attention::AttnDims;
 use crate::backend::cpu::rope::RopeTable;
+use crate::backend::cpu::window_attention::WindowDims;
 use crate::memory::{Category, Tracked};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -142,10 +143,10 @@ impl Model {
                 let inputs: Vec<Var> = std::iter::once(x).chain(w.iter().copied()).collect();
                 tape.checkpoint(
                     &inputs,
-                    Rc::new(move |tp: &mut Tape<'p>, v: &[Var]| self.block(tp, v[0], &v[1..], b, t)),
+                    Rc::new(move |tp: &mut Tape<'p>, v: &[Var]| self.block(tp, l, v[0], &v[1..], b, t)),
                 )
             } else {
-                self.block(tape, x, w, b, t)
+                self.block(tape, l, x, w, b, t)
             };
         }
         let x = tape.rmsnorm(x, c.n_embd);
@@ -153,7 +154,7 @@ impl Model {
     }
 
     /// One block on x [b·t, n_embd] with its 7 matrices `w` (BLOCK_MATRICES order).
-    fn block<'p>(&'p self, tape: &mut Tape<'p>, x: Var, w: &[Var], b: usize, t: usize) -> Var {
+    fn block<'p>(&'p self, tape: &mut Tape<'p>, l: usize, x: Var, w: &[Var], b: usize, t: usize) -> Var {
         let c = &self.config;
         let dims = AttnDims { b, t, h: c.n_head, h_kv: c.n_kv_head, d: c.head_dim };
         let h = tape.rmsnorm(x, c.n_embd);
@@ -165,7 +166,14 @@ impl Model {
         let k = tape.rmsnorm(k, c.head_dim);
         let q = tape.rope(q, b, t, c.n_head, &self.rope);
         let k = tape.rope(k, b, t, c.n_kv_head, &self.rope);
-        let y = tape.attention(q, k, v, dims);
+        let y = match c.attn_kind(l) {
+            AttnKind::Dense => tape.attention(q, k, v, dims),
+            AttnKind::Window => {
+                let (window, n_global) = (c.dsa_window_size, c.n_global);
+                let wd = WindowDims { b, t, h: c.n_head, h_kv: c.n_kv_head, d: c.head_dim, window, n_global };
+                tape.window_attention(q, k, v, wd)
+            }
+        };
         let y = tape.linear(y, w[3]);
         let x = tape.add(x, y);
         let h = tape.rmsnorm(x, c.n_embd);
