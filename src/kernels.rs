@@ -3,6 +3,18 @@
 //! and the CUDA launches come with the CUDA backend under the same names.
 //!
 //! Layouts are row-major; "rows" means every dimension but the last.
+//!
+//! ```
+//! use nanoseek::{kernels, Tensor};
+//! // [batch, time, heads, head_dim]; 4 query heads share 2 key/value heads (GQA)
+//! let q = Tensor::from_vec(&[1, 3, 4, 8], (0..96).map(|i| (i as f32 * 0.1).sin()).collect());
+//! let kv = Tensor::from_vec(&[1, 3, 2, 8], (0..48).map(|i| (i as f32 * 0.2).cos()).collect());
+//! let (out, lse) = kernels::causal_attention(&q, &kv, &kv);
+//! assert_eq!(out.shape, vec![1, 3, 4, 8]);
+//! assert_eq!(lse.shape, vec![1, 4, 3]);
+//! // the first position can only attend to itself: its output is its own value row
+//! assert!((out.data[0] - kv.data[0]).abs() < 1e-6);
+//! ```
 
 use crate::backend::cpu::{attention, gemm, loss, norm, rope, swiglu};
 use crate::tensor::Tensor;
