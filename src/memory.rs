@@ -50,11 +50,6 @@ impl MemoryReport {
     pub fn current_total(&self) -> usize {
         self.current.iter().sum()
     }
-
-    /// The composition of memory at the moment the total peaked.
-    pub fn named(&self, values: &[usize; 5]) -> Vec<(&'static str, usize)> {
-        CATEGORIES.iter().map(|c| c.name()).zip(values.iter().copied()).collect()
-    }
 }
 
 #[derive(Default)]

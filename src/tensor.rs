@@ -58,10 +58,6 @@ impl Tensor {
         let data = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         Tensor::from_vec(shape, data)
     }
-
-    pub fn sum_sq(&self) -> f64 {
-        self.data.iter().map(|&x| (x as f64) * (x as f64)).sum()
-    }
 }
 
 #[cfg(test)]

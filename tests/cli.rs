@@ -3,25 +3,10 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-const MICRO: &[&str] = &[
-    "--n-layer",
-    "1",
-    "--n-embd",
-    "32",
-    "--n-head",
-    "2",
-    "--max-seq-len",
-    "32",
-    "--device-batch-size",
-    "2",
-    "--num-iterations",
-    "2",
-    "--sample-tokens",
-    "0",
-    "--quiet",
-    "--device",
-    "cpu",
-];
+/// A one-layer model small enough that every command finishes in a moment.
+const MODEL: &[&str] =
+    &["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--max-seq-len", "32", "--device-batch-size", "2"];
+const RUN: &[&str] = &["--num-iterations", "2", "--sample-tokens", "0", "--quiet", "--device", "cpu"];
 
 fn nanoseek(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_nanoseek")).args(args).current_dir(cwd).output().expect("run nanoseek")
@@ -44,7 +29,7 @@ fn fails(dir: &Path, extra: &[&str], needle: &str) -> String {
 }
 
 fn micro(extra: &[&str]) -> Vec<String> {
-    MICRO.iter().chain(extra).map(|s| s.to_string()).collect()
+    MODEL.iter().chain(RUN).chain(extra).map(|s| s.to_string()).collect()
 }
 
 fn strs(v: &[String]) -> Vec<&str> {
@@ -190,25 +175,9 @@ fn nan_loss_stops_with_a_clear_error_and_no_half_written_checkpoint() {
 fn profile_and_info_report_time_and_memory() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let args = [
-        "profile",
-        "--n-layer",
-        "1",
-        "--n-embd",
-        "32",
-        "--n-head",
-        "2",
-        "--max-seq-len",
-        "32",
-        "--device-batch-size",
-        "2",
-        "--steps",
-        "1",
-        "--grad-checkpoint",
-        "1",
-        "--output",
-        "p.json",
-    ];
+    let mut args = vec!["profile"];
+    args.extend_from_slice(MODEL);
+    args.extend_from_slice(&["--steps", "1", "--grad-checkpoint", "1", "--output", "p.json"]);
     let o = nanoseek(&args, d);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);

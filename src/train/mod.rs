@@ -240,7 +240,6 @@ pub fn train_step(
         let batch = next_batch();
         let rows = batch.ids.len() / t;
         let mut tape = if profile { Tape::with_profiling() } else { Tape::new() };
-        tape.mark();
         let pv = model.params_on(&mut tape);
         let loss = model.loss(&mut tape, &pv, &batch.ids, &batch.targets, rows, t)?;
         let lv = tape.value(loss)[0];
