@@ -107,6 +107,11 @@ impl Model {
         v
     }
 
+    /// A parameter by its checkpoint name (e.g. `blocks.0.attn.c_q.weight`).
+    pub fn param(&self, name: &str) -> Option<&Tensor> {
+        self.params.iter().find(|p| p.name == name).map(|p| &p.tensor)
+    }
+
     pub fn num_params(&self) -> usize {
         self.params.iter().map(|p| p.tensor.numel()).sum()
     }
