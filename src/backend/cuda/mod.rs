@@ -1,7 +1,35 @@
-//! CUDA runtime. Today: driver discovery that never panics when no driver is
-//! installed (cudarc is built with dynamic loading, so nothing CUDA is needed
-//! at build time). The kernels, allocator and launch code for the dense model
-//! arrive with the CUDA backend issue; until then training runs on the CPU.
+//! CUDA runtime: device discovery that never panics without a driver (cudarc is
+//! built with dynamic loading, so nothing CUDA is needed at build time), one
+//! context and one stream per [`CudaBackend`], lazy loading of the embedded PTX
+//! (the `sm_90a` build on compute capability 9.0, the portable `sm_80` build
+//! elsewhere), a caching allocator that reports current and peak bytes
+//! ([`memory`]), and typed launch wrappers per kernel family, each named like its
+//! CPU twin in `src/backend/cpu/` and its kernels in `cuda/<family>.cu`.
+//!
+//! The kernel parameter structs come from `cuda/abi.h` through bindgen ([`abi`]).
+//! Activations are bf16 (`half::bf16`), master weights and optimizer state f32.
+
+#[allow(clippy::all)]
+pub mod abi;
+pub mod attention;
+pub mod embedding;
+pub mod gemm;
+pub mod loss;
+pub mod memory;
+pub mod norm;
+pub mod optim;
+pub mod rope;
+pub mod swiglu;
+
+use cudarc::driver::{result, sys, CudaContext};
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex};
+
+pub use memory::{DeviceBuffer, MemoryStats};
+
+// The PTX of every kernel family per target, embedded by build.rs.
+include!(concat!(env!("OUT_DIR"), "/embedded_ptx.rs"));
 
 /// Number of CUDA devices visible through the driver, or an explanation of why none are.
 pub fn probe_devices() -> Result<usize, String> {
@@ -20,5 +48,207 @@ pub fn probe_devices() -> Result<usize, String> {
     Ok(count as usize)
 }
 
-// The PTX committed in `ptx/`, embedded by build.rs (empty until the CUDA kernels land).
-include!(concat!(env!("OUT_DIR"), "/embedded_ptx.rs"));
+/// The PTX target used on a device of compute capability `cc`: `sm_90a` only loads on 9.0.
+pub fn ptx_target(cc: (i32, i32)) -> &'static str {
+    if cc == (9, 0) {
+        "sm_90a"
+    } else {
+        "sm_80"
+    }
+}
+
+/// A CUDA error with what was being done.
+#[derive(Debug)]
+pub struct CudaError(pub String);
+
+impl std::fmt::Display for CudaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for CudaError {}
+
+pub type CudaResult<T> = Result<T, CudaError>;
+
+pub(crate) fn err<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> CudaError + '_ {
+    move |e| CudaError(format!("{what}: {e:?}"))
+}
+
+/// Raw module / function handles (owned by the context, which outlives them).
+#[derive(Clone, Copy)]
+struct Handle(*mut c_void);
+// SAFETY: CUDA module and function handles may be used from any thread once the context is current.
+unsafe impl Send for Handle {}
+
+pub(crate) struct Inner {
+    pub(crate) ctx: Arc<CudaContext>,
+    /// The legacy default stream: every launch and copy is ordered on it.
+    pub(crate) stream: sys::CUstream,
+    pub(crate) pool: Mutex<memory::Pool>,
+}
+// SAFETY: the stream handle is the null (default) stream; all access binds the context first.
+unsafe impl Send for Inner {}
+unsafe impl Sync for Inner {}
+
+impl Inner {
+    pub(crate) fn bind(&self) -> CudaResult<()> {
+        self.ctx.bind_to_thread().map_err(err("cuCtxSetCurrent"))
+    }
+}
+
+/// One CUDA device: context, stream, lazily loaded kernel modules and the caching allocator.
+pub struct CudaBackend {
+    pub(crate) inner: Arc<Inner>,
+    ordinal: usize,
+    cc: (i32, i32),
+    name: String,
+    target: &'static str,
+    modules: Mutex<HashMap<&'static str, Handle>>,
+    functions: Mutex<HashMap<&'static str, Handle>>,
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal`. Never panics: without a driver or device it returns the reason.
+    pub fn new(ordinal: usize) -> CudaResult<CudaBackend> {
+        let n = probe_devices().map_err(CudaError)?;
+        if ordinal >= n {
+            return Err(CudaError(format!("cuda:{ordinal} requested, {n} device(s) present")));
+        }
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
+            .map_err(|_| CudaError("creating the CUDA context panicked".into()))?
+            .map_err(err("cuDevicePrimaryCtxRetain"))?;
+        let cc = ctx.compute_capability().map_err(err("compute capability"))?;
+        if cc.0 < 8 {
+            return Err(CudaError(format!("compute capability {}.{} < 8.0 (bf16 tensor cores needed)", cc.0, cc.1)));
+        }
+        let name = ctx.name().unwrap_or_else(|_| "unknown".into());
+        let inner = Arc::new(Inner { ctx, stream: std::ptr::null_mut(), pool: Mutex::new(memory::Pool::default()) });
+        Ok(CudaBackend {
+            inner,
+            ordinal,
+            cc,
+            name,
+            target: ptx_target(cc),
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.cc
+    }
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The PTX target this device loads (`sm_90a` or `sm_80`).
+    pub fn target(&self) -> &'static str {
+        self.target
+    }
+
+    /// Current, peak and cached bytes of the caching allocator.
+    pub fn memory_stats(&self) -> MemoryStats {
+        self.inner.pool.lock().unwrap().stats()
+    }
+
+    /// Resets the peak to the current usage.
+    pub fn reset_peak(&self) {
+        let mut p = self.inner.pool.lock().unwrap();
+        p.peak = p.current;
+    }
+
+    /// Frees every cached (unused) block back to the driver.
+    pub fn empty_cache(&self) -> CudaResult<()> {
+        self.inner.bind()?;
+        self.inner.pool.lock().unwrap().release_cached()
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> CudaResult<()> {
+        self.inner.bind()?;
+        self.inner.ctx.synchronize().map_err(err("cuCtxSynchronize"))
+    }
+
+    /// The kernel `name` of `family`, loading the family's module on first use.
+    fn function(&self, family: &'static str, name: &'static str) -> CudaResult<sys::CUfunction> {
+        if let Some(f) = self.functions.lock().unwrap().get(name) {
+            return Ok(f.0 as sys::CUfunction);
+        }
+        self.inner.bind()?;
+        let module = {
+            let mut mods = self.modules.lock().unwrap();
+            match mods.get(family) {
+                Some(m) => m.0 as sys::CUmodule,
+                None => {
+                    let ptx = EMBEDDED_PTX
+                        .iter()
+                        .find(|(f, t, _)| *f == family && *t == self.target)
+                        .ok_or_else(|| CudaError(format!("no embedded PTX for {family} ({})", self.target)))?
+                        .2;
+                    let src = CString::new(ptx).map_err(err("PTX text"))?;
+                    // SAFETY: a NUL-terminated PTX string; the module lives as long as the context.
+                    let m = unsafe { result::module::load_data(src.as_ptr() as *const c_void) }
+                        .map_err(err(&format!("loading the {family} PTX ({})", self.target)))?;
+                    mods.insert(family, Handle(m as *mut c_void));
+                    m
+                }
+            }
+        };
+        let cname = CString::new(name).unwrap();
+        // SAFETY: the module was loaded above and is never unloaded while the backend lives.
+        let f = unsafe { result::module::get_function(module, cname) }.map_err(err(name))?;
+        self.functions.lock().unwrap().insert(name, Handle(f as *mut c_void));
+        Ok(f)
+    }
+
+    /// Launches `family::name` with the single by-value parameter struct `params`.
+    pub(crate) fn launch<P: Copy>(
+        &self,
+        family: &'static str,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        params: &P,
+    ) -> CudaResult<()> {
+        let f = self.function(family, name)?;
+        self.inner.bind()?;
+        let mut p = *params;
+        let mut args = [&mut p as *mut P as *mut c_void];
+        // SAFETY: the kernel takes exactly one parameter of type P (cuda/abi.h, checked by bindgen's
+        // layout tests), and every device address in it was checked by the typed wrapper.
+        unsafe { result::launch_kernel(f, grid, (block, 1, 1), smem, self.inner.stream, &mut args) }.map_err(err(name))
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        if self.inner.bind().is_ok() {
+            let _ = self.inner.ctx.synchronize();
+            for (_, m) in self.modules.lock().unwrap().drain() {
+                // SAFETY: loaded by `function`, no launch can use it any more.
+                let _ = unsafe { result::module::unload(m.0 as sys::CUmodule) };
+            }
+        }
+    }
+}
+
+/// Blocks for a grid-stride kernel over n elements (at most 8 per SM-ish, capped).
+pub(crate) fn grid_for(n: usize, per_block: usize) -> u32 {
+    n.div_ceil(per_block).clamp(1, 65_535) as u32
+}
+
+/// Checks a dimension fits the kernels' 32-bit int fields.
+pub(crate) fn int(v: usize, what: &str) -> CudaResult<i32> {
+    i32::try_from(v).map_err(|_| CudaError(format!("{what} = {v} does not fit in 32 bits")))
+}
+
+pub(crate) fn check(cond: bool, msg: impl FnOnce() -> String) -> CudaResult<()> {
+    if cond {
+        Ok(())
+    } else {
+        Err(CudaError(msg()))
+    }
+}

@@ -1,0 +1,180 @@
+/* Kernel ABI: the parameter struct of every kernel family, passed by value as
+ * the kernel's single argument. This header is the one source of truth for the
+ * layout: the CUDA kernels include it, and bindgen generates its Rust twin
+ * (src/backend/cuda/abi.rs, committed; `scripts/gen-bindings.sh` regenerates
+ * it and `--check` fails when it is stale).
+ *
+ * Conventions: device addresses are `ns_dptr` (a CUdeviceptr); tensors are
+ * row-major and contiguous unless a leading dimension is given; `bf16` means
+ * __nv_bfloat16 in memory, `f32` float. Shapes are written like the CPU twins in
+ * src/backend/cpu/ (same names, same math). Only fixed-width C types are used,
+ * so the C and Rust layouts agree field by field.
+ */
+#ifndef NANOSEEK_ABI_H
+#define NANOSEEK_ABI_H
+
+/** A device address (CUdeviceptr); 0 means "absent" where a field is optional. */
+typedef unsigned long long ns_dptr;
+
+/** rope.cu: rotary embedding of q and k in one pass (NeoX half-split layout).
+ * q_in/q_out: bf16 [b, t, h, d]; k_in/k_out: bf16 [b, t, h_kv, d] (in == out is
+ * allowed); cos/sin: f32 [max_t, d/2]. Token row r has position r % t.
+ * inverse = 1 applies the backward (rotation by the negative angle). */
+typedef struct NsRopeParams {
+    ns_dptr q_in;
+    ns_dptr q_out;
+    ns_dptr k_in;
+    ns_dptr k_out;
+    ns_dptr cos;
+    ns_dptr sin;
+    int rows; /* b * t */
+    int t;
+    int h;
+    int h_kv;
+    int d;
+    int inverse;
+} NsRopeParams;
+
+/** norm.cu: parameter-free RMSNorm over the last dimension.
+ * Forward: x bf16 [rows, dim] -> y bf16 [rows, dim], rstd f32 [rows].
+ * Backward: x, rstd, dy bf16 -> dx bf16 [rows, dim]. */
+typedef struct NsNormParams {
+    ns_dptr x;
+    ns_dptr y;
+    ns_dptr rstd;
+    ns_dptr dy;
+    ns_dptr dx;
+    int rows;
+    int dim;
+    float eps;
+    int pad_;
+} NsNormParams;
+
+/** swiglu.cu: y = silu(g) * u and its backward; all bf16 [n]. */
+typedef struct NsSwigluParams {
+    ns_dptr g;
+    ns_dptr u;
+    ns_dptr y;
+    ns_dptr dy;
+    ns_dptr dg;
+    ns_dptr du;
+    long long n;
+} NsSwigluParams;
+
+/** embedding.cu: out[i, :] = table[ids[i], :] (f32 table -> bf16 out);
+ * backward dtable[ids[i], :] += dout[i, :] (bf16 dout, f32 dtable, atomics).
+ * ids: u32 [n], each < vocab (checked on the host). */
+typedef struct NsEmbeddingParams {
+    ns_dptr table;
+    ns_dptr ids;
+    ns_dptr out;
+    ns_dptr dout;
+    ns_dptr dtable;
+    int n;
+    int dim;
+} NsEmbeddingParams;
+
+/** loss.cu: logit softcap fused with cross-entropy, one row per block, the
+ * vocabulary streamed in chunks (online max/sum: no fp32 logits kept).
+ * logits bf16 [rows, vocab], targets i32 [rows] (< 0: ignored),
+ * losses f32 [rows], lse f32 [rows]; backward writes dlogits bf16 [rows, vocab]
+ * = scale * dloss/dlogits. cap = 0 disables the cap. */
+typedef struct NsLossParams {
+    ns_dptr logits;
+    ns_dptr targets;
+    ns_dptr losses;
+    ns_dptr lse;
+    ns_dptr dlogits;
+    int rows;
+    int vocab;
+    float cap;
+    float scale;
+} NsLossParams;
+
+/** optim.cu: decoupled AdamW on f32 master weights (the host precomputes the
+ * bias corrections exactly as the CPU twin does):
+ * m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+ * p = p * decay - step_size * m / (sqrt(v) / bc2_sqrt + eps).
+ * p_bf16 (optional) receives a bf16 copy of the updated p. */
+typedef struct NsAdamWParams {
+    ns_dptr p;
+    ns_dptr g;
+    ns_dptr m;
+    ns_dptr v;
+    ns_dptr p_bf16;
+    long long n;
+    float beta1;
+    float beta2;
+    float eps;
+    float decay;
+    float step_size;
+    float bc2_sqrt;
+} NsAdamWParams;
+
+/** optim.cu: gradient norm and clipping. sumsq: partials f32 [blocks] then
+ * out f32 [1] = sum(x^2) in a fixed order (deterministic); scale: x *= *factor
+ * (a device scalar, so clipping needs no host round trip). */
+typedef struct NsReduceParams {
+    ns_dptr x;
+    ns_dptr partials;
+    ns_dptr out;
+    ns_dptr factor;
+    long long n;
+    int blocks;
+    float max_norm;
+} NsReduceParams;
+
+/** gemm.cu: C = alpha * op(A) op(B) + beta * C for each of `batch` matrices,
+ * bf16 A and B, fp32 accumulation, C f32 or bf16 (by kernel name). op(A) is
+ * [m, k]: stored [m, k] (lda >= k) for N or [k, m] (lda >= m) for T; op(B) is
+ * [k, n]: stored [k, n] (ldb >= n) for N or [n, k] (ldb >= k) for T. Batch i
+ * uses A + i*stride_a etc. (in elements). Requirements checked on the host:
+ * the contiguous dimension of each operand and lda, ldb multiples of 8,
+ * 16-byte aligned bases. beta = 0 never reads C. */
+typedef struct NsGemmParams {
+    ns_dptr a;
+    ns_dptr b;
+    ns_dptr c;
+    int m;
+    int n;
+    int k;
+    int lda;
+    int ldb;
+    int ldc;
+    long long stride_a;
+    long long stride_b;
+    long long stride_c;
+    int batch;
+    float alpha;
+    float beta;
+    int pad_;
+} NsGemmParams;
+
+/** attention.cu: causal softmax attention, scale = 1/sqrt(d) (passed),
+ * grouped-query (query head j uses kv head j / (h / h_kv)).
+ * q, out, dout, dq: bf16 [b, t, h, d]; k, v, dk, dv: bf16 [b, t, h_kv, d];
+ * lse, delta: f32 [b, h, t] (natural log of the scaled scores, like the CPU);
+ * The backward's gradients are f32: dq_acc [b, t, h, d] is accumulated with
+ * atomics (zeroed by the host first); dk_acc, dv_acc [b, t, h_kv, d] are
+ * written once per key row (overwritten).
+ * d is 64 or 128 (kernel name). */
+typedef struct NsAttnParams {
+    ns_dptr q;
+    ns_dptr k;
+    ns_dptr v;
+    ns_dptr out;
+    ns_dptr lse;
+    ns_dptr dout;
+    ns_dptr delta;
+    ns_dptr dq_acc;
+    ns_dptr dk_acc;
+    ns_dptr dv_acc;
+    int b;
+    int t;
+    int h;
+    int h_kv;
+    int d;
+    float scale;
+} NsAttnParams;
+
+#endif /* NANOSEEK_ABI_H */

@@ -1,0 +1,107 @@
+// Shared device helpers of the kernel families: bf16 conversion, warp and
+// block reductions, 16-byte vector access, and the mma.sync / ldmatrix /
+// cp.async wrappers of the tensor-core kernels (gemm.cu, attention.cu).
+#pragma once
+#include <cuda_bf16.h>
+#include <stdint.h>
+#include "abi.h"
+
+typedef __nv_bfloat16 bf16;
+
+#define NS_DEV __device__ __forceinline__
+
+NS_DEV float bf2f(bf16 x) { return __bfloat162float(x); }
+NS_DEV bf16 f2bf(float x) { return __float2bfloat16_rn(x); }
+
+// e^x and tanh with the fast hardware paths (relative error ~1e-7 class after
+// the bf16 rounding of the inputs, far below the bf16 tolerances of the tests).
+NS_DEV float ns_exp(float x) { return __expf(x); }
+NS_DEV float ns_tanh(float x) { return 1.0f - 2.0f / (__expf(2.0f * x) + 1.0f); }
+NS_DEV float ns_sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
+
+NS_DEV float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+NS_DEV float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread
+// gets the result. `scratch` holds 32 floats of shared memory.
+NS_DEV float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nw ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+// 8 bf16 <-> 8 floats through one 16-byte access.
+struct alignas(16) bf16x8 {
+    __nv_bfloat162 h[4];
+};
+
+NS_DEV void load8(const bf16* p, float* f) {
+    bf16x8 v = *reinterpret_cast<const bf16x8*>(p);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float2 t = __bfloat1622float2(v.h[i]);
+        f[2 * i] = t.x;
+        f[2 * i + 1] = t.y;
+    }
+}
+
+NS_DEV void store8(bf16* p, const float* f) {
+    bf16x8 v;
+#pragma unroll
+    for (int i = 0; i < 4; i++) v.h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    *reinterpret_cast<bf16x8*>(p) = v;
+}
+
+// ---- tensor-core helpers (sm_80+) ----
+
+NS_DEV uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+// 16-byte global -> shared copy; src_bytes = 0 zero-fills (out-of-range tiles).
+NS_DEV void cp_async16(void* smem, const void* gmem, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+                 "r"(src_bytes));
+}
+NS_DEV void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+NS_DEV void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+NS_DEV void ldmatrix_x4(uint32_t* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+NS_DEV void ldmatrix_x4_trans(uint32_t* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// D = A(16x16, row) * B(16x8, col) + D; bf16 inputs, fp32 accumulators.
+NS_DEV void mma_bf16_16816(float* d, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Two floats -> one register of two bf16 (low half = first).
+NS_DEV uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""PyTorch baselines for the CUDA kernel benches (run on the GPU machine).
+
+Times torch.matmul (cuBLAS) in bf16, scaled_dot_product_attention (flash
+backend, causal) forward and forward+backward, and eager and torch.compile'd
+RoPE, RMSNorm and softcap cross-entropy, at the engine's shapes. Prints a
+table and writes JSON: for each case the shape, median milliseconds, and the
+achieved TFLOP/s or GB/s.
+
+    python3 scripts/torch_baselines.py [--out FILE.json] [--quick]
+"""
+import argparse
+import json
+import sys
+
+
+def bench(fn, warmup=3, iters=20):
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def rope(x, cos, sin):
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d].float(), x[..., d:].float()
+    return torch_cat(x1 * cos - x2 * sin, x1 * sin + x2 * cos).to(x.dtype)
+
+
+def torch_cat(a, b):
+    import torch
+
+    return torch.cat([a, b], dim=-1)
+
+
+def rmsnorm(x, eps=1e-6):
+    xf = x.float()
+    return (xf * (xf.pow(2).mean(-1, keepdim=True) + eps).rsqrt()).to(x.dtype)
+
+
+def softcap_ce(z, y, cap=15.0):
+    import torch.nn.functional as F
+
+    zc = cap * (z.float() / cap).tanh()
+    return F.cross_entropy(zc, y)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="torch_baselines.json")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    import torch
+    import torch.nn.functional as F
+
+    if not torch.cuda.is_available():
+        print("torch_baselines: no CUDA device", file=sys.stderr)
+        return 1
+    dev, bf = "cuda", torch.bfloat16
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": []}
+
+    def record(kind, name, shape, ms, flops=None, nbytes=None):
+        r = {"kind": kind, "name": name, "shape": shape, "ms": ms}
+        if flops:
+            r["tflops"] = flops / ms / 1e9
+        if nbytes:
+            r["gbps"] = nbytes / ms / 1e6
+        results["cases"].append(r)
+        rate = f"{r['tflops']:.1f} TFLOP/s" if flops else f"{r['gbps']:.0f} GB/s"
+        print(f"{kind:10s} {name:28s} {str(shape):32s} {ms:8.3f} ms  {rate}")
+
+    # GEMM (cuBLAS): 4096^3 and the small/medium training shapes (tokens x n_embd x out)
+    gemms = [(4096, 4096, 4096), (16384, 768, 3072), (16384, 3072, 768), (16384, 1024, 4096)]
+    for m, n, k in gemms[:2] if args.quick else gemms:
+        a, b = torch.randn(m, k, device=dev, dtype=bf), torch.randn(k, n, device=dev, dtype=bf)
+        record("gemm", "torch.matmul", [m, n, k], bench(lambda: a @ b), flops=2 * m * n * k)
+
+    # copy ceiling
+    x = torch.empty(1 << 28, device=dev, dtype=torch.uint8)
+    y = torch.empty_like(x)
+    record("copy", "copy_", [x.numel()], bench(lambda: y.copy_(x)), nbytes=2 * x.numel())
+
+    # attention: SDPA (flash backend), causal, GQA expanded
+    for b, t, h, d in [(8, 1024, 12, 64), (2, 4096, 16, 64), (1, 8192, 16, 128)]:
+        q = torch.randn(b, h, t, d, device=dev, dtype=bf, requires_grad=True)
+        k = torch.randn(b, h, t, d, device=dev, dtype=bf, requires_grad=True)
+        v = torch.randn(b, h, t, d, device=dev, dtype=bf, requires_grad=True)
+        flops = 4 * b * h * t * t * d / 2
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            record("attention", "sdpa fwd", [b, t, h, d],
+                   bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)), flops=flops)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            g = torch.randn_like(o)
+
+            def fb():
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                out.backward(g)
+
+            record("attention", "sdpa fwd+bwd", [b, t, h, d], bench(fb), flops=3.5 * flops)
+
+    # RoPE, RMSNorm, cross-entropy: eager and compiled
+    b, t, h, d = 8, 1024, 12, 64
+    xq = torch.randn(b, t, h, d, device=dev, dtype=bf)
+    ang = torch.arange(t, device=dev)[:, None] * (10000.0 ** (-2 * torch.arange(d // 2, device=dev) / d))[None]
+    cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
+    xn = torch.randn(b * t, 768, device=dev, dtype=bf)
+    z = torch.randn(8192, 65536 if not args.quick else 8192, device=dev, dtype=bf)
+    yt = torch.randint(0, z.shape[1], (z.shape[0],), device=dev)
+    for mode in ["eager", "compiled"]:
+        wrap = (lambda f: f) if mode == "eager" else (lambda f: torch.compile(f))
+        r, n, c = wrap(rope), wrap(rmsnorm), wrap(softcap_ce)
+        record("rope", f"rope {mode}", list(xq.shape), bench(lambda: r(xq, cos, sin)), nbytes=2 * xq.numel() * 2)
+        record("rmsnorm", f"rmsnorm {mode}", list(xn.shape), bench(lambda: n(xn)), nbytes=2 * xn.numel() * 2)
+        record("loss", f"softcap_ce {mode}", list(z.shape), bench(lambda: c(z, yt)), nbytes=z.numel() * 2)
+
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"torch_baselines: wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

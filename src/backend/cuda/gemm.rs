@@ -1,0 +1,102 @@
+//! Launch code of `cuda/gemm.cu` (twin: `cpu::gemm`): C = α·op(A)·op(B) + β·C with bf16
+//! operands, fp32 tensor-core accumulation and an f32 or bf16 C, batched.
+
+use super::abi::NsGemmParams;
+use super::memory::DeviceElem;
+use super::{check, int, CudaBackend, CudaResult, DeviceBuffer};
+pub use crate::backend::cpu::gemm::Layout;
+use half::bf16;
+
+/// Output element types of the GEMM.
+pub trait GemmOut: DeviceElem {
+    const BF16: bool;
+}
+impl GemmOut for f32 {
+    const BF16: bool = false;
+}
+impl GemmOut for bf16 {
+    const BF16: bool = true;
+}
+
+const TILE: u32 = 128;
+
+fn kernel(la: Layout, lb: Layout, bf16_out: bool) -> &'static str {
+    use Layout::{N, T};
+    match (la, lb, bf16_out) {
+        (N, N, false) => "gemm_nn_f32",
+        (N, T, false) => "gemm_nt_f32",
+        (T, N, false) => "gemm_tn_f32",
+        (T, T, false) => "gemm_tt_f32",
+        (N, N, true) => "gemm_nn_bf16",
+        (N, T, true) => "gemm_nt_bf16",
+        (T, N, true) => "gemm_tn_bf16",
+        (T, T, true) => "gemm_tt_bf16",
+    }
+}
+
+/// C[m,n] = α·A·B + β·C (β = 0 never reads C). Layouts as `cpu::gemm`: A is [m,k] (N) or
+/// [k,m] (T), B is [k,n] (N) or [n,k] (T). The contiguous dimension of each stored operand
+/// must be a multiple of 8 (16-byte rows): k always, m when A is T, n when B is N.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm<C: GemmOut>(
+    be: &CudaBackend,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &DeviceBuffer<bf16>,
+    la: Layout,
+    b: &DeviceBuffer<bf16>,
+    lb: Layout,
+    c: &DeviceBuffer<C>,
+    alpha: f32,
+    beta: f32,
+) -> CudaResult<()> {
+    gemm_batched(be, 1, m, n, k, a, la, b, lb, c, alpha, beta)
+}
+
+/// `batch` independent products over consecutive [m,k]/[k,n]/[m,n] matrices of a, b and c.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_batched<C: GemmOut>(
+    be: &CudaBackend,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &DeviceBuffer<bf16>,
+    la: Layout,
+    b: &DeviceBuffer<bf16>,
+    lb: Layout,
+    c: &DeviceBuffer<C>,
+    alpha: f32,
+    beta: f32,
+) -> CudaResult<()> {
+    check(a.len() == batch * m * k, || format!("gemm: A must hold batch*m*k = {batch}*{m}*{k} values"))?;
+    check(b.len() == batch * k * n, || format!("gemm: B must hold batch*k*n = {batch}*{k}*{n} values"))?;
+    check(c.len() == batch * m * n, || format!("gemm: C must hold batch*m*n = {batch}*{m}*{n} values"))?;
+    check(k % 8 == 0, || format!("gemm: k = {k} must be a multiple of 8 on CUDA"))?;
+    check(la == Layout::N || m % 8 == 0, || format!("gemm: m = {m} must be a multiple of 8 when A is transposed"))?;
+    check(lb == Layout::T || n % 8 == 0, || format!("gemm: n = {n} must be a multiple of 8 when B is not transposed"))?;
+    if batch == 0 || m == 0 || n == 0 {
+        return Ok(());
+    }
+    let p = NsGemmParams {
+        a: a.ptr(),
+        b: b.ptr(),
+        c: c.ptr(),
+        m: int(m, "m")?,
+        n: int(n, "n")?,
+        k: int(k, "k")?,
+        lda: int(if la == Layout::N { k } else { m }, "lda")?,
+        ldb: int(if lb == Layout::N { n } else { k }, "ldb")?,
+        ldc: int(n, "ldc")?,
+        stride_a: (m * k) as i64,
+        stride_b: (k * n) as i64,
+        stride_c: (m * n) as i64,
+        batch: int(batch, "batch")?,
+        alpha,
+        beta,
+        pad_: 0,
+    };
+    let grid = ((n as u32).div_ceil(TILE), (m as u32).div_ceil(TILE), batch as u32);
+    be.launch("gemm", kernel(la, lb, C::BF16), grid, 256, 0, &p)
+}

@@ -1,0 +1,341 @@
+//! CUDA kernels against their CPU twins (`src/backend/cpu/`), forward and backward.
+//!
+//! Every test needs a CUDA device: without one it prints a loud
+//! `SKIPPED: no CUDA device (reason)` line on stderr (not captured by the test
+//! harness) and returns, so `cargo test` passes on machines without a GPU.
+//!
+//! Method: random inputs are rounded to bf16 first, the CPU reference runs in
+//! f32 on exactly those values, and the GPU result (bf16 or f32) is compared
+//! with |gpu − cpu| ≤ atol + rtol·|cpu|. Tolerances, by what the GPU rounds:
+//! - bf16 outputs of element-wise kernels (rope, rmsnorm, swiglu, embedding,
+//!   cross-entropy gradient): rtol 1e-2, atol 1e-2 × the typical magnitude
+//!   (bf16 has an 8-bit mantissa: one rounding is ≤ 2⁻⁹ ≈ 2e-3 relative);
+//! - f32 outputs from f32 math (loss, lse, AdamW, grad norm): rtol 1e-4, atol 1e-5;
+//! - GEMM with f32 output: only the summation order differs: rtol 1e-3, atol 1e-3·√k;
+//! - attention: P is rounded to bf16 before P·V (as in every flash kernel):
+//!   atol 2e-2, rtol 2e-2 on out and the gradients, 1e-3 on lse.
+
+use half::bf16;
+use nanoseek::backend::cpu;
+use nanoseek::backend::cuda::{self, CudaBackend, DeviceBuffer};
+use std::io::Write;
+
+/// One write straight to stderr (the harness captures only the print macros).
+fn skipped(why: &str, test: &str) {
+    let line = format!("SKIPPED: no CUDA device ({why}) [{test}]\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
+fn device(test: &str) -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(be) => Some(be),
+        Err(why) => {
+            skipped(&why.0, test);
+            None
+        }
+    }
+}
+
+/// Deterministic uniform values in [-amp, amp), already rounded to bf16.
+fn rand_bf16(seed: u64, n: usize, amp: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let u = (s >> 40) as f32 / (1u64 << 24) as f32;
+            bf16::from_f32((2.0 * u - 1.0) * amp).to_f32()
+        })
+        .collect()
+}
+
+fn to_bf(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+fn up(be: &CudaBackend, v: &[f32]) -> DeviceBuffer<bf16> {
+    DeviceBuffer::from_host(be, &to_bf(v)).unwrap()
+}
+
+fn down(b: &DeviceBuffer<bf16>) -> Vec<f32> {
+    b.to_host().unwrap().iter().map(|x| x.to_f32()).collect()
+}
+
+#[track_caller]
+fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let (mut worst, mut at) = (0.0f32, 0);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let excess = (g - w).abs() - (atol + rtol * w.abs());
+        if excess.is_nan() || excess > worst {
+            (worst, at) = (if excess.is_nan() { f32::INFINITY } else { excess }, i);
+        }
+    }
+    assert!(worst <= 0.0, "{what}: element {at}: gpu {} vs cpu {} (atol {atol}, rtol {rtol})", got[at], want[at]);
+}
+
+#[test]
+fn rope_matches_cpu() {
+    let Some(be) = device("rope") else { return };
+    let (b, t, h, h_kv, d) = (2, 37, 4, 2, 64);
+    let q = rand_bf16(1, b * t * h * d, 1.0);
+    let k = rand_bf16(2, b * t * h_kv * d, 1.0);
+    let cpu_table = cpu::rope::RopeTable::new(d, 64, 10000.0);
+    let table = cuda::rope::RopeTableGpu::new(&be, d, 64, 10000.0).unwrap();
+    for inverse in [false, true] {
+        let (gq, gk) = (up(&be, &q), up(&be, &k));
+        let (oq, ok) = (DeviceBuffer::uninit(&be, q.len()).unwrap(), DeviceBuffer::uninit(&be, k.len()).unwrap());
+        cuda::rope::rope(&be, &table, &gq, &gk, &oq, &ok, (b, t, h, h_kv), inverse).unwrap();
+        let (mut wq, mut wk) = (vec![0.0; q.len()], vec![0.0; k.len()]);
+        let f = if inverse { cpu::rope::rope_backward } else { cpu::rope::rope_forward };
+        f(&cpu_table, &q, b, t, h, &mut wq);
+        f(&cpu_table, &k, b, t, h_kv, &mut wk);
+        assert_close("rope q", &down(&oq), &wq, 1e-2, 1e-2);
+        assert_close("rope k", &down(&ok), &wk, 1e-2, 1e-2);
+        // in place gives the same
+        cuda::rope::rope_inplace(&be, &table, &gq, &gk, (b, t, h, h_kv), inverse).unwrap();
+        assert_eq!(down(&gq), down(&oq));
+    }
+}
+
+#[test]
+fn rmsnorm_matches_cpu() {
+    let Some(be) = device("rmsnorm") else { return };
+    for &(rows, dim) in &[(5, 64), (33, 768), (3, 4104)] {
+        let x = rand_bf16(3, rows * dim, 2.0);
+        let dy = rand_bf16(4, rows * dim, 1.0);
+        let (mut y, mut rstd, mut dx) = (vec![0.0; x.len()], vec![0.0; rows], vec![0.0; x.len()]);
+        cpu::norm::rmsnorm_forward(&x, dim, &mut y, &mut rstd);
+        cpu::norm::rmsnorm_backward(&x, &rstd, &dy, dim, &mut dx);
+        let gx = up(&be, &x);
+        let (gy, gr) = (DeviceBuffer::uninit(&be, x.len()).unwrap(), DeviceBuffer::<f32>::uninit(&be, rows).unwrap());
+        cuda::norm::rmsnorm_forward(&be, &gx, dim, &gy, &gr).unwrap();
+        let gdx = DeviceBuffer::uninit(&be, x.len()).unwrap();
+        cuda::norm::rmsnorm_backward(&be, &gx, &gr, &up(&be, &dy), dim, &gdx).unwrap();
+        assert_close("rmsnorm y", &down(&gy), &y, 1e-2, 1e-2);
+        assert_close("rmsnorm rstd", &gr.to_host().unwrap(), &rstd, 1e-5, 1e-4);
+        assert_close("rmsnorm dx", &down(&gdx), &dx, 1e-2, 1e-2);
+    }
+}
+
+#[test]
+fn swiglu_matches_cpu() {
+    let Some(be) = device("swiglu") else { return };
+    let n = 4099; // not a multiple of 8: exercises the scalar tail
+    let (g, u, dy) = (rand_bf16(5, n, 4.0), rand_bf16(6, n, 2.0), rand_bf16(7, n, 1.0));
+    let (mut y, mut dg, mut du) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    cpu::swiglu::swiglu_forward(&g, &u, &mut y);
+    cpu::swiglu::swiglu_backward(&g, &u, &dy, &mut dg, &mut du);
+    let (gg, gu) = (up(&be, &g), up(&be, &u));
+    let gy = DeviceBuffer::uninit(&be, n).unwrap();
+    cuda::swiglu::swiglu_forward(&be, &gg, &gu, &gy).unwrap();
+    let (gdg, gdu) = (DeviceBuffer::uninit(&be, n).unwrap(), DeviceBuffer::uninit(&be, n).unwrap());
+    cuda::swiglu::swiglu_backward(&be, &gg, &gu, &up(&be, &dy), &gdg, &gdu).unwrap();
+    assert_close("swiglu y", &down(&gy), &y, 1e-2, 1e-2);
+    assert_close("swiglu dg", &down(&gdg), &dg, 1e-2, 1e-2);
+    assert_close("swiglu du", &down(&gdu), &du, 1e-2, 1e-2);
+}
+
+#[test]
+fn embedding_matches_cpu() {
+    let Some(be) = device("embedding") else { return };
+    let (vocab, dim, n) = (50, 96, 200);
+    let table = rand_bf16(8, vocab * dim, 1.0);
+    let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7 + i / 3) % vocab as u32).collect();
+    let dout = rand_bf16(9, n * dim, 1.0);
+    let mut out = vec![0.0; n * dim];
+    let mut dtable = vec![0.0; vocab * dim];
+    cpu::embedding::embedding_forward(&table, dim, &ids, &mut out);
+    cpu::embedding::embedding_backward(&dout, dim, &ids, &mut dtable);
+    let gt = DeviceBuffer::from_host(&be, &table).unwrap();
+    let gi = DeviceBuffer::from_host(&be, &ids).unwrap();
+    let go = DeviceBuffer::uninit(&be, n * dim).unwrap();
+    cuda::embedding::embedding_forward(&be, &gt, dim, &gi, &go).unwrap();
+    let gd = DeviceBuffer::<f32>::zeros(&be, vocab * dim).unwrap();
+    cuda::embedding::embedding_backward(&be, &up(&be, &dout), dim, &gi, &gd).unwrap();
+    assert_close("embedding out", &down(&go), &out, 0.0, 0.0); // the table values are bf16-exact
+    assert_close("embedding dtable", &gd.to_host().unwrap(), &dtable, 1e-5, 1e-5);
+}
+
+#[test]
+fn softcap_cross_entropy_matches_cpu() {
+    let Some(be) = device("softcap_cross_entropy") else { return };
+    let (rows, vocab) = (9, 4104);
+    let z = rand_bf16(10, rows * vocab, 40.0);
+    let targets: Vec<i32> = (0..rows as i32).map(|r| if r == 4 { -1 } else { (r * 977) % vocab as i32 }).collect();
+    for cap in [0.0f32, 15.0] {
+        let (mut loss, mut lse, mut dz) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; z.len()]);
+        cpu::loss::softcap_cross_entropy_forward(&z, vocab, &targets, cap, &mut loss, &mut lse);
+        cpu::loss::softcap_cross_entropy_backward(&z, vocab, &targets, cap, &lse, 0.125, &mut dz);
+        let gz = up(&be, &z);
+        let gt = DeviceBuffer::from_host(&be, &targets).unwrap();
+        let (gl, gs) =
+            (DeviceBuffer::<f32>::uninit(&be, rows).unwrap(), DeviceBuffer::<f32>::uninit(&be, rows).unwrap());
+        cuda::loss::softcap_cross_entropy_forward(&be, &gz, vocab, &gt, cap, &gl, &gs).unwrap();
+        let gdz = DeviceBuffer::uninit(&be, z.len()).unwrap();
+        cuda::loss::softcap_cross_entropy_backward(&be, &gz, vocab, &gt, cap, &gs, 0.125, &gdz).unwrap();
+        assert_close("ce loss", &gl.to_host().unwrap(), &loss, 1e-4, 1e-4);
+        assert_close("ce lse", &gs.to_host().unwrap(), &lse, 1e-4, 1e-4);
+        assert_close("ce dlogits", &down(&gdz), &dz, 1e-4, 1e-2);
+    }
+}
+
+#[test]
+fn adamw_and_clip_match_cpu() {
+    let Some(be) = device("adamw") else { return };
+    let n = 10_001;
+    let p0 = rand_bf16(11, n, 1.0);
+    let g = rand_bf16(12, n, 0.1);
+    let h = cpu::optim::AdamWStep { lr: 0.01, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 3 };
+    let (mut p, mut m, mut v) = (p0.clone(), vec![0.01f32; n], vec![0.001f32; n]);
+    cpu::optim::adamw_update(&mut p, &g, &mut m, &mut v, h);
+    let gp = DeviceBuffer::from_host(&be, &p0).unwrap();
+    let gg = DeviceBuffer::from_host(&be, &g).unwrap();
+    let gm = DeviceBuffer::from_host(&be, &vec![0.01f32; n]).unwrap();
+    let gv = DeviceBuffer::from_host(&be, &vec![0.001f32; n]).unwrap();
+    let gb = DeviceBuffer::<bf16>::uninit(&be, n).unwrap();
+    cuda::optim::adamw_update(&be, &gp, &gg, &gm, &gv, Some(&gb), h).unwrap();
+    assert_close("adamw p", &gp.to_host().unwrap(), &p, 1e-6, 1e-5);
+    assert_close("adamw m", &gm.to_host().unwrap(), &m, 1e-7, 1e-5);
+    assert_close("adamw v", &gv.to_host().unwrap(), &v, 1e-8, 1e-5);
+    assert_close("adamw p_bf16", &down(&gb), &p, 1e-2, 1e-2);
+
+    let mut grads = vec![g.clone(), rand_bf16(13, 777, 3.0)];
+    let want = nanoseek::optim::clip_grad_norm(&mut grads, 1.0);
+    let g1 = DeviceBuffer::from_host(&be, &g).unwrap();
+    let g2 = DeviceBuffer::from_host(&be, &rand_bf16(13, 777, 3.0)).unwrap();
+    let got = cuda::optim::clip_grad_norm(&be, &[&g1, &g2], 1.0).unwrap();
+    assert!((got - want).abs() <= 1e-4 * want, "grad norm {got} vs {want}");
+    assert_close("clipped grads", &g1.to_host().unwrap(), &grads[0], 1e-7, 1e-5);
+    assert_close("clipped grads", &g2.to_host().unwrap(), &grads[1], 1e-7, 1e-5);
+}
+
+#[test]
+fn gemm_matches_cpu_all_layouts() {
+    use cpu::gemm::Layout::{N, T};
+    let Some(be) = device("gemm") else { return };
+    for &(batch, m, n, k) in &[(1, 128, 128, 64), (2, 72, 200, 136), (1, 264, 136, 520)] {
+        for la in [N, T] {
+            for lb in [N, T] {
+                let a = rand_bf16(14, batch * m * k, 1.0);
+                let b = rand_bf16(15, batch * k * n, 1.0);
+                let c0 = rand_bf16(16, batch * m * n, 1.0);
+                let mut want = c0.clone();
+                for i in 0..batch {
+                    let c = &mut want[i * m * n..(i + 1) * m * n];
+                    for x in c.iter_mut() {
+                        *x *= 0.5;
+                    }
+                    let (ai, bi) = (&a[i * m * k..(i + 1) * m * k], &b[i * k * n..(i + 1) * k * n]);
+                    let mut prod = vec![0.0; m * n];
+                    cpu::gemm::gemm(m, n, k, ai, la, bi, lb, &mut prod, false);
+                    for (x, p) in c.iter_mut().zip(prod) {
+                        *x += 2.0 * p;
+                    }
+                }
+                let (ga, gb) = (up(&be, &a), up(&be, &b));
+                let gc = DeviceBuffer::from_host(&be, &c0).unwrap();
+                cuda::gemm::gemm_batched(&be, batch, m, n, k, &ga, la, &gb, lb, &gc, 2.0, 0.5).unwrap();
+                let tol = 1e-3 * (k as f32).sqrt();
+                assert_close(
+                    &format!("gemm {la:?}{lb:?} {batch}x{m}x{n}x{k} f32"),
+                    &gc.to_host().unwrap(),
+                    &want,
+                    tol,
+                    1e-3,
+                );
+                let gcb = DeviceBuffer::<bf16>::uninit(&be, batch * m * n).unwrap();
+                cuda::gemm::gemm_batched(&be, batch, m, n, k, &ga, la, &gb, lb, &gcb, 1.0, 0.0).unwrap();
+                let mut plain = vec![0.0; batch * m * n];
+                for i in 0..batch {
+                    let (ai, bi) = (&a[i * m * k..(i + 1) * m * k], &b[i * k * n..(i + 1) * k * n]);
+                    cpu::gemm::gemm(m, n, k, ai, la, bi, lb, &mut plain[i * m * n..(i + 1) * m * n], false);
+                }
+                assert_close(&format!("gemm {la:?}{lb:?} bf16"), &down(&gcb), &plain, tol, 1e-2);
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_matches_cpu() {
+    use cpu::attention::AttnDims;
+    let Some(be) = device("attention") else { return };
+    for dims in [
+        AttnDims { b: 2, t: 100, h: 4, h_kv: 2, d: 64 },
+        AttnDims { b: 1, t: 130, h: 2, h_kv: 1, d: 128 },
+        AttnDims { b: 1, t: 64, h: 3, h_kv: 3, d: 64 },
+    ] {
+        let q = rand_bf16(17, dims.q_len(), 1.0);
+        let k = rand_bf16(18, dims.kv_len(), 1.0);
+        let v = rand_bf16(19, dims.kv_len(), 1.0);
+        let dout = rand_bf16(20, dims.q_len(), 1.0);
+        let (mut out, mut lse) = (vec![0.0; dims.q_len()], vec![0.0; dims.lse_len()]);
+        cpu::attention::attention_forward(&dims, &q, &k, &v, &mut out, &mut lse);
+        let (gq, gk, gv) = (up(&be, &q), up(&be, &k), up(&be, &v));
+        let go = DeviceBuffer::uninit(&be, dims.q_len()).unwrap();
+        let gl = DeviceBuffer::<f32>::uninit(&be, dims.lse_len()).unwrap();
+        cuda::attention::attention_forward(&be, &dims, &gq, &gk, &gv, &go, &gl).unwrap();
+        let gout = down(&go);
+        assert_close(&format!("attention out {dims:?}"), &gout, &out, 2e-2, 2e-2);
+        assert_close(&format!("attention lse {dims:?}"), &gl.to_host().unwrap(), &lse, 1e-3, 1e-3);
+
+        // the CPU backward on the GPU's (bf16) out, so both see the same delta
+        let (mut dq, mut dk, mut dv) = (vec![0.0; dims.q_len()], vec![0.0; dims.kv_len()], vec![0.0; dims.kv_len()]);
+        cpu::attention::attention_backward(&dims, &q, &k, &v, &gout, &lse, &dout, &mut dq, &mut dk, &mut dv);
+        let gdq = DeviceBuffer::<f32>::uninit(&be, dims.q_len()).unwrap();
+        let gdk = DeviceBuffer::<f32>::uninit(&be, dims.kv_len()).unwrap();
+        let gdv = DeviceBuffer::<f32>::uninit(&be, dims.kv_len()).unwrap();
+        cuda::attention::attention_backward(&be, &dims, &gq, &gk, &gv, &go, &gl, &up(&be, &dout), [&gdq, &gdk, &gdv])
+            .unwrap();
+        assert_close(&format!("attention dq {dims:?}"), &gdq.to_host().unwrap(), &dq, 2e-2, 2e-2);
+        assert_close(&format!("attention dk {dims:?}"), &gdk.to_host().unwrap(), &dk, 2e-2, 2e-2);
+        assert_close(&format!("attention dv {dims:?}"), &gdv.to_host().unwrap(), &dv, 2e-2, 2e-2);
+    }
+}
+
+#[test]
+fn allocator_reuses_blocks_and_tracks_peak() {
+    let Some(be) = device("allocator") else { return };
+    let before = be.memory_stats();
+    {
+        let _a = DeviceBuffer::<f32>::uninit(&be, 1 << 20).unwrap();
+        let _b = DeviceBuffer::<f32>::uninit(&be, 1000).unwrap();
+        assert_eq!(be.memory_stats().current, before.current + (4 << 20) + 4096);
+    }
+    let mid = be.memory_stats();
+    assert_eq!(mid.current, before.current);
+    assert!(mid.peak >= before.current + (4 << 20) + 4096);
+    let _c = DeviceBuffer::<f32>::uninit(&be, 1 << 20).unwrap();
+    assert_eq!(be.memory_stats().driver_allocs, mid.driver_allocs, "the cached block is reused");
+}
+
+#[test]
+fn every_family_has_ptx_for_both_targets() {
+    // Runs everywhere: the embedded PTX list is complete.
+    for fam in ["attention", "embedding", "gemm", "loss", "norm", "optim", "rope", "swiglu"] {
+        for target in ["sm_90a", "sm_80"] {
+            let ptx = cuda::EMBEDDED_PTX.iter().find(|(f, t, _)| *f == fam && *t == target);
+            let (_, _, text) = ptx.unwrap_or_else(|| panic!("no PTX for {fam} {target}"));
+            assert!(text.contains(&format!(".target {target}")), "{fam}: wrong target");
+            assert!(text.contains(".version 9.0"), "{fam}: PTX ISA must be 9.0 (CUDA 13.0 driver)");
+        }
+    }
+    assert_eq!(cuda::ptx_target((9, 0)), "sm_90a");
+    assert_eq!(cuda::ptx_target((8, 9)), "sm_80");
+    assert_eq!(cuda::ptx_target((10, 0)), "sm_80");
+}
+
+#[test]
+fn no_device_is_an_error_not_a_panic() {
+    // With a device this opens it; without one it must return the reason.
+    match CudaBackend::new(0) {
+        Ok(be) => assert!(be.compute_capability().0 >= 8),
+        Err(why) => {
+            skipped(&why.0, "open");
+            assert!(!why.0.is_empty());
+        }
+    }
+    assert!(CudaBackend::new(1 << 20).is_err());
+}
