@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Check the engine against its written specification (docs/model.md): train a small
-# model, then compare `nanoseek eval`'s loss on a synthetic shard with the independent
-# NumPy float64 reference in scripts/reference_loss.py (written from the doc alone).
+# model (a window + global layer with a dense FFN, then a dense-attention layer with a
+# MoE FFN whose routing bias has moved), then compare `nanoseek eval`'s loss on a
+# synthetic shard with the independent NumPy float64 reference in
+# scripts/reference_loss.py (written from the doc alone).
 #
 # Run from the repo root, after `cargo test --release` (or `cargo build --release`).
 set -euo pipefail
@@ -30,6 +32,7 @@ batch=4
 
 "$bin" train --n-layer 2 --n-embd 64 --n-head 4 --n-kv-head 2 --max-seq-len 64 \
     --attn-pattern WD --dsa-window-size 16 --n-global 2 \
+    --n-routed-experts 4 --moe-top-k 2 --moe-inter-dim 48 --bias-update-speed 0.01 \
     --device-batch-size 4 --num-iterations 30 --sample-tokens 0 --quiet --device cpu \
     --runs-dir "$tmp" --run ref >/dev/null
 ckpt="$tmp/ref/checkpoints/step_000030"

@@ -45,9 +45,24 @@ CONFIG_KEYS = {
     "attn_pattern",
     "dsa_window_size",
     "n_global",
+    "moe",
+}
+MOE_KEYS = {
+    "n_routed_experts",
+    "n_shared_experts",
+    "top_k",
+    "moe_inter_dim",
+    "first_k_dense",
+    "score_func",
+    "routed_scaling_factor",
+    "n_group",
+    "topk_group",
+    "bias_update_speed",
+    "seq_aux_alpha",
+    "expert_capacity_factor",
 }
 # Fields docs/model.md gives defaults for when a checkpoint predates them.
-CONFIG_DEFAULTS = {"attn_pattern": "D", "dsa_window_size": 256, "n_global": 4}
+CONFIG_DEFAULTS = {"attn_pattern": "D", "dsa_window_size": 256, "n_global": 4, "moe": {"n_routed_experts": 0}}
 
 
 def die(msg):
@@ -134,6 +149,10 @@ def load_checkpoint(ckpt_dir):
             f"missing {sorted(missing)}"
         )
 
+    moe = cfg["moe"]
+    if moe.get("n_routed_experts", 0) > 0 and set(moe) != MOE_KEYS:
+        die(f"moe fields differ from docs/model.md: {sorted(set(moe) ^ MOE_KEYS)}")
+
     raw = load_file(path)
     V, C, L = cfg["vocab_size"], cfg["n_embd"], cfg["n_layer"]
     H, Hkv, d, F = cfg["n_head"], cfg["n_kv_head"], cfg["head_dim"], cfg["ffn_hidden"]
@@ -144,9 +163,21 @@ def load_checkpoint(ckpt_dir):
         expected[p + "attn.c_k.weight"] = (Hkv * d, C)
         expected[p + "attn.c_v.weight"] = (Hkv * d, C)
         expected[p + "attn.c_proj.weight"] = (C, H * d)
-        expected[p + "mlp.w_gate.weight"] = (F, C)
-        expected[p + "mlp.w_up.weight"] = (F, C)
-        expected[p + "mlp.w_down.weight"] = (C, F)
+        if is_moe_layer(cfg, l):
+            E, Fe, S = moe["n_routed_experts"], moe["moe_inter_dim"], moe["n_shared_experts"]
+            expected[p + "mlp.router.weight"] = (E, C)
+            expected[p + "mlp.router.bias"] = (E,)
+            expected[p + "mlp.experts.w_gate.weight"] = (E, Fe, C)
+            expected[p + "mlp.experts.w_up.weight"] = (E, Fe, C)
+            expected[p + "mlp.experts.w_down.weight"] = (E, C, Fe)
+            if S > 0:
+                expected[p + "mlp.shared.w_gate.weight"] = (S * Fe, C)
+                expected[p + "mlp.shared.w_up.weight"] = (S * Fe, C)
+                expected[p + "mlp.shared.w_down.weight"] = (C, S * Fe)
+        else:
+            expected[p + "mlp.w_gate.weight"] = (F, C)
+            expected[p + "mlp.w_up.weight"] = (F, C)
+            expected[p + "mlp.w_down.weight"] = (C, F)
     if set(raw) != set(expected):
         die(
             f"tensor names differ from docs/model.md: extra {sorted(set(raw) - set(expected))}, "
@@ -226,6 +257,64 @@ def attention(q, k, v, mask):
     return np.einsum("bhts,bshd->bthd", p, v)
 
 
+def is_moe_layer(cfg, l):
+    moe = cfg["moe"]
+    return moe.get("n_routed_experts", 0) > 0 and l >= moe["first_k_dense"]
+
+
+def swiglu_ffn(h, w_gate, w_up, w_down):
+    return (silu(h @ w_gate.T) * (h @ w_up.T)) @ w_down.T
+
+
+def moe_ffn(cfg, P, p, h):
+    """DeepSeekMoE FFN on h [N, C] (the N tokens of one forward call, in order)."""
+    m = cfg["moe"]
+    E, K = m["n_routed_experts"], m["top_k"]
+    logits = h @ P[p + "mlp.router.weight"].T  # [N, E]
+    if m["score_func"] == "softmax":
+        z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        s = z / z.sum(axis=-1, keepdims=True)
+    else:
+        s = 1.0 / (1.0 + np.exp(-logits))
+    key = s + P[p + "mlp.router.bias"]
+    N = h.shape[0]
+    allowed_e = np.ones((N, E), dtype=bool)
+    G = m["n_group"]
+    if G > 1:
+        per = E // G
+        kg = key.reshape(N, G, per)
+        top2 = -np.sort(-kg, axis=-1)[..., : min(2, per)].sum(axis=-1)  # [N, G]
+        # best topk_group groups, ties to the lower group index (stable sort of −score)
+        keep = np.argsort(-top2, axis=-1, kind="stable")[:, : m["topk_group"]]
+        mask = np.zeros((N, G), dtype=bool)
+        np.put_along_axis(mask, keep, True, axis=-1)
+        allowed_e = np.repeat(mask, per, axis=-1)
+    masked = np.where(allowed_e, key, -np.inf)
+    chosen = np.argsort(-masked, axis=-1, kind="stable")[:, :K]  # descending key, ties to lower index
+    sc = np.take_along_axis(s, chosen, axis=-1)
+    gates = sc / sc.sum(axis=-1, keepdims=True) * m["routed_scaling_factor"]
+    cf = m["expert_capacity_factor"]
+    if cf is not None:
+        cap = int(np.ceil(cf * N * K / E))
+        used = np.zeros(E, dtype=int)
+        for t in range(N):  # admitted in token order, slot order
+            for j in range(K):
+                e = chosen[t, j]
+                if used[e] >= cap:
+                    gates[t, j] = 0.0
+                else:
+                    used[e] += 1
+    y = np.zeros_like(h)
+    wg, wu, wd = (P[p + f"mlp.experts.{n}.weight"] for n in ("w_gate", "w_up", "w_down"))
+    for e in range(E):
+        rows, slots = np.nonzero(chosen == e)
+        if len(rows):
+            y[rows] += gates[rows, slots][:, None] * swiglu_ffn(h[rows], wg[e], wu[e], wd[e])
+    if m["n_shared_experts"] > 0:
+        y += swiglu_ffn(h, *(P[p + f"mlp.shared.{n}.weight"] for n in ("w_gate", "w_up", "w_down")))
+    return y
+
+
 def forward_logits(cfg, P, ids):
     """Capped logits ẑ [B, T, V] for ids [B, T]."""
     B, T = ids.shape
@@ -245,8 +334,10 @@ def forward_logits(cfg, P, ids):
         o = attention(q, k, v, allowed(T, kind, cfg["dsa_window_size"], cfg["n_global"]))
         x = x + o.reshape(B, T, H * d) @ P[p + "attn.c_proj.weight"].T
         h = rmsnorm(x)
-        g = silu(h @ P[p + "mlp.w_gate.weight"].T) * (h @ P[p + "mlp.w_up.weight"].T)
-        x = x + g @ P[p + "mlp.w_down.weight"].T
+        if is_moe_layer(cfg, l):
+            x = x + moe_ffn(cfg, P, p, h.reshape(B * T, -1)).reshape(B, T, -1)
+        else:
+            x = x + swiglu_ffn(h, *(P[p + f"mlp.{n}.weight"] for n in ("w_gate", "w_up", "w_down")))
     z = rmsnorm(x) @ P["lm_head.weight"].T
     cap = float(cfg["logit_softcap"])
     if cap > 0:

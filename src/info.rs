@@ -15,7 +15,6 @@ fn human(n: usize) -> String {
 pub fn report(name: &str, c: &ModelConfig) -> String {
     let (attn, ffn) = c.block_params();
     let emb = c.vocab_size * c.n_embd;
-    let blocks = c.n_layer * (attn + ffn);
     let total = c.num_params();
     let mut s = String::new();
     s += &format!("model '{name}': {} layers, n_embd {}, {} heads ({} kv) × head_dim {}, ffn_hidden {}, vocab {}, max_seq_len {}\n", c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim, c.ffn_hidden, c.vocab_size, c.max_seq_len);
@@ -27,17 +26,33 @@ pub fn report(name: &str, c: &ModelConfig) -> String {
             c.q_dim()
         );
     }
-    let rows = [
-        ("wte (embedding)", emb),
-        ("attention (c_q, c_k, c_v, c_proj) per layer", attn),
-        ("ffn (w_gate, w_up, w_down) per layer", ffn),
-        ("all blocks", blocks),
-        ("lm_head", emb),
-        ("total", total),
-        ("non-embedding (blocks)", blocks),
+    let (blocks, active_blocks) = c.block_params_total();
+    let m = &c.moe;
+    let mut rows = vec![
+        ("wte (embedding)".to_string(), emb),
+        ("attention (c_q, c_k, c_v, c_proj) per layer".into(), attn),
+        ("ffn (w_gate, w_up, w_down) per dense layer".into(), ffn),
     ];
+    if m.enabled() {
+        let moe_layers = (0..c.n_layer).filter(|&l| c.is_moe_layer(l)).count();
+        let (moe_total, moe_active) = c.ffn_params(c.n_layer - 1);
+        s += &format!(
+            "  MoE in {moe_layers} of {} layers: {} routed experts (top-{}) + {} shared, expert width {}, {} routing\n",
+            c.n_layer, m.n_routed_experts, m.top_k, m.n_shared_experts, m.moe_inter_dim, m.score_func
+        );
+        rows.push(("moe ffn (router, experts, shared) per MoE layer".into(), moe_total));
+        rows.push(("  of which active per token".into(), moe_active));
+    }
+    rows.push(("all blocks".into(), blocks));
+    rows.push(("lm_head".into(), emb));
+    rows.push(("total".into(), total));
+    rows.push(("non-embedding (blocks)".into(), blocks));
+    if m.enabled() {
+        rows.push(("active per token (total)".into(), c.active_params()));
+        rows.push(("active per token (non-embedding)".into(), active_blocks));
+    }
     for (what, n) in rows {
-        s += &format!("  {what:<46} {n:>16} ({})\n", human(n));
+        s += &format!("  {what:<48} {n:>16} ({})\n", human(n));
     }
     match ModelConfig::seed_claim(name) {
         Some(claim) => {
@@ -60,21 +75,38 @@ pub fn predict_training_bytes(c: &ModelConfig, batch: usize, seq: usize, checkpo
     let (n, cc, f, v) = (batch * seq, c.n_embd, c.ffn_hidden, c.vocab_size);
     let (hd, kvd, h, hkv) = (c.q_dim(), c.kv_dim(), c.n_head, c.n_kv_head);
     let params = c.num_params();
-    let (attn, ffn) = c.block_params();
-    let matrices = c.n_layer * (attn + ffn);
+    // Muon keeps one value per block matrix entry (routers are AdamW: two per entry).
+    let routers = (0..c.n_layer).filter(|&l| c.is_moe_layer(l)).count() * c.moe.n_routed_experts * cc;
+    let matrices = c.block_params_total().0 - routers;
     let optimizer = matrices + 2 * (params - matrices);
     // Values and saved state the tape keeps for one block (see Model::block): six [n, C]
-    // tensors, four of the query width, four of the kv width, three of the FFN width,
-    // plus RMSNorm's 1/rms per row and per head, and attention's log-sum-exp.
-    let block = n * (6 * cc + 4 * hd + 4 * kvd + 3 * f + 2 + h + hkv + h);
+    // tensors, four of the query width, four of the kv width, the FFN's, plus RMSNorm's
+    // 1/rms per row and per head, and attention's log-sum-exp. A dense FFN keeps three
+    // [n, ffn_hidden] tensors; a MoE FFN its router logits and scores [n, E] (and the balance
+    // loss's score gradient), per kept assignment the gathered input, three hidden rows and the
+    // expert output, and the shared experts' three hidden tensors plus two [n, C] sums.
+    let m = &c.moe;
+    let moe_ffn = m.n_routed_experts * (2 + usize::from(m.seq_aux_alpha > 0.0))
+        + m.top_k * (2 * cc + 3 * m.moe_inter_dim)
+        + if m.n_shared_experts > 0 { 3 * m.n_shared_experts * m.moe_inter_dim + 2 * cc } else { 0 };
+    let block_of = |l: usize| {
+        let ffn = if c.is_moe_layer(l) { moe_ffn } else { 3 * f };
+        n * (6 * cc + 4 * hd + 4 * kvd + ffn + 2 + h + hkv + h)
+    };
+    let block = (0..c.n_layer).map(block_of).max().unwrap_or(0);
     // embedding (+ids), its norm, the final norm, the logits, the loss's targets and lse
     let outer = n * (cc + 1) + n * (cc + 1) + n * (cc + 1) + n * v + 2 * n + 1;
     let checkpointed = if checkpoint_every == 0 { 0 } else { c.n_layer.div_ceil(checkpoint_every) };
-    let plain = c.n_layer - checkpointed;
     // A checkpointed block keeps only its output; while one is recomputed, its activations
     // (and a copy of its input) exist once more.
     let recompute = if checkpointed > 0 { block + n * cc } else { 0 };
-    let activations = outer + plain * block + checkpointed * n * cc + recompute;
+    let all_blocks: usize = (0..c.n_layer).map(block_of).sum();
+    let plain_blocks = if checkpoint_every == 0 {
+        all_blocks
+    } else {
+        (0..c.n_layer).filter(|l| l % checkpoint_every != 0).map(block_of).sum()
+    };
+    let activations = outer + plain_blocks + checkpointed * n * cc + recompute;
     // Gradient workspace: at the start of the backward the logits' gradient and lm_head's;
     // by the end every parameter's gradient plus the embedding output's.
     let workspace = (n * v + v * cc + n * cc).max(params + 2 * n * cc);

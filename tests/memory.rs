@@ -4,7 +4,7 @@ use nanoseek::autograd::Tape;
 use nanoseek::data::Batch;
 use nanoseek::info::predict_training_bytes;
 use nanoseek::memory::{self, mib};
-use nanoseek::nn::{Model, ModelConfig};
+use nanoseek::nn::{Model, ModelConfig, MoeConfig};
 use nanoseek::optim::{OptimConfig, Optimizer};
 use nanoseek::rng::Rng;
 use nanoseek::train::train_step;
@@ -123,6 +123,12 @@ fn info_predicts_the_measured_peak_within_ten_percent() {
                 cases.push((preset, seq, rows, every, c));
             }
         }
+    }
+    for every in [0, 1] {
+        let mut c = ModelConfig::preset("tiny").unwrap();
+        c.max_seq_len = 128;
+        c.moe = MoeConfig { n_routed_experts: 8, top_k: 2, moe_inter_dim: 176, ..MoeConfig::default() };
+        cases.push(("tiny+moe", 128, 8, every, c));
     }
     for (preset, seq, rows, every, c) in cases {
         let (m, p) = measured_vs_predicted(&c, rows, every);

@@ -13,6 +13,10 @@
 //! runs again during the backward to get its gradients. The kernels are
 //! deterministic, so a checkpointed run is bitwise equal to a plain one.
 //!
+//! Auxiliary losses (`Tape::add_aux_loss`, e.g. MoE balance losses) are scalars
+//! that join the objective: `backward(out, seed)` differentiates
+//! `seed·(out + Σ aux)`, including the aux losses inside checkpointed blocks.
+//!
 //! The tape reports the bytes it holds to `crate::memory`: its values and saved
 //! state as activations, its gradient buffers as workspace.
 
@@ -90,6 +94,12 @@ pub struct Tape<'p> {
     /// Bytes reported to `memory` (freed when the tape drops).
     activation_bytes: usize,
     grad_bytes: usize,
+    /// Auxiliary scalar losses on this tape, and the sum of every aux value recorded here or in
+    /// checkpointed sub-tapes.
+    aux: Vec<Var>,
+    aux_total: f64,
+    /// The gradient the aux losses are seeded with during a backward.
+    aux_seed: f32,
 }
 
 impl Default for Tape<'_> {
@@ -115,7 +125,22 @@ impl<'p> Tape<'p> {
             profile: None,
             activation_bytes: 0,
             grad_bytes: 0,
+            aux: Vec::new(),
+            aux_total: 0.0,
+            aux_seed: 0.0,
         }
+    }
+
+    /// Adds the scalar `v` to the objective that `backward` differentiates.
+    pub fn add_aux_loss(&mut self, v: Var) {
+        assert_eq!(self.value(v).len(), 1, "add_aux_loss: the loss must be a scalar");
+        self.aux_total += self.value(v)[0] as f64;
+        self.aux.push(v);
+    }
+
+    /// Sum of the auxiliary losses recorded so far (checkpointed blocks included).
+    pub fn aux_loss_total(&self) -> f64 {
+        self.aux_total
     }
 
     /// A tape that times every op (forward: from the previous op's end to this op's record).
@@ -209,19 +234,30 @@ impl<'p> Tape<'p> {
         self.set_grad(v, None)
     }
 
-    /// Back-propagates from the scalar `out`, seeded with d(out) = seed.
+    /// Back-propagates from the scalar `out` plus the aux losses, seeded with d(out) = d(aux) = seed.
     pub fn backward(&mut self, out: Var, seed: f32) {
         assert_eq!(self.value(out).len(), 1, "backward: the output must be a scalar");
-        self.backward_from(out, vec![seed]);
+        self.backward_with_aux(out, vec![seed], seed);
     }
 
-    /// Back-propagates from `out` with the given output gradient (same length as its value).
+    /// Back-propagates from `out` with the given output gradient (same length as its value);
+    /// aux losses are not differentiated.
     pub fn backward_from(&mut self, out: Var, seed: Vec<f32>) {
+        self.backward_with_aux(out, seed, 0.0);
+    }
+
+    fn backward_with_aux(&mut self, out: Var, seed: Vec<f32>, aux_seed: f32) {
         assert_eq!(seed.len(), self.value(out).len(), "backward: seed length differs from the output's");
         for i in 0..self.grads.len() {
             self.set_grad(Var(i), None);
         }
-        self.set_grad(out, Some(seed.clone()));
+        self.aux_seed = aux_seed;
+        if aux_seed != 0.0 {
+            for a in self.aux.clone() {
+                self.accumulate_grad(a, vec![aux_seed]);
+            }
+        }
+        self.accumulate_grad(out, seed.clone());
         for i in (0..self.ops.len()).rev() {
             let v = self.ops[i].0;
             // Gradients of op outputs are dropped once used; leaves (parameters, inputs) keep theirs.
@@ -261,6 +297,7 @@ impl<'p> Tape<'p> {
     pub fn checkpoint(&mut self, inputs: &[Var], f: Rc<CheckpointFn<'p>>) -> Var {
         let (sub, _, out) = self.run_sub(inputs, &f);
         let (data, shape) = (sub.value(out).to_vec(), sub.shape(out).to_vec());
+        self.aux_total += sub.aux_total;
         self.merge_times(&sub);
         drop(sub);
         self.mark();
@@ -289,7 +326,7 @@ impl<'p> Tape<'p> {
         dout: Vec<f32>,
     ) -> Vec<(Var, Vec<f32>)> {
         let (mut sub, vars, out) = self.run_sub(inputs, f);
-        sub.backward_from(out, dout);
+        sub.backward_with_aux(out, dout, self.aux_seed);
         let grads = inputs.iter().zip(&vars).filter_map(|(&input, &sv)| Some((input, sub.take_grad(sv)?))).collect();
         self.merge_times(&sub);
         grads

@@ -1,5 +1,6 @@
 //! Model configuration: named presets, TOML/JSON files, command-line overrides.
 
+use crate::backend::cpu::moe::{RouterConfig, ScoreFunc};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -24,13 +25,156 @@ pub struct ModelConfig {
     /// Logits pass through cap·tanh(z/cap); 0 disables the cap.
     pub logit_softcap: f32,
     /// Attention kind per layer, repeated over the layers: `D` dense causal, `W` sliding
-    /// window of `dsa_window_size` keys plus the first `n_global` tokens. E.g. "WWWD".
+    /// window of `dsa_window_size` keys plus the first `n_global` tokens, `S` DeepSeek Sparse
+    /// Attention (the lightning indexer's top `index_topk` keys). E.g. "WWWD" or "SSSD".
     #[serde(default = "dense_pattern")]
     pub attn_pattern: String,
     #[serde(default = "default_window")]
     pub dsa_window_size: usize,
     #[serde(default = "default_n_global")]
     pub n_global: usize,
+    /// DSA (`S` layers): lightning-indexer query heads H_I.
+    #[serde(default = "default_index_n_heads")]
+    pub index_n_heads: usize,
+    /// DSA: width d_I of the indexer's query heads and of its single key head.
+    #[serde(default = "default_index_head_dim")]
+    pub index_head_dim: usize,
+    /// DSA: keys each query attends to (all earlier ones while fewer).
+    #[serde(default = "default_index_topk")]
+    pub index_topk: usize,
+    /// DSA: the most recent keys are always attended to in addition to the top-k (0 = none).
+    #[serde(default)]
+    pub index_local_window: usize,
+    /// DSA: optimizer steps of dense warm-up (dense attention; the indexer learns on every key).
+    #[serde(default)]
+    pub dsa_warmup_steps: u64,
+    /// Mixture of experts (DeepSeekMoE); `n_routed_experts = 0` keeps every FFN dense.
+    #[serde(default)]
+    pub moe: MoeConfig,
+}
+
+/// DeepSeekMoE settings (docs/model.md, "Mixture of experts"): the `moe` table of a config file,
+/// whose keys may also be written at the top level. The seed's names work too: `moe_enabled`
+/// (bool), `num_experts` (= n_routed_experts), `top_k`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MoeConfig {
+    /// E, routed experts per MoE layer (0 = no MoE).
+    pub n_routed_experts: usize,
+    /// Experts every token uses; they are one SwiGLU of width n_shared_experts·moe_inter_dim.
+    pub n_shared_experts: usize,
+    /// K, routed experts per token.
+    pub top_k: usize,
+    /// Hidden width of one expert (0 = derived: ffn_hidden / (top_k + n_shared_experts), rounded up to 32).
+    pub moe_inter_dim: usize,
+    /// The first layers keep a dense FFN.
+    pub first_k_dense: usize,
+    /// "sigmoid" (DeepSeek-V3) or "softmax".
+    pub score_func: String,
+    pub routed_scaling_factor: f32,
+    /// Group-limited routing: experts split into n_group groups, tokens keep topk_group of them.
+    pub n_group: usize,
+    pub topk_group: usize,
+    /// γ of auxiliary-loss-free balancing (0 = bias stays 0).
+    pub bias_update_speed: f32,
+    /// α of the sequence-wise balance loss (0 = off).
+    pub seq_aux_alpha: f32,
+    /// Each expert takes at most ceil(cf · T·K / E) assignments of a batch; None = dropless.
+    pub expert_capacity_factor: Option<f32>,
+}
+
+impl Default for MoeConfig {
+    fn default() -> Self {
+        MoeConfig {
+            n_routed_experts: 0,
+            n_shared_experts: 1,
+            top_k: 2,
+            moe_inter_dim: 0,
+            first_k_dense: 1,
+            score_func: "sigmoid".into(),
+            routed_scaling_factor: 1.0,
+            n_group: 1,
+            topk_group: 1,
+            bias_update_speed: 0.001,
+            seq_aux_alpha: 1e-4,
+            expert_capacity_factor: None,
+        }
+    }
+}
+
+/// MoeConfig's fields, accepted at the top level of a config file.
+const MOE_KEYS: &[&str] = &[
+    "n_routed_experts",
+    "n_shared_experts",
+    "top_k",
+    "moe_inter_dim",
+    "first_k_dense",
+    "score_func",
+    "routed_scaling_factor",
+    "n_group",
+    "topk_group",
+    "bias_update_speed",
+    "seq_aux_alpha",
+    "expert_capacity_factor",
+];
+
+impl MoeConfig {
+    pub fn enabled(&self) -> bool {
+        self.n_routed_experts > 0
+    }
+
+    /// The routing kernel's settings.
+    pub fn router(&self) -> RouterConfig {
+        RouterConfig {
+            n_experts: self.n_routed_experts,
+            top_k: self.top_k,
+            n_group: self.n_group,
+            topk_group: self.topk_group,
+            routed_scaling_factor: self.routed_scaling_factor,
+            score_func: if self.score_func == "softmax" { ScoreFunc::Softmax } else { ScoreFunc::Sigmoid },
+            capacity_factor: self.expert_capacity_factor,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let (e, k, g) = (self.n_routed_experts, self.top_k, self.n_group);
+        if k == 0 || k > e {
+            bail!("config: top_k ({k}) must be in 1..=n_routed_experts ({e})");
+        }
+        if self.moe_inter_dim == 0 {
+            bail!("config: moe_inter_dim must be positive");
+        }
+        if self.score_func != "sigmoid" && self.score_func != "softmax" {
+            bail!("config: score_func must be \"sigmoid\" or \"softmax\", got \"{}\"", self.score_func);
+        }
+        if g == 0 || e % g != 0 {
+            bail!("config: n_group ({g}) must divide n_routed_experts ({e})");
+        }
+        if g > 1 && (self.topk_group == 0 || self.topk_group > g || k > self.topk_group * (e / g)) {
+            bail!(
+                "config: topk_group ({}) must be in 1..=n_group ({g}) and keep at least top_k ({k}) experts",
+                self.topk_group
+            );
+        }
+        if !self.routed_scaling_factor.is_finite() || self.routed_scaling_factor <= 0.0 {
+            bail!("config: routed_scaling_factor must be positive, got {}", self.routed_scaling_factor);
+        }
+        if !self.bias_update_speed.is_finite() || self.bias_update_speed < 0.0 {
+            bail!("config: bias_update_speed must be ≥ 0, got {}", self.bias_update_speed);
+        }
+        if !self.seq_aux_alpha.is_finite() || self.seq_aux_alpha < 0.0 {
+            bail!("config: seq_aux_alpha must be ≥ 0, got {}", self.seq_aux_alpha);
+        }
+        if let Some(cf) = self.expert_capacity_factor {
+            if !cf.is_finite() || cf <= 0.0 {
+                bail!("config: expert_capacity_factor must be positive (omit it for dropless routing), got {cf}");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Per-layer attention variant (see `ModelConfig::attn_pattern`).
@@ -38,6 +182,20 @@ pub struct ModelConfig {
 pub enum AttnKind {
     Dense,
     Window,
+    /// DeepSeek Sparse Attention.
+    Sparse,
+}
+
+fn default_index_n_heads() -> usize {
+    4
+}
+
+fn default_index_head_dim() -> usize {
+    32
+}
+
+fn default_index_topk() -> usize {
+    256
 }
 
 fn dense_pattern() -> String {
@@ -85,17 +243,38 @@ impl ModelConfig {
             attn_pattern: dense_pattern(),
             dsa_window_size: default_window(),
             n_global: default_n_global(),
+            index_n_heads: default_index_n_heads(),
+            index_head_dim: default_index_head_dim(),
+            index_topk: default_index_topk(),
+            index_local_window: 0,
+            dsa_warmup_steps: 0,
+            moe: MoeConfig::default(),
         }
+    }
+
+    /// A preset with DSA in three of every four layers ("SSSD"): 2048 keys per query (DeepSeek-V3.2's
+    /// k), an indexer of 8 heads × 64, and a dense warm-up of 1000 steps.
+    fn with_dsa(mut self) -> ModelConfig {
+        self.attn_pattern = "SSSD".into();
+        (self.index_n_heads, self.index_head_dim, self.index_topk, self.dsa_warmup_steps) = (8, 64, 2048, 1000);
+        self
+    }
+
+    /// A preset with MoE FFNs after the first dense layer: E routed experts of width
+    /// ffn_hidden/4, top-2, one shared expert (docs/model.md says why).
+    fn with_moe(mut self, n_routed_experts: usize) -> ModelConfig {
+        self.moe = MoeConfig { n_routed_experts, top_k: 2, moe_inter_dim: self.ffn_hidden / 4, ..MoeConfig::default() };
+        self
     }
 
     pub fn preset(name: &str) -> Result<ModelConfig> {
         Ok(match name {
             "tiny" => Self::shaped(4096, 4, 256, 4, 256),
             "small" => Self::shaped(65536, 12, 768, 12, 8192),
-            "medium" => Self::shaped(65536, 24, 1024, 16, 16384),
-            "large" => Self::shaped(65536, 32, 2048, 32, 32768),
-            "xlarge" => Self::shaped(65536, 48, 4096, 48, 65536),
-            "full" => Self::shaped(65536, 64, 8192, 64, 131072),
+            "medium" => Self::shaped(65536, 24, 1024, 16, 16384).with_dsa(),
+            "large" => Self::shaped(65536, 32, 2048, 32, 32768).with_dsa().with_moe(16),
+            "xlarge" => Self::shaped(65536, 48, 4096, 48, 65536).with_dsa().with_moe(32),
+            "full" => Self::shaped(65536, 64, 8192, 64, 131072).with_dsa().with_moe(64),
             other => bail!("unknown model size '{other}': expected one of {}", PRESETS.join(", ")),
         })
     }
@@ -132,12 +311,35 @@ impl ModelConfig {
             Some(other) => bail!("{}: model_size must be a string, got {other}", path.display()),
             None => base.clone(),
         };
+        let moe_enabled = match fields.remove("moe_enabled") {
+            Some(serde_json::Value::Bool(b)) => Some(b),
+            Some(other) => bail!("{}: moe_enabled must be true or false, got {other}", path.display()),
+            None => None,
+        };
         let mut merged = serde_json::to_value(&base)?;
         for (k, v) in fields {
-            merged[k] = v;
+            match k.as_str() {
+                "moe" => {
+                    let serde_json::Value::Object(table) = v else {
+                        bail!("{}: moe must be a table of MoE settings", path.display());
+                    };
+                    for (mk, mv) in table {
+                        merged["moe"][if mk == "num_experts" { "n_routed_experts" } else { mk.as_str() }] = mv;
+                    }
+                }
+                "num_experts" => merged["moe"]["n_routed_experts"] = v,
+                _ if MOE_KEYS.contains(&k.as_str()) => merged["moe"][k] = v,
+                _ => merged[k] = v,
+            }
         }
-        let cfg: ModelConfig =
+        let mut cfg: ModelConfig =
             serde_json::from_value(merged).with_context(|| format!("{}: bad model config", path.display()))?;
+        match moe_enabled {
+            Some(false) => cfg.moe.n_routed_experts = 0,
+            Some(true) if !cfg.moe.enabled() => cfg.moe.n_routed_experts = 8,
+            _ => {}
+        }
+        cfg.derive_moe_inter_dim();
         cfg.validate()?;
         Ok(cfg)
     }
@@ -174,22 +376,50 @@ impl ModelConfig {
         if !self.logit_softcap.is_finite() || self.logit_softcap < 0.0 {
             bail!("config: logit_softcap must be ≥ 0 (0 = off), got {}", self.logit_softcap);
         }
-        if self.attn_pattern.is_empty() || self.attn_pattern.chars().any(|ch| ch != 'D' && ch != 'W') {
+        if self.attn_pattern.is_empty() || self.attn_pattern.chars().any(|ch| !matches!(ch, 'D' | 'W' | 'S')) {
             bail!(
-                "config: attn_pattern '{}' must be a non-empty string of D (dense) and W (window + global)",
+                "config: attn_pattern '{}' must be a non-empty string of D (dense), W (window + global) and S (DSA)",
                 self.attn_pattern
             );
+        }
+        if self.attn_pattern.contains('S') {
+            for (name, v) in [
+                ("index_n_heads", self.index_n_heads),
+                ("index_head_dim", self.index_head_dim),
+                ("index_topk + index_local_window", self.index_topk + self.index_local_window),
+            ] {
+                if v == 0 {
+                    bail!("config: {name} must be positive for DSA (S) layers");
+                }
+            }
+            if self.index_head_dim % 2 != 0 {
+                bail!("config: index_head_dim ({}) must be even for rotary embeddings", self.index_head_dim);
+            }
         }
         if self.dsa_window_size == 0 {
             bail!("config: dsa_window_size must be positive");
         }
-        Ok(())
+        self.moe.validate()
+    }
+
+    /// Fills moe_inter_dim when MoE is on and it is 0: ffn_hidden / (top_k + n_shared), rounded up to 32.
+    pub fn derive_moe_inter_dim(&mut self) {
+        let m = &mut self.moe;
+        if m.enabled() && m.moe_inter_dim == 0 {
+            m.moe_inter_dim = (self.ffn_hidden / (m.top_k + m.n_shared_experts).max(1)).div_ceil(32).max(1) * 32;
+        }
+    }
+
+    /// Whether layer `l`'s FFN is a mixture of experts.
+    pub fn is_moe_layer(&self, l: usize) -> bool {
+        self.moe.enabled() && l >= self.moe.first_k_dense
     }
 
     /// The attention variant of layer `l` (the pattern repeats over the layers).
     pub fn attn_kind(&self, l: usize) -> AttnKind {
         match self.attn_pattern.as_bytes()[l % self.attn_pattern.len()] {
             b'W' => AttnKind::Window,
+            b'S' => AttnKind::Sparse,
             _ => AttnKind::Dense,
         }
     }
@@ -202,7 +432,7 @@ impl ModelConfig {
         self.n_kv_head * self.head_dim
     }
 
-    /// Parameters per block, by component: (attention, ffn).
+    /// Parameters of a dense block, by component: (attention, ffn).
     pub fn block_params(&self) -> (usize, usize) {
         let c = self.n_embd;
         let attn = c * self.q_dim() * 2 + c * self.kv_dim() * 2; // c_q, c_proj, c_k, c_v
@@ -210,16 +440,54 @@ impl ModelConfig {
         (attn, ffn)
     }
 
-    /// Total parameters: embedding + blocks + lm_head.
-    pub fn num_params(&self) -> usize {
-        let (a, f) = self.block_params();
-        2 * self.vocab_size * self.n_embd + self.n_layer * (a + f)
+    /// FFN parameters of layer `l`: (total, active per token). A MoE layer holds the router
+    /// [E, C], E routed experts and the shared experts; a token uses the shared experts, K
+    /// routed experts and the router.
+    pub fn ffn_params(&self, l: usize) -> (usize, usize) {
+        if !self.is_moe_layer(l) {
+            let f = 3 * self.n_embd * self.ffn_hidden;
+            return (f, f);
+        }
+        let m = &self.moe;
+        let expert = 3 * self.n_embd * m.moe_inter_dim;
+        let router = m.n_routed_experts * self.n_embd;
+        let shared = m.n_shared_experts * expert;
+        (router + shared + m.n_routed_experts * expert, router + shared + m.top_k * expert)
     }
 
-    /// Approximate training FLOPs per token: 6·(non-embedding matmul params + lm_head) + attention.
+    /// Lightning-indexer parameters of layer `l` (DSA layers: wq [H_I·d_I, C], wk [d_I, C],
+    /// w_heads [H_I, C]; 0 otherwise).
+    pub fn indexer_params(&self, l: usize) -> usize {
+        match self.attn_kind(l) {
+            AttnKind::Sparse => {
+                self.n_embd * (self.index_n_heads * self.index_head_dim + self.index_head_dim + self.index_n_heads)
+            }
+            _ => 0,
+        }
+    }
+
+    /// Non-embedding parameters of all blocks: (total, active per token).
+    pub fn block_params_total(&self) -> (usize, usize) {
+        let (a, _) = self.block_params();
+        (0..self.n_layer).fold((0, 0), |(t, ac), l| {
+            let ((ft, fa), i) = (self.ffn_params(l), self.indexer_params(l));
+            (t + a + i + ft, ac + a + i + fa)
+        })
+    }
+
+    /// Total parameters: embedding + blocks + lm_head.
+    pub fn num_params(&self) -> usize {
+        2 * self.vocab_size * self.n_embd + self.block_params_total().0
+    }
+
+    /// Parameters a token uses (MoE layers count K routed experts); equals num_params for dense models.
+    pub fn active_params(&self) -> usize {
+        2 * self.vocab_size * self.n_embd + self.block_params_total().1
+    }
+
+    /// Approximate training FLOPs per token: 6·(active non-embedding matmul params + lm_head) + attention.
     pub fn flops_per_token(&self, seq_len: usize) -> f64 {
-        let (a, f) = self.block_params();
-        let matmul = (self.n_layer * (a + f) + self.vocab_size * self.n_embd) as f64;
+        let matmul = (self.block_params_total().1 + self.vocab_size * self.n_embd) as f64;
         // causal attention: QKᵀ and PV, forward 2·2·(T/2)·head_dim per head, ×3 for fwd+bwd
         let attn = 6.0 * self.n_layer as f64 * self.n_head as f64 * self.head_dim as f64 * seq_len as f64;
         6.0 * matmul + attn
@@ -242,6 +510,21 @@ pub struct ConfigOverrides {
     pub attn_pattern: Option<String>,
     pub dsa_window_size: Option<usize>,
     pub n_global: Option<usize>,
+    pub index_n_heads: Option<usize>,
+    pub index_head_dim: Option<usize>,
+    pub index_topk: Option<usize>,
+    pub index_local_window: Option<usize>,
+    pub dsa_warmup_steps: Option<u64>,
+    pub n_routed_experts: Option<usize>,
+    pub n_shared_experts: Option<usize>,
+    pub moe_top_k: Option<usize>,
+    pub moe_inter_dim: Option<usize>,
+    pub first_k_dense: Option<usize>,
+    pub score_func: Option<String>,
+    pub routed_scaling_factor: Option<f32>,
+    pub bias_update_speed: Option<f32>,
+    pub seq_aux_alpha: Option<f32>,
+    pub expert_capacity_factor: Option<f32>,
 }
 
 impl ConfigOverrides {
@@ -270,6 +553,7 @@ impl ConfigOverrides {
         if shape_changed {
             cfg.head_dim = default_head_dim(cfg.n_embd, cfg.n_head);
             cfg.ffn_hidden = default_ffn_hidden(cfg.n_embd);
+            cfg.moe.moe_inter_dim = 0;
         }
         if let Some(v) = self.head_dim {
             cfg.head_dim = v;
@@ -295,6 +579,56 @@ impl ConfigOverrides {
         if let Some(v) = self.n_global {
             cfg.n_global = v;
         }
+        if let Some(v) = self.index_n_heads {
+            cfg.index_n_heads = v;
+        }
+        if let Some(v) = self.index_head_dim {
+            cfg.index_head_dim = v;
+        }
+        if let Some(v) = self.index_topk {
+            cfg.index_topk = v;
+        }
+        if let Some(v) = self.index_local_window {
+            cfg.index_local_window = v;
+        }
+        if let Some(v) = self.dsa_warmup_steps {
+            cfg.dsa_warmup_steps = v;
+        }
+        let m = &mut cfg.moe;
+        if let Some(v) = self.n_routed_experts {
+            m.n_routed_experts = v;
+        }
+        if let Some(v) = self.n_shared_experts {
+            m.n_shared_experts = v;
+        }
+        if let Some(v) = self.moe_top_k {
+            m.top_k = v;
+        }
+        if self.ffn_hidden.is_some() {
+            m.moe_inter_dim = 0;
+        }
+        if let Some(v) = self.moe_inter_dim {
+            m.moe_inter_dim = v;
+        }
+        if let Some(v) = self.first_k_dense {
+            m.first_k_dense = v;
+        }
+        if let Some(v) = &self.score_func {
+            m.score_func = v.clone();
+        }
+        if let Some(v) = self.routed_scaling_factor {
+            m.routed_scaling_factor = v;
+        }
+        if let Some(v) = self.bias_update_speed {
+            m.bias_update_speed = v;
+        }
+        if let Some(v) = self.seq_aux_alpha {
+            m.seq_aux_alpha = v;
+        }
+        if let Some(v) = self.expert_capacity_factor {
+            m.expert_capacity_factor = if v > 0.0 { Some(v) } else { None };
+        }
+        cfg.derive_moe_inter_dim();
         cfg.validate()
     }
 }

@@ -10,6 +10,7 @@
 use super::config::{AttnKind, ModelConfig};
 use crate::autograd::{Tape, Var};
 use crate::backend::cpu::attention::AttnDims;
+use crate::backend::cpu::dsa::DsaDims;
 use crate::backend::cpu::rope::RopeTable;
 use crate::backend::cpu::window_attention::WindowDims;
 use crate::memory::{Category, Tracked};
@@ -17,7 +18,7 @@ use crate::rng::Rng;
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Which optimizer group a parameter belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +29,16 @@ pub enum ParamKind {
     Head,
     /// Hidden 2-D matrices inside blocks (Muon, matrix_lr).
     Matrix,
+    /// A stack of routed-expert matrices [E, rows, cols] (Muon per expert, matrix_lr).
+    Experts,
+    /// The MoE router [E, n_embd] (AdamW, unembedding_lr).
+    Router,
+}
+
+impl ParamKind {
+    pub fn uses_muon(self) -> bool {
+        matches!(self, ParamKind::Matrix | ParamKind::Experts)
+    }
 }
 
 pub struct Param {
@@ -36,23 +47,72 @@ pub struct Param {
     pub tensor: Tensor,
 }
 
-/// Matrices of one block, in checkpoint order.
+/// Matrices of one dense block, in checkpoint order.
 pub const BLOCK_MATRICES: [&str; 7] =
     ["attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.w_gate", "mlp.w_up", "mlp.w_down"];
 
+/// Routed-expert load of one MoE layer in the latest forward pass (see `Model::take_moe_loads`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MoeLoad {
+    /// Kept assignments per expert.
+    pub counts: Vec<usize>,
+    /// Assignments dropped by the capacity limit.
+    pub dropped: usize,
+    /// Token·K assignments requested.
+    pub assignments: usize,
+    /// The sequence-wise balance loss (0 when α = 0).
+    pub balance_loss: f32,
+}
+
+impl MoeLoad {
+    /// Adds another micro-batch's load.
+    pub fn merge(&mut self, o: &MoeLoad) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; o.counts.len()];
+        }
+        for (a, b) in self.counts.iter_mut().zip(&o.counts) {
+            *a += b;
+        }
+        self.dropped += o.dropped;
+        self.assignments += o.assignments;
+        self.balance_loss += o.balance_loss;
+    }
+}
+
 pub struct Model {
     pub config: ModelConfig,
-    /// wte, then 7 matrices per block (BLOCK_MATRICES order), then lm_head.
+    /// wte, then each block's parameters (`block_param_specs` order), then lm_head.
     pub params: Vec<Param>,
     /// Activation checkpointing: recompute every n-th block in the backward (0 = off, 1 = all).
     pub checkpoint_every: usize,
+    /// Per layer, the MoE router's selection bias b [E] (empty for dense FFNs). Not a trained
+    /// parameter: the training loop updates it after each step (auxiliary-loss-free balancing).
+    pub moe_bias: Vec<Vec<f32>>,
+    /// Per layer, the routed load of the latest forward (a recomputed block overwrites its own).
+    moe_loads: Mutex<Vec<Option<MoeLoad>>>,
+    /// DSA layers attend densely (the indexer's warm-up); the training loop sets it per step.
+    pub dsa_dense_warmup: bool,
+    /// Per layer, the indexer's KL loss in the latest forward (DSA layers).
+    indexer_losses: Mutex<Vec<Option<f32>>>,
+    index_rope: Arc<RopeTable>,
+    /// Index in `params` of each block's first parameter, plus one past the last block.
+    block_start: Vec<usize>,
     rope: Arc<RopeTable>,
     _memory: Tracked,
 }
 
+/// One parameter of a block: name suffix, kind, shape, and whether it starts at zero.
+struct ParamSpec {
+    name: &'static str,
+    kind: ParamKind,
+    shape: Vec<usize>,
+    zero: bool,
+}
+
 impl Model {
-    /// Initialization (docs/model.md): wte ~ N(0, 1); c_q, c_k, c_v, w_gate, w_up ~ N(0, 1/n_embd);
-    /// c_proj and w_down = 0 (each block starts as the identity); lm_head ~ N(0, 0.001²).
+    /// Initialization (docs/model.md): wte ~ N(0, 1); c_q, c_k, c_v, w_gate, w_up (dense, shared
+    /// and routed experts) and the router ~ N(0, 1/n_embd); c_proj and every w_down = 0 (each block
+    /// starts as the identity); lm_head ~ N(0, 0.001²); routing biases 0.
     pub fn new(config: &ModelConfig, seed: u64) -> Result<Model> {
         config.validate()?;
         let c = config;
@@ -62,14 +122,9 @@ impl Model {
         add("wte.weight".into(), ParamKind::Embedding, Tensor::randn(&[c.vocab_size, c.n_embd], 1.0, &mut rng));
         let std = 1.0 / (c.n_embd as f32).sqrt();
         for l in 0..c.n_layer {
-            for name in BLOCK_MATRICES {
-                let shape = Self::matrix_shape(c, name);
-                let t = if name.ends_with("c_proj") || name.ends_with("w_down") {
-                    Tensor::zeros(&shape)
-                } else {
-                    Tensor::randn(&shape, std, &mut rng)
-                };
-                add(format!("blocks.{l}.{name}.weight"), ParamKind::Matrix, t);
+            for p in Self::block_param_specs(c, l) {
+                let t = if p.zero { Tensor::zeros(&p.shape) } else { Tensor::randn(&p.shape, std, &mut rng) };
+                add(format!("blocks.{l}.{}.weight", p.name), p.kind, t);
             }
         }
         add("lm_head.weight".into(), ParamKind::Head, Tensor::randn(&[c.vocab_size, c.n_embd], 0.001, &mut rng));
@@ -77,21 +132,81 @@ impl Model {
     }
 
     /// Assembles a model from parameters in checkpoint order (shapes are trusted; see `expected_shapes`).
+    /// Routing biases start at 0 (a checkpoint loader sets them afterwards).
     pub fn from_params(config: ModelConfig, params: Vec<Param>) -> Model {
         let rope = Arc::new(RopeTable::new(config.head_dim, config.max_seq_len, config.rope_theta));
         let floats = params.iter().map(|p| p.tensor.numel()).sum();
-        Model { config, params, checkpoint_every: 0, rope, _memory: Tracked::floats(Category::Parameters, floats) }
+        let mut block_start = vec![1];
+        for l in 0..config.n_layer {
+            block_start.push(block_start[l] + Self::block_param_specs(&config, l).len());
+        }
+        let moe_bias = (0..config.n_layer)
+            .map(|l| if config.is_moe_layer(l) { vec![0.0; config.moe.n_routed_experts] } else { Vec::new() })
+            .collect();
+        let moe_loads = Mutex::new(vec![None; config.n_layer]);
+        let indexer_losses = Mutex::new(vec![None; config.n_layer]);
+        let index_rope = Arc::new(RopeTable::new(config.index_head_dim, config.max_seq_len, config.rope_theta));
+        let memory = Tracked::floats(Category::Parameters, floats);
+        Model {
+            config,
+            params,
+            checkpoint_every: 0,
+            moe_bias,
+            moe_loads,
+            dsa_dense_warmup: false,
+            indexer_losses,
+            index_rope,
+            block_start,
+            rope,
+            _memory: memory,
+        }
     }
 
-    /// [out, in] shape of a block matrix.
-    fn matrix_shape(c: &ModelConfig, name: &str) -> Vec<usize> {
-        match name {
-            "attn.c_q" => vec![c.q_dim(), c.n_embd],
-            "attn.c_k" | "attn.c_v" => vec![c.kv_dim(), c.n_embd],
-            "attn.c_proj" => vec![c.n_embd, c.q_dim()],
-            "mlp.w_gate" | "mlp.w_up" => vec![c.ffn_hidden, c.n_embd],
-            "mlp.w_down" => vec![c.n_embd, c.ffn_hidden],
-            _ => unreachable!("unknown block matrix {name}"),
+    /// The parameters of block `l`, in checkpoint order: attention (c_q, c_k, c_v, c_proj), then
+    /// the dense FFN (w_gate, w_up, w_down) or the MoE FFN (router, routed expert stacks, shared
+    /// experts), then for DSA layers the lightning indexer (wq, wk, w_heads). Shapes are
+    /// [out, in]; expert stacks [E, out, in].
+    fn block_param_specs(c: &ModelConfig, l: usize) -> Vec<ParamSpec> {
+        let mx = ParamKind::Matrix;
+        let spec = |name, kind, shape: Vec<usize>, zero| ParamSpec { name, kind, shape, zero };
+        let ce = c.n_embd;
+        let mut v = vec![
+            spec("attn.c_q", mx, vec![c.q_dim(), ce], false),
+            spec("attn.c_k", mx, vec![c.kv_dim(), ce], false),
+            spec("attn.c_v", mx, vec![c.kv_dim(), ce], false),
+            spec("attn.c_proj", mx, vec![ce, c.q_dim()], true),
+        ];
+        if !c.is_moe_layer(l) {
+            let f = c.ffn_hidden;
+            v.push(spec("mlp.w_gate", mx, vec![f, ce], false));
+            v.push(spec("mlp.w_up", mx, vec![f, ce], false));
+            v.push(spec("mlp.w_down", mx, vec![ce, f], true));
+        } else {
+            Self::moe_param_specs(c, &mut v);
+        }
+        if c.attn_kind(l) == AttnKind::Sparse {
+            let (hi, di) = (c.index_n_heads, c.index_head_dim);
+            v.push(spec("attn.indexer.wq", mx, vec![hi * di, ce], false));
+            v.push(spec("attn.indexer.wk", mx, vec![di, ce], false));
+            v.push(spec("attn.indexer.w_heads", mx, vec![hi, ce], false));
+        }
+        v
+    }
+
+    fn moe_param_specs(c: &ModelConfig, v: &mut Vec<ParamSpec>) {
+        let (mx, ex) = (ParamKind::Matrix, ParamKind::Experts);
+        let spec = |name, kind, shape: Vec<usize>, zero| ParamSpec { name, kind, shape, zero };
+        let ce = c.n_embd;
+        let (e, f) = (c.moe.n_routed_experts, c.moe.moe_inter_dim);
+        v.push(spec("mlp.router", ParamKind::Router, vec![e, ce], false));
+        v.push(spec("mlp.experts.w_gate", ex, vec![e, f, ce], false));
+        v.push(spec("mlp.experts.w_up", ex, vec![e, f, ce], false));
+        v.push(spec("mlp.experts.w_down", ex, vec![e, ce, f], true));
+        if c.moe.n_shared_experts > 0 {
+            let fs = c.moe.n_shared_experts * f;
+            v.push(spec("mlp.shared.w_gate", mx, vec![fs, ce], false));
+            v.push(spec("mlp.shared.w_up", mx, vec![fs, ce], false));
+            v.push(spec("mlp.shared.w_down", mx, vec![ce, fs], true));
         }
     }
 
@@ -99,12 +214,40 @@ impl Model {
     pub fn expected_shapes(c: &ModelConfig) -> Vec<(String, ParamKind, Vec<usize>)> {
         let mut v = vec![("wte.weight".to_string(), ParamKind::Embedding, vec![c.vocab_size, c.n_embd])];
         for l in 0..c.n_layer {
-            for name in BLOCK_MATRICES {
-                v.push((format!("blocks.{l}.{name}.weight"), ParamKind::Matrix, Self::matrix_shape(c, name)));
+            for p in Self::block_param_specs(c, l) {
+                v.push((format!("blocks.{l}.{}.weight", p.name), p.kind, p.shape));
             }
         }
         v.push(("lm_head.weight".to_string(), ParamKind::Head, vec![c.vocab_size, c.n_embd]));
         v
+    }
+
+    /// Checkpoint name of layer `l`'s routing bias (a buffer saved beside the weights).
+    pub fn moe_bias_name(l: usize) -> String {
+        format!("blocks.{l}.mlp.router.bias")
+    }
+
+    /// The routed load of each MoE layer in the latest forward (None for dense layers), clearing it.
+    pub fn take_moe_loads(&self) -> Vec<Option<MoeLoad>> {
+        let mut loads = self.moe_loads.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *loads, vec![None; self.config.n_layer])
+    }
+
+    /// The indexer KL loss of each DSA layer in the latest forward (None elsewhere), clearing it.
+    pub fn take_indexer_losses(&self) -> Vec<Option<f32>> {
+        let mut losses = self.indexer_losses.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *losses, vec![None; self.config.n_layer])
+    }
+
+    /// Auxiliary-loss-free balancing after an optimizer step: each MoE layer's bias moves by
+    /// ∓γ for experts above/below the mean load of the step (`loads` from `take_moe_loads`, summed).
+    pub fn update_moe_bias(&mut self, loads: &[Option<MoeLoad>]) {
+        let gamma = self.config.moe.bias_update_speed;
+        for (bias, load) in self.moe_bias.iter_mut().zip(loads) {
+            if let (Some(load), false) = (load, bias.is_empty()) {
+                crate::backend::cpu::moe::update_bias(bias, &load.counts, gamma);
+            }
+        }
     }
 
     /// A parameter by its checkpoint name (e.g. `blocks.0.attn.c_q.weight`).
@@ -143,7 +286,7 @@ impl Model {
         let x = tape.embedding(pv[0], ids);
         let mut x = tape.rmsnorm(x, c.n_embd);
         for l in 0..c.n_layer {
-            let w = &pv[1 + 7 * l..1 + 7 * (l + 1)];
+            let w = &pv[self.block_start[l]..self.block_start[l + 1]];
             x = if self.checkpoint_every > 0 && l % self.checkpoint_every == 0 {
                 let inputs: Vec<Var> = std::iter::once(x).chain(w.iter().copied()).collect();
                 tape.checkpoint(
@@ -158,7 +301,7 @@ impl Model {
         Ok(tape.linear(x, pv[pv.len() - 1]))
     }
 
-    /// One block on x [b·t, n_embd] with its 7 matrices `w` (BLOCK_MATRICES order).
+    /// One block on x [b·t, n_embd] with its parameters `w` (`block_param_specs` order).
     fn block<'p>(&'p self, tape: &mut Tape<'p>, l: usize, x: Var, w: &[Var], b: usize, t: usize) -> Var {
         let c = &self.config;
         let dims = AttnDims { b, t, h: c.n_head, h_kv: c.n_kv_head, d: c.head_dim };
@@ -178,15 +321,99 @@ impl Model {
                 let wd = WindowDims { b, t, h: c.n_head, h_kv: c.n_kv_head, d: c.head_dim, window, n_global };
                 tape.window_attention(q, k, v, wd)
             }
+            AttnKind::Sparse => self.sparse_attention(tape, l, h, (q, k, v), &w[w.len() - 3..], b, t),
         };
         let y = tape.linear(y, w[3]);
         let x = tape.add(x, y);
         let h = tape.rmsnorm(x, c.n_embd);
-        let g = tape.linear(h, w[4]);
-        let u = tape.linear(h, w[5]);
-        let a = tape.swiglu(g, u);
-        let y = tape.linear(a, w[6]);
+        let n_index = if c.attn_kind(l) == AttnKind::Sparse { 3 } else { 0 };
+        let ffn_w = &w[4..w.len() - n_index];
+        let y = if c.is_moe_layer(l) { self.moe_ffn(tape, l, h, ffn_w, b, t) } else { self.dense_ffn(tape, h, ffn_w) };
         tape.add(x, y)
+    }
+
+    /// The shapes of layer attention calls on a [b, t] batch for DSA.
+    pub fn dsa_dims(&self, b: usize, t: usize) -> DsaDims {
+        let c = &self.config;
+        DsaDims {
+            b,
+            t,
+            h: c.n_head,
+            h_kv: c.n_kv_head,
+            d: c.head_dim,
+            n_index_heads: c.index_n_heads,
+            index_dim: c.index_head_dim,
+            topk: c.index_topk,
+            window: c.index_local_window,
+        }
+    }
+
+    /// DeepSeek Sparse Attention: the lightning indexer reads a detached copy of h (so the language
+    /// model loss never reaches it), scores earlier keys, and each query attends to its top-k; the
+    /// indexer learns from the KL to the attention distribution (an aux loss). `w` = the indexer's
+    /// wq, wk, w_heads.
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_attention<'p>(
+        &'p self,
+        tape: &mut Tape<'p>,
+        l: usize,
+        h: Var,
+        (q, k, v): (Var, Var, Var),
+        w: &[Var],
+        b: usize,
+        t: usize,
+    ) -> Var {
+        let c = &self.config;
+        let hd = tape.detach(h);
+        let qi = tape.linear(hd, w[0]);
+        let qi = tape.rope(qi, b, t, c.index_n_heads, &self.index_rope);
+        let ki = tape.linear(hd, w[1]);
+        let ki = tape.rope(ki, b, t, 1, &self.index_rope);
+        let wi = tape.linear(hd, w[2]);
+        let wi = tape.scale(wi, 1.0 / ((c.index_n_heads * c.index_head_dim) as f32).sqrt());
+        let dims = self.dsa_dims(b, t);
+        let (y, sel, lse) = tape.dsa_attention(q, k, v, (qi, ki, wi), dims, self.dsa_dense_warmup);
+        let kl = tape.indexer_kl(q, k, &lse, (qi, ki, wi), sel.as_deref().map(|s| s.as_slice()), dims);
+        self.indexer_losses.lock().unwrap_or_else(|e| e.into_inner())[l] = Some(tape.value(kl)[0]);
+        tape.add_aux_loss(kl);
+        y
+    }
+
+    /// SwiGLU FFN: w_down(silu(w_gate h) ∘ w_up h).
+    fn dense_ffn<'p>(&'p self, tape: &mut Tape<'p>, h: Var, w: &[Var]) -> Var {
+        let g = tape.linear(h, w[0]);
+        let u = tape.linear(h, w[1]);
+        let a = tape.swiglu(g, u);
+        tape.linear(a, w[2])
+    }
+
+    /// DeepSeekMoE FFN on h [b·t, C]: Σ_k g_k·expert_k(h) over the routed experts plus the shared
+    /// experts; `w` = router, expert stacks (w_gate, w_up, w_down), then the shared experts' three
+    /// matrices if any. The balance loss (α > 0) joins the objective as an aux loss; the layer's load
+    /// is recorded for the bias update and the metrics.
+    fn moe_ffn<'p>(&'p self, tape: &mut Tape<'p>, l: usize, h: Var, w: &[Var], b: usize, t: usize) -> Var {
+        let m = &self.config.moe;
+        let cfg = m.router();
+        let logits = tape.linear(h, w[0]);
+        let (mut y, routing) = tape.moe(h, logits, w[1], w[2], w[3], &self.moe_bias[l], cfg);
+        let mut balance_loss = 0.0;
+        if m.seq_aux_alpha > 0.0 {
+            let bal = tape.moe_balance(logits, routing.clone(), cfg, b, t, m.seq_aux_alpha);
+            balance_loss = tape.value(bal)[0];
+            tape.add_aux_loss(bal);
+        }
+        if w.len() > 4 {
+            let shared = self.dense_ffn(tape, h, &w[4..7]);
+            y = tape.add(y, shared);
+        }
+        let load = MoeLoad {
+            counts: routing.counts.clone(),
+            dropped: routing.dropped,
+            assignments: routing.n_tokens * cfg.top_k,
+            balance_loss,
+        };
+        self.moe_loads.lock().unwrap_or_else(|e| e.into_inner())[l] = Some(load);
+        y
     }
 
     /// Mean cross-entropy of predicting `targets` (−1 = ignore) from `ids`, both [b, t].

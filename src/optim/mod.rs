@@ -106,13 +106,12 @@ impl Optimizer {
             .params
             .iter()
             .map(|p| match p.kind {
-                ParamKind::Matrix => ParamState::Muon { momentum: vec![0.0; p.tensor.numel()] },
+                ParamKind::Matrix | ParamKind::Experts => ParamState::Muon { momentum: vec![0.0; p.tensor.numel()] },
                 _ => ParamState::AdamW { m: vec![0.0; p.tensor.numel()], v: vec![0.0; p.tensor.numel()] },
             })
             .collect();
         let adam_lr_scale = (model.config.n_embd as f32 / 768.0).powf(-0.5);
-        let floats =
-            model.params.iter().map(|p| if p.kind == ParamKind::Matrix { 1 } else { 2 } * p.tensor.numel()).sum();
+        let floats = model.params.iter().map(|p| if p.kind.uses_muon() { 1 } else { 2 } * p.tensor.numel()).sum();
         let _memory = crate::memory::Tracked::floats(crate::memory::Category::OptimizerState, floats);
         Optimizer { config, step: 0, state, adam_lr_scale, _memory }
     }
@@ -141,7 +140,11 @@ impl Optimizer {
                     adamw_update(&mut p.tensor.data, g, m, v, h);
                 }
                 ParamState::Muon { momentum } => {
-                    let (rows, cols) = p.tensor.dims2();
+                    // Expert stacks [E, rows, cols] are orthogonalized one expert matrix at a time.
+                    let (rows, cols) = match p.tensor.shape[..] {
+                        [_, r, c] => (r, c),
+                        _ => p.tensor.dims2(),
+                    };
                     // Nesterov momentum in lerp form: buf ← μ·buf + (1−μ)·g, u = (1−μ)·g + μ·buf.
                     let mu = c.muon_momentum;
                     let mut u = vec![0.0f32; g.len()];
@@ -149,7 +152,8 @@ impl Optimizer {
                         *b = mu * *b + (1.0 - mu) * gi;
                         *ui = (1.0 - mu) * gi + mu * *b;
                     }
-                    let o = newton_schulz(&u, rows, cols, c.ns_steps);
+                    let o: Vec<f32> =
+                        u.chunks_exact(rows * cols).flat_map(|m| newton_schulz(m, rows, cols, c.ns_steps)).collect();
                     // Tall matrices get a larger step so the update's RMS per entry stays comparable.
                     let lr = c.matrix_lr * lr_mult * (rows as f32 / cols as f32).max(1.0).sqrt();
                     let decay = 1.0 - c.matrix_lr * lr_mult * c.weight_decay;

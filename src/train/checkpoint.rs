@@ -1,6 +1,6 @@
 //! Checkpoints: `<run>/checkpoints/step_NNNNNN/` holding
-//!   model.safetensors  the weights (F32, names from docs/model.md; the model config
-//!                      as JSON in the safetensors metadata under "config")
+//!   model.safetensors  the weights and the MoE routing biases (F32, names from docs/model.md;
+//!                      the model config as JSON in the safetensors metadata under "config")
 //!   optim.safetensors  optimizer state (`<param>.adam_m`, `.adam_v`, `.muon_momentum`)
 //!   state.json         step, data-loader RNG, format version
 //! A checkpoint directory is written under a temporary name, every file fsynced,
@@ -64,7 +64,11 @@ pub fn save(run_dir: &Path, model: &Model, opt: &Optimizer, state: &CheckpointSt
     let _ = fs::remove_dir_all(&tmp);
     let result = (|| -> Result<()> {
         fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        let weights: Vec<(String, Tensor)> = model.params.iter().map(|p| (p.name.clone(), p.tensor.clone())).collect();
+        let mut weights: Vec<(String, Tensor)> =
+            model.params.iter().map(|p| (p.name.clone(), p.tensor.clone())).collect();
+        for (l, bias) in model.moe_bias.iter().enumerate().filter(|(_, b)| !b.is_empty()) {
+            weights.push((Model::moe_bias_name(l), Tensor::from_vec(&[bias.len()], bias.clone())));
+        }
         // One metadata key: safetensors writes a HashMap in arbitrary order, and one key keeps files byte-reproducible.
         let meta = HashMap::from([("config".to_string(), serde_json::to_string(&model.config)?)]);
         write_atomic(&tmp.join("model.safetensors"), &safetensors_bytes(&weights, Some(meta))?)?;
@@ -149,9 +153,16 @@ pub fn load_model(ckpt_dir: &Path, config: &ModelConfig) -> Result<Model> {
         .into_iter()
         .map(|(name, kind, shape)| Ok(Param { tensor: Tensor::from_vec(&shape, file.get(&name, &shape)?), name, kind }))
         .collect::<Result<Vec<_>>>()?;
-    let model = Model::from_params(config.clone(), params);
+    let mut model = Model::from_params(config.clone(), params);
     if let Some(p) = model.params.iter().find(|p| p.tensor.data.iter().any(|v| !v.is_finite())) {
         bail!("checkpoint {} holds non-finite values in '{}'", ckpt_dir.display(), p.name);
+    }
+    for (l, bias) in model.moe_bias.iter_mut().enumerate().filter(|(_, b)| !b.is_empty()) {
+        let name = Model::moe_bias_name(l);
+        *bias = file.get(&name, &[bias.len()])?;
+        if bias.iter().any(|v| !v.is_finite()) {
+            bail!("checkpoint {} holds non-finite values in '{name}'", ckpt_dir.display());
+        }
     }
     Ok(model)
 }

@@ -1,7 +1,10 @@
 //! `metrics.jsonl`: one JSON object per line, appended as training goes.
 //! Train lines carry `loss`; evaluation lines carry `val_loss`; both carry `step`.
+//! MoE runs add `moe` to train lines: one object per MoE layer (see [`moe_record`]).
 
+use crate::backend::cpu::moe::load_stats;
 use crate::fsutil::write_atomic;
+use crate::nn::model::MoeLoad;
 use anyhow::{Context, Result};
 use serde_json::Value;
 use std::fs::{File, OpenOptions};
@@ -50,4 +53,57 @@ pub fn read(path: &Path) -> Result<Vec<Value>> {
 /// (step, value) pairs of one field across the records that have it.
 pub fn series(records: &[Value], field: &str) -> Vec<(f64, f64)> {
     records.iter().filter_map(|r| Some((r["step"].as_f64()?, r[field].as_f64()?))).collect()
+}
+
+/// The `moe` field of a train line: per MoE layer `{layer, max_mean, cv, dropped_frac, bias_min,
+/// bias_max, balance_loss, load}`, where max_mean is the max/mean tokens per expert, cv their
+/// coefficient of variation, and `load` each expert's share of the step's kept assignments
+/// divided by the mean share (1 = perfectly balanced).
+pub fn moe_record(loads: &[Option<MoeLoad>], biases: &[Vec<f32>]) -> Value {
+    let layers: Vec<Value> = loads
+        .iter()
+        .zip(biases)
+        .enumerate()
+        .filter_map(|(l, (load, bias))| {
+            let load = load.as_ref()?;
+            let (max_mean, cv) = load_stats(&load.counts);
+            let total: usize = load.counts.iter().sum();
+            let mean = total as f64 / load.counts.len().max(1) as f64;
+            let rel: Vec<f64> = load
+                .counts
+                .iter()
+                .map(|&c| if mean > 0.0 { (c as f64 / mean * 1e3).round() / 1e3 } else { 0.0 })
+                .collect();
+            let bmin = bias.iter().copied().fold(f32::INFINITY, f32::min);
+            let bmax = bias.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            Some(serde_json::json!({
+                "layer": l,
+                "max_mean": max_mean,
+                "cv": cv,
+                "dropped_frac": load.dropped as f64 / load.assignments.max(1) as f64,
+                "bias_min": bmin,
+                "bias_max": bmax,
+                "balance_loss": load.balance_loss,
+                "load": rel,
+            }))
+        })
+        .collect();
+    Value::Array(layers)
+}
+
+/// One MoE layer's expert loads over training: the layer and, per logged step, (step, load / mean).
+pub type LoadHistory = (usize, Vec<(f64, Vec<f64>)>);
+
+/// Per MoE layer: the steps and, for each, the experts' relative loads (from `moe` fields).
+pub fn moe_load_history(records: &[Value]) -> Vec<LoadHistory> {
+    let mut by_layer: std::collections::BTreeMap<usize, Vec<(f64, Vec<f64>)>> = Default::default();
+    for r in records {
+        let (Some(step), Some(layers)) = (r["step"].as_f64(), r["moe"].as_array()) else { continue };
+        for layer in layers {
+            let (Some(l), Some(load)) = (layer["layer"].as_u64(), layer["load"].as_array()) else { continue };
+            let load = load.iter().filter_map(Value::as_f64).collect();
+            by_layer.entry(l as usize).or_default().push((step, load));
+        }
+    }
+    by_layer.into_iter().collect()
 }

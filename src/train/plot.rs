@@ -370,6 +370,62 @@ pub fn bar_chart_svg(title: &str, value_label: &str, bars: &[(String, f64)]) -> 
     s
 }
 
+/// Expert load over training as heat maps, one panel per MoE layer: a row per expert, a column
+/// per logged step (at most 240, evenly sampled), colored by load / mean load on a log₂ scale
+/// (blue under-used, white balanced, red over-used; clamped at ¼× and 4×).
+pub fn moe_heatmap_svg(layers: &[super::metrics::LoadHistory]) -> String {
+    let (left, plot_w) = (90.0, WIDTH - 90.0 - 40.0);
+    let color = |r: f64| {
+        let x = if r > 0.0 { (r.log2() / 2.0).clamp(-1.0, 1.0) } else { -1.0 };
+        let fade = |v: f64| (255.0 * (1.0 - v.abs())).round() as u8;
+        if x >= 0.0 {
+            format!("rgb(255,{},{})", fade(x), fade(x))
+        } else {
+            format!("rgb({},{},255)", fade(x), fade(x))
+        }
+    };
+    let mut body = String::new();
+    let mut y = TOP;
+    for (layer, steps) in layers {
+        let n_exp = steps.iter().map(|s| s.1.len()).max().unwrap_or(0);
+        if n_exp == 0 || steps.is_empty() {
+            continue;
+        }
+        let cols: Vec<usize> = (0..steps.len().min(240)).map(|i| i * steps.len() / steps.len().min(240)).collect();
+        let (cw, rh) = (plot_w / cols.len() as f64, (160.0 / n_exp as f64).clamp(2.0, 14.0));
+        let _ =
+            writeln!(body, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">layer {layer}</text>"#, left - 8.0, y + 12.0);
+        for (ci, &si) in cols.iter().enumerate() {
+            for (e, &r) in steps[si].1.iter().enumerate() {
+                let (cx, cy) = (left + ci as f64 * cw, y + e as f64 * rh);
+                let _ = writeln!(
+                    body,
+                    r#"<rect x="{cx:.1}" y="{cy:.1}" width="{:.2}" height="{rh:.2}" fill="{}"/>"#,
+                    cw + 0.3,
+                    color(r)
+                );
+            }
+        }
+        let (first, last) = (steps[0].0, steps[steps.len() - 1].0);
+        let h = rh * n_exp as f64;
+        let _ = writeln!(body, r#"<text x="{left:.1}" y="{:.1}">step {first}</text>"#, y + h + 14.0);
+        let _ = writeln!(
+            body,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">step {last} · {n_exp} experts</text>"#,
+            left + plot_w,
+            y + h + 14.0
+        );
+        y += h + 34.0;
+    }
+    let height = y + 30.0;
+    let title = "MoE expert load over training (load / mean: blue ¼×, white 1×, red 4×)";
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height:.0}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{:.1}\" y=\"28\" text-anchor=\"middle\" font-size=\"15\" font-weight=\"bold\">{}</text>\n{body}</svg>\n",
+        WIDTH / 2.0,
+        xml_escape(title)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -515,5 +571,13 @@ mod tests {
         let svg = bar_chart_svg("t<1>", "ms", &[("linear".into(), 3.0), ("a&b".into(), f64::NAN)]);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("t&lt;1&gt;") && svg.contains("a&amp;b"));
+    }
+
+    #[test]
+    fn moe_heatmap_is_well_formed() {
+        let steps: Vec<(f64, Vec<f64>)> = (1..=300).map(|s| (s as f64, vec![0.0, 0.5, 1.0, 2.0, 9.0])).collect();
+        let svg = moe_heatmap_svg(&[(1, steps.clone()), (2, steps)]);
+        assert!(check_xml(&svg) > 2 * 240 * 5);
+        assert!(svg.contains("layer 2") && svg.contains("rgb(255,255,255)"));
     }
 }
