@@ -1,8 +1,11 @@
 //! Text ⇄ token ids. One trait, so eval (bits per byte), generation and the demo work the
 //! same on the embedded synthetic language and on a trained BPE tokenizer (`tokenizer.json`).
 
+use super::prepare::{DataLocation, Manifest, TOKENIZER};
 use super::synthetic::{SyntheticLanguage, BOS, EOT};
-use anyhow::{bail, Result};
+use super::tokenizer::BpeTokenizer;
+use anyhow::{bail, Context, Result};
+use std::path::Path;
 
 pub trait TextCodec: Send + Sync {
     /// Token ids of `text` (no special tokens added).
@@ -67,6 +70,53 @@ impl TextCodec for SyntheticLanguage {
     fn eot(&self) -> Option<u32> {
         Some(EOT)
     }
+}
+
+/// The codec of a run, from a checkpoint directory (`runs/NAME/checkpoints/step_N`), a run
+/// directory or anything inside one: the `tokenizer.json` found in `path` or the folders
+/// above it up to the run directory (the one holding `config.json`; `nanoseek train` copies
+/// the data's tokenizer there), else the tokenizer of the data named in the run's
+/// `config.json`, else — for runs on the embedded data, or a bare checkpoint — the
+/// synthetic language. A run trained on shards without a tokenizer is an error: its ids
+/// cannot be turned into text.
+pub fn codec_for_run(path: &Path) -> Result<Box<dyn TextCodec>> {
+    for dir in path.ancestors().take(4) {
+        let tok = dir.join(TOKENIZER);
+        if tok.is_file() {
+            return Ok(Box::new(BpeTokenizer::load(&tok)?));
+        }
+        let config = dir.join("config.json");
+        if config.is_file() {
+            let text = std::fs::read_to_string(&config).with_context(|| format!("cannot read {}", config.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", config.display()))?;
+            return match v.pointer("/train/data").and_then(|d| d.as_str()) {
+                None => Ok(Box::new(SyntheticLanguage::new())),
+                Some(data) => codec_for_data(Path::new(data))?.with_context(|| {
+                    format!(
+                        "run {} was trained on {data}, which has no tokenizer.json: its ids cannot be decoded",
+                        dir.display()
+                    )
+                }),
+            };
+        }
+    }
+    Ok(Box::new(SyntheticLanguage::new()))
+}
+
+/// The codec that wrote the data at `path` (a `nanoseek data` folder or a shard file):
+/// its tokenizer.json, the synthetic language when the manifest says so, else None.
+pub fn codec_for_data(path: &Path) -> Result<Option<Box<dyn TextCodec>>> {
+    let loc = DataLocation::resolve(path)?;
+    if let Some(tok) = loc.tokenizer_json() {
+        return Ok(Some(Box::new(BpeTokenizer::load(&tok)?)));
+    }
+    if let DataLocation::Dir { dir, .. } = &loc {
+        if dir.join(super::prepare::MANIFEST).is_file() && Manifest::read(dir)?.tokenizer.kind == "synthetic" {
+            return Ok(Some(Box::new(SyntheticLanguage::new())));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
