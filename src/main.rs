@@ -21,10 +21,72 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Exact parameter counts per component and predicted memory for a model size or config.
     Info(InfoArgs),
-    /// Loss and perplexity of a checkpoint on a token shard (default: the embedded validation text).
+    /// Loss, perplexity and bits per byte of a checkpoint (default data: the embedded validation text).
     Eval(EvalArgs),
+    /// Prepare data: train (or load) a BPE tokenizer, write token shards, a train/val split and a manifest.
+    Data(Box<DataArgs>),
     /// Time a few training steps per op, with FLOP/s, MFU and the memory breakdown.
     Profile(ProfileArgs),
+    /// Talk to a trained model (KV-cache generation): interactive, batch (JSONL) or test (speed and memory).
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// A run directory (its newest checkpoint) or a checkpoint directory.
+    #[arg(long)]
+    model_path: PathBuf,
+    /// interactive: prompt loop with streaming output; batch: prompts one per line, JSONL out;
+    /// test: prefill/decode tokens/s and KV-cache memory at --max-seq-len.
+    #[arg(long, value_enum, default_value = "interactive")]
+    mode: nanoseek::demo::Mode,
+    /// Batch mode: file of prompts, one per line (default: stdin).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Batch mode: write the JSONL here; test mode: the JSON report (default: stdout).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Sample from the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling: the most likely tokens holding this much probability (1 = all).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Most tokens per reply (test mode: tokens decoded).
+    #[arg(long, default_value_t = 100)]
+    max_new_tokens: usize,
+    /// Test mode: context length to measure at (default: the model's max_seq_len).
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    /// Test mode: also time the uncached forward at the same context.
+    #[arg(long)]
+    compare_uncached: bool,
+}
+
+impl DemoArgs {
+    fn options(self) -> nanoseek::demo::DemoOptions {
+        nanoseek::demo::DemoOptions {
+            model_path: self.model_path,
+            mode: self.mode,
+            prompts: self.prompts,
+            output: self.output,
+            sample: nanoseek::generate::SampleOptions {
+                max_new_tokens: self.max_new_tokens,
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                stop_token: None,
+                seed: self.seed,
+            },
+            max_seq_len: self.max_seq_len,
+            compare_uncached: self.compare_uncached,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -67,9 +129,15 @@ struct EvalArgs {
     /// A checkpoint directory (runs/NAME/checkpoints/step_NNNNNN).
     #[arg(long)]
     model_path: PathBuf,
-    /// A nanoseek token shard; default: the embedded synthetic validation stream.
+    /// A token shard (nanoseek or llm.c) or a `nanoseek data` folder; default: the embedded validation stream.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// The split of a data folder to score: val (default), test or train.
+    #[arg(long)]
+    split: Option<String>,
+    /// Start every window at a document's BOS (tails of documents longer than a window are not scored).
+    #[arg(long)]
+    bos_aligned: bool,
     /// Stop after the batch that brings the scored tokens to at least this many.
     #[arg(long, default_value_t = 65536)]
     eval_tokens: usize,
@@ -79,6 +147,18 @@ struct EvalArgs {
     /// Write the result as JSON here.
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Also score synthetic long-range tasks (comma-separated: recall, passkey, copy), by context depth.
+    #[arg(long, value_delimiter = ',')]
+    tasks: Vec<String>,
+    /// Samples per task.
+    #[arg(long, default_value_t = 64)]
+    task_samples: usize,
+    /// Tokens per task sample (default: the model's max_seq_len).
+    #[arg(long)]
+    task_len: Option<usize>,
+    /// Depth buckets of the task accuracy.
+    #[arg(long, default_value_t = 4)]
+    depth_buckets: usize,
 }
 
 /// Which model: a preset, an optional config file on top, then single-field overrides.
@@ -120,7 +200,7 @@ struct ModelArgs {
     /// Logits pass through cap·tanh(z/cap); 0 = off.
     #[arg(long)]
     logit_softcap: Option<f32>,
-    /// Attention per layer, repeated: D dense, W sliding window + global tokens (e.g. WWWD).
+    /// Attention per layer, repeated: D dense, W sliding window + global tokens, S DSA (e.g. WWWD, SSSD).
     #[arg(long)]
     attn_pattern: Option<String>,
     /// Window W of the W layers (keys t−W < s ≤ t).
@@ -129,6 +209,51 @@ struct ModelArgs {
     /// Leading tokens every query of a W layer can see (attention sinks).
     #[arg(long)]
     n_global: Option<usize>,
+    /// DSA (S layers): lightning-indexer query heads.
+    #[arg(long)]
+    index_n_heads: Option<usize>,
+    /// DSA: width of the indexer's heads.
+    #[arg(long)]
+    index_head_dim: Option<usize>,
+    /// DSA: keys each query attends to.
+    #[arg(long)]
+    index_topk: Option<usize>,
+    /// DSA: most recent keys always attended to besides the top-k (0 = none).
+    #[arg(long)]
+    index_local_window: Option<usize>,
+    /// DSA: optimizer steps of dense warm-up before attention turns sparse.
+    #[arg(long)]
+    dsa_warmup_steps: Option<u64>,
+    /// MoE: routed experts per MoE layer (0 = dense FFNs everywhere).
+    #[arg(long, alias = "num-experts")]
+    n_routed_experts: Option<usize>,
+    /// MoE: shared experts (always active).
+    #[arg(long)]
+    n_shared_experts: Option<usize>,
+    /// MoE: routed experts per token (K).
+    #[arg(long)]
+    moe_top_k: Option<usize>,
+    /// MoE: hidden width of one expert (default ffn_hidden / (K + shared), rounded up to 32).
+    #[arg(long)]
+    moe_inter_dim: Option<usize>,
+    /// MoE: the first layers keep a dense FFN.
+    #[arg(long)]
+    first_k_dense: Option<usize>,
+    /// MoE: router scores, sigmoid or softmax.
+    #[arg(long)]
+    score_func: Option<String>,
+    /// MoE: the normalized gates are multiplied by this.
+    #[arg(long)]
+    routed_scaling_factor: Option<f32>,
+    /// MoE: γ of the auxiliary-loss-free bias update (0 = off).
+    #[arg(long)]
+    bias_update_speed: Option<f32>,
+    /// MoE: α of the sequence-wise balance loss (0 = off).
+    #[arg(long)]
+    seq_aux_alpha: Option<f32>,
+    /// MoE: expert capacity factor (0 = dropless, the default).
+    #[arg(long)]
+    expert_capacity_factor: Option<f32>,
 }
 
 impl ModelArgs {
@@ -151,6 +276,21 @@ impl ModelArgs {
             attn_pattern: self.attn_pattern.clone(),
             dsa_window_size: self.dsa_window_size,
             n_global: self.n_global,
+            index_n_heads: self.index_n_heads,
+            index_head_dim: self.index_head_dim,
+            index_topk: self.index_topk,
+            index_local_window: self.index_local_window,
+            dsa_warmup_steps: self.dsa_warmup_steps,
+            n_routed_experts: self.n_routed_experts,
+            n_shared_experts: self.n_shared_experts,
+            moe_top_k: self.moe_top_k,
+            moe_inter_dim: self.moe_inter_dim,
+            first_k_dense: self.first_k_dense,
+            score_func: self.score_func.clone(),
+            routed_scaling_factor: self.routed_scaling_factor,
+            bias_update_speed: self.bias_update_speed,
+            seq_aux_alpha: self.seq_aux_alpha,
+            expert_capacity_factor: self.expert_capacity_factor,
         };
         o.apply(&mut cfg)?;
         Ok(cfg)
@@ -264,7 +404,11 @@ fn run_train(a: TrainArgs) -> Result<()> {
             (name, run)
         }
         None => {
-            let model = a.model.resolve()?;
+            let mut model = a.model.resolve()?;
+            if let (Some(data), None, None) = (&a.data, a.model.vocab_size, &a.model.config) {
+                // Unless set, the model's vocabulary is the data's (its tokenizer's).
+                model.vocab_size = nanoseek::data::prepare::data_vocab_size(data)?;
+            }
             let mut t = TrainSettings::for_model(&model);
             let batch_given = a.device_batch_size.is_some();
             t.device_batch_size = a.device_batch_size.unwrap_or(t.device_batch_size);
@@ -345,16 +489,114 @@ fn run_info(i: &InfoArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(Args)]
+struct DataArgs {
+    /// Text or JSONL (.jsonl) files or folders; with --dataset wikitext, the WikiText folder.
+    #[arg(long, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// Validation text or JSONL files or folders (default: hold out --val-fraction of the documents).
+    #[arg(long, num_args = 1..)]
+    val_input: Vec<PathBuf>,
+    /// A known dataset layout: wikitext (wiki.train.tokens … or train.txt/valid.txt/test.txt).
+    #[arg(long)]
+    dataset: Option<String>,
+    /// The string field holding the text in JSONL records.
+    #[arg(long, default_value = "text")]
+    jsonl_field: String,
+    /// Documents of the embedded synthetic language instead of text (no tokenizer).
+    #[arg(long)]
+    synthetic: bool,
+    /// With --synthetic: documents to generate.
+    #[arg(long, default_value_t = 10000)]
+    num_samples: usize,
+    /// With --synthetic: tokens per document at most.
+    #[arg(long, default_value_t = 256)]
+    max_seq_len: usize,
+    /// With --synthetic: long-range task samples of exactly --max-seq-len tokens (comma-separated:
+    /// recall, passkey, copy; depths uniform in [0, 1]) instead of plain documents.
+    #[arg(long, value_delimiter = ',')]
+    task: Vec<String>,
+    /// Use this tokenizer.json (GPT-2's, DeepSeek's, …) instead of training one.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Vocabulary size of the trained BPE tokenizer (256 bytes and the special tokens included).
+    #[arg(long, default_value_t = 4096)]
+    vocab_size: usize,
+    /// Train the tokenizer on at most this many bytes of text.
+    #[arg(long, default_value_t = 1 << 30)]
+    tokenizer_train_bytes: u64,
+    /// Fraction of documents held out for validation (without --val-input).
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    /// Seed (for --synthetic).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Output folder (tokenizer.json, train.bin, val.bin, manifest.json).
+    #[arg(long, short, default_value = "data")]
+    output: PathBuf,
+    /// No progress bars or messages.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn run_data(d: DataArgs) -> Result<()> {
+    use nanoseek::data::prepare::{prepare, PrepareOptions};
+    let o = PrepareOptions {
+        inputs: d.input,
+        val_inputs: d.val_input,
+        dataset: d.dataset,
+        jsonl_field: d.jsonl_field,
+        synthetic: d.synthetic.then_some((d.num_samples, d.max_seq_len)),
+        tasks: d.task.iter().map(|t| nanoseek::data::tasks::TaskKind::parse(t)).collect::<Result<_>>()?,
+        tokenizer: d.tokenizer,
+        vocab_size: d.vocab_size,
+        tokenizer_train_bytes: d.tokenizer_train_bytes,
+        val_fraction: d.val_fraction,
+        seed: d.seed,
+        output: d.output.clone(),
+        progress: !d.quiet,
+    };
+    let m = prepare(&o)?;
+    println!("wrote {} (tokenizer: {}, {} ids)", d.output.display(), m.tokenizer.kind, m.vocab_size);
+    for (name, s) in &m.splits {
+        println!(
+            "  {name:<5} {:>12} tokens {:>8} documents {:>13} bytes  {:.2} bytes/token  {}",
+            s.tokens,
+            s.documents,
+            s.bytes,
+            s.bytes_per_token,
+            d.output.join(&s.file).display()
+        );
+    }
+    println!("train on it: nanoseek train --data {}", d.output.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => run_train(*a),
         Command::Eval(e) => {
-            nanoseek::eval::run(&e.model_path, e.data.as_deref(), e.batch_size, e.eval_tokens, e.output.as_deref())
+            let o = nanoseek::eval::EvalOptions {
+                model_path: e.model_path,
+                data: e.data,
+                split: e.split,
+                batch_size: e.batch_size,
+                eval_tokens: e.eval_tokens,
+                bos_aligned: e.bos_aligned,
+                output: e.output,
+                tasks: e.tasks,
+                task_samples: e.task_samples,
+                task_len: e.task_len,
+                depth_buckets: e.depth_buckets,
+            };
+            nanoseek::eval::evaluate(&o)
                 .map(|r| println!("{}", serde_json::to_string_pretty(&r).expect("serializable")))
         }
+        Command::Data(d) => run_data(*d),
         Command::Info(i) => run_info(&i),
         Command::Profile(p) => run_profile(&p),
+        Command::Demo(d) => nanoseek::demo::run(&d.options()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

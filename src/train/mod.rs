@@ -6,13 +6,14 @@ pub mod metrics;
 pub mod plot;
 
 use crate::autograd::Tape;
+use crate::data::prepare::DataLocation;
 use crate::data::synthetic::{SyntheticLanguage, BOS, EOT};
 use crate::data::{shard::TokenShard, Loader, TokenSource};
 use crate::device::Device;
 use crate::fsutil::write_atomic;
 use crate::generate::{generate, SampleOptions};
 use crate::memory::{self, Category, Tracked};
-use crate::nn::{Model, ModelConfig};
+use crate::nn::{model::MoeLoad, Model, ModelConfig};
 use crate::optim::{clip_grad_norm, lr_multiplier, OptimConfig, Optimizer};
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
@@ -37,7 +38,7 @@ pub struct TrainSettings {
     pub total_batch_size: usize,
     pub num_iterations: u64,
     pub seed: u64,
-    /// A token shard; None = the embedded synthetic language.
+    /// A token shard or a `nanoseek data` folder; None = the embedded synthetic language.
     pub data: Option<PathBuf>,
     /// Save a checkpoint every this many steps (0 = only at the end).
     pub save_every: u64,
@@ -130,26 +131,42 @@ pub fn open_data(
             (tr, va, Some(lang))
         }
         Some(path) => {
-            // The last 5% (at least one sequence) is held out for validation.
-            let shard = TokenShard::open(path)?;
-            let hold = (shard.len / 20).max(model.max_seq_len + 1);
-            if shard.len < hold + model.max_seq_len + 1 {
-                bail!(
-                    "token shard {} has {} tokens: too few for max_seq_len {} plus a validation split",
-                    path.display(),
-                    shard.len,
-                    model.max_seq_len
-                );
+            // A `nanoseek data` folder: its train and validation shards (a validation shard
+            // shorter than one batch falls back to holding out part of train).
+            let (train_path, val_path) = match DataLocation::resolve(path)? {
+                DataLocation::Dir { train, val, .. } => (train, val),
+                DataLocation::Shard(p) => (p, None),
+            };
+            let shard = open_checked_shard(&train_path, model)?;
+            let val = val_path.map(|p| open_checked_shard(&p, model)).transpose()?;
+            match val {
+                Some(v) if v.len > train.device_batch_size * model.max_seq_len => {
+                    if v.vocab_size != shard.vocab_size {
+                        bail!(
+                            "{} and {} have different vocabularies ({} and {} ids)",
+                            train_path.display(),
+                            v.path.display(),
+                            shard.vocab_size,
+                            v.vocab_size
+                        );
+                    }
+                    (TokenSource::from_shard(shard), TokenSource::from_shard(v), None)
+                }
+                _ => {
+                    // The last 5% (at least one sequence) is held out for validation.
+                    let hold = (shard.len / 20).max(model.max_seq_len + 1);
+                    if shard.len < hold + model.max_seq_len + 1 {
+                        bail!(
+                            "token shard {} has {} tokens: too few for max_seq_len {} plus a validation split",
+                            train_path.display(),
+                            shard.len,
+                            model.max_seq_len
+                        );
+                    }
+                    let (tr, va) = TokenSource::split_shard(shard, hold);
+                    (tr, va, None)
+                }
             }
-            // Scan once so a bad id is reported now, naming where it is, not mid-run.
-            if let Some((pos, id)) = (0..shard.len)
-                .map(|i| (i, shard.get(i)))
-                .find(|&(_, id)| id as usize >= model.vocab_size.min(shard.vocab_size))
-            {
-                bail!("token shard {}: token id {id} at position {pos} is out of range (shard vocab {}, model vocab_size {})", path.display(), shard.vocab_size, model.vocab_size);
-            }
-            let (tr, va) = TokenSource::split_shard(shard, hold);
-            (tr, va, None)
         }
     };
     if tr.vocab_size() > model.vocab_size {
@@ -160,6 +177,28 @@ pub fn open_data(
         );
     }
     Ok((tr, va, lang))
+}
+
+/// Opens a shard and scans it once, so a bad id is reported now, naming where it is, not mid-run.
+fn open_checked_shard(path: &Path, model: &ModelConfig) -> Result<TokenShard> {
+    let shard = TokenShard::open(path)?;
+    let limit = model.vocab_size.min(shard.vocab_size);
+    let mut buf = vec![0u32; 1 << 16];
+    for start in (0..shard.len).step_by(buf.len()) {
+        let n = buf.len().min(shard.len - start);
+        shard.read_into(start, &mut buf[..n]);
+        if let Some(k) = buf[..n].iter().position(|&id| id as usize >= limit) {
+            bail!(
+                "token shard {}: token id {} at position {} is out of range (shard vocab {}, model vocab_size {})",
+                path.display(),
+                buf[k],
+                start + k,
+                shard.vocab_size,
+                model.vocab_size
+            );
+        }
+    }
+    Ok(shard)
 }
 
 /// Data-parallel rank and world size from torchrun-style variables (a single process today).
@@ -199,12 +238,22 @@ pub fn evaluate(model: &Model, val: &Loader, batches: usize) -> Result<f32> {
 
 pub fn write_plot(run_dir: &Path) -> Result<()> {
     let records = metrics::read(&run_dir.join("metrics.jsonl"))?;
-    let series = vec![
+    let mut series = vec![
         plot::Series { name: "train loss".into(), points: metrics::series(&records, "loss") },
         plot::Series { name: "val loss".into(), points: metrics::series(&records, "val_loss") },
     ];
+    let kl = metrics::series(&records, "indexer_loss");
+    if !kl.is_empty() {
+        series.push(plot::Series { name: "DSA indexer KL".into(), points: kl });
+    }
     let svg = plot::line_chart_svg("nanoseek training loss", "step", "loss (nats/token)", &series, false);
-    write_atomic(&run_dir.join("loss.svg"), svg.as_bytes())
+    write_atomic(&run_dir.join("loss.svg"), svg.as_bytes())?;
+    // MoE runs: expert load over training, one heat map row per expert, for each MoE layer.
+    let heat = metrics::moe_load_history(&records);
+    if !heat.is_empty() {
+        write_atomic(&run_dir.join("moe_load.svg"), plot::moe_heatmap_svg(&heat).as_bytes())?;
+    }
+    Ok(())
 }
 
 pub struct StepStats {
@@ -216,11 +265,17 @@ pub struct StepStats {
     pub update_s: f64,
     /// Per-op times of the forward and backward passes, when asked for.
     pub op_times: Option<crate::autograd::OpTimes>,
+    /// Per layer, the routed load summed over the micro-batches (None for dense FFNs).
+    pub moe_loads: Vec<Option<MoeLoad>>,
+    /// The DSA indexers' KL loss, averaged over DSA layers and micro-batches (None without DSA).
+    pub indexer_loss: Option<f32>,
 }
 
 /// One optimizer step, exactly as `train` runs it: `accum` micro-batches from `next_batch`
 /// (forward, backward seeded with 1/accum, gradients summed), clipping, then the update with
-/// learning-rate multiplier `lr`. The memory peak window restarts at the step's start.
+/// learning-rate multiplier `lr`, and the MoE routing-bias update from the step's load. The memory
+/// peak window restarts at the step's start. `loss` is the language-model loss; the MoE balance
+/// losses are differentiated with it but reported per layer in `moe_loads`.
 pub fn train_step(
     model: &mut Model,
     opt: &mut Optimizer,
@@ -236,6 +291,8 @@ pub fn train_step(
     let t = model.config.max_seq_len;
     let mut loss_sum = 0.0f64;
     let mut op_times: Option<crate::autograd::OpTimes> = profile.then(Default::default);
+    let mut moe_loads: Vec<Option<MoeLoad>> = vec![None; model.config.n_layer];
+    let (mut kl_sum, mut kl_n) = (0.0f64, 0usize);
     for micro in 0..accum {
         let batch = next_batch();
         let rows = batch.ids.len() / t;
@@ -245,6 +302,10 @@ pub fn train_step(
         let lv = tape.value(loss)[0];
         if !lv.is_finite() {
             bail!("loss became {lv} (micro-batch {micro}). Try a lower learning rate.");
+        }
+        let aux = tape.aux_loss_total();
+        if !aux.is_finite() {
+            bail!("an auxiliary loss (MoE balance or DSA indexer) became {aux} (micro-batch {micro}). Try a lower learning rate.");
         }
         loss_sum += lv as f64;
         tape.backward(loss, 1.0 / accum as f32);
@@ -256,6 +317,14 @@ pub fn train_step(
         if let (Some(all), Some(these)) = (&mut op_times, tape.op_times()) {
             all.merge(these);
         }
+        for kl in model.take_indexer_losses().into_iter().flatten() {
+            (kl_sum, kl_n) = (kl_sum + kl as f64, kl_n + 1);
+        }
+        for (sum, load) in moe_loads.iter_mut().zip(model.take_moe_loads()) {
+            if let Some(load) = load {
+                sum.get_or_insert_with(MoeLoad::default).merge(&load);
+            }
+        }
     }
     // Data parallelism would all-reduce `grads` here (the one place they are complete).
     let grad_norm = clip_grad_norm(&mut grads, grad_clip);
@@ -264,8 +333,13 @@ pub fn train_step(
     }
     let t0 = Instant::now();
     opt.update(model, &grads, lr);
+    model.update_moe_bias(&moe_loads);
     let update_s = t0.elapsed().as_secs_f64();
-    Ok(StepStats { loss: (loss_sum / accum as f64) as f32, grad_norm, update_s, op_times })
+    for load in moe_loads.iter_mut().flatten() {
+        load.balance_loss /= accum as f32;
+    }
+    let indexer_loss = (kl_n > 0).then(|| (kl_sum / kl_n as f64) as f32);
+    Ok(StepStats { loss: (loss_sum / accum as f64) as f32, grad_norm, update_s, op_times, moe_loads, indexer_loss })
 }
 
 /// Runs (or resumes) training as requested. Everything is validated before the
@@ -320,6 +394,7 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     std::fs::create_dir_all(&req.run_dir)
         .with_context(|| format!("cannot create run directory {}", req.run_dir.display()))?;
     write_atomic(&req.run_dir.join("config.json"), serde_json::to_string_pretty(&req.run)?.as_bytes())?;
+    crate::data::prepare::copy_tokenizer_to_run(ts.data.as_deref(), &req.run_dir)?;
     let mut log = metrics::MetricsLog::open(&req.run_dir.join("metrics.jsonl"), Some(start))?;
 
     let total = ts.num_iterations;
@@ -361,6 +436,7 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     for step in start..total {
         let ts_step = Instant::now();
         let lr = lr_multiplier(step, total, ts.optim.warmup_ratio, ts.optim.warmdown_ratio, ts.optim.final_lr_frac);
+        model.dsa_dense_warmup = step < mcfg.dsa_warmup_steps;
         let stats = train_step(&mut model, &mut opt, || loader.next_batch(), accum, ts.optim.grad_clip, lr, false)
             .map_err(|e| {
                 let last = last_ckpt.as_ref().map_or("none".into(), |p| p.display().to_string());
@@ -373,7 +449,15 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         let dt = ts_step.elapsed().as_secs_f64();
         let tok_s = ts.total_batch_size as f64 / dt;
         let peak_mib = memory::mib(memory::report().peak_total);
-        log.log(json!({"step": done, "loss": loss, "lr_mult": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s, "step_time_s": dt, "elapsed_s": t0.elapsed().as_secs_f64(), "peak_memory_mib": peak_mib}))?;
+        let mut record = json!({"step": done, "loss": loss, "lr_mult": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s, "step_time_s": dt, "elapsed_s": t0.elapsed().as_secs_f64(), "peak_memory_mib": peak_mib});
+        if mcfg.moe.enabled() {
+            record["moe"] = metrics::moe_record(&stats.moe_loads, &model.moe_bias);
+        }
+        if let Some(kl) = stats.indexer_loss {
+            record["indexer_loss"] = json!(kl);
+            record["dsa_dense_warmup"] = json!(model.dsa_dense_warmup);
+        }
+        log.log(record)?;
         pb.set_position(done);
         pb.set_message(format!("loss {loss:.4} | {tok_s:.0} tok/s | peak {peak_mib:.0} MiB"));
         let is_last = done == total;
@@ -402,8 +486,14 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     let sample = match (req.sample_tokens, &lang) {
         (0, _) => None,
         (n, lang) => {
-            let opts =
-                SampleOptions { max_new_tokens: n, temperature: 0.8, top_k: 40, stop_token: Some(EOT), seed: ts.seed };
+            let opts = SampleOptions {
+                max_new_tokens: n,
+                temperature: 0.8,
+                top_k: 40,
+                top_p: 1.0,
+                stop_token: Some(EOT),
+                seed: ts.seed,
+            };
             let out = generate(&model, &[BOS], &opts)?;
             Some(match lang {
                 Some(l) => l.decode(&out),
