@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Check the engine against its written specification (docs/model.md): train a small
-# model (a window + global layer with a dense FFN, then a dense-attention layer with a
-# MoE FFN whose routing bias has moved), then compare `nanoseek eval`'s loss on a
+# model (a window + global layer with a dense FFN, then a DSA layer (top-8 + local 4 of 64
+# keys) with a MoE FFN whose routing bias has moved), then compare `nanoseek eval`'s loss on a
 # synthetic shard with the independent NumPy float64 reference in
 # scripts/reference_loss.py (written from the doc alone).
 #
@@ -31,7 +31,8 @@ eval_tokens=4096
 batch=4
 
 "$bin" train --n-layer 2 --n-embd 64 --n-head 4 --n-kv-head 2 --max-seq-len 64 \
-    --attn-pattern WD --dsa-window-size 16 --n-global 2 \
+    --attn-pattern WS --dsa-window-size 16 --n-global 2 \
+    --index-topk 8 --index-local-window 4 --index-n-heads 2 --index-head-dim 16 \
     --n-routed-experts 4 --moe-top-k 2 --moe-inter-dim 48 --bias-update-speed 0.01 \
     --device-batch-size 4 --num-iterations 30 --sample-tokens 0 --quiet --device cpu \
     --runs-dir "$tmp" --run ref >/dev/null

@@ -45,6 +45,11 @@ CONFIG_KEYS = {
     "attn_pattern",
     "dsa_window_size",
     "n_global",
+    "index_n_heads",
+    "index_head_dim",
+    "index_topk",
+    "index_local_window",
+    "dsa_warmup_steps",
     "moe",
 }
 MOE_KEYS = {
@@ -62,7 +67,17 @@ MOE_KEYS = {
     "expert_capacity_factor",
 }
 # Fields docs/model.md gives defaults for when a checkpoint predates them.
-CONFIG_DEFAULTS = {"attn_pattern": "D", "dsa_window_size": 256, "n_global": 4, "moe": {"n_routed_experts": 0}}
+CONFIG_DEFAULTS = {
+    "attn_pattern": "D",
+    "dsa_window_size": 256,
+    "n_global": 4,
+    "index_n_heads": 4,
+    "index_head_dim": 32,
+    "index_topk": 256,
+    "index_local_window": 0,
+    "dsa_warmup_steps": 0,
+    "moe": {"n_routed_experts": 0},
+}
 
 
 def die(msg):
@@ -163,6 +178,11 @@ def load_checkpoint(ckpt_dir):
         expected[p + "attn.c_k.weight"] = (Hkv * d, C)
         expected[p + "attn.c_v.weight"] = (Hkv * d, C)
         expected[p + "attn.c_proj.weight"] = (C, H * d)
+        if cfg["attn_pattern"][l % len(cfg["attn_pattern"])] == "S":
+            HI, dI = cfg["index_n_heads"], cfg["index_head_dim"]
+            expected[p + "attn.indexer.wq.weight"] = (HI * dI, C)
+            expected[p + "attn.indexer.wk.weight"] = (dI, C)
+            expected[p + "attn.indexer.w_heads.weight"] = (HI, C)
         if is_moe_layer(cfg, l):
             E, Fe, S = moe["n_routed_experts"], moe["moe_inter_dim"], moe["n_shared_experts"]
             expected[p + "mlp.router.weight"] = (E, C)
@@ -250,11 +270,35 @@ def attention(q, k, v, mask):
     k = np.repeat(k, group, axis=2)
     v = np.repeat(v, group, axis=2)
     scores = np.einsum("bthd,bshd->bhts", q, k) / math.sqrt(d)
-    scores = np.where(mask[None, None], scores, -np.inf)
+    mask = mask[:, None] if mask.ndim == 3 else mask[None, None]  # per-batch DSA sets, or shared
+    scores = np.where(mask, scores, -np.inf)
     scores -= scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
     return np.einsum("bhts,bshd->bthd", p, v)
+
+
+def dsa_allowed(cfg, P, p, h):
+    """DSA key sets [B, T, T] of one layer from its lightning indexer on h [B, T, C]."""
+    B, T, _ = h.shape
+    HI, dI = cfg["index_n_heads"], cfg["index_head_dim"]
+    cos, sin = rope_tables(T, dI, float(cfg["rope_theta"]))
+    qi = rope((h @ P[p + "attn.indexer.wq.weight"].T).reshape(B, T, HI, dI), cos, sin)
+    ki = rope((h @ P[p + "attn.indexer.wk.weight"].T).reshape(B, T, 1, dI), cos, sin)[:, :, 0]
+    wi = (h @ P[p + "attn.indexer.w_heads.weight"].T) / np.sqrt(HI * dI)  # [B, T, HI]
+    x = np.einsum("btjd,bsd->btjs", qi, ki)
+    I = np.einsum("btj,btjs->bts", wi, np.maximum(x, 0.0))
+    K, W = cfg["index_topk"], cfg["index_local_window"]
+    mask = np.zeros((B, T, T), dtype=bool)
+    for b in range(B):
+        for t in range(T):
+            old = max(t + 1 - W, 0)  # keys s >= old form the local window
+            mask[b, t, old : t + 1] = True
+            if old > 0:
+                # top-K of s < old by (score desc, then the more recent key)
+                order = sorted(range(old), key=lambda s: (-I[b, t, s], -s))[:K]
+                mask[b, t, order] = True
+    return mask
 
 
 def is_moe_layer(cfg, l):
@@ -331,7 +375,11 @@ def forward_logits(cfg, P, ids):
         k = rope(rmsnorm(k), cos, sin)
         pattern = cfg["attn_pattern"]
         kind = pattern[l % len(pattern)]
-        o = attention(q, k, v, allowed(T, kind, cfg["dsa_window_size"], cfg["n_global"]))
+        if kind == "S":
+            mask = dsa_allowed(cfg, P, p, h)
+        else:
+            mask = allowed(T, kind, cfg["dsa_window_size"], cfg["n_global"])
+        o = attention(q, k, v, mask)
         x = x + o.reshape(B, T, H * d) @ P[p + "attn.c_proj.weight"].T
         h = rmsnorm(x)
         if is_moe_layer(cfg, l):

@@ -400,11 +400,28 @@ fn human_bytes(b: usize) -> String {
     }
 }
 
-/// Hook for the synthetic long-range tasks (associative recall, passkey retrieval, copying)
-/// scored at `context_len`; `None` until they are wired in.
-// TODO(lead): score `crate::data::tasks` samples here (accuracy per task and depth).
-fn long_range_tasks(_model: &Model, _context_len: usize) -> Result<Option<serde_json::Value>> {
-    Ok(None)
+/// The synthetic long-range tasks (associative recall, passkey retrieval, copying): 16 samples
+/// each at `context_len` tokens (at most the trained context), depths spread over [0, 1], scored
+/// teacher-forced by `data::tasks::score` (accuracy per task and per depth quarter). `None` when the
+/// model cannot read them: the tasks use the embedded synthetic language's ids.
+fn long_range_tasks(model: &Model, context_len: usize) -> Result<Option<serde_json::Value>> {
+    use crate::data::tasks::{generate, score, TaskKind};
+    let len = context_len.min(model.config.max_seq_len);
+    let vocab = crate::data::synthetic::SyntheticLanguage::new().vocab_size();
+    if model.config.vocab_size < vocab {
+        return Ok(None);
+    }
+    let depths: Vec<f32> = (0..16).map(|i| i as f32 / 15.0).collect();
+    let mut samples = Vec::new();
+    for kind in TaskKind::ALL {
+        if len >= kind.min_len() {
+            samples.extend(generate(kind, 16, len, 0x7A5C, Some(&depths))?);
+        }
+    }
+    if samples.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(serde_json::to_value(score(model, &samples, 4)?)?))
 }
 
 /// Prefill a context of `context_len − decode` random tokens (`decode` = `max_new_tokens`),

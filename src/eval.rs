@@ -54,8 +54,11 @@ pub const FORMAT_VERSION: u32 = 1;
 pub struct TaskAccuracy {
     pub samples: usize,
     pub correct: usize,
-    /// correct / samples.
+    /// correct / samples (a sample counts when every answer token is predicted).
     pub accuracy: f64,
+    /// Answer tokens predicted right / answer tokens.
+    #[serde(default)]
+    pub token_accuracy: f64,
     /// Accuracy per context-depth bucket, keyed "lo-hi" (e.g. "0.25-0.50"; empty buckets omitted).
     #[serde(default)]
     pub by_depth: BTreeMap<String, f64>,
@@ -293,7 +296,13 @@ fn score_tasks(model: &Model, kinds: &[TaskKind], o: &EvalOptions) -> Result<BTr
                 t.by_depth.iter().filter_map(|b| Some((format!("{:.2}-{:.2}", b.lo, b.hi), b.accuracy?))).collect();
             out.insert(
                 t.task.clone(),
-                TaskAccuracy { samples: t.n, correct: t.correct, accuracy: t.accuracy, by_depth },
+                TaskAccuracy {
+                    samples: t.n,
+                    correct: t.correct,
+                    accuracy: t.accuracy,
+                    token_accuracy: t.token_accuracy,
+                    by_depth,
+                },
             );
         }
     }

@@ -89,9 +89,15 @@ pub fn predict_training_bytes(c: &ModelConfig, batch: usize, seq: usize, checkpo
     let moe_ffn = m.n_routed_experts * (2 + usize::from(m.seq_aux_alpha > 0.0))
         + m.top_k * (2 * cc + 3 * m.moe_inter_dim)
         + if m.n_shared_experts > 0 { 3 * m.n_shared_experts * m.moe_inter_dim + 2 * cc } else { 0 };
+    // A DSA layer also keeps the indexer's detached input [n, C], its projections before and after
+    // RoPE/scaling (2·(H_I·d_I + d_I + H_I)), the selection (kmax ids) and the KL's saved gradients.
+    let (hi, di) = (c.index_n_heads, c.index_head_dim);
+    let kmax = (c.index_topk + c.index_local_window).min(seq);
+    let dsa = cc + 3 * (hi * di + di + hi) + kmax;
     let block_of = |l: usize| {
         let ffn = if c.is_moe_layer(l) { moe_ffn } else { 3 * f };
-        n * (6 * cc + 4 * hd + 4 * kvd + ffn + 2 + h + hkv + h)
+        let index = if c.attn_kind(l) == crate::nn::AttnKind::Sparse { dsa } else { 0 };
+        n * (6 * cc + 4 * hd + 4 * kvd + ffn + index + 2 + h + hkv + h)
     };
     let block = (0..c.n_layer).map(block_of).max().unwrap_or(0);
     // embedding (+ids), its norm, the final norm, the logits, the loss's targets and lse
@@ -113,10 +119,37 @@ pub fn predict_training_bytes(c: &ModelConfig, batch: usize, seq: usize, checkpo
     [params, params, optimizer, activations, workspace].map(|floats| floats * 4)
 }
 
-/// Inference bytes: f32 parameters, and the KV cache per token of context (dense attention:
-/// K and V, n_kv_head·head_dim values each, per layer).
-pub fn predict_inference_bytes(c: &ModelConfig) -> (usize, usize) {
-    (c.num_params() * 4, c.n_layer * 2 * c.kv_dim() * 4)
+/// Inference bytes: f32 parameters, and the KV cache at `context` tokens, summed over layers by
+/// attention variant (`nn::decode::kv_bytes_per_layer`: dense K/V per token; window + global a
+/// constant (W + G) rows; DSA K/V plus the indexer key per token).
+pub fn predict_inference_bytes(c: &ModelConfig, context: usize) -> (usize, usize) {
+    (c.num_params() * 4, crate::nn::decode::kv_bytes(c, context))
+}
+
+/// KV-cache lines of `info`: bytes per layer of each attention variant the model uses, at one
+/// token and at `context` tokens.
+fn kv_report(c: &ModelConfig, context: usize) -> String {
+    use crate::nn::{decode::kv_bytes_per_layer, AttnKind};
+    let mut s = String::new();
+    for (kind, name) in
+        [(AttnKind::Dense, "dense (D)"), (AttnKind::Window, "window+global (W)"), (AttnKind::Sparse, "DSA (S)")]
+    {
+        let layers: Vec<usize> = (0..c.n_layer).filter(|&l| c.attn_kind(l) == kind).collect();
+        if let Some(&l) = layers.first() {
+            let (one, full) = (kv_bytes_per_layer(c, l, 1), kv_bytes_per_layer(c, l, context));
+            let per_token = if kind == AttnKind::Window {
+                format!("constant {:.1} KiB once the context exceeds W + G", full as f64 / 1024.0)
+            } else {
+                format!("{:.2} KiB per token", one as f64 / 1024.0)
+            };
+            s += &format!(
+                "  KV cache, {name}, {} layer(s): {per_token}; {:.1} MiB per layer at {context} tokens\n",
+                layers.len(),
+                crate::memory::mib(full)
+            );
+        }
+    }
+    s
 }
 
 /// The memory part of `nanoseek info`.
@@ -131,14 +164,13 @@ pub fn memory_report(c: &ModelConfig, batch: usize, seq: usize, checkpoint_every
         s += &format!("  {:<16} {:>12.1} MiB\n", cat.name(), mib(bytes));
     }
     s += &format!("  {:<16} {:>12.1} MiB\n", "total", mib(train.iter().sum()));
-    let (weights, kv_per_token) = predict_inference_bytes(c);
+    let (weights, kv) = predict_inference_bytes(c, seq);
     s += &format!(
-        "predicted inference memory (f32): weights {:.1} MiB + KV cache {:.1} KiB per token ({:.1} MiB at {} tokens)\n",
+        "predicted inference memory (f32): weights {:.1} MiB + KV cache {:.1} MiB at {seq} tokens\n",
         mib(weights),
-        kv_per_token as f64 / 1024.0,
-        mib(kv_per_token * c.max_seq_len),
-        c.max_seq_len
+        mib(kv)
     );
+    s += &kv_report(c, seq);
     s
 }
 
@@ -167,7 +199,7 @@ pub fn presets_table() -> anyhow::Result<String> {
         let c = ModelConfig::preset(name)?;
         let plain: usize = predict_training_bytes(&c, 1, c.max_seq_len, 0).iter().sum();
         let ckpt: usize = predict_training_bytes(&c, 1, c.max_seq_len, 1).iter().sum();
-        let (w, kv) = predict_inference_bytes(&c);
+        let (w, kv) = predict_inference_bytes(&c, c.max_seq_len);
         s += &format!(
             "{:<8} {:>10} {:>9} {:>14.1} {:>16.1} {:>12} {:>16.1}\n",
             name,
@@ -176,7 +208,7 @@ pub fn presets_table() -> anyhow::Result<String> {
             gib(plain),
             gib(ckpt),
             seed_memory_claim(name),
-            gib(w + kv * c.max_seq_len)
+            gib(w + kv)
         );
     }
     s += "train: f32 weights, gradients, Muon/AdamW state, activations and workspace for batch 1 × context.\n";

@@ -91,6 +91,34 @@ fn cached_logits_equal_full_recomputation_mixed() {
     check_against_full(&model("DWW", 5, 1, 48, 7), 1, 33);
 }
 
+/// DSA layers: the cached indexer keys pick each new token's top-k (+ local window) as the
+/// training kernel does over the whole sequence; MoE layers route each new row with the bias.
+#[test]
+fn cached_logits_equal_full_recomputation_dsa_and_moe() {
+    let with = |pattern: &str, seed: u64, edit: &dyn Fn(&mut ModelConfig)| {
+        let mut cfg = model(pattern, 8, 2, 48, seed).config;
+        (cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, cfg.index_local_window) = (2, 8, 6, 2);
+        edit(&mut cfg);
+        let mut m = Model::new(&cfg, seed).unwrap();
+        let mut rng = Rng::new(seed + 100);
+        for p in &mut m.params {
+            let fan_in = *p.tensor.shape.last().unwrap() as f32;
+            p.tensor = Tensor::randn(&p.tensor.shape.clone(), 1.0 / fan_in.sqrt(), &mut rng);
+        }
+        for b in &mut m.moe_bias {
+            b.iter_mut().for_each(|x| *x = rng.normal() as f32 * 0.1);
+        }
+        m
+    };
+    check_against_full(&with("SD", 11, &|_| {}), 5, 40);
+    check_against_full(&with("S", 12, &|c| c.index_local_window = 0), 17, 40);
+    let moe = |c: &mut ModelConfig| {
+        c.moe = nanoseek::nn::MoeConfig { n_routed_experts: 4, top_k: 2, moe_inter_dim: 16, ..Default::default() };
+    };
+    check_against_full(&with("WD", 13, &moe), 5, 40);
+    check_against_full(&with("SDW", 14, &moe), 9, 40);
+}
+
 #[test]
 fn window_at_least_the_context_equals_dense() {
     let (w, d) = (model("W", 64, 0, 48, 8), model("D", 64, 0, 48, 8));

@@ -142,3 +142,18 @@ fn info_predicts_the_measured_peak_within_ten_percent() {
         assert!(err.abs() <= 0.10, "{preset} seq {seq} ckpt {every}: prediction off by {:.1}%", err * 100.0);
     }
 }
+
+#[test]
+fn info_predicts_the_measured_peak_of_dsa_layers_within_ten_percent() {
+    let mut c = ModelConfig::preset("tiny").unwrap();
+    (c.max_seq_len, c.attn_pattern, c.index_topk) = (128, "SSD".into(), 32);
+    let (m, p) = measured_vs_predicted(&c, 8, 0);
+    let err = (p as f64 - m as f64) / m as f64;
+    println!(
+        "tiny SSD seq 128 batch 8: measured {:.1} MiB, predicted {:.1} MiB ({:+.1}%)",
+        mib(m),
+        mib(p),
+        err * 100.0
+    );
+    assert!(err.abs() <= 0.10, "DSA prediction off by {:.1}%", err * 100.0);
+}

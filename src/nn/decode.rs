@@ -14,6 +14,13 @@
 //!   still inside the window it is held twice). That is at most `(W + G) · kv_dim · 2` floats,
 //!   whatever the context length, and a step costs `O(W + G)` per head.
 //!
+//! - **DSA (`S`) layers** keep every position's keys and values plus the lightning indexer's key
+//!   (`index_head_dim` floats): `len · (kv_dim · 2 + d_I)` floats. A step scores every cached
+//!   indexer key (`O(T · H_I · d_I)`, narrow), picks the top `index_topk` (plus the local window)
+//!   and attends to those rows only: `O(k)` per head instead of `O(T)`.
+//! - **MoE FFNs** route each new row with the layer's bias and run its K experts and the shared
+//!   experts (no cache).
+//!
 //! [`kv_bytes_per_layer`] predicts [`KvCache::layer_bytes`] exactly.
 //!
 //! **Positions beyond `max_seq_len`.** A model with at least one dense layer stops with an
@@ -43,8 +50,10 @@
 use super::config::{AttnKind, ModelConfig};
 use super::model::Model;
 use crate::backend::cpu::attention::{attention_forward, AttnDims};
+use crate::backend::cpu::dsa::{dsa_attention_forward, indexer_topk, DsaDims};
 use crate::backend::cpu::gemm::{gemm, Layout};
 use crate::backend::cpu::math;
+use crate::backend::cpu::moe::{moe_forward, route, MoeCache};
 use crate::backend::cpu::norm::RMS_EPS;
 use crate::backend::cpu::window_attention::{window_attention_forward, WindowDims};
 use anyhow::{anyhow, bail, ensure, Result};
@@ -58,6 +67,9 @@ const F32_BYTES: usize = std::mem::size_of::<f32>();
 pub enum LayerCache {
     /// Every cached position: row `s` of `k` and `v` is position `s`.
     Dense { k: Vec<f32>, v: Vec<f32> },
+    /// DSA: every position's keys and values (as `Dense`) and the lightning indexer's key
+    /// (`index_head_dim` floats, after RoPE) per position.
+    Sparse { k: Vec<f32>, v: Vec<f32>, ik: Vec<f32> },
     /// The last `window` positions in a ring (position `s` in slot `s mod window`) and the first
     /// `n_global` positions in `global_k`/`global_v` (row `s` is position `s`).
     Window {
@@ -73,8 +85,8 @@ pub enum LayerCache {
 impl LayerCache {
     fn new(config: &ModelConfig, l: usize) -> LayerCache {
         match config.attn_kind(l) {
-            // TODO(lead): DSA layers also cache the indexer's keys (see `kv_bytes_per_layer`)
-            AttnKind::Dense | AttnKind::Sparse => LayerCache::Dense { k: Vec::new(), v: Vec::new() },
+            AttnKind::Dense => LayerCache::Dense { k: Vec::new(), v: Vec::new() },
+            AttnKind::Sparse => LayerCache::Sparse { k: Vec::new(), v: Vec::new(), ik: Vec::new() },
             AttnKind::Window => LayerCache::Window {
                 window: config.dsa_window_size,
                 n_global: config.n_global,
@@ -89,6 +101,7 @@ impl LayerCache {
     fn vecs(&self) -> Vec<&Vec<f32>> {
         match self {
             LayerCache::Dense { k, v } => vec![k, v],
+            LayerCache::Sparse { k, v, ik } => vec![k, v, ik],
             LayerCache::Window { ring_k, ring_v, global_k, global_v, .. } => vec![ring_k, ring_v, global_k, global_v],
         }
     }
@@ -109,6 +122,11 @@ impl LayerCache {
                 k.clear();
                 v.clear();
             }
+            LayerCache::Sparse { k, v, ik } => {
+                k.clear();
+                v.clear();
+                ik.clear();
+            }
             LayerCache::Window { ring_k, ring_v, global_k, global_v, .. } => {
                 ring_k.clear();
                 ring_v.clear();
@@ -126,7 +144,7 @@ impl LayerCache {
             &buf[r * kv_dim..(r + 1) * kv_dim]
         }
         match self {
-            LayerCache::Dense { k, v } => (at(k, s, kv_dim), at(v, s, kv_dim)),
+            LayerCache::Dense { k, v } | LayerCache::Sparse { k, v, .. } => (at(k, s, kv_dim), at(v, s, kv_dim)),
             LayerCache::Window { window, n_global, ring_k, ring_v, global_k, global_v } => {
                 if s < *n_global && (s + 1) * kv_dim <= global_k.len() {
                     (at(global_k, s, kv_dim), at(global_v, s, kv_dim))
@@ -142,7 +160,7 @@ impl LayerCache {
     fn append(&mut self, p0: usize, k_new: &[f32], v_new: &[f32], kv_dim: usize, len_cap: Option<usize>) {
         let n = k_new.len() / kv_dim;
         match self {
-            LayerCache::Dense { k, v } => {
+            LayerCache::Dense { k, v } | LayerCache::Sparse { k, v, .. } => {
                 debug_assert_eq!(k.len(), p0 * kv_dim);
                 for buf in [&mut *k, &mut *v] {
                     let need = buf.len() + n * kv_dim;
@@ -263,6 +281,10 @@ pub struct Net<'m> {
     weights: HashMap<String, &'m [f32]>,
     /// θ_i = rope_theta^(−2i/d), i < d/2 (the training table's expression, in f64).
     inv_freq: Vec<f64>,
+    /// The same for the DSA indexer's width d_I.
+    index_inv_freq: Vec<f64>,
+    /// Per layer, the MoE routing bias (empty for dense FFNs).
+    moe_bias: &'m [Vec<f32>],
 }
 
 impl<'m> Net<'m> {
@@ -275,22 +297,9 @@ impl<'m> Net<'m> {
             ensure!(t.shape == shape, "decode: '{name}' has shape {:?}, expected {shape:?}", t.shape);
             weights.insert(name, t.data.as_slice());
         }
-        for l in 0..config.n_layer {
-            ensure!(
-                config.attn_kind(l) != AttnKind::Sparse,
-                "decode: layer {l} uses DeepSeek Sparse Attention (S), which the cached decoder does not run yet"
-            );
-            for m in ["attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.w_gate", "mlp.w_up", "mlp.w_down"] {
-                ensure!(
-                    weights.contains_key(&format!("blocks.{l}.{m}.weight")),
-                    "decode: block {l} has no '{m}' weight: the cached decoder runs dense-attention, \
-                     window-attention and dense SwiGLU FFN blocks only (not MoE or DSA layers yet)"
-                );
-            }
-        }
-        let d = config.head_dim;
-        let inv_freq = (0..d / 2).map(|i| config.rope_theta.powf(-2.0 * i as f64 / d as f64)).collect();
-        Ok(Net { config, weights, inv_freq })
+        let freqs = |d: usize| (0..d / 2).map(|i| config.rope_theta.powf(-2.0 * i as f64 / d as f64)).collect();
+        let (inv_freq, index_inv_freq) = (freqs(config.head_dim), freqs(config.index_head_dim));
+        Ok(Net { config, weights, inv_freq, index_inv_freq, moe_bias: &model.moe_bias })
     }
 
     /// A weight by its checkpoint name without the `.weight` suffix, e.g. `blocks.0.attn.c_q`.
@@ -357,16 +366,7 @@ impl<'m> Net<'m> {
     /// cos and sin of position·θ_i for positions `p0..p0 + n` (`[n, d/2]` each), computed as the
     /// training RoPE table computes them (f64 angle, rounded to f32).
     fn rope_angles(&self, p0: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
-        let half = self.inv_freq.len();
-        let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
-        for t in p0..p0 + n {
-            for &f in &self.inv_freq {
-                let angle = t as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
-        (cos, sin)
+        angles(&self.inv_freq, p0, n)
     }
 
     /// Attention sub-layer of block `l` on the normed input `h` (`[n, n_embd]`, positions
@@ -399,8 +399,11 @@ impl<'m> Net<'m> {
                     KeyRange { sinks: g.min(lo), lo, hi: t + 1 }
                 }
             }
-            // TODO(lead): DSA decode: score the indexer keys, attend to the top index_topk
-            AttnKind::Sparse => unreachable!("Net::new rejects sparse layers"),
+            AttnKind::Sparse => {
+                let y = self.sparse_attention(l, h, (&q, &k, &v), n, p0, cache);
+                cache.append(p0, &k, &v, c.kv_dim(), Some(c.max_seq_len));
+                return linear(&y, self.bw(l, "attn.c_proj"), c.n_embd);
+            }
         };
         let y = if p0 == 0 && n > 1 {
             // a prefill into an empty cache is the training forward's attention: the tiled kernels
@@ -412,14 +415,106 @@ impl<'m> Net<'m> {
         linear(&y, self.bw(l, "attn.c_proj"), c.n_embd)
     }
 
-    /// FFN sub-layer of block `l` on the normed input `h` (`[n, n_embd]`): SwiGLU
-    /// `w_down(silu(w_gate h) ∘ w_up h)`. Returns `[n, n_embd]`.
-    fn ffn_step(&self, l: usize, h: &[f32], _n: usize) -> Vec<f32> {
+    /// DSA attention of the new rows: the lightning indexer (the layer's wq, wk, w_heads on the same
+    /// normed input; RoPE on its queries and key) scores every earlier position, each query attends
+    /// to its selection (`backend::cpu::dsa`: the local window plus the top-k older keys, ties to the
+    /// more recent key). A prefill into an empty cache runs the training kernels; later rows score
+    /// the cached indexer keys (`O(T·H_I·d_I)` per row) and attend to at most k + window rows.
+    /// Appends the new indexer keys to the cache (the caller appends k and v).
+    fn sparse_attention(
+        &self,
+        l: usize,
+        h: &[f32],
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        n: usize,
+        p0: usize,
+        cache: &mut LayerCache,
+    ) -> Vec<f32> {
         let c = self.config;
-        let g = linear(h, self.bw(l, "mlp.w_gate"), c.ffn_hidden);
-        let u = linear(h, self.bw(l, "mlp.w_up"), c.ffn_hidden);
-        let a: Vec<f32> = g.iter().zip(&u).map(|(&gv, &uv)| gv * math::sigmoid(gv) * uv).collect();
-        linear(&a, self.bw(l, "mlp.w_down"), c.n_embd)
+        let (hi, di) = (c.index_n_heads, c.index_head_dim);
+        let mut qi = linear(h, self.bw(l, "attn.indexer.wq"), hi * di);
+        let mut ki = linear(h, self.bw(l, "attn.indexer.wk"), di);
+        let scale = 1.0 / ((hi * di) as f32).sqrt();
+        let wi: Vec<f32> = linear(h, self.bw(l, "attn.indexer.w_heads"), hi).iter().map(|w| w * scale).collect();
+        let (cos, sin) = angles(&self.index_inv_freq, p0, n);
+        apply_rope(&mut qi, hi, di, (&cos, &sin));
+        apply_rope(&mut ki, 1, di, (&cos, &sin));
+        let (hq, hkv, d) = (c.n_head, c.n_kv_head, c.head_dim);
+        let LayerCache::Sparse { ik, .. } = cache else { unreachable!("a DSA layer has a sparse cache") };
+        let y = if p0 == 0 && n > 1 {
+            let dims = DsaDims {
+                b: 1,
+                t: n,
+                h: hq,
+                h_kv: hkv,
+                d,
+                n_index_heads: hi,
+                index_dim: di,
+                topk: c.index_topk,
+                window: c.index_local_window,
+            };
+            let mut sel = vec![0u32; dims.sel_len()];
+            indexer_topk(&dims, &qi, &ki, &wi, &mut sel);
+            let (mut out, mut lse) = (vec![0.0f32; n * hq * d], vec![0.0f32; n * hq]);
+            dsa_attention_forward(&dims, q, k, v, &sel, &mut out, &mut lse);
+            out
+        } else {
+            let key =
+                |s: usize| if s >= p0 { &ki[(s - p0) * di..(s - p0 + 1) * di] } else { &ik[s * di..(s + 1) * di] };
+            let (topk, window) = (c.index_topk, c.index_local_window);
+            let sels: Vec<Vec<usize>> = (0..n)
+                .map(|i| {
+                    let t = p0 + i;
+                    let (qr, wr) = (&qi[i * hi * di..(i + 1) * hi * di], &wi[i * hi..(i + 1) * hi]);
+                    let old = (t + 1).saturating_sub(window); // keys s < old compete; s ≥ old are the window
+                    let mut scored: Vec<(f32, usize)> = (0..old)
+                        .map(|s| {
+                            let kr = key(s);
+                            let score = (0..hi).map(|j| wr[j] * math::dot(&qr[j * di..(j + 1) * di], kr).max(0.0));
+                            (score.fold(0.0f32, |a, b| a + b), s)
+                        })
+                        .collect();
+                    // larger score first, then the more recent key
+                    scored.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
+                    let mut sel: Vec<usize> = scored.iter().take(topk).map(|&(_, s)| s).chain(old..=t).collect();
+                    sel.sort_unstable();
+                    sel
+                })
+                .collect();
+            attend_positions(q, k, v, n, p0, (hq, hkv, d), cache, &sels)
+        };
+        let LayerCache::Sparse { ik, .. } = cache else { unreachable!() };
+        ik.extend_from_slice(&ki);
+        y
+    }
+
+    /// FFN sub-layer of block `l` on the normed input `h` (`[n, n_embd]`): SwiGLU
+    /// `w_down(silu(w_gate h) ∘ w_up h)`, or for MoE layers the routed experts (routing with the
+    /// layer's bias, as in training: the `n` rows are one routing call, so a capacity limit applies
+    /// per call) plus the shared experts. Returns `[n, n_embd]`.
+    fn ffn_step(&self, l: usize, h: &[f32], n: usize) -> Vec<f32> {
+        let c = self.config;
+        let swiglu = |prefix: &str, width: usize| {
+            let g = linear(h, self.bw(l, &format!("{prefix}w_gate")), width);
+            let u = linear(h, self.bw(l, &format!("{prefix}w_up")), width);
+            let a: Vec<f32> = g.iter().zip(&u).map(|(&gv, &uv)| gv * math::sigmoid(gv) * uv).collect();
+            linear(&a, self.bw(l, &format!("{prefix}w_down")), c.n_embd)
+        };
+        if !c.is_moe_layer(l) {
+            return swiglu("mlp.", c.ffn_hidden);
+        }
+        let m = &c.moe;
+        let cfg = m.router();
+        let logits = linear(h, self.bw(l, "mlp.router"), m.n_routed_experts);
+        let routing = route(&logits, &self.moe_bias[l], &cfg);
+        let (mut y, mut moe_cache) = (vec![0.0f32; n * c.n_embd], MoeCache::default());
+        let (wg, wu, wd) =
+            (self.bw(l, "mlp.experts.w_gate"), self.bw(l, "mlp.experts.w_up"), self.bw(l, "mlp.experts.w_down"));
+        moe_forward(h, n, c.n_embd, &routing, wg, wu, wd, m.moe_inter_dim, &mut y, &mut moe_cache);
+        if m.n_shared_experts > 0 {
+            add_into(&mut y, &swiglu("mlp.shared.", m.n_shared_experts * m.moe_inter_dim));
+        }
+        y
     }
 }
 
@@ -500,9 +595,64 @@ fn fresh_attention(kind: AttnKind, c: &ModelConfig, q: &[f32], k: &[f32], v: &[f
             let dims = WindowDims { b: 1, t: n, h, h_kv, d, window: c.dsa_window_size, n_global: c.n_global };
             window_attention_forward(&dims, q, k, v, &mut out, &mut lse)
         }
-        AttnKind::Sparse => unreachable!("Net::new rejects sparse layers"),
+        AttnKind::Sparse => unreachable!("DSA layers attend in Net::sparse_attention"),
     }
     out
+}
+
+/// cos and sin of position·θ_i for positions `p0..p0 + n` and frequencies `inv_freq` (`[n, len]`).
+fn angles(inv_freq: &[f64], p0: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut cos, mut sin) = (Vec::with_capacity(n * inv_freq.len()), Vec::with_capacity(n * inv_freq.len()));
+    for t in p0..p0 + n {
+        for &f in inv_freq {
+            let angle = t as f64 * f;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
+
+/// Softmax attention of the new queries (positions `p0..p0 + n`) over the positions `sels[i]`
+/// (increasing) of each: rows of the new `k`, `v` for positions `≥ p0`, else of `cache`.
+#[allow(clippy::too_many_arguments)]
+fn attend_positions(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+    p0: usize,
+    (hq, hkv, d): (usize, usize, usize),
+    cache: &LayerCache,
+    sels: &[Vec<usize>],
+) -> Vec<f32> {
+    let kv_dim = hkv * d;
+    let scale = 1.0 / (d as f32).sqrt();
+    let row = |s: usize, g: usize| -> (&[f32], &[f32]) {
+        if s >= p0 {
+            let o = (s - p0) * kv_dim + g * d;
+            (&k[o..o + d], &v[o..o + d])
+        } else {
+            let (kr, vr) = cache.row(s, kv_dim);
+            (&kr[g * d..(g + 1) * d], &vr[g * d..(g + 1) * d])
+        }
+    };
+    let mut y = vec![0.0f32; n * hq * d];
+    y.par_chunks_mut(d).enumerate().for_each(|(idx, out)| {
+        let (i, j) = (idx / hq, idx % hq);
+        let g = j / (hq / hkv);
+        let qr = &q[(i * hq + j) * d..(i * hq + j + 1) * d];
+        let mut scores: Vec<f32> = sels[i].iter().map(|&s| math::dot(qr, row(s, g).0) * scale).collect();
+        let m = math::max(&scores);
+        scores.iter_mut().for_each(|x| *x = math::exp(*x - m));
+        let inv = 1.0 / math::sum(&scores);
+        out.fill(0.0);
+        for (&s, &p) in sels[i].iter().zip(&scores) {
+            out.iter_mut().zip(row(s, g).1).for_each(|(o, &vv)| *o += p * vv);
+        }
+        out.iter_mut().for_each(|o| *o *= inv);
+    });
+    y
 }
 
 /// `x · wᵀ` for `x` = `[n, in]` and `w` = `[out, in]` (a PyTorch `nn.Linear` weight). A decode

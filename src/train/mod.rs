@@ -495,9 +495,10 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
                 seed: ts.seed,
             };
             let out = generate(&model, &[BOS], &opts)?;
-            Some(match lang {
-                Some(l) => l.decode(&out),
-                None => format!("{out:?}"),
+            Some(match (lang, crate::data::codec::codec_for_run(&req.run_dir)) {
+                (Some(l), _) => l.decode(&out),
+                (None, Ok(codec)) => codec.decode(&out),
+                (None, Err(_)) => format!("{out:?}"),
             })
         }
     };

@@ -50,9 +50,12 @@
 //! then ReLU and the weighted head sum; each query's row of `I` is then partially selected
 //! (`select_nth_unstable` on `(score, index)` packed into one `u64`, `O(t)`), and only the `k`
 //! winners are sorted. That is `O(T²·H_I·d_I)` time, but narrow, and `O(BLOCK_Q·T)` scratch per
-//! task. The sparse attention gathers the selected rows of k, v: `O(T·|A|·d)` per head, whatever
-//! `T`. The dense KL runs two blocked passes, `O(T²·(h·d + H_I·d_I))`; the sparse one `O(T·|A|·…)`.
-//! Nothing `T × T` is ever held.
+//! task. The sparse attention gathers, per query and kv head, the selected rows of k, v into
+//! contiguous `[|A|, d]` blocks (prefetching ahead, as they are scattered) and processes the
+//! group's query heads together with small GEMMs (`S = Q Kᵀ`, `O = P V`; backward `dP = dO Vᵀ`,
+//! `dQ = dS K`), `dk`, `dv` being scatter-added row by row: `O(T·|A|·d)` per head, linear in `T`
+//! at fixed `|A|`. The dense KL runs two blocked passes, `O(T²·(h·d + H_I·d_I))`; the sparse one
+//! `O(T·|A|·…)`. Nothing `T × T` is ever held.
 //!
 //! **Parallelism and determinism.** The indexer, the attention forward and the first KL pass run
 //! one rayon task per (batch, block of [`BLOCK_Q`] queries). The attention backward runs one task
