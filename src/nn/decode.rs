@@ -558,18 +558,7 @@ fn attend(
         let g = j / group;
         let qr = &q[(i * hq + j) * d..(i * hq + j + 1) * d];
         let r = keys(t);
-        let positions = (0..r.sinks).chain(r.lo..r.hi);
-        let mut scores: Vec<f32> = positions.clone().map(|s| math::dot(qr, row(s, g).0) * scale).collect();
-        let m = math::max(&scores);
-        scores.iter_mut().for_each(|x| *x = math::exp(*x - m));
-        let denom = math::sum(&scores);
-        out.fill(0.0);
-        for (s, &p) in positions.zip(&scores) {
-            let vr = row(s, g).1;
-            out.iter_mut().zip(vr).for_each(|(o, &vv)| *o += p * vv);
-        }
-        let inv = 1.0 / denom;
-        out.iter_mut().for_each(|o| *o *= inv);
+        softmax_attend(qr, (0..r.sinks).chain(r.lo..r.hi), |s| row(s, g), scale, out);
     };
     let mut y = vec![0.0f32; n * hq * d];
     // work per (row, head) task: ~2·keys·d flops; go parallel only when it pays
@@ -581,6 +570,26 @@ fn attend(
         y.chunks_mut(d).enumerate().for_each(|(idx, out)| one(idx, out));
     }
     y
+}
+
+/// One query row against the key/value rows of `positions` (`row(s)` gives position s's k, v):
+/// `out = Σ_s softmax_s(q·k_s·scale) v_s`.
+fn softmax_attend<'a>(
+    qr: &[f32],
+    positions: impl Iterator<Item = usize> + Clone,
+    row: impl Fn(usize) -> (&'a [f32], &'a [f32]),
+    scale: f32,
+    out: &mut [f32],
+) {
+    let mut scores: Vec<f32> = positions.clone().map(|s| math::dot(qr, row(s).0) * scale).collect();
+    let m = math::max(&scores);
+    scores.iter_mut().for_each(|x| *x = math::exp(*x - m));
+    let inv = 1.0 / math::sum(&scores);
+    out.fill(0.0);
+    for (s, &p) in positions.zip(&scores) {
+        out.iter_mut().zip(row(s).1).for_each(|(o, &vv)| *o += p * vv);
+    }
+    out.iter_mut().for_each(|o| *o *= inv);
 }
 
 /// Attention of `n` new positions starting at 0 (nothing cached) with the CPU backend's tiled
@@ -642,15 +651,7 @@ fn attend_positions(
         let (i, j) = (idx / hq, idx % hq);
         let g = j / (hq / hkv);
         let qr = &q[(i * hq + j) * d..(i * hq + j + 1) * d];
-        let mut scores: Vec<f32> = sels[i].iter().map(|&s| math::dot(qr, row(s, g).0) * scale).collect();
-        let m = math::max(&scores);
-        scores.iter_mut().for_each(|x| *x = math::exp(*x - m));
-        let inv = 1.0 / math::sum(&scores);
-        out.fill(0.0);
-        for (&s, &p) in sels[i].iter().zip(&scores) {
-            out.iter_mut().zip(row(s, g).1).for_each(|(o, &vv)| *o += p * vv);
-        }
-        out.iter_mut().for_each(|o| *o *= inv);
+        softmax_attend(qr, sels[i].iter().copied(), |s| row(s, g), scale, out);
     });
     y
 }
