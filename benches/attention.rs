@@ -91,7 +91,7 @@ fn best_ms(reps: usize, f: impl Fn()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-const LENGTHS: [usize; 5] = [512, 1024, 2048, 4096, 8192];
+const LENGTHS: [usize; 6] = [512, 1024, 2048, 4096, 8192, 16384];
 
 fn main() {
     let mut c = Criterion::default().configure_from_args().sample_size(10);
@@ -105,10 +105,13 @@ fn main() {
     g.finish();
 
     println!("\nsummary (best of 3, forward + backward, b=1 h={H} d={D}; window W={W} G={G};");
-    println!("dsa: top-k {TOPK}, indexer H_I={H_I} d_I={D_I}; dsa ms = indexer + attention, idx ms = indexer alone):");
+    println!(
+        "dsa: top-k {TOPK}, indexer H_I={H_I} d_I={D_I}; dsa ms = indexer + sparse attention, idx ms = indexer alone,"
+    );
+    println!("attn ms = the sparse attention alone):");
     let growth = |now: f64, before: Option<f64>| before.map_or("-".to_string(), |b| format!("{:.2}x", now / b));
     println!(
-        "{:>6} {:>10} {:>7} {:>10} {:>7} {:>9} {:>9} {:>7} {:>8} {:>7} {:>9}",
+        "{:>6} {:>10} {:>7} {:>10} {:>7} {:>9} {:>9} {:>7} {:>8} {:>7} {:>8} {:>7} {:>9}",
         "T",
         "dense ms",
         "growth",
@@ -119,9 +122,11 @@ fn main() {
         "growth",
         "idx ms",
         "growth",
+        "attn ms",
+        "growth",
         "dense/dsa"
     );
-    let mut prev: Option<[f64; 4]> = None;
+    let mut prev: Option<[f64; 5]> = None;
     for t in LENGTHS {
         let x = inputs(t);
         let (d, w) = (best_ms(3, || dense(&x, t)), best_ms(3, || window(&x, t)));
@@ -130,15 +135,16 @@ fn main() {
         let s = idx + attn;
         let p = |i: usize| prev.map(|p| p[i]);
         println!(
-            "{t:>6} {d:>10.1} {:>7} {w:>10.1} {:>7} {:>8.1}x {s:>9.1} {:>7} {idx:>8.1} {:>7} {:>8.1}x",
+            "{t:>6} {d:>10.1} {:>7} {w:>10.1} {:>7} {:>8.1}x {s:>9.1} {:>7} {idx:>8.1} {:>7} {attn:>8.1} {:>7} {:>8.1}x",
             growth(d, p(0)),
             growth(w, p(1)),
             d / w,
             growth(s, p(2)),
             growth(idx, p(3)),
+            growth(attn, p(4)),
             d / s
         );
-        prev = Some([d, w, s, idx]);
+        prev = Some([d, w, s, idx, attn]);
     }
     c.final_summary();
 }
