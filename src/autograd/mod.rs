@@ -16,6 +16,7 @@
 //! Auxiliary losses (`Tape::add_aux_loss`, e.g. MoE balance losses) are scalars
 //! that join the objective: `backward(out, seed)` differentiates
 //! `seed·(out + Σ aux)`, including the aux losses inside checkpointed blocks.
+//! A `Tape::inference` tape (eval, scoring, sampling) tells models to skip them.
 //!
 //! The tape reports the bytes it holds to `crate::memory`: its values and saved
 //! state as activations, its gradient buffers as workspace.
@@ -100,6 +101,8 @@ pub struct Tape<'p> {
     aux_total: f64,
     /// The gradient the aux losses are seeded with during a backward.
     aux_seed: f32,
+    /// False on an inference tape: models skip their auxiliary losses (nothing differentiates them).
+    aux_enabled: bool,
 }
 
 impl Default for Tape<'_> {
@@ -128,7 +131,20 @@ impl<'p> Tape<'p> {
             aux: Vec::new(),
             aux_total: 0.0,
             aux_seed: 0.0,
+            aux_enabled: true,
         }
+    }
+
+    /// A tape for forward passes only (eval, scoring, sampling): auxiliary losses are not computed.
+    pub fn inference() -> Self {
+        let mut tape = Self::new();
+        tape.aux_enabled = false;
+        tape
+    }
+
+    /// Whether auxiliary losses are wanted (false on `Tape::inference`).
+    pub fn aux_enabled(&self) -> bool {
+        self.aux_enabled
     }
 
     /// Adds the scalar `v` to the objective that `backward` differentiates.
@@ -307,6 +323,7 @@ impl<'p> Tape<'p> {
     /// A sub-tape whose leaves mirror `inputs` (parameters stay borrowed), with `f` run on it.
     fn run_sub(&self, inputs: &[Var], f: &Rc<CheckpointFn<'p>>) -> (Tape<'p>, Vec<Var>, Var) {
         let mut sub = if self.profile.is_some() { Tape::with_profiling() } else { Tape::new() };
+        sub.aux_enabled = self.aux_enabled;
         let vars: Vec<Var> = inputs
             .iter()
             .map(|&v| match &self.values[v.0] {

@@ -109,6 +109,7 @@ pub enum Op<'p> {
         routing: Rc<Routing>,
         cache: MoeCache,
         cfg: RouterConfig,
+        c: usize,
         f: usize,
     },
     /// The sequence-wise balance loss of one MoE layer (a scalar); its gradient reaches the logits.
@@ -198,9 +199,8 @@ impl Op<'_> {
                 let f = 4.0 * pairs * dims.d as f64;
                 (f, 2.5 * f)
             }
-            Op::Moe { routing, cache, f, .. } => {
+            Op::Moe { routing, c, f, .. } => {
                 // three expert GEMMs per kept row; the backward does two products per GEMM
-                let c = cache.xg.len() / routing.n_kept().max(1);
                 let fl = 2.0 * 3.0 * (routing.n_kept() * c * f) as f64;
                 (fl, 2.0 * fl)
             }
@@ -375,7 +375,7 @@ impl<'p> Tape<'p> {
         let (mut out, mut cache) = (vec![0.0; n * c], MoeCache::default());
         let (wg, wu, wd) = (self.value(w_gate), self.value(w_up), self.value(w_down));
         moe_forward(self.value(x), n, c, &routing, wg, wu, wd, f, &mut out, &mut cache);
-        let op = Op::Moe { x, logits, w_gate, w_up, w_down, routing: routing.clone(), cache, cfg, f };
+        let op = Op::Moe { x, logits, w_gate, w_up, w_down, routing: routing.clone(), cache, cfg, c, f };
         (self.record(out, &xs, op), routing)
     }
 
@@ -482,8 +482,8 @@ pub(super) fn backward(tape: &Tape, op: &Op, out: Var, dout: &[f32]) -> Vec<(Var
         }
         Op::Detach => Vec::new(),
         Op::Scale { x, s } => vec![(*x, dout.iter().map(|v| v * s).collect())],
-        Op::Moe { x, logits, w_gate, w_up, w_down, routing, cache, cfg, f } => {
-            let (n, c, k) = (routing.n_tokens, dout.len() / routing.n_tokens.max(1), cfg.top_k);
+        Op::Moe { x, logits, w_gate, w_up, w_down, routing, cache, cfg, c, f } => {
+            let (n, c, k) = (routing.n_tokens, *c, cfg.top_k);
             let (wg, wu, wd) = (tape.value(*w_gate), tape.value(*w_up), tape.value(*w_down));
             let (mut dx, mut dwg, mut dwu, mut dwd) =
                 (vec![0.0; n * c], vec![0.0; wg.len()], vec![0.0; wu.len()], vec![0.0; wd.len()]);

@@ -373,9 +373,11 @@ impl Model {
         let wi = tape.scale(wi, 1.0 / ((c.index_n_heads * c.index_head_dim) as f32).sqrt());
         let dims = self.dsa_dims(b, t);
         let (y, sel, lse) = tape.dsa_attention(q, k, v, (qi, ki, wi), dims, self.dsa_dense_warmup);
-        let kl = tape.indexer_kl(q, k, &lse, (qi, ki, wi), sel.as_deref().map(|s| s.as_slice()), dims);
-        self.indexer_losses.lock().unwrap_or_else(|e| e.into_inner())[l] = Some(tape.value(kl)[0]);
-        tape.add_aux_loss(kl);
+        if tape.aux_enabled() {
+            let kl = tape.indexer_kl(q, k, &lse, (qi, ki, wi), sel.as_deref().map(|s| s.as_slice()), dims);
+            self.indexer_losses.lock().unwrap_or_else(|e| e.into_inner())[l] = Some(tape.value(kl)[0]);
+            tape.add_aux_loss(kl);
+        }
         y
     }
 
@@ -397,7 +399,7 @@ impl Model {
         let logits = tape.linear(h, w[0]);
         let (mut y, routing) = tape.moe(h, logits, w[1], w[2], w[3], &self.moe_bias[l], cfg);
         let mut balance_loss = 0.0;
-        if m.seq_aux_alpha > 0.0 {
+        if m.seq_aux_alpha > 0.0 && tape.aux_enabled() {
             let bal = tape.moe_balance(logits, routing.clone(), cfg, b, t, m.seq_aux_alpha);
             balance_loss = tape.value(bal)[0];
             tape.add_aux_loss(bal);
@@ -440,7 +442,7 @@ impl Model {
     pub fn next_token_logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let t = ids.len().min(self.config.max_seq_len);
         let ids = &ids[ids.len() - t..];
-        let mut tape = Tape::new();
+        let mut tape = Tape::inference();
         let pv = self.params_on(&mut tape);
         let logits = self.logits(&mut tape, &pv, ids, 1, t)?;
         let v = self.config.vocab_size;

@@ -224,7 +224,7 @@ pub fn evaluate(model: &Model, val: &Loader, batches: usize) -> Result<f32> {
         let Some(batch) = val.sequential_batch(i) else {
             break;
         };
-        let mut tape = Tape::new();
+        let mut tape = Tape::inference();
         let pv = model.params_on(&mut tape);
         let loss = model.loss(&mut tape, &pv, &batch.ids, &batch.targets, val.batch, val.seq_len)?;
         total += tape.value(loss)[0] as f64;
