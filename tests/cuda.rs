@@ -20,6 +20,14 @@ use nanoseek::backend::cpu;
 use nanoseek::backend::cuda::{self, CudaBackend, DeviceBuffer};
 use std::io::Write;
 
+// The sparse-attention and MoE families, one module each (they share the helpers below).
+#[path = "cuda/dsa.rs"]
+mod dsa;
+#[path = "cuda/moe.rs"]
+mod moe;
+#[path = "cuda/window_attention.rs"]
+mod window_attention;
+
 /// One write straight to stderr (the harness captures only the print macros).
 fn skipped(why: &str, test: &str) {
     let line = format!("SKIPPED: no CUDA device ({why}) [{test}]\n");

@@ -12,14 +12,17 @@
 #[allow(clippy::all)]
 pub mod abi;
 pub mod attention;
+pub mod dsa;
 pub mod embedding;
 pub mod gemm;
 pub mod loss;
 pub mod memory;
+pub mod moe;
 pub mod norm;
 pub mod optim;
 pub mod rope;
 pub mod swiglu;
+pub mod window_attention;
 
 use cudarc::driver::{result, sys, CudaContext};
 use std::collections::HashMap;

@@ -1,0 +1,1 @@
+//! Launch code of `cuda/dsa.cu` (twin: `cpu::dsa`). Not written yet.

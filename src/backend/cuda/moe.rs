@@ -1,0 +1,1 @@
+//! Launch code of `cuda/moe.cu` (twin: `cpu::moe`). Not written yet.

@@ -1,0 +1,1 @@
+//! CUDA parity tests of the `dsa` family against `cpu::dsa`. Not written yet.
