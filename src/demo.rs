@@ -360,7 +360,7 @@ pub struct TestReport {
     /// What a dense-attention model of the same shape would cache.
     pub dense_kv_cache_bytes: usize,
     pub layers: Vec<LayerMemory>,
-    /// Accuracy on the synthetic long-range tasks (associative recall, passkey, copy).
+    /// Accuracy on the synthetic long-range tasks (associative recall, passkey, needle, copy).
     pub tasks: Option<serde_json::Value>,
 }
 
@@ -400,7 +400,7 @@ fn human_bytes(b: usize) -> String {
     }
 }
 
-/// The synthetic long-range tasks (associative recall, passkey retrieval, copying): 16 samples
+/// The synthetic long-range tasks (associative recall, passkey retrieval, needle retrieval, copying): 16 samples
 /// each at `context_len` tokens (at most the trained context), depths spread over [0, 1], scored
 /// teacher-forced by `data::tasks::score` (accuracy per task and per depth quarter). `None` when the
 /// model cannot read them: the tasks use the embedded synthetic language's ids.

@@ -147,7 +147,7 @@ struct EvalArgs {
     /// Write the result as JSON here.
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Also score synthetic long-range tasks (comma-separated: recall, passkey, copy), by context depth.
+    /// Also score synthetic long-range tasks (comma-separated: recall, passkey, needle, copy), by context depth.
     #[arg(long, value_delimiter = ',')]
     tasks: Vec<String>,
     /// Samples per task.
@@ -513,7 +513,7 @@ struct DataArgs {
     #[arg(long, default_value_t = 256)]
     max_seq_len: usize,
     /// With --synthetic: long-range task samples of exactly --max-seq-len tokens (comma-separated:
-    /// recall, passkey, copy; depths uniform in [0, 1]) instead of plain documents.
+    /// recall, passkey, needle, copy; depths uniform in [0, 1]) instead of plain documents.
     #[arg(long, value_delimiter = ',')]
     task: Vec<String>,
     /// Use this tokenizer.json (GPT-2's, DeepSeek's, …) instead of training one.

@@ -100,6 +100,33 @@ fn passkey_answer_is_the_needle_at_the_chosen_depth() {
 }
 
 #[test]
+fn needle_is_the_only_key_name_in_the_sample() {
+    let lang = SyntheticLanguage::new();
+    let depths = [0.0, 0.3, 0.6, 1.0];
+    for len in [15, 64, 500] {
+        let samples = generate(TaskKind::Needle, 8, len, 5, Some(&depths)).unwrap();
+        for s in &samples {
+            check_common(&lang, s, len);
+            let w = words(&lang, &s.tokens);
+            let a = s.answer.start;
+            assert_eq!(s.answer.len(), 1);
+            assert_eq!([&w[a - 5], &w[a - 4], &w[a - 2], &w[a - 1]], ["what", "does", "have", "?"]);
+            // Needle: HOLDER has NAME . with NAME a capitalized name found nowhere else.
+            let (needle, name) = (s.source.start - 2, s.tokens[a]);
+            assert_eq!(s.tokens[needle], s.tokens[a - 3]);
+            assert_eq!((w[needle + 1].as_str(), w[needle + 3].as_str()), ("has", "."));
+            assert!(w[a].starts_with(|c: char| c.is_ascii_uppercase()), "{}", w[a]);
+            assert_eq!(count(&s.tokens, name), 2, "the name occurs in the needle and as the answer only");
+            let (r, m) = ((a - 5 - 1) as f64, 4.0);
+            assert!((needle as f64 - (1.0 + s.depth as f64 * (r - m))).abs() <= 0.5);
+        }
+        // Names vary across samples (chance is 1 in the number of key names, not 1 in 2).
+        let names: std::collections::BTreeSet<u32> = samples.iter().map(|s| s.tokens[s.answer.start]).collect();
+        assert!(names.len() >= 4, "{names:?}");
+    }
+}
+
+#[test]
 fn copy_answer_repeats_the_marked_span() {
     let lang = SyntheticLanguage::new();
     for s in generate(TaskKind::Copy, 30, 120, 11, Some(&[0.0, 0.5, 1.0])).unwrap() {
@@ -151,7 +178,7 @@ fn bad_arguments_are_refused_with_clear_errors() {
     assert!(err(generate(TaskKind::Passkey, 1, 100, 0, Some(&[1.5]))).contains("outside [0, 1]"));
     assert!(err(generate(TaskKind::Passkey, 1, 100, 0, Some(&[f32::NAN]))).contains("outside [0, 1]"));
     assert!(err(generate(TaskKind::Copy, 1, 100, 0, Some(&[]))).contains("empty"));
-    assert!(TaskKind::parse("needle").unwrap_err().to_string().contains("recall, passkey, copy"));
+    assert!(TaskKind::parse("haystack").unwrap_err().to_string().contains("recall, passkey, needle, copy"));
     for k in TaskKind::ALL {
         assert_eq!(TaskKind::parse(k.name()).unwrap(), k);
         assert!(generate(k, 2, k.min_len(), 0, None).is_ok());

@@ -26,6 +26,12 @@
 //! * **passkey** (retrieval at a chosen depth): the needle `Vaploo has N N N N N .`
 //!   (`PASSKEY_DIGITS` random number words; the marker name `Vaploo` is fixed); the query
 //!   is always `what does Vaploo have ?` and the answer the five number words (12⁵ keys).
+//! * **needle** (single-token retrieval): the needle `Vaploo has NAME .` with NAME one of the
+//!   task-half names (never in the filler, so it is the only such name in the sample); the query
+//!   is passkey's `what does Vaploo have ?` and the answer NAME (one token; chance 1 in the
+//!   number of key names). Unlike passkey's five number words, which also occur in the filler
+//!   and must be told apart by their place after the marker, the needle can be found by its
+//!   content alone: the easiest long-range retrieval, the one a small model learns first.
 //! * **copy**: the marker name `Plaglu` and a span of `COPY_SPAN` random words (any id but
 //!   `<bos>`, `<eot>` and the marker); at the end the marker again, and the answer is the span.
 //!
@@ -60,7 +66,7 @@
 //! `{ depth_buckets, tasks: [{ task, n, correct, accuracy, answer_tokens, correct_tokens,
 //! token_accuracy, by_depth: [{ lo, hi, n, correct, accuracy }] }] }`. Depth bucket `i` of
 //! `B` holds depths in `[i/B, (i+1)/B)` (the last one also holds `d = 1`); `accuracy` is
-//! `null` for an empty bucket. Tasks appear in the order recall, passkey, copy.
+//! `null` for an empty bucket. Tasks appear in the order recall, passkey, needle, copy.
 
 use super::synthetic::{SyntheticLanguage, BOS, EOT};
 use crate::autograd::Tape;
@@ -85,16 +91,18 @@ const SCORE_BATCH_TOKENS: usize = 8192;
 pub enum TaskKind {
     Recall,
     Passkey,
+    Needle,
     Copy,
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 3] = [TaskKind::Recall, TaskKind::Passkey, TaskKind::Copy];
+    pub const ALL: [TaskKind; 4] = [TaskKind::Recall, TaskKind::Passkey, TaskKind::Needle, TaskKind::Copy];
 
     pub fn name(self) -> &'static str {
         match self {
             TaskKind::Recall => "recall",
             TaskKind::Passkey => "passkey",
+            TaskKind::Needle => "needle",
             TaskKind::Copy => "copy",
         }
     }
@@ -102,7 +110,7 @@ impl TaskKind {
     pub fn parse(s: &str) -> Result<TaskKind> {
         match TaskKind::ALL.into_iter().find(|k| k.name() == s) {
             Some(k) => Ok(k),
-            None => bail!("unknown task '{s}': expected one of recall, passkey, copy"),
+            None => bail!("unknown task '{s}': expected one of recall, passkey, needle, copy"),
         }
     }
 
@@ -112,6 +120,7 @@ impl TaskKind {
         let (pieces, tail) = match self {
             TaskKind::Recall => (RECALL_PAIRS * 4, 5 + 1),
             TaskKind::Passkey => (PASSKEY_DIGITS + 3, 5 + PASSKEY_DIGITS),
+            TaskKind::Needle => (4, 5 + 1),
             TaskKind::Copy => (COPY_SPAN + 1, 1 + COPY_SPAN),
         };
         1 + 2 * pieces + tail
@@ -219,6 +228,12 @@ impl Words {
                 needle.push(self.id("."));
                 let query = vec![self.id("what"), self.id("does"), self.holder, self.id("have"), self.id("?")];
                 (vec![needle], 2, query, digits)
+            }
+            TaskKind::Needle => {
+                let name = pick(rng, &self.keys);
+                let needle = vec![self.holder, self.id("has"), name, self.id(".")];
+                let query = vec![self.id("what"), self.id("does"), self.holder, self.id("have"), self.id("?")];
+                (vec![needle], 2, query, vec![name])
             }
             TaskKind::Copy => {
                 let v = self.lang.vocab_size();
@@ -362,7 +377,7 @@ pub struct TaskScore {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TaskReport {
     pub depth_buckets: usize,
-    /// One entry per task present in the samples (order: recall, passkey, copy).
+    /// One entry per task present in the samples (order: recall, passkey, needle, copy).
     pub tasks: Vec<TaskScore>,
 }
 
