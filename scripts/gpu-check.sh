@@ -6,8 +6,9 @@
 #                                scripts/ into gpu-check/ (kept well under 40 MiB)
 #   scripts/gpu-check.sh run     on the GPU machine, from inside gpu-check/ (no Rust, no
 #                                network): prints `ldd --version` and `nvidia-smi`, runs the
-#                                CUDA parity tests and the PyTorch baselines, writes logs
-#                                and JSON under $OUT (default ./out)
+#                                CUDA parity tests, the PyTorch baselines and `nanoseek bench`
+#                                (the same kernels, ratio to PyTorch), writes logs and JSON
+#                                under $OUT (default ./out)
 set -euo pipefail
 case "${1:-}" in
 build)
@@ -40,11 +41,15 @@ run)
     } 2>&1 | tee "$out/machine.txt"
     # parity tests, one thread so each kernel's output is readable
     timeout 300 ./cuda-tests --test-threads=1 --nocapture 2>&1 | tee "$out/cuda-tests.log" || echo "cuda tests failed" | tee -a "$out/cuda-tests.log"
+    baseline=()
     if command -v python3 >/dev/null && python3 -c 'import torch' 2>/dev/null; then
         timeout 240 python3 scripts/torch_baselines.py --out "$out/torch_baselines.json" 2>&1 | tee "$out/torch_baselines.log" || true
+        [[ -s "$out/torch_baselines.json" ]] && baseline=(--baseline "$out/torch_baselines.json")
     else
         echo "gpu-check: no python3 with torch; baselines skipped" | tee "$out/torch_baselines.log"
     fi
+    # the engine's kernels at the same shapes, with the ratio to the baselines just measured
+    timeout 180 ./nanoseek bench --device cuda "${baseline[@]}" --output "$out/bench.json" 2>&1 | tee "$out/bench.log" || echo "bench failed" | tee -a "$out/bench.log"
     echo "gpu-check: results in $out"
     ;;
 *)

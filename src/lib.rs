@@ -6,6 +6,7 @@
 
 pub mod autograd;
 pub mod backend;
+pub mod bench;
 pub mod data;
 pub mod demo;
 pub mod device;

@@ -29,6 +29,27 @@ enum Command {
     Profile(ProfileArgs),
     /// Talk to a trained model (KV-cache generation): interactive, batch (JSONL) or test (speed and memory).
     Demo(DemoArgs),
+    /// Time the CUDA kernels at PyTorch's shapes: rates, fraction of the ceilings, ratio to a torch_baselines.py JSON.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// cuda or cuda:N (the CPU kernels have criterion benches: cargo bench).
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// The JSON written by scripts/torch_baselines.py in the same run, for the ratio column.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Fewer and smaller cases (as torch_baselines.py --quick).
+    #[arg(long)]
+    quick: bool,
+    /// Calls per timed batch.
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    output: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -475,6 +496,24 @@ fn run_profile(p: &ProfileArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_bench(b: &BenchArgs) -> Result<()> {
+    let ordinal = match b.device.as_str() {
+        "cuda" => 0,
+        d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => anyhow::bail!("--device {d}: nanoseek bench runs on cuda or cuda:N"),
+        },
+    };
+    let opts = nanoseek::bench::BenchOptions { ordinal, quick: b.quick, baseline: b.baseline.clone(), iters: b.iters };
+    let report = nanoseek::bench::run(&opts)?;
+    print!("{}", nanoseek::bench::table(&report));
+    if let Some(out) = &b.output {
+        nanoseek::fsutil::write_atomic(out, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
 fn run_info(i: &InfoArgs) -> Result<()> {
     if i.dtype != "f32" {
         anyhow::bail!("--dtype {}: the CPU engine trains in f32 only (bf16 arrives with the CUDA backend)", i.dtype);
@@ -597,6 +636,7 @@ fn main() -> ExitCode {
         Command::Info(i) => run_info(&i),
         Command::Profile(p) => run_profile(&p),
         Command::Demo(d) => nanoseek::demo::run(&d.options()),
+        Command::Bench(b) => run_bench(&b),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
