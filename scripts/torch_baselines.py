@@ -3,7 +3,9 @@
 
 Times torch.matmul (cuBLAS) in bf16, scaled_dot_product_attention (flash
 backend, causal) forward and forward+backward, and eager and torch.compile'd
-RoPE, RMSNorm and softcap cross-entropy, at the engine's shapes. Prints a
+RoPE, RMSNorm and softcap cross-entropy, at the engine's shapes; then the
+sparse baselines (flex_attention with a window + global block mask, dense SDPA
+at long T, a PyTorch MoE layer, see sparse_baselines). Prints a
 table and writes JSON: for each case the shape, median milliseconds, and the
 achieved TFLOP/s or GB/s.
 
@@ -56,6 +58,107 @@ def softcap_ce(z, y, cap=15.0):
     return F.cross_entropy(zc, y)
 
 
+def sparse_baselines(args, record, bench):
+    """Baselines of the sparse-attention and MoE kernels (issue 7): window + global attention
+    with flex_attention's block mask and with dense SDPA, dense SDPA at DSA's lengths, and a
+    straightforward PyTorch MoE layer (a loop over experts, and torch._grouped_mm if present)
+    beside a dense SwiGLU FFN with the same active FLOPs. All forward + backward, bf16."""
+    import torch
+    import torch.nn.functional as F
+
+    dev, bf = "cuda", torch.bfloat16
+    b, h, d, window, n_global = 1, 16, 128, 1024, 64
+    lengths = [4096, 16384] if args.quick else [4096, 16384, 65536]
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention)
+    except Exception as e:  # noqa: BLE001 - report and go on without flex
+        print(f"torch_baselines: flex_attention unavailable ({e})", file=sys.stderr)
+        flex = None
+
+    def window_mask(bi, hi, q, k):
+        return (k <= q) & ((q - k < window) | (k < n_global))
+
+    for t in lengths:
+        q, k, v = (torch.randn(b, h, t, d, device=dev, dtype=bf, requires_grad=True) for _ in range(3))
+        g = torch.randn(b, h, t, d, device=dev, dtype=bf)
+        # visited (unmasked) score entries: a window of `window` plus the global prefix
+        visible = sum(min(i + 1, window) + max(0, min(n_global, i + 1 - window)) for i in range(t))
+        flops = 3.5 * 4 * b * h * visible * d
+
+        def dense():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            ms = bench(dense, warmup=2, iters=5)
+        dense_flops = 3.5 * 4 * b * h * t * (t + 1) / 2 * d
+        record("attention", "sdpa fwd+bwd", [b, t, h, d], ms, flops=dense_flops)
+        if flex is not None:
+            mask = create_block_mask(window_mask, B=None, H=None, Q_LEN=t, KV_LEN=t)
+
+            def windowed():
+                flex(q, k, v, block_mask=mask).backward(g)
+
+            record("window", "flex_attention fwd+bwd", [b, t, h, d, window, n_global],
+                   bench(windowed, warmup=2, iters=5), flops=flops)
+        del q, k, v, g
+    torch.cuda.empty_cache()
+
+    # MoE layer: tokens n, width dm, E experts of hidden f, top-k, sigmoid scores
+    n, dm, experts, f, topk = (8192, 1024, 16, 512, 2) if args.quick else (16384, 2048, 64, 704, 2)
+    x = torch.randn(n, dm, device=dev, dtype=bf, requires_grad=True)
+    wr = torch.randn(experts, dm, device=dev, dtype=bf) / dm ** 0.5
+    wg, wu = (torch.randn(experts, f, dm, device=dev, dtype=bf, requires_grad=True) / dm ** 0.5 for _ in range(2))
+    wd = (torch.randn(experts, dm, f, device=dev, dtype=bf) / f ** 0.5).requires_grad_()
+    gy = torch.randn(n, dm, device=dev, dtype=bf)
+    active = 2 * 3 * n * topk * dm * f * 3  # fwd + bwd (x3) of three GEMMs per kept assignment
+
+    def route():
+        s = torch.sigmoid((x @ wr.T).float())
+        gate, idx = s.topk(topk, dim=-1)
+        return (gate / gate.sum(-1, keepdim=True)).to(bf), idx
+
+    def moe_loop():
+        gate, idx = route()
+        y = torch.zeros_like(x)
+        for e in range(experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            xe = x[tok]
+            he = F.silu(xe @ wg[e].T) * (xe @ wu[e].T)
+            y = y.index_add(0, tok, (he @ wd[e].T) * gate[tok, slot, None])
+        y.backward(gy)
+
+    shape = [n, dm, experts, f, topk]
+    record("moe", "torch loop fwd+bwd", shape, bench(moe_loop, warmup=2, iters=5), flops=active)
+    if hasattr(torch, "_grouped_mm"):
+        def moe_grouped():
+            gate, idx = route()
+            order = idx.flatten().argsort()
+            tok = order // topk
+            counts = torch.bincount(idx.flatten(), minlength=experts)
+            offs = counts.cumsum(0).to(torch.int32)
+            xs = x[tok]
+            hg = torch._grouped_mm(xs, wg.transpose(1, 2), offs=offs)
+            hu = torch._grouped_mm(xs, wu.transpose(1, 2), offs=offs)
+            ys = torch._grouped_mm(F.silu(hg) * hu, wd.transpose(1, 2), offs=offs)
+            y = torch.zeros_like(x).index_add(0, tok, ys * gate.flatten()[order, None])
+            y.backward(gy)
+
+        try:
+            record("moe", "torch grouped_mm fwd+bwd", shape, bench(moe_grouped, warmup=2, iters=5), flops=active)
+        except Exception as e:  # noqa: BLE001
+            print(f"torch_baselines: torch._grouped_mm failed ({e})", file=sys.stderr)
+    # the dense SwiGLU FFN with the same active FLOPs (hidden topk * f)
+    dg, du = (torch.randn(topk * f, dm, device=dev, dtype=bf, requires_grad=True) for _ in range(2))
+    dd = torch.randn(dm, topk * f, device=dev, dtype=bf, requires_grad=True)
+
+    def dense_ffn():
+        ((F.silu(x @ dg.T) * (x @ du.T)) @ dd.T).backward(gy)
+
+    record("moe", "dense ffn fwd+bwd", shape, bench(dense_ffn, warmup=2, iters=5), flops=active)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="torch_baselines.json")
@@ -78,7 +181,9 @@ def main():
             r["gbps"] = nbytes / ms / 1e6
         results["cases"].append(r)
         rate = f"{r['tflops']:.1f} TFLOP/s" if flops else f"{r['gbps']:.0f} GB/s"
-        print(f"{kind:10s} {name:28s} {str(shape):32s} {ms:8.3f} ms  {rate}")
+        print(f"{kind:10s} {name:28s} {str(shape):32s} {ms:8.3f} ms  {rate}", flush=True)
+        with open(args.out, "w") as f:  # rewritten per case, so a timeout keeps what was measured
+            json.dump(results, f, indent=1)
 
     # GEMM (cuBLAS): 4096^3 and the small/medium training shapes (tokens x n_embd x out)
     gemms = [(4096, 4096, 4096), (16384, 768, 3072), (16384, 3072, 768), (16384, 1024, 4096)]
@@ -123,6 +228,8 @@ def main():
         record("rope", f"rope {mode}", list(xq.shape), bench(lambda: r(xq, cos, sin)), nbytes=2 * xq.numel() * 2)
         record("rmsnorm", f"rmsnorm {mode}", list(xn.shape), bench(lambda: n(xn)), nbytes=2 * xn.numel() * 2)
         record("loss", f"softcap_ce {mode}", list(z.shape), bench(lambda: c(z, yt)), nbytes=z.numel() * 2)
+
+    sparse_baselines(args, record, bench)
 
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
