@@ -26,10 +26,10 @@
 //! * **passkey** (retrieval at a chosen depth): the needle `Vaploo has N N N N N .`
 //!   (`PASSKEY_DIGITS` random number words; the marker name `Vaploo` is fixed); the query
 //!   is always `what does Vaploo have ?` and the answer the five number words (12⁵ keys).
-//! * **needle** (single-token retrieval): the needle `Vaploo has NAME .` with NAME one of the
-//!   task-half names (never in the filler, so it is the only such name in the sample); the query
-//!   is passkey's `what does Vaploo have ?` and the answer NAME (one token; chance 1 in the
-//!   number of key names). Unlike passkey's five number words, which also occur in the filler
+//! * **needle** (single-token retrieval): the needle `Vaploo has NAME .` with NAME one of
+//!   `NEEDLE_NAMES` task-half names (never in the filler, so it is the only such name in the
+//!   sample); the query is passkey's `what does Vaploo have ?` and the answer NAME (one token;
+//!   chance 1/16). Unlike passkey's five number words, which also occur in the filler
 //!   and must be told apart by their place after the marker, the needle can be found by its
 //!   content alone: the easiest long-range retrieval, the one a small model learns first.
 //! * **copy**: the marker name `Plaglu` and a span of `COPY_SPAN` random words (any id but
@@ -81,6 +81,8 @@ use std::ops::Range;
 pub const RECALL_PAIRS: usize = 4;
 /// Number words in a passkey.
 pub const PASSKEY_DIGITS: usize = 5;
+/// Key names a needle is drawn from (chance level 1/16).
+pub const NEEDLE_NAMES: usize = 16;
 /// Tokens in a copy span.
 pub const COPY_SPAN: usize = 8;
 /// Tokens per forward pass when scoring (rows of equal length are batched up to this).
@@ -166,7 +168,7 @@ impl Words {
         let names: Vec<u32> = (0..v)
             .filter(|&id| lang.word(id).is_some_and(|w| w.starts_with(|c: char| c.is_ascii_uppercase())))
             .collect();
-        ensure!(names.len() >= 2 * (RECALL_PAIRS + 2), "the synthetic language has too few names");
+        ensure!(names.len() >= 2 * (RECALL_PAIRS.max(NEEDLE_NAMES) + 2), "the synthetic language has too few names");
         let mut remap: Vec<u32> = (0..v).collect();
         let mut keys = Vec::new();
         for pair in names.chunks_exact(2) {
@@ -230,7 +232,7 @@ impl Words {
                 (vec![needle], 2, query, digits)
             }
             TaskKind::Needle => {
-                let name = pick(rng, &self.keys);
+                let name = pick(rng, &self.keys[..NEEDLE_NAMES]);
                 let needle = vec![self.holder, self.id("has"), name, self.id(".")];
                 let query = vec![self.id("what"), self.id("does"), self.holder, self.id("have"), self.id("?")];
                 (vec![needle], 2, query, vec![name])
