@@ -177,4 +177,16 @@ typedef struct NsAttnParams {
     float scale;
 } NsAttnParams;
 
+/** window_attention.cu: sliding-window causal attention with global tokens.
+ * Query i sees key s iff s <= i and (i - s < window or s < n_global). `attn`
+ * holds the tensors and shapes exactly as for attention.cu (same layouts, dtypes,
+ * lse convention, dq_acc zeroed by the host, dk_acc/dv_acc overwritten).
+ * window (W >= 1) and n_global (G >= 0) are clamped to t by the host (W >= t is
+ * dense causal attention, as is G >= t). */
+typedef struct NsWindowAttnParams {
+    NsAttnParams attn;
+    int window;
+    int n_global;
+} NsWindowAttnParams;
+
 #endif /* NANOSEEK_ABI_H */

@@ -285,3 +285,19 @@ const _: () = {
     ["Offset of field: NsAttnParams::d"][::core::mem::offset_of!(NsAttnParams, d) - 96usize];
     ["Offset of field: NsAttnParams::scale"][::core::mem::offset_of!(NsAttnParams, scale) - 100usize];
 };
+#[doc = " window_attention.cu: sliding-window causal attention with global tokens.\n Query i sees key s iff s <= i and (i - s < window or s < n_global). `attn`\n holds the tensors and shapes exactly as for attention.cu (same layouts, dtypes,\n lse convention, dq_acc zeroed by the host, dk_acc/dv_acc overwritten).\n window (W >= 1) and n_global (G >= 0) are clamped to t by the host (W >= t is\n dense causal attention, as is G >= t)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct NsWindowAttnParams {
+    pub attn: NsAttnParams,
+    pub window: ::core::ffi::c_int,
+    pub n_global: ::core::ffi::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NsWindowAttnParams"][::core::mem::size_of::<NsWindowAttnParams>() - 112usize];
+    ["Alignment of NsWindowAttnParams"][::core::mem::align_of::<NsWindowAttnParams>() - 8usize];
+    ["Offset of field: NsWindowAttnParams::attn"][::core::mem::offset_of!(NsWindowAttnParams, attn) - 0usize];
+    ["Offset of field: NsWindowAttnParams::window"][::core::mem::offset_of!(NsWindowAttnParams, window) - 104usize];
+    ["Offset of field: NsWindowAttnParams::n_global"][::core::mem::offset_of!(NsWindowAttnParams, n_global) - 108usize];
+};

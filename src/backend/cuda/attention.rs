@@ -6,8 +6,9 @@ use super::{check, int, CudaBackend, CudaResult, DeviceBuffer};
 pub use crate::backend::cpu::attention::AttnDims;
 use half::bf16;
 
-/// Dynamic shared memory of the backward kernels (mirrors `bwd_smem` in attention.cu).
-fn bwd_smem(d: usize) -> u32 {
+/// Dynamic shared memory of the backward kernels (mirrors `bwd_smem` in flash.cuh; the
+/// window_attention family uses the same bodies).
+pub(crate) fn bwd_smem(d: usize) -> u32 {
     let bq = if d == 64 { 64 } else { 16 };
     ((2 * 64 * (d + 8) + 2 * bq * (d + 8) + 64 * (bq + 8)) * 2 + 8 * bq) as u32
 }
