@@ -189,4 +189,58 @@ typedef struct NsWindowAttnParams {
     int n_global;
 } NsWindowAttnParams;
 
+/** dsa.cu: DeepSeek Sparse Attention (twin: src/backend/cpu/dsa.rs).
+ * Attention: q, out, dout bf16 [b, t, h, d]; k, v bf16 [b, t, h_kv, d];
+ * lse f32 [b, h, t] (natural log of the scaled scores); dq f32 [b, t, h, d]
+ * (overwritten); dk, dv f32 [b, t, h_kv, d] (scatter-added with atomics: the
+ * host zeroes them first). d is 64 or 128 (kernel name).
+ * Indexer: qi bf16 [b, t, n_index_heads, index_dim], ki bf16 [b, t, index_dim],
+ * wi bf16 [b, t, n_index_heads]; sel u32 [b, t, kmax] (each row ascending, then
+ * 0xffffffff); dqi f32 like qi, dwi f32 like wi (overwritten), dki f32 like ki
+ * (atomics, zeroed by the host).
+ * Workspaces: scores f32 [rows, t] (indexer scores of the query rows
+ * q0 .. q0 + rows of batch bi, one launch per such chunk); g_sel, pt f32
+ * [b, t, kmax] (KL: per selected entry); loss_rows f32 [b, t]; loss f32 [1]
+ * (the mean KL over the b * t queries).
+ * topk and window are clamped to t by the host (same selection). */
+typedef struct NsDsaParams {
+    ns_dptr q;
+    ns_dptr k;
+    ns_dptr v;
+    ns_dptr out;
+    ns_dptr lse;
+    ns_dptr dout;
+    ns_dptr dq;
+    ns_dptr dk;
+    ns_dptr dv;
+    ns_dptr qi;
+    ns_dptr ki;
+    ns_dptr wi;
+    ns_dptr sel;
+    ns_dptr scores;
+    ns_dptr dqi;
+    ns_dptr dki;
+    ns_dptr dwi;
+    ns_dptr g_sel;
+    ns_dptr pt;
+    ns_dptr loss_rows;
+    ns_dptr loss;
+    int b;
+    int t;
+    int h;
+    int h_kv;
+    int d;
+    int n_index_heads;
+    int index_dim;
+    int topk;
+    int window;
+    int kmax;
+    int q0;   /* indexer: first query row of this launch's chunk */
+    int rows; /* indexer: query rows of this chunk */
+    int bi;   /* indexer: batch of this chunk */
+    float scale; /* 1 / sqrt(d) */
+    float inv_bt; /* 1 / (b * t) */
+    int pad_;
+} NsDsaParams;
+
 #endif /* NANOSEEK_ABI_H */

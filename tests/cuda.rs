@@ -322,7 +322,9 @@ fn allocator_reuses_blocks_and_tracks_peak() {
 #[test]
 fn every_family_has_ptx_for_both_targets() {
     // Runs everywhere: the embedded PTX list is complete.
-    for fam in ["attention", "embedding", "gemm", "loss", "norm", "optim", "rope", "swiglu"] {
+    let families =
+        ["attention", "dsa", "embedding", "gemm", "loss", "norm", "optim", "rope", "swiglu", "window_attention"];
+    for fam in families {
         for target in ["sm_90a", "sm_80"] {
             let ptx = cuda::EMBEDDED_PTX.iter().find(|(f, t, _)| *f == fam && *t == target);
             let (_, _, text) = ptx.unwrap_or_else(|| panic!("no PTX for {fam} {target}"));

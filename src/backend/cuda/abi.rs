@@ -301,3 +301,87 @@ const _: () = {
     ["Offset of field: NsWindowAttnParams::window"][::core::mem::offset_of!(NsWindowAttnParams, window) - 104usize];
     ["Offset of field: NsWindowAttnParams::n_global"][::core::mem::offset_of!(NsWindowAttnParams, n_global) - 108usize];
 };
+#[doc = " dsa.cu: DeepSeek Sparse Attention (twin: src/backend/cpu/dsa.rs).\n Attention: q, out, dout bf16 [b, t, h, d]; k, v bf16 [b, t, h_kv, d];\n lse f32 [b, h, t] (natural log of the scaled scores); dq f32 [b, t, h, d]\n (overwritten); dk, dv f32 [b, t, h_kv, d] (scatter-added with atomics: the\n host zeroes them first). d is 64 or 128 (kernel name).\n Indexer: qi bf16 [b, t, n_index_heads, index_dim], ki bf16 [b, t, index_dim],\n wi bf16 [b, t, n_index_heads]; sel u32 [b, t, kmax] (each row ascending, then\n 0xffffffff); dqi f32 like qi, dwi f32 like wi (overwritten), dki f32 like ki\n (atomics, zeroed by the host).\n Workspaces: scores f32 [rows, t] (indexer scores of the query rows\n q0 .. q0 + rows of batch bi, one launch per such chunk); g_sel, pt f32\n [b, t, kmax] (KL: per selected entry); loss_rows f32 [b, t]; loss f32 [1]\n (the mean KL over the b * t queries).\n topk and window are clamped to t by the host (same selection)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct NsDsaParams {
+    pub q: ns_dptr,
+    pub k: ns_dptr,
+    pub v: ns_dptr,
+    pub out: ns_dptr,
+    pub lse: ns_dptr,
+    pub dout: ns_dptr,
+    pub dq: ns_dptr,
+    pub dk: ns_dptr,
+    pub dv: ns_dptr,
+    pub qi: ns_dptr,
+    pub ki: ns_dptr,
+    pub wi: ns_dptr,
+    pub sel: ns_dptr,
+    pub scores: ns_dptr,
+    pub dqi: ns_dptr,
+    pub dki: ns_dptr,
+    pub dwi: ns_dptr,
+    pub g_sel: ns_dptr,
+    pub pt: ns_dptr,
+    pub loss_rows: ns_dptr,
+    pub loss: ns_dptr,
+    pub b: ::core::ffi::c_int,
+    pub t: ::core::ffi::c_int,
+    pub h: ::core::ffi::c_int,
+    pub h_kv: ::core::ffi::c_int,
+    pub d: ::core::ffi::c_int,
+    pub n_index_heads: ::core::ffi::c_int,
+    pub index_dim: ::core::ffi::c_int,
+    pub topk: ::core::ffi::c_int,
+    pub window: ::core::ffi::c_int,
+    pub kmax: ::core::ffi::c_int,
+    pub q0: ::core::ffi::c_int,
+    pub rows: ::core::ffi::c_int,
+    pub bi: ::core::ffi::c_int,
+    pub scale: f32,
+    pub inv_bt: f32,
+    pub pad_: ::core::ffi::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NsDsaParams"][::core::mem::size_of::<NsDsaParams>() - 232usize];
+    ["Alignment of NsDsaParams"][::core::mem::align_of::<NsDsaParams>() - 8usize];
+    ["Offset of field: NsDsaParams::q"][::core::mem::offset_of!(NsDsaParams, q) - 0usize];
+    ["Offset of field: NsDsaParams::k"][::core::mem::offset_of!(NsDsaParams, k) - 8usize];
+    ["Offset of field: NsDsaParams::v"][::core::mem::offset_of!(NsDsaParams, v) - 16usize];
+    ["Offset of field: NsDsaParams::out"][::core::mem::offset_of!(NsDsaParams, out) - 24usize];
+    ["Offset of field: NsDsaParams::lse"][::core::mem::offset_of!(NsDsaParams, lse) - 32usize];
+    ["Offset of field: NsDsaParams::dout"][::core::mem::offset_of!(NsDsaParams, dout) - 40usize];
+    ["Offset of field: NsDsaParams::dq"][::core::mem::offset_of!(NsDsaParams, dq) - 48usize];
+    ["Offset of field: NsDsaParams::dk"][::core::mem::offset_of!(NsDsaParams, dk) - 56usize];
+    ["Offset of field: NsDsaParams::dv"][::core::mem::offset_of!(NsDsaParams, dv) - 64usize];
+    ["Offset of field: NsDsaParams::qi"][::core::mem::offset_of!(NsDsaParams, qi) - 72usize];
+    ["Offset of field: NsDsaParams::ki"][::core::mem::offset_of!(NsDsaParams, ki) - 80usize];
+    ["Offset of field: NsDsaParams::wi"][::core::mem::offset_of!(NsDsaParams, wi) - 88usize];
+    ["Offset of field: NsDsaParams::sel"][::core::mem::offset_of!(NsDsaParams, sel) - 96usize];
+    ["Offset of field: NsDsaParams::scores"][::core::mem::offset_of!(NsDsaParams, scores) - 104usize];
+    ["Offset of field: NsDsaParams::dqi"][::core::mem::offset_of!(NsDsaParams, dqi) - 112usize];
+    ["Offset of field: NsDsaParams::dki"][::core::mem::offset_of!(NsDsaParams, dki) - 120usize];
+    ["Offset of field: NsDsaParams::dwi"][::core::mem::offset_of!(NsDsaParams, dwi) - 128usize];
+    ["Offset of field: NsDsaParams::g_sel"][::core::mem::offset_of!(NsDsaParams, g_sel) - 136usize];
+    ["Offset of field: NsDsaParams::pt"][::core::mem::offset_of!(NsDsaParams, pt) - 144usize];
+    ["Offset of field: NsDsaParams::loss_rows"][::core::mem::offset_of!(NsDsaParams, loss_rows) - 152usize];
+    ["Offset of field: NsDsaParams::loss"][::core::mem::offset_of!(NsDsaParams, loss) - 160usize];
+    ["Offset of field: NsDsaParams::b"][::core::mem::offset_of!(NsDsaParams, b) - 168usize];
+    ["Offset of field: NsDsaParams::t"][::core::mem::offset_of!(NsDsaParams, t) - 172usize];
+    ["Offset of field: NsDsaParams::h"][::core::mem::offset_of!(NsDsaParams, h) - 176usize];
+    ["Offset of field: NsDsaParams::h_kv"][::core::mem::offset_of!(NsDsaParams, h_kv) - 180usize];
+    ["Offset of field: NsDsaParams::d"][::core::mem::offset_of!(NsDsaParams, d) - 184usize];
+    ["Offset of field: NsDsaParams::n_index_heads"][::core::mem::offset_of!(NsDsaParams, n_index_heads) - 188usize];
+    ["Offset of field: NsDsaParams::index_dim"][::core::mem::offset_of!(NsDsaParams, index_dim) - 192usize];
+    ["Offset of field: NsDsaParams::topk"][::core::mem::offset_of!(NsDsaParams, topk) - 196usize];
+    ["Offset of field: NsDsaParams::window"][::core::mem::offset_of!(NsDsaParams, window) - 200usize];
+    ["Offset of field: NsDsaParams::kmax"][::core::mem::offset_of!(NsDsaParams, kmax) - 204usize];
+    ["Offset of field: NsDsaParams::q0"][::core::mem::offset_of!(NsDsaParams, q0) - 208usize];
+    ["Offset of field: NsDsaParams::rows"][::core::mem::offset_of!(NsDsaParams, rows) - 212usize];
+    ["Offset of field: NsDsaParams::bi"][::core::mem::offset_of!(NsDsaParams, bi) - 216usize];
+    ["Offset of field: NsDsaParams::scale"][::core::mem::offset_of!(NsDsaParams, scale) - 220usize];
+    ["Offset of field: NsDsaParams::inv_bt"][::core::mem::offset_of!(NsDsaParams, inv_bt) - 224usize];
+    ["Offset of field: NsDsaParams::pad_"][::core::mem::offset_of!(NsDsaParams, pad_) - 228usize];
+};

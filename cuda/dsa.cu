@@ -1,0 +1,686 @@
+// DeepSeek Sparse Attention, the twin of src/backend/cpu/dsa.rs (read its module
+// doc for the math): the lightning indexer's scores and exact top-k selection,
+// softmax attention over the selected keys (forward and backward, grouped-query)
+// and the indexer's KL loss over the selected keys (sparse form) with its
+// gradients. bf16 inputs, fp32 math and accumulators. Layouts as the CPU twin:
+// q/out/dout [b, t, h, d], k/v [b, t, h_kv, d], lse [b, h, t], qi [b, t, H_I, d_I],
+// ki [b, t, d_I], wi [b, t, H_I], sel u32 [b, t, kmax].
+//
+// Indexer (dsa_index_scores, dsa_index_select), one pair of launches per chunk
+// of query rows q0 .. q0 + rows of one batch:
+// - scores: one block of 256 threads per (64-query tile, 64-key tile) on or
+//   below the diagonal; each thread owns 4 x 4 (query, key) scores. Per index
+//   head j: X = q~(t, j) . k~(s) over d_I in chunks of 32 staged in shared
+//   memory (fp32, summed in increasing d_I order), then I += w(t, j) ReLU(X)
+//   (heads in increasing order from +0, unfused like the CPU). Writes the f32
+//   workspace scores[t - q0][s] (row stride t).
+// - select: one block per query row. The W most recent keys are always in; the
+//   top k of the older keys s < old are found by an exact radix select on the
+//   distinct 64-bit keys (order_key(I) << 32 | s): eight passes of 8-bit digits,
+//   most significant first, each a shared-memory histogram of the candidates
+//   that match the digits chosen so far, then one warp finds the digit where the
+//   count from the top reaches the rank still wanted. The result is the exact
+//   key tau of the k-th largest entry; {s : key(s) >= tau} has exactly k
+//   elements (ties in I go to the larger s, as on the CPU). They are written in
+//   increasing s by an ordered stream compaction (ballot + warp prefix counts),
+//   so nothing needs sorting; then the window, then PAD up to kmax.
+//
+// Sparse attention (dsa_fwd_d{64,128}, dsa_bwd_d{64,128}): one block of 128
+// threads per (query t, batch x kv head). The selected K and V rows of the kv
+// head are gathered 32 at a time into shared memory (bf16, rows padded to
+// D + 2 so that lane m reading row m hits distinct banks) and shared by the
+// group's query heads (warp w takes heads w, w + 4, ...). Lane m scores key m;
+// online softmax in the log2 domain; each lane owns the output columns
+// 2 lane + 64 c (float2), accumulated in shared memory. The backward computes
+// P = exp2(S log2e - lse log2e) and dS = P (dO . v - delta) scale per key,
+// keeps dq for the block's heads in shared memory (written once, f32), and
+// scatter-adds dk = sum_j dS q_j and dv = sum_j P dO_j (summed over the group's
+// heads first) into f32 buffers with atomics.
+//
+// KL (dsa_kl_sparse, dsa_kl_loss): one block of 256 threads per query row,
+// four sweeps over its selected entries: (A) per 32-key tile, X and I from
+// the gathered index keys and the target's head sum of exp(S_h - lse_h) from
+// the gathered keys, kv head by kv head (I kept in g_sel, the target in pt);
+// (B) lse_I; (C) the row's KL and G = (r - p) / (B T) into g_sel; (D) X
+// recomputed bit-identically, dwi and dqi (registers) and dki (atomics).
+// dsa_kl_loss sums the rows' KL in a fixed order (f64) and divides by B T.
+#include "common.cuh"
+
+namespace ns_dsa {  // named: an anonymous namespace would put a path hash into the PTX
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+constexpr uint32_t PAD = 0xffffffffu;
+
+// ---------------------------------------------------------------- indexer
+
+constexpr int ST = 64;  // queries and keys per score tile
+constexpr int SC = 32;  // index-dim chunk staged in shared memory
+constexpr int SEL_THREADS = 256;
+
+// Maps f32 onto u32 preserving order (-0 as +0; a NaN beyond +-inf by its sign), as the CPU.
+NS_DEV uint32_t order_key(float x) {
+    uint32_t b = __float_as_uint(x);
+    if (b == 0x80000000u) b = 0;
+    return (b >> 31) ? ~b : (b | 0x80000000u);
+}
+
+NS_DEV uint64_t sel_key(float x, int s) { return ((uint64_t)order_key(x) << 32) | (uint32_t)s; }
+
+NS_DEV void index_scores(const NsDsaParams& p) {
+    __shared__ float Qs[ST][SC + 1];
+    __shared__ float Ks[ST][SC + 1];
+    const int qa = p.q0 + blockIdx.y * ST;  // first query of the tile
+    const int ka = blockIdx.x * ST;         // first key of the tile
+    if (ka > qa + ST - 1) return;           // above the diagonal: never read (uniform per block)
+    const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
+    const int HI = p.n_index_heads, DI = p.index_dim;
+    const bf16* qi = reinterpret_cast<const bf16*>(p.qi);
+    const bf16* ki = reinterpret_cast<const bf16*>(p.ki);
+    const bf16* wi = reinterpret_cast<const bf16*>(p.wi);
+    const size_t tok0 = (size_t)p.bi * p.t;
+    float sc[4][4];
+#pragma unroll
+    for (int a = 0; a < 4; a++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) sc[a][c] = 0.0f;
+
+    for (int j = 0; j < HI; j++) {
+        float x[4][4];
+#pragma unroll
+        for (int a = 0; a < 4; a++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) x[a][c] = 0.0f;
+        for (int c0 = 0; c0 < DI; c0 += SC) {
+            __syncthreads();  // the previous chunk is no longer read
+            for (int e = tid; e < ST * SC; e += 256) {
+                const int r = e / SC, c = e % SC, i = qa + r, s = ka + r, col = c0 + c;
+                const bool cok = col < DI;
+                Qs[r][c] = (cok && i < p.t) ? bf2f(qi[((tok0 + i) * HI + j) * DI + col]) : 0.0f;
+                Ks[r][c] = (cok && s < p.t) ? bf2f(ki[(tok0 + s) * DI + col]) : 0.0f;
+            }
+            __syncthreads();
+#pragma unroll 4
+            for (int c = 0; c < SC; c++) {
+                float qv[4], kv[4];
+#pragma unroll
+                for (int a = 0; a < 4; a++) qv[a] = Qs[ty + 16 * a][c];
+#pragma unroll
+                for (int b = 0; b < 4; b++) kv[b] = Ks[tx + 16 * b][c];
+#pragma unroll
+                for (int a = 0; a < 4; a++)
+#pragma unroll
+                    for (int b = 0; b < 4; b++) x[a][b] = fmaf(qv[a], kv[b], x[a][b]);
+            }
+        }
+#pragma unroll
+        for (int a = 0; a < 4; a++) {
+            const int i = qa + ty + 16 * a;
+            const float w = i < p.t ? bf2f(wi[(tok0 + i) * HI + j]) : 0.0f;
+#pragma unroll
+            for (int b = 0; b < 4; b++) sc[a][b] = __fadd_rn(sc[a][b], __fmul_rn(w, fmaxf(x[a][b], 0.0f)));
+        }
+    }
+    float* scores = reinterpret_cast<float*>(p.scores);
+#pragma unroll
+    for (int a = 0; a < 4; a++) {
+        const int i = qa + ty + 16 * a;
+        if (i >= p.t || i >= p.q0 + p.rows) continue;
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            const int s = ka + tx + 16 * b;
+            if (s < p.t) scores[(size_t)(i - p.q0) * p.t + s] = sc[a][b];
+        }
+    }
+}
+
+NS_DEV void index_select(const NsDsaParams& p) {
+    __shared__ uint32_t hist[256];
+    __shared__ uint32_t warp_cnt[SEL_THREADS / 32];
+    __shared__ int s_digit;
+    __shared__ uint32_t s_rem;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int r = blockIdx.x, i = p.q0 + r;
+    if (i >= p.t) return;  // uniform per block
+    const int n = i + 1;
+    const int old = max(n - p.window, 0);  // keys 0 .. old compete, old .. n are the window
+    const int n_top = min(p.topk, old);
+    uint32_t* out = reinterpret_cast<uint32_t*>(p.sel) + ((size_t)p.bi * p.t + i) * p.kmax;
+    const float* row = reinterpret_cast<const float*>(p.scores) + (size_t)r * p.t;
+
+    if (n_top == old) {
+        for (int m = tid; m < old; m += SEL_THREADS) out[m] = (uint32_t)m;
+    } else if (n_top > 0) {
+        // Radix select of the n_top-th largest 64-bit key.
+        uint64_t prefix = 0, mask = 0;
+        uint32_t rem = (uint32_t)n_top;  // rank still wanted among the candidates matching prefix
+        for (int shift = 56; shift >= 0; shift -= 8) {
+            hist[tid] = 0;  // SEL_THREADS == 256 bins
+            __syncthreads();
+            for (int s = tid; s < old; s += SEL_THREADS) {
+                const uint64_t key = sel_key(row[s], s);
+                if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+            }
+            __syncthreads();
+            if (warp == 0) {
+                // lane owns bins 8 lane .. 8 lane + 7; suffix sums over lanes from the top
+                uint32_t c[8], tot = 0;
+#pragma unroll
+                for (int b = 0; b < 8; b++) {
+                    c[b] = hist[lane * 8 + b];
+                    tot += c[b];
+                }
+                uint32_t suf = tot;
+#pragma unroll
+                for (int o = 1; o < 32; o <<= 1) {
+                    const uint32_t v = __shfl_down_sync(0xffffffffu, suf, o);
+                    if (lane + o < 32) suf += v;
+                }
+                uint32_t above = suf - tot;  // candidates in the bins of higher lanes
+                if (above < rem && rem <= suf) {
+                    for (int b = 7; b >= 0; b--) {
+                        if (above + c[b] >= rem) {
+                            s_digit = lane * 8 + b;
+                            s_rem = rem - above;
+                            break;
+                        }
+                        above += c[b];
+                    }
+                }
+            }
+            __syncthreads();
+            prefix |= (uint64_t)s_digit << shift;
+            mask |= (uint64_t)0xff << shift;
+            rem = s_rem;
+            // s_digit and hist are next written after the first barrier of the next pass.
+        }
+        // Ordered compaction of {s : key(s) >= tau}: exactly n_top entries, increasing s.
+        int base = 0;
+        for (int s0 = 0; s0 < old; s0 += SEL_THREADS) {
+            const int s = s0 + tid;
+            const bool take = s < old && sel_key(row[s], s) >= prefix;
+            const uint32_t ballot = __ballot_sync(0xffffffffu, take);
+            if (lane == 0) warp_cnt[warp] = __popc(ballot);
+            __syncthreads();
+            int off = base, total = 0;
+#pragma unroll
+            for (int w = 0; w < SEL_THREADS / 32; w++) {
+                if (w < warp) off += warp_cnt[w];
+                total += warp_cnt[w];
+            }
+            if (take) out[off + __popc(ballot & ((1u << lane) - 1u))] = (uint32_t)s;
+            base += total;
+            __syncthreads();  // warp_cnt is rewritten by the next chunk
+        }
+    }
+    for (int m = tid; m < n - old; m += SEL_THREADS) out[n_top + m] = (uint32_t)(old + m);
+    for (int m = n_top + (n - old) + tid; m < p.kmax; m += SEL_THREADS) out[m] = PAD;
+}
+
+// ------------------------------------------------------------ sparse attention
+
+constexpr int KT = 32;  // selected keys per tile (one per lane)
+constexpr int ATT_THREADS = 128;
+constexpr int ATT_WARPS = ATT_THREADS / 32;
+
+// Number of entries of a sel row before its first PAD (kmax when none). Ends with a barrier.
+NS_DEV int row_len(const uint32_t* sel, int kmax, int* n_s) {
+    if (threadIdx.x == 0) *n_s = kmax;
+    __syncthreads();
+    for (int m = threadIdx.x; m < kmax; m += blockDim.x)
+        if (sel[m] == PAD) atomicMin(n_s, m);
+    __syncthreads();
+    return *n_s;
+}
+
+// idx[r] = key of entry m0 + r, or -1 past the row or when not causal (never read then).
+NS_DEV void load_idx(int* idx, const uint32_t* sel, int m0, int n, int i) {
+    if (threadIdx.x < KT) {
+        const int m = m0 + threadIdx.x;
+        int s = -1;
+        if (m < n) {
+            const uint32_t e = sel[m];
+            if (e <= (uint32_t)i) s = (int)e;
+        }
+        idx[threadIdx.x] = s;
+    }
+}
+
+// KT gathered rows of `width` bf16 (even) into shared [KT][width + 2]; zeros where idx < 0.
+NS_DEV void gather_rows(bf16* dst, const bf16* base, size_t row_stride, const int* idx, int width) {
+    const int words = width / 2, ld = (width + 2) / 2;
+    uint32_t* d32 = reinterpret_cast<uint32_t*>(dst);
+    for (int e = threadIdx.x; e < KT * words; e += blockDim.x) {
+        const int r = e / words, c = e % words, s = idx[r];
+        d32[r * ld + c] = s >= 0 ? reinterpret_cast<const uint32_t*>(base + (size_t)s * row_stride)[c] : 0u;
+    }
+}
+
+NS_DEV float2 ld_bf2(const bf16* p) { return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p)); }
+
+// dot of two bf16 vectors of length n (even) in shared memory, fp32, increasing order.
+NS_DEV float dot_bf(const bf16* a, const bf16* b, int n) {
+    float acc = 0.0f;
+    for (int c = 0; c < n; c += 2) {
+        const float2 x = ld_bf2(a + c), y = ld_bf2(b + c);
+        acc = fmaf(x.x, y.x, acc);
+        acc = fmaf(x.y, y.y, acc);
+    }
+    return acc;
+}
+
+// Dynamic shared memory in bytes (mirrored in src/backend/cuda/dsa.rs).
+template <int D>
+constexpr int fwd_smem(int gs) {
+    return (gs * D + 2 * gs + KT + 1) * 4 + (2 * KT * (D + 2) + gs * D) * 2;
+}
+template <int D>
+constexpr int bwd_smem(int gs) {
+    return (gs * D + 2 * gs + 2 * gs * KT + KT + 1) * 4 + (2 * KT * (D + 2) + 2 * gs * D) * 2;
+}
+
+template <int D>
+NS_DEV void dsa_fwd_body(const NsDsaParams& p) {
+    constexpr int LD = D + 2, NP = D / 64;  // NP: column pairs per lane
+    const int gs = p.h / p.h_kv;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float* Os = reinterpret_cast<float*>(smem_raw);  // [gs][D]
+    float* ml = Os + gs * D;                         // [gs][2]: running max (log2 domain), sum
+    int* idx = reinterpret_cast<int*>(ml + 2 * gs);  // [KT]
+    int* n_s = idx + KT;
+    bf16* Ks = reinterpret_cast<bf16*>(n_s + 1);  // [KT][LD]
+    bf16* Vs = Ks + KT * LD;                      // [KT][LD]
+    bf16* Qs = Vs + KT * LD;                      // [gs][D]
+
+    const int i = blockIdx.x, bi = blockIdx.y / p.h_kv, g = blockIdx.y % p.h_kv;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const size_t kv_stride = (size_t)p.h_kv * D;
+    const size_t tok = (size_t)bi * p.t + i;
+    const uint32_t* sel = reinterpret_cast<const uint32_t*>(p.sel) + tok * p.kmax;
+    const bf16* kb = reinterpret_cast<const bf16*>(p.k) + (size_t)bi * p.t * kv_stride + (size_t)g * D;
+    const bf16* vb = reinterpret_cast<const bf16*>(p.v) + (size_t)bi * p.t * kv_stride + (size_t)g * D;
+    const size_t q_off = (tok * p.h + (size_t)g * gs) * D;  // the group's heads are consecutive
+
+    const uint32_t* q32 = reinterpret_cast<const uint32_t*>(reinterpret_cast<const bf16*>(p.q) + q_off);
+    for (int e = threadIdx.x; e < gs * D / 2; e += ATT_THREADS) reinterpret_cast<uint32_t*>(Qs)[e] = q32[e];
+    for (int e = threadIdx.x; e < gs * D; e += ATT_THREADS) Os[e] = 0.0f;
+    for (int e = threadIdx.x; e < gs; e += ATT_THREADS) ml[2 * e] = -INFINITY, ml[2 * e + 1] = 0.0f;
+    const int n = row_len(sel, p.kmax, n_s);  // ends with a barrier: Qs, Os, ml are ready
+    const float sl2 = p.scale * LOG2E;
+
+    for (int m0 = 0; m0 < n; m0 += KT) {
+        __syncthreads();  // the previous tile is no longer read
+        load_idx(idx, sel, m0, n, i);
+        __syncthreads();
+        gather_rows(Ks, kb, kv_stride, idx, D);
+        gather_rows(Vs, vb, kv_stride, idx, D);
+        __syncthreads();
+        const bool valid = idx[lane] >= 0;
+        for (int j = warp; j < gs; j += ATT_WARPS) {
+            const float x = valid ? dot_bf(Qs + j * D, Ks + lane * LD, D) * sl2 : -INFINITY;
+            const float m_old = ml[2 * j], l_old = ml[2 * j + 1];
+            const float m_new = fmaxf(m_old, warp_max(x));
+            const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+            const float pv = exp2f(x - m_use);  // 0 for masked keys
+            const float alpha = m_old == -INFINITY ? 0.0f : exp2f(m_old - m_use);
+            const float lsum = warp_sum(pv);
+            float* o = Os + j * D;
+#pragma unroll
+            for (int cc = 0; cc < NP; cc++) {
+                const int col = 2 * lane + 64 * cc;
+                float2 acc = *reinterpret_cast<float2*>(o + col);
+                acc.x *= alpha;
+                acc.y *= alpha;
+#pragma unroll 8
+                for (int mm = 0; mm < KT; mm++) {
+                    const float pm = __shfl_sync(0xffffffffu, pv, mm);
+                    const float2 vv = ld_bf2(Vs + mm * LD + col);
+                    acc.x = fmaf(pm, vv.x, acc.x);
+                    acc.y = fmaf(pm, vv.y, acc.y);
+                }
+                *reinterpret_cast<float2*>(o + col) = acc;
+            }
+            __syncwarp();  // every lane has read ml[j] before lane 0 rewrites it
+            if (lane == 0) ml[2 * j] = m_new, ml[2 * j + 1] = l_old * alpha + lsum;
+        }
+    }
+    __syncwarp();  // a warp reads only its own heads' Os and ml below
+    bf16* ob = reinterpret_cast<bf16*>(p.out) + q_off;
+    float* lse = reinterpret_cast<float*>(p.lse);
+    for (int j = warp; j < gs; j += ATT_WARPS) {
+        const float m = ml[2 * j], l = ml[2 * j + 1];
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // l = 0 only for an empty row (the CPU rejects those)
+#pragma unroll
+        for (int cc = 0; cc < NP; cc++) {
+            const int col = 2 * lane + 64 * cc;
+            const float2 o = *reinterpret_cast<const float2*>(Os + j * D + col);
+            *reinterpret_cast<uint32_t*>(ob + (size_t)j * D + col) = pack_bf16(o.x * inv, o.y * inv);
+        }
+        if (lane == 0)
+            lse[((size_t)bi * p.h + (size_t)g * gs + j) * p.t + i] = l > 0.0f ? (m + log2f(l)) * LN2 : -INFINITY;
+    }
+}
+
+template <int D>
+NS_DEV void dsa_bwd_body(const NsDsaParams& p) {
+    constexpr int LD = D + 2, NP = D / 64;
+    const int gs = p.h / p.h_kv;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float* dQ = reinterpret_cast<float*>(smem_raw);  // [gs][D]
+    float* delta = dQ + gs * D;                      // [gs]
+    float* lse2 = delta + gs;                        // [gs]: lse * log2e
+    float* P = lse2 + gs;                            // [gs][KT]
+    float* dS = P + gs * KT;                         // [gs][KT]
+    int* idx = reinterpret_cast<int*>(dS + gs * KT);  // [KT]
+    int* n_s = idx + KT;
+    bf16* Ks = reinterpret_cast<bf16*>(n_s + 1);  // [KT][LD]
+    bf16* Vs = Ks + KT * LD;                      // [KT][LD]
+    bf16* Qs = Vs + KT * LD;                      // [gs][D]
+    bf16* dOs = Qs + gs * D;                      // [gs][D]
+
+    const int i = blockIdx.x, bi = blockIdx.y / p.h_kv, g = blockIdx.y % p.h_kv;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const size_t kv_stride = (size_t)p.h_kv * D;
+    const size_t tok = (size_t)bi * p.t + i;
+    const uint32_t* sel = reinterpret_cast<const uint32_t*>(p.sel) + tok * p.kmax;
+    const size_t kv_base = (size_t)bi * p.t * kv_stride + (size_t)g * D;
+    const bf16* kb = reinterpret_cast<const bf16*>(p.k) + kv_base;
+    const bf16* vb = reinterpret_cast<const bf16*>(p.v) + kv_base;
+    float* dkb = reinterpret_cast<float*>(p.dk) + kv_base;
+    float* dvb = reinterpret_cast<float*>(p.dv) + kv_base;
+    const size_t q_off = (tok * p.h + (size_t)g * gs) * D;
+
+    const uint32_t* q32 = reinterpret_cast<const uint32_t*>(reinterpret_cast<const bf16*>(p.q) + q_off);
+    const uint32_t* do32 = reinterpret_cast<const uint32_t*>(reinterpret_cast<const bf16*>(p.dout) + q_off);
+    for (int e = threadIdx.x; e < gs * D / 2; e += ATT_THREADS) {
+        reinterpret_cast<uint32_t*>(Qs)[e] = q32[e];
+        reinterpret_cast<uint32_t*>(dOs)[e] = do32[e];
+    }
+    for (int e = threadIdx.x; e < gs * D; e += ATT_THREADS) dQ[e] = 0.0f;
+    // delta_j = dout_j . out_j (from global), one warp per head
+    const bf16* ob = reinterpret_cast<const bf16*>(p.out) + q_off;
+    const bf16* dob = reinterpret_cast<const bf16*>(p.dout) + q_off;
+    for (int j = warp; j < gs; j += ATT_WARPS) {
+        float s = 0.0f;
+#pragma unroll
+        for (int cc = 0; cc < NP; cc++) {
+            const int col = 2 * lane + 64 * cc;
+            const float2 o = ld_bf2(ob + (size_t)j * D + col), d = ld_bf2(dob + (size_t)j * D + col);
+            s += o.x * d.x + o.y * d.y;
+        }
+        s = warp_sum(s);
+        if (lane == 0) {
+            delta[j] = s;
+            lse2[j] = reinterpret_cast<const float*>(p.lse)[((size_t)bi * p.h + (size_t)g * gs + j) * p.t + i] * LOG2E;
+        }
+    }
+    const int n = row_len(sel, p.kmax, n_s);  // ends with a barrier
+    const float sl2 = p.scale * LOG2E;
+
+    for (int m0 = 0; m0 < n; m0 += KT) {
+        __syncthreads();  // the previous tile (Ks, Vs, idx, P, dS) is no longer read
+        load_idx(idx, sel, m0, n, i);
+        __syncthreads();
+        gather_rows(Ks, kb, kv_stride, idx, D);
+        gather_rows(Vs, vb, kv_stride, idx, D);
+        __syncthreads();
+        const bool valid = idx[lane] >= 0;
+        for (int j = warp; j < gs; j += ATT_WARPS) {
+            float pv = 0.0f, ds = 0.0f;
+            if (valid) {
+                const float sdot = dot_bf(Qs + j * D, Ks + lane * LD, D);
+                const float dpdot = dot_bf(dOs + j * D, Vs + lane * LD, D);
+                pv = exp2f(sdot * sl2 - lse2[j]);
+                ds = pv * (dpdot - delta[j]) * p.scale;
+            }
+            P[j * KT + lane] = pv;
+            dS[j * KT + lane] = ds;
+            float* dq = dQ + j * D;
+#pragma unroll
+            for (int cc = 0; cc < NP; cc++) {
+                const int col = 2 * lane + 64 * cc;
+                float2 acc = *reinterpret_cast<float2*>(dq + col);
+#pragma unroll 8
+                for (int mm = 0; mm < KT; mm++) {
+                    const float dsm = __shfl_sync(0xffffffffu, ds, mm);
+                    const float2 kk = ld_bf2(Ks + mm * LD + col);
+                    acc.x = fmaf(dsm, kk.x, acc.x);
+                    acc.y = fmaf(dsm, kk.y, acc.y);
+                }
+                *reinterpret_cast<float2*>(dq + col) = acc;
+            }
+        }
+        __syncthreads();  // P, dS of every head are ready
+        // dk[s] += sum_j dS[j][m] q_j, dv[s] += sum_j P[j][m] dO_j: one column pair per thread
+        for (int e = threadIdx.x; e < KT * (D / 2); e += ATT_THREADS) {
+            const int r = e / (D / 2), col = 2 * (e % (D / 2)), s = idx[r];
+            if (s < 0) continue;
+            float2 dk = make_float2(0.0f, 0.0f), dv = make_float2(0.0f, 0.0f);
+            for (int j = 0; j < gs; j++) {
+                const float a = dS[j * KT + r], b = P[j * KT + r];
+                const float2 qv = ld_bf2(Qs + j * D + col), dov = ld_bf2(dOs + j * D + col);
+                dk.x = fmaf(a, qv.x, dk.x);
+                dk.y = fmaf(a, qv.y, dk.y);
+                dv.x = fmaf(b, dov.x, dv.x);
+                dv.y = fmaf(b, dov.y, dv.y);
+            }
+            const size_t off = (size_t)s * kv_stride + col;
+            atomicAdd(dkb + off, dk.x);
+            atomicAdd(dkb + off + 1, dk.y);
+            atomicAdd(dvb + off, dv.x);
+            atomicAdd(dvb + off + 1, dv.y);
+        }
+    }
+    __syncthreads();
+    float* dqg = reinterpret_cast<float*>(p.dq) + q_off;
+    for (int e = threadIdx.x; e < gs * D; e += ATT_THREADS) dqg[e] = dQ[e];
+}
+
+// ---------------------------------------------------------------- indexer KL
+
+constexpr int KL_THREADS = 256;
+constexpr int KL_MAXE = 32;  // dqi elements per thread: n_index_heads * index_dim <= 8192
+
+// Dynamic shared memory in bytes (mirrored in src/backend/cuda/dsa.rs).
+constexpr int kl_smem(int hi, int di, int d, int h, int gs) {
+    return (hi * KT + gs * KT + h + hi + KT + 32 + KT + 1) * 4 + (hi * di + KT * (di + 2) + KT * (d + 2)) * 2;
+}
+
+NS_DEV float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nw ? scratch[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+// X[j][m] = q~(t, j) . k~(s_m) for the tile (zeros for invalid keys), thread mapping fixed so
+// that sweeps A and D compute bit-identical values.
+NS_DEV void index_x_tile(float* X, const bf16* qi_s, const bf16* kit, int HI, int DI) {
+    for (int e = threadIdx.x; e < HI * KT; e += KL_THREADS) {
+        const int j = e / KT, m = e % KT;
+        X[e] = dot_bf(qi_s + j * DI, kit + m * (DI + 2), DI);
+    }
+}
+
+NS_DEV void kl_sparse(const NsDsaParams& p) {
+    const int HI = p.n_index_heads, DI = p.index_dim, D = p.d, H = p.h, gs = p.h / p.h_kv;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float* X = reinterpret_cast<float*>(smem_raw);  // [HI][KT]
+    float* E = X + HI * KT;                         // [gs][KT]: exp(S_h - lse_h) of one kv group
+    float* lse2 = E + gs * KT;                      // [H]
+    float* w_s = lse2 + H;                          // [HI]
+    float* G_s = w_s + HI;                          // [KT]
+    float* red = G_s + KT;                          // [32]
+    int* idx = reinterpret_cast<int*>(red + 32);    // [KT]
+    int* n_s = idx + KT;
+    bf16* qi_s = reinterpret_cast<bf16*>(n_s + 1);  // [HI][DI]
+    bf16* kit = qi_s + HI * DI;                     // [KT][DI + 2]
+    bf16* kt = kit + KT * (DI + 2);                 // [KT][D + 2]
+
+    const int i = blockIdx.x, bi = blockIdx.y, tid = threadIdx.x;
+    const size_t tok = (size_t)bi * p.t + i;
+    const uint32_t* sel = reinterpret_cast<const uint32_t*>(p.sel) + tok * p.kmax;
+    float* gsel = reinterpret_cast<float*>(p.g_sel) + tok * p.kmax;
+    float* pts = reinterpret_cast<float*>(p.pt) + tok * p.kmax;
+    const bf16* kib = reinterpret_cast<const bf16*>(p.ki) + (size_t)bi * p.t * DI;
+    const bf16* qrow = reinterpret_cast<const bf16*>(p.q) + tok * H * D;
+    const size_t kv_stride = (size_t)p.h_kv * D;
+    const bf16* kb = reinterpret_cast<const bf16*>(p.k) + (size_t)bi * p.t * kv_stride;
+
+    const uint32_t* qi32 = reinterpret_cast<const uint32_t*>(reinterpret_cast<const bf16*>(p.qi) + tok * HI * DI);
+    for (int e = tid; e < HI * DI / 2; e += KL_THREADS) reinterpret_cast<uint32_t*>(qi_s)[e] = qi32[e];
+    for (int e = tid; e < H; e += KL_THREADS)
+        lse2[e] = reinterpret_cast<const float*>(p.lse)[((size_t)bi * H + e) * p.t + i] * LOG2E;
+    for (int e = tid; e < HI; e += KL_THREADS) w_s[e] = bf2f(reinterpret_cast<const bf16*>(p.wi)[tok * HI + e]);
+    const int n = row_len(sel, p.kmax, n_s);  // ends with a barrier
+    const float c = p.scale * LOG2E;
+
+    // (A) I and the target's head sum per selected entry
+    float mx = -INFINITY, psum = 0.0f;
+    for (int m0 = 0; m0 < n; m0 += KT) {
+        __syncthreads();
+        load_idx(idx, sel, m0, n, i);
+        __syncthreads();
+        gather_rows(kit, kib, DI, idx, DI);
+        __syncthreads();
+        index_x_tile(X, qi_s, kit, HI, DI);
+        float pt_acc = 0.0f;  // thread m < KT: heads added in increasing order, as the CPU
+        for (int g = 0; g < p.h_kv; g++) {
+            __syncthreads();  // kt and E are free
+            gather_rows(kt, kb + (size_t)g * D, kv_stride, idx, D);
+            __syncthreads();
+            for (int e = tid; e < gs * KT; e += KL_THREADS) {
+                const int jj = e / KT, m = e % KT, hq = g * gs + jj;
+                float v = 0.0f;
+                if (idx[m] >= 0) {
+                    // q row from global: every lane of a warp reads the same head (a broadcast)
+                    float acc = 0.0f;
+                    const bf16* qh = qrow + (size_t)hq * D;
+                    const bf16* kr = kt + m * (D + 2);
+                    for (int cc = 0; cc < D; cc += 2) {
+                        const float2 x = ld_bf2(qh + cc), y = ld_bf2(kr + cc);
+                        acc = fmaf(x.x, y.x, acc);
+                        acc = fmaf(x.y, y.y, acc);
+                    }
+                    v = exp2f(acc * c - lse2[hq]);
+                }
+                E[e] = v;
+            }
+            __syncthreads();
+            if (tid < KT)
+                for (int jj = 0; jj < gs; jj++) pt_acc += E[jj * KT + tid];
+        }
+        // X was written before the kv-head loop's barriers
+        if (tid < KT && m0 + tid < n) {
+            float sc = 0.0f;
+            for (int j = 0; j < HI; j++) sc = __fadd_rn(sc, __fmul_rn(w_s[j], fmaxf(X[j * KT + tid], 0.0f)));
+            if (idx[tid] < 0) sc = -INFINITY, pt_acc = 0.0f;  // a non-causal entry (the CPU rejects those)
+            gsel[m0 + tid] = sc;
+            pts[m0 + tid] = pt_acc;
+            mx = fmaxf(mx, sc);
+            psum += pt_acc;
+        }
+    }
+    mx = block_max(mx, red);
+    const float inv_z = 1.0f / block_sum(psum, red);
+    // (B) lse_I
+    float es = 0.0f;
+    for (int m = tid; m < n; m += KL_THREADS) es += exp2f((gsel[m] - mx) * LOG2E);
+    const float lse_i = mx + logf(block_sum(es, red));
+    // (C) KL of the row and G = (r - p) / (B T)
+    float loss = 0.0f;
+    for (int m = tid; m < n; m += KL_THREADS) {
+        const float sc = gsel[m], pm = pts[m] * inv_z;
+        if (pm > 0.0f) loss += pm * (logf(pm) - (sc - lse_i));
+        gsel[m] = (exp2f((sc - lse_i) * LOG2E) - pm) * p.inv_bt;
+    }
+    loss = block_sum(loss, red);  // its barriers also publish gsel to the block
+    if (tid == 0) reinterpret_cast<float*>(p.loss_rows)[tok] = loss;
+
+    // (D) dwi = sum G ReLU(X), dqi = sum [X > 0] G w k~, dki(s) += sum_j [X > 0] G w q~_j
+    float acc[KL_MAXE];
+#pragma unroll
+    for (int r = 0; r < KL_MAXE; r++) acc[r] = 0.0f;
+    float dw = 0.0f;
+    float* dkib = reinterpret_cast<float*>(p.dki) + (size_t)bi * p.t * DI;
+    for (int m0 = 0; m0 < n; m0 += KT) {
+        __syncthreads();
+        load_idx(idx, sel, m0, n, i);
+        if (tid < KT) G_s[tid] = m0 + tid < n ? gsel[m0 + tid] : 0.0f;
+        __syncthreads();
+        gather_rows(kit, kib, DI, idx, DI);
+        __syncthreads();
+        index_x_tile(X, qi_s, kit, HI, DI);
+        __syncthreads();
+        if (tid < HI)
+            for (int m = 0; m < KT; m++) {
+                const float xv = X[tid * KT + m];
+                if (xv > 0.0f && idx[m] >= 0) dw += G_s[m] * xv;
+            }
+#pragma unroll
+        for (int r = 0; r < KL_MAXE; r++) {
+            const int e = tid + r * KL_THREADS;
+            if (e < HI * DI) {
+                const int j = e / DI, cc = e % DI;
+                const float wj = w_s[j];
+                for (int m = 0; m < KT; m++)
+                    if (X[j * KT + m] > 0.0f && idx[m] >= 0)
+                        acc[r] = fmaf(G_s[m] * wj, bf2f(kit[m * (DI + 2) + cc]), acc[r]);
+            }
+        }
+        for (int e = tid; e < KT * DI; e += KL_THREADS) {
+            const int m = e / DI, cc = e % DI, s = idx[m];
+            if (s < 0) continue;
+            float v = 0.0f;
+            for (int j = 0; j < HI; j++)
+                if (X[j * KT + m] > 0.0f) v = fmaf(G_s[m] * w_s[j], bf2f(qi_s[j * DI + cc]), v);
+            atomicAdd(dkib + (size_t)s * DI + cc, v);
+        }
+    }
+    float* dqi = reinterpret_cast<float*>(p.dqi) + tok * HI * DI;
+#pragma unroll
+    for (int r = 0; r < KL_MAXE; r++) {
+        const int e = tid + r * KL_THREADS;
+        if (e < HI * DI) dqi[e] = acc[r];
+    }
+    if (tid < HI) reinterpret_cast<float*>(p.dwi)[tok * HI + tid] = dw;
+}
+
+// loss = sum of the rows' KL (fixed order, f64) / (b t): one block of 256 threads.
+NS_DEV void kl_loss(const NsDsaParams& p) {
+    __shared__ double part[256];
+    const long long rows = (long long)p.b * p.t;
+    const float* lr = reinterpret_cast<const float*>(p.loss_rows);
+    double s = 0.0;
+    for (long long r = threadIdx.x; r < rows; r += 256) s += (double)lr[r];
+    part[threadIdx.x] = s;
+    __syncthreads();
+    for (int o = 128; o > 0; o >>= 1) {
+        if ((int)threadIdx.x < o) part[threadIdx.x] += part[threadIdx.x + o];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) reinterpret_cast<float*>(p.loss)[0] = (float)(part[0] / (double)rows);
+}
+}  // namespace ns_dsa
+using namespace ns_dsa;
+
+// grid (ceil((q0 + rows) / 64), ceil(rows / 64)), 256 threads, static shared memory.
+extern "C" __global__ void __launch_bounds__(256) dsa_index_scores(NsDsaParams p) { index_scores(p); }
+// grid (rows), 256 threads.
+extern "C" __global__ void __launch_bounds__(SEL_THREADS) dsa_index_select(NsDsaParams p) { index_select(p); }
+
+// grid (t, b * h_kv), 128 threads, dynamic shared memory fwd_smem / bwd_smem.
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_fwd_d64(NsDsaParams p) { dsa_fwd_body<64>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_fwd_d128(NsDsaParams p) { dsa_fwd_body<128>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_bwd_d64(NsDsaParams p) { dsa_bwd_body<64>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_bwd_d128(NsDsaParams p) { dsa_bwd_body<128>(p); }
+
+// grid (t, b), 256 threads, dynamic shared memory kl_smem; then dsa_kl_loss on one block.
+extern "C" __global__ void __launch_bounds__(KL_THREADS) dsa_kl_sparse(NsDsaParams p) { kl_sparse(p); }
+extern "C" __global__ void __launch_bounds__(256) dsa_kl_loss(NsDsaParams p) { kl_loss(p); }
+
+static_assert(SEL_THREADS == 256, "one histogram bin per thread");
+static_assert(fwd_smem<64>(4) == 10148 && bwd_smem<128>(4) == 21924 && kl_smem(64, 128, 128, 16, 2) == 42180,
+              "update the host's smem sizes");
