@@ -243,4 +243,129 @@ typedef struct NsDsaParams {
     int pad_;
 } NsDsaParams;
 
+/** moe.cu: DeepSeek-V3 mixture-of-experts routing (the twin of
+ * src/backend/cpu/moe.rs; n tokens, E experts, K experts per token, G groups).
+ * Router (moe_route, one warp per token): logits f32 [n, E] and bias f32 [E]
+ * -> scores f32 [n, E], experts u32 [n, K] (descending s + b, ties to the
+ * lower index), gates f32 [n, K] (before capacity drops). softmax = 0 is
+ * sigmoid scores, 1 softmax. Router backward (moe_router_bwd): scores,
+ * experts, position (u32 [n, K], 0xffffffff = dropped), d_gates f32 [n, K] and
+ * optional d_scores_extra f32 [n, E] -> d_logits f32 [n, E] (overwritten). */
+typedef struct NsMoeRouteParams {
+    ns_dptr logits;
+    ns_dptr bias;
+    ns_dptr scores;
+    ns_dptr experts;
+    ns_dptr gates;
+    ns_dptr position;
+    ns_dptr d_gates;
+    ns_dptr d_scores_extra;
+    ns_dptr d_logits;
+    int n;
+    int n_experts;
+    int top_k;
+    int n_group;
+    int topk_group;
+    int softmax;
+    float routed_scaling_factor;
+    int pad_;
+} NsMoeRouteParams;
+
+/** moe.cu: dispatch (the expert-contiguous permutation with capacity drops in
+ * assignment order a = token * K + slot) and the balancing statistics.
+ * experts u32 [n_assign]; gates f32 [n_assign] (dropped ones set to 0);
+ * chunk_hist u32 [n_chunks, E] (per-chunk histograms of 1024 assignments,
+ * replaced by their exclusive prefix over chunks); demand, counts u32 [E]
+ * (before / after the capacity cap); offsets, tile_offsets u32 [E + 1]
+ * (exclusive prefix of counts and of ceil(counts / 128), the grouped GEMM's
+ * row tiles); order u32 [n_assign] (position -> assignment, the first
+ * offsets[E] valid); position u32 [n_assign] (0xffffffff = dropped).
+ * moe_balance: bias f32 [E] (optional) += gamma * sign(mean - counts[e]);
+ * stats f32 [2] (optional) = (max / mean, std / mean) of counts. */
+typedef struct NsMoeDispatchParams {
+    ns_dptr experts;
+    ns_dptr gates;
+    ns_dptr chunk_hist;
+    ns_dptr demand;
+    ns_dptr counts;
+    ns_dptr offsets;
+    ns_dptr tile_offsets;
+    ns_dptr order;
+    ns_dptr position;
+    ns_dptr bias;
+    ns_dptr stats;
+    int n_assign;
+    int n_experts;
+    int n_chunks;
+    unsigned int capacity;
+    float gamma;
+    int pad_;
+} NsMoeDispatchParams;
+
+/** moe.cu: grouped GEMMs over the expert segments of the permuted rows (bf16
+ * operands, fp32 accumulation). offsets, tile_offsets: u32 [E + 1] from the
+ * dispatch. Row-grouped (moe_gemm_rows_*): for each expert e, C[seg] = A[seg]
+ * op(B_e) (+ A2[seg] op(B2_e) when a2 != 0), seg = rows offsets[e]..offsets[e+1]
+ * of A [P, k] (lda) and C [P, n] (ldc); B_e = b + e * stride_b, stored [n, k]
+ * (nt) or [k, n] (nn), ldb. Expert-grouped (moe_gemm_experts_tn_f32): for
+ * each expert e (blockIdx.z), C_e [m, n] = A[seg]^T B[seg], A [P, m] (lda),
+ * B [P, n] (ldb), C_e = c + e * stride_c (ldc), overwritten (0 for an empty
+ * segment). m, n, lda, ldb multiples of 8; k a multiple of 8 (row-grouped). */
+typedef struct NsMoeGemmParams {
+    ns_dptr a;
+    ns_dptr b;
+    ns_dptr a2;
+    ns_dptr b2;
+    ns_dptr c;
+    ns_dptr offsets;
+    ns_dptr tile_offsets;
+    long long stride_b;
+    long long stride_c;
+    int n_experts;
+    int m;
+    int n;
+    int k;
+    int lda;
+    int ldb;
+    int ldc;
+    int pad_;
+} NsMoeGemmParams;
+
+/** moe.cu: the per-row kernels of the expert FFN, all over the P = offsets[E]
+ * kept positions (p_max = n * K rows allocated) or the n tokens.
+ * x, out, dout bf16 [n, c]; xg, y, dy bf16 [p_max, c]; hg, hu, act, d_act,
+ * dhg, dhu bf16 [p_max, f]; dxg f32 [p_max, c]; dx f32 [n, c];
+ * order, position, offsets u32 and gates, d_gates f32 as in NsMoeDispatchParams.
+ * gather: xg[p] = x[order[p] / K]; combine: out[t] = sum over kept slots of
+ * gates * y[position]; combine backward: d_gates[order[p]] = dout[t] . y[p],
+ * dy[p] = gate * dout[t]; dx[t] = sum over kept slots of dxg[position];
+ * SwiGLU: act = silu(hg) * hu and its backward from d_act. */
+typedef struct NsMoeRowsParams {
+    ns_dptr x;
+    ns_dptr xg;
+    ns_dptr order;
+    ns_dptr position;
+    ns_dptr offsets;
+    ns_dptr gates;
+    ns_dptr y;
+    ns_dptr out;
+    ns_dptr dout;
+    ns_dptr dy;
+    ns_dptr d_gates;
+    ns_dptr dxg;
+    ns_dptr dx;
+    ns_dptr hg;
+    ns_dptr hu;
+    ns_dptr act;
+    ns_dptr d_act;
+    ns_dptr dhg;
+    ns_dptr dhu;
+    int n;
+    int c;
+    int f;
+    int top_k;
+    int n_experts;
+    int p_max;
+} NsMoeRowsParams;
+
 #endif /* NANOSEEK_ABI_H */

@@ -323,7 +323,7 @@ fn allocator_reuses_blocks_and_tracks_peak() {
 fn every_family_has_ptx_for_both_targets() {
     // Runs everywhere: the embedded PTX list is complete.
     let families =
-        ["attention", "dsa", "embedding", "gemm", "loss", "norm", "optim", "rope", "swiglu", "window_attention"];
+        ["attention", "dsa", "embedding", "gemm", "loss", "moe", "norm", "optim", "rope", "swiglu", "window_attention"];
     for fam in families {
         for target in ["sm_90a", "sm_80"] {
             let ptx = cuda::EMBEDDED_PTX.iter().find(|(f, t, _)| *f == fam && *t == target);

@@ -385,3 +385,205 @@ const _: () = {
     ["Offset of field: NsDsaParams::inv_bt"][::core::mem::offset_of!(NsDsaParams, inv_bt) - 224usize];
     ["Offset of field: NsDsaParams::pad_"][::core::mem::offset_of!(NsDsaParams, pad_) - 228usize];
 };
+#[doc = " moe.cu: DeepSeek-V3 mixture-of-experts routing (the twin of\n src/backend/cpu/moe.rs; n tokens, E experts, K experts per token, G groups).\n Router (moe_route, one warp per token): logits f32 [n, E] and bias f32 [E]\n -> scores f32 [n, E], experts u32 [n, K] (descending s + b, ties to the\n lower index), gates f32 [n, K] (before capacity drops). softmax = 0 is\n sigmoid scores, 1 softmax. Router backward (moe_router_bwd): scores,\n experts, position (u32 [n, K], 0xffffffff = dropped), d_gates f32 [n, K] and\n optional d_scores_extra f32 [n, E] -> d_logits f32 [n, E] (overwritten)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct NsMoeRouteParams {
+    pub logits: ns_dptr,
+    pub bias: ns_dptr,
+    pub scores: ns_dptr,
+    pub experts: ns_dptr,
+    pub gates: ns_dptr,
+    pub position: ns_dptr,
+    pub d_gates: ns_dptr,
+    pub d_scores_extra: ns_dptr,
+    pub d_logits: ns_dptr,
+    pub n: ::core::ffi::c_int,
+    pub n_experts: ::core::ffi::c_int,
+    pub top_k: ::core::ffi::c_int,
+    pub n_group: ::core::ffi::c_int,
+    pub topk_group: ::core::ffi::c_int,
+    pub softmax: ::core::ffi::c_int,
+    pub routed_scaling_factor: f32,
+    pub pad_: ::core::ffi::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NsMoeRouteParams"][::core::mem::size_of::<NsMoeRouteParams>() - 104usize];
+    ["Alignment of NsMoeRouteParams"][::core::mem::align_of::<NsMoeRouteParams>() - 8usize];
+    ["Offset of field: NsMoeRouteParams::logits"][::core::mem::offset_of!(NsMoeRouteParams, logits) - 0usize];
+    ["Offset of field: NsMoeRouteParams::bias"][::core::mem::offset_of!(NsMoeRouteParams, bias) - 8usize];
+    ["Offset of field: NsMoeRouteParams::scores"][::core::mem::offset_of!(NsMoeRouteParams, scores) - 16usize];
+    ["Offset of field: NsMoeRouteParams::experts"][::core::mem::offset_of!(NsMoeRouteParams, experts) - 24usize];
+    ["Offset of field: NsMoeRouteParams::gates"][::core::mem::offset_of!(NsMoeRouteParams, gates) - 32usize];
+    ["Offset of field: NsMoeRouteParams::position"][::core::mem::offset_of!(NsMoeRouteParams, position) - 40usize];
+    ["Offset of field: NsMoeRouteParams::d_gates"][::core::mem::offset_of!(NsMoeRouteParams, d_gates) - 48usize];
+    ["Offset of field: NsMoeRouteParams::d_scores_extra"]
+        [::core::mem::offset_of!(NsMoeRouteParams, d_scores_extra) - 56usize];
+    ["Offset of field: NsMoeRouteParams::d_logits"][::core::mem::offset_of!(NsMoeRouteParams, d_logits) - 64usize];
+    ["Offset of field: NsMoeRouteParams::n"][::core::mem::offset_of!(NsMoeRouteParams, n) - 72usize];
+    ["Offset of field: NsMoeRouteParams::n_experts"][::core::mem::offset_of!(NsMoeRouteParams, n_experts) - 76usize];
+    ["Offset of field: NsMoeRouteParams::top_k"][::core::mem::offset_of!(NsMoeRouteParams, top_k) - 80usize];
+    ["Offset of field: NsMoeRouteParams::n_group"][::core::mem::offset_of!(NsMoeRouteParams, n_group) - 84usize];
+    ["Offset of field: NsMoeRouteParams::topk_group"][::core::mem::offset_of!(NsMoeRouteParams, topk_group) - 88usize];
+    ["Offset of field: NsMoeRouteParams::softmax"][::core::mem::offset_of!(NsMoeRouteParams, softmax) - 92usize];
+    ["Offset of field: NsMoeRouteParams::routed_scaling_factor"]
+        [::core::mem::offset_of!(NsMoeRouteParams, routed_scaling_factor) - 96usize];
+    ["Offset of field: NsMoeRouteParams::pad_"][::core::mem::offset_of!(NsMoeRouteParams, pad_) - 100usize];
+};
+#[doc = " moe.cu: dispatch (the expert-contiguous permutation with capacity drops in\n assignment order a = token * K + slot) and the balancing statistics.\n experts u32 [n_assign]; gates f32 [n_assign] (dropped ones set to 0);\n chunk_hist u32 [n_chunks, E] (per-chunk histograms of 1024 assignments,\n replaced by their exclusive prefix over chunks); demand, counts u32 [E]\n (before / after the capacity cap); offsets, tile_offsets u32 [E + 1]\n (exclusive prefix of counts and of ceil(counts / 128), the grouped GEMM's\n row tiles); order u32 [n_assign] (position -> assignment, the first\n offsets[E] valid); position u32 [n_assign] (0xffffffff = dropped).\n moe_balance: bias f32 [E] (optional) += gamma * sign(mean - counts[e]);\n stats f32 [2] (optional) = (max / mean, std / mean) of counts."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct NsMoeDispatchParams {
+    pub experts: ns_dptr,
+    pub gates: ns_dptr,
+    pub chunk_hist: ns_dptr,
+    pub demand: ns_dptr,
+    pub counts: ns_dptr,
+    pub offsets: ns_dptr,
+    pub tile_offsets: ns_dptr,
+    pub order: ns_dptr,
+    pub position: ns_dptr,
+    pub bias: ns_dptr,
+    pub stats: ns_dptr,
+    pub n_assign: ::core::ffi::c_int,
+    pub n_experts: ::core::ffi::c_int,
+    pub n_chunks: ::core::ffi::c_int,
+    pub capacity: ::core::ffi::c_uint,
+    pub gamma: f32,
+    pub pad_: ::core::ffi::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NsMoeDispatchParams"][::core::mem::size_of::<NsMoeDispatchParams>() - 112usize];
+    ["Alignment of NsMoeDispatchParams"][::core::mem::align_of::<NsMoeDispatchParams>() - 8usize];
+    ["Offset of field: NsMoeDispatchParams::experts"][::core::mem::offset_of!(NsMoeDispatchParams, experts) - 0usize];
+    ["Offset of field: NsMoeDispatchParams::gates"][::core::mem::offset_of!(NsMoeDispatchParams, gates) - 8usize];
+    ["Offset of field: NsMoeDispatchParams::chunk_hist"]
+        [::core::mem::offset_of!(NsMoeDispatchParams, chunk_hist) - 16usize];
+    ["Offset of field: NsMoeDispatchParams::demand"][::core::mem::offset_of!(NsMoeDispatchParams, demand) - 24usize];
+    ["Offset of field: NsMoeDispatchParams::counts"][::core::mem::offset_of!(NsMoeDispatchParams, counts) - 32usize];
+    ["Offset of field: NsMoeDispatchParams::offsets"][::core::mem::offset_of!(NsMoeDispatchParams, offsets) - 40usize];
+    ["Offset of field: NsMoeDispatchParams::tile_offsets"]
+        [::core::mem::offset_of!(NsMoeDispatchParams, tile_offsets) - 48usize];
+    ["Offset of field: NsMoeDispatchParams::order"][::core::mem::offset_of!(NsMoeDispatchParams, order) - 56usize];
+    ["Offset of field: NsMoeDispatchParams::position"]
+        [::core::mem::offset_of!(NsMoeDispatchParams, position) - 64usize];
+    ["Offset of field: NsMoeDispatchParams::bias"][::core::mem::offset_of!(NsMoeDispatchParams, bias) - 72usize];
+    ["Offset of field: NsMoeDispatchParams::stats"][::core::mem::offset_of!(NsMoeDispatchParams, stats) - 80usize];
+    ["Offset of field: NsMoeDispatchParams::n_assign"]
+        [::core::mem::offset_of!(NsMoeDispatchParams, n_assign) - 88usize];
+    ["Offset of field: NsMoeDispatchParams::n_experts"]
+        [::core::mem::offset_of!(NsMoeDispatchParams, n_experts) - 92usize];
+    ["Offset of field: NsMoeDispatchParams::n_chunks"]
+        [::core::mem::offset_of!(NsMoeDispatchParams, n_chunks) - 96usize];
+    ["Offset of field: NsMoeDispatchParams::capacity"]
+        [::core::mem::offset_of!(NsMoeDispatchParams, capacity) - 100usize];
+    ["Offset of field: NsMoeDispatchParams::gamma"][::core::mem::offset_of!(NsMoeDispatchParams, gamma) - 104usize];
+    ["Offset of field: NsMoeDispatchParams::pad_"][::core::mem::offset_of!(NsMoeDispatchParams, pad_) - 108usize];
+};
+#[doc = " moe.cu: grouped GEMMs over the expert segments of the permuted rows (bf16\n operands, fp32 accumulation). offsets, tile_offsets: u32 [E + 1] from the\n dispatch. Row-grouped (moe_gemm_rows_*): for each expert e, C[seg] = A[seg]\n op(B_e) (+ A2[seg] op(B2_e) when a2 != 0), seg = rows offsets[e]..offsets[e+1]\n of A [P, k] (lda) and C [P, n] (ldc); B_e = b + e * stride_b, stored [n, k]\n (nt) or [k, n] (nn), ldb. Expert-grouped (moe_gemm_experts_tn_f32): for\n each expert e (blockIdx.z), C_e [m, n] = A[seg]^T B[seg], A [P, m] (lda),\n B [P, n] (ldb), C_e = c + e * stride_c (ldc), overwritten (0 for an empty\n segment). m, n, lda, ldb multiples of 8; k a multiple of 8 (row-grouped)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct NsMoeGemmParams {
+    pub a: ns_dptr,
+    pub b: ns_dptr,
+    pub a2: ns_dptr,
+    pub b2: ns_dptr,
+    pub c: ns_dptr,
+    pub offsets: ns_dptr,
+    pub tile_offsets: ns_dptr,
+    pub stride_b: ::core::ffi::c_longlong,
+    pub stride_c: ::core::ffi::c_longlong,
+    pub n_experts: ::core::ffi::c_int,
+    pub m: ::core::ffi::c_int,
+    pub n: ::core::ffi::c_int,
+    pub k: ::core::ffi::c_int,
+    pub lda: ::core::ffi::c_int,
+    pub ldb: ::core::ffi::c_int,
+    pub ldc: ::core::ffi::c_int,
+    pub pad_: ::core::ffi::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NsMoeGemmParams"][::core::mem::size_of::<NsMoeGemmParams>() - 104usize];
+    ["Alignment of NsMoeGemmParams"][::core::mem::align_of::<NsMoeGemmParams>() - 8usize];
+    ["Offset of field: NsMoeGemmParams::a"][::core::mem::offset_of!(NsMoeGemmParams, a) - 0usize];
+    ["Offset of field: NsMoeGemmParams::b"][::core::mem::offset_of!(NsMoeGemmParams, b) - 8usize];
+    ["Offset of field: NsMoeGemmParams::a2"][::core::mem::offset_of!(NsMoeGemmParams, a2) - 16usize];
+    ["Offset of field: NsMoeGemmParams::b2"][::core::mem::offset_of!(NsMoeGemmParams, b2) - 24usize];
+    ["Offset of field: NsMoeGemmParams::c"][::core::mem::offset_of!(NsMoeGemmParams, c) - 32usize];
+    ["Offset of field: NsMoeGemmParams::offsets"][::core::mem::offset_of!(NsMoeGemmParams, offsets) - 40usize];
+    ["Offset of field: NsMoeGemmParams::tile_offsets"]
+        [::core::mem::offset_of!(NsMoeGemmParams, tile_offsets) - 48usize];
+    ["Offset of field: NsMoeGemmParams::stride_b"][::core::mem::offset_of!(NsMoeGemmParams, stride_b) - 56usize];
+    ["Offset of field: NsMoeGemmParams::stride_c"][::core::mem::offset_of!(NsMoeGemmParams, stride_c) - 64usize];
+    ["Offset of field: NsMoeGemmParams::n_experts"][::core::mem::offset_of!(NsMoeGemmParams, n_experts) - 72usize];
+    ["Offset of field: NsMoeGemmParams::m"][::core::mem::offset_of!(NsMoeGemmParams, m) - 76usize];
+    ["Offset of field: NsMoeGemmParams::n"][::core::mem::offset_of!(NsMoeGemmParams, n) - 80usize];
+    ["Offset of field: NsMoeGemmParams::k"][::core::mem::offset_of!(NsMoeGemmParams, k) - 84usize];
+    ["Offset of field: NsMoeGemmParams::lda"][::core::mem::offset_of!(NsMoeGemmParams, lda) - 88usize];
+    ["Offset of field: NsMoeGemmParams::ldb"][::core::mem::offset_of!(NsMoeGemmParams, ldb) - 92usize];
+    ["Offset of field: NsMoeGemmParams::ldc"][::core::mem::offset_of!(NsMoeGemmParams, ldc) - 96usize];
+    ["Offset of field: NsMoeGemmParams::pad_"][::core::mem::offset_of!(NsMoeGemmParams, pad_) - 100usize];
+};
+#[doc = " moe.cu: the per-row kernels of the expert FFN, all over the P = offsets[E]\n kept positions (p_max = n * K rows allocated) or the n tokens.\n x, out, dout bf16 [n, c]; xg, y, dy bf16 [p_max, c]; hg, hu, act, d_act,\n dhg, dhu bf16 [p_max, f]; dxg f32 [p_max, c]; dx f32 [n, c];\n order, position, offsets u32 and gates, d_gates f32 as in NsMoeDispatchParams.\n gather: xg[p] = x[order[p] / K]; combine: out[t] = sum over kept slots of\n gates * y[position]; combine backward: d_gates[order[p]] = dout[t] . y[p],\n dy[p] = gate * dout[t]; dx[t] = sum over kept slots of dxg[position];\n SwiGLU: act = silu(hg) * hu and its backward from d_act."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct NsMoeRowsParams {
+    pub x: ns_dptr,
+    pub xg: ns_dptr,
+    pub order: ns_dptr,
+    pub position: ns_dptr,
+    pub offsets: ns_dptr,
+    pub gates: ns_dptr,
+    pub y: ns_dptr,
+    pub out: ns_dptr,
+    pub dout: ns_dptr,
+    pub dy: ns_dptr,
+    pub d_gates: ns_dptr,
+    pub dxg: ns_dptr,
+    pub dx: ns_dptr,
+    pub hg: ns_dptr,
+    pub hu: ns_dptr,
+    pub act: ns_dptr,
+    pub d_act: ns_dptr,
+    pub dhg: ns_dptr,
+    pub dhu: ns_dptr,
+    pub n: ::core::ffi::c_int,
+    pub c: ::core::ffi::c_int,
+    pub f: ::core::ffi::c_int,
+    pub top_k: ::core::ffi::c_int,
+    pub n_experts: ::core::ffi::c_int,
+    pub p_max: ::core::ffi::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NsMoeRowsParams"][::core::mem::size_of::<NsMoeRowsParams>() - 176usize];
+    ["Alignment of NsMoeRowsParams"][::core::mem::align_of::<NsMoeRowsParams>() - 8usize];
+    ["Offset of field: NsMoeRowsParams::x"][::core::mem::offset_of!(NsMoeRowsParams, x) - 0usize];
+    ["Offset of field: NsMoeRowsParams::xg"][::core::mem::offset_of!(NsMoeRowsParams, xg) - 8usize];
+    ["Offset of field: NsMoeRowsParams::order"][::core::mem::offset_of!(NsMoeRowsParams, order) - 16usize];
+    ["Offset of field: NsMoeRowsParams::position"][::core::mem::offset_of!(NsMoeRowsParams, position) - 24usize];
+    ["Offset of field: NsMoeRowsParams::offsets"][::core::mem::offset_of!(NsMoeRowsParams, offsets) - 32usize];
+    ["Offset of field: NsMoeRowsParams::gates"][::core::mem::offset_of!(NsMoeRowsParams, gates) - 40usize];
+    ["Offset of field: NsMoeRowsParams::y"][::core::mem::offset_of!(NsMoeRowsParams, y) - 48usize];
+    ["Offset of field: NsMoeRowsParams::out"][::core::mem::offset_of!(NsMoeRowsParams, out) - 56usize];
+    ["Offset of field: NsMoeRowsParams::dout"][::core::mem::offset_of!(NsMoeRowsParams, dout) - 64usize];
+    ["Offset of field: NsMoeRowsParams::dy"][::core::mem::offset_of!(NsMoeRowsParams, dy) - 72usize];
+    ["Offset of field: NsMoeRowsParams::d_gates"][::core::mem::offset_of!(NsMoeRowsParams, d_gates) - 80usize];
+    ["Offset of field: NsMoeRowsParams::dxg"][::core::mem::offset_of!(NsMoeRowsParams, dxg) - 88usize];
+    ["Offset of field: NsMoeRowsParams::dx"][::core::mem::offset_of!(NsMoeRowsParams, dx) - 96usize];
+    ["Offset of field: NsMoeRowsParams::hg"][::core::mem::offset_of!(NsMoeRowsParams, hg) - 104usize];
+    ["Offset of field: NsMoeRowsParams::hu"][::core::mem::offset_of!(NsMoeRowsParams, hu) - 112usize];
+    ["Offset of field: NsMoeRowsParams::act"][::core::mem::offset_of!(NsMoeRowsParams, act) - 120usize];
+    ["Offset of field: NsMoeRowsParams::d_act"][::core::mem::offset_of!(NsMoeRowsParams, d_act) - 128usize];
+    ["Offset of field: NsMoeRowsParams::dhg"][::core::mem::offset_of!(NsMoeRowsParams, dhg) - 136usize];
+    ["Offset of field: NsMoeRowsParams::dhu"][::core::mem::offset_of!(NsMoeRowsParams, dhu) - 144usize];
+    ["Offset of field: NsMoeRowsParams::n"][::core::mem::offset_of!(NsMoeRowsParams, n) - 152usize];
+    ["Offset of field: NsMoeRowsParams::c"][::core::mem::offset_of!(NsMoeRowsParams, c) - 156usize];
+    ["Offset of field: NsMoeRowsParams::f"][::core::mem::offset_of!(NsMoeRowsParams, f) - 160usize];
+    ["Offset of field: NsMoeRowsParams::top_k"][::core::mem::offset_of!(NsMoeRowsParams, top_k) - 164usize];
+    ["Offset of field: NsMoeRowsParams::n_experts"][::core::mem::offset_of!(NsMoeRowsParams, n_experts) - 168usize];
+    ["Offset of field: NsMoeRowsParams::p_max"][::core::mem::offset_of!(NsMoeRowsParams, p_max) - 172usize];
+};
