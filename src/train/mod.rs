@@ -4,6 +4,9 @@
 pub mod checkpoint;
 pub mod metrics;
 pub mod plot;
+pub mod step;
+pub mod step_cpu;
+pub mod step_cuda;
 
 use crate::autograd::Tape;
 use crate::data::prepare::DataLocation;

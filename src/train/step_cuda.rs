@@ -1,0 +1,1 @@
+//! [`super::step::StepOps`] on CUDA (filled in below).
