@@ -296,6 +296,22 @@ impl<O: StepOps> DenseTrainer<O> {
         step_pass(&self.ops, &self.config, &self.params[0], &self.weights, grads, (ids, targets, b, t))
     }
 
+    /// Mean loss over the first `batches` sequential validation batches (`train::evaluate`).
+    pub fn evaluate(&self, val: &crate::data::Loader, batches: usize) -> Result<f32> {
+        let (mut total, mut n) = (0.0f64, 0usize);
+        for i in 0..batches {
+            let Some(batch) = val.sequential_batch(i) else {
+                break;
+            };
+            total += self.loss(&batch.ids, &batch.targets, val.batch, val.seq_len)? as f64;
+            n += 1;
+        }
+        if n == 0 {
+            bail!("the validation data is shorter than one batch");
+        }
+        Ok((total / n as f64) as f32)
+    }
+
     /// One optimizer update from `grads` with every learning rate multiplied by `lr_mult`
     /// (`Optimizer::update`, same order and math).
     pub fn update(&mut self, lr_mult: f32) -> Result<()> {
