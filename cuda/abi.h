@@ -368,4 +368,40 @@ typedef struct NsMoeRowsParams {
     int p_max;
 } NsMoeRowsParams;
 
+/** elementwise.cu: out = alpha * a + beta * b, all bf16 [n], computed in f32
+ * (b = 0: out = alpha * a). out may alias a or b (each element is read, then
+ * written, by one thread). The residual add (alpha = beta = 1) and the
+ * combinations of Muon's Newton-Schulz step. */
+typedef struct NsElementwiseParams {
+    ns_dptr a;
+    ns_dptr b;
+    ns_dptr out;
+    long long n;
+    float alpha;
+    float beta;
+} NsElementwiseParams;
+
+/** optim.cu, Muon (twins: the Muon branch of optim::Optimizer::update and the
+ * normalization of cpu::optim::newton_schulz); f32 [n] unless noted:
+ * muon_momentum_f32:  buf = mu * buf + (1 - mu) * g; u = (1 - mu) * g + mu * buf;
+ * muon_normalize_bf16: x (bf16 [n]) = u / (sqrt(sumsq[0]) + 1e-7), sumsq f32 [1]
+ *                      on the device (from sumsq_partial_f32 / sumsq_final_f32);
+ * muon_apply_f32:     w = w * decay - lr * o (o bf16 [n]); w_bf16 (bf16 [n],
+ *                      optional) = the bf16 copy of the new w. */
+typedef struct NsMuonParams {
+    ns_dptr buf;
+    ns_dptr g;
+    ns_dptr u;
+    ns_dptr sumsq;
+    ns_dptr x;
+    ns_dptr w;
+    ns_dptr o;
+    ns_dptr w_bf16;
+    long long n;
+    float mu;
+    float decay;
+    float lr;
+    int pad_;
+} NsMuonParams;
+
 #endif /* NANOSEEK_ABI_H */

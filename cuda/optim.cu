@@ -79,3 +79,44 @@ extern "C" __global__ void __launch_bounds__(256) cast_bf16_f32(NsReduceParams p
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) y[i] = bf2f(x[i]);
 }
+
+// ---- Muon (twin: the Muon branch of optim::Optimizer::update) ----
+// Newton-Schulz itself runs as GEMMs (gemm.cu) and axpby_bf16 (elementwise.cu),
+// launched from src/train/step_cuda.rs; these are the element-wise steps around it.
+
+// Nesterov momentum in lerp form: buf <- mu*buf + (1-mu)*g, u = (1-mu)*g + mu*buf.
+extern "C" __global__ void __launch_bounds__(256) muon_momentum_f32(NsMuonParams p) {
+    float* buf = reinterpret_cast<float*>(p.buf);
+    const float* g = reinterpret_cast<const float*>(p.g);
+    float* u = reinterpret_cast<float*>(p.u);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) {
+        const float gi = g[i];
+        const float bi = p.mu * buf[i] + (1.0f - p.mu) * gi;
+        buf[i] = bi;
+        u[i] = (1.0f - p.mu) * gi + p.mu * bi;
+    }
+}
+
+// X0 = u / (||u||_F + 1e-7) in bf16, the norm from the device scalar sumsq[0].
+extern "C" __global__ void __launch_bounds__(256) muon_normalize_bf16(NsMuonParams p) {
+    const float* u = reinterpret_cast<const float*>(p.u);
+    bf16* x = reinterpret_cast<bf16*>(p.x);
+    const float inv = 1.0f / (sqrtf(reinterpret_cast<const float*>(p.sumsq)[0]) + 1e-7f);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride)
+        x[i] = f2bf(u[i] * inv);
+}
+
+// w = w*decay - lr*o, and the bf16 copy the GEMMs read.
+extern "C" __global__ void __launch_bounds__(256) muon_apply_f32(NsMuonParams p) {
+    float* w = reinterpret_cast<float*>(p.w);
+    const bf16* o = reinterpret_cast<const bf16*>(p.o);
+    bf16* wb = reinterpret_cast<bf16*>(p.w_bf16);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) {
+        const float wi = w[i] * p.decay - p.lr * bf2f(o[i]);
+        w[i] = wi;
+        if (wb) wb[i] = f2bf(wi);
+    }
+}

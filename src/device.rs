@@ -17,14 +17,15 @@ impl std::fmt::Display for Device {
     }
 }
 
-/// Whether the CUDA training path exists in this build. The CUDA kernels come
-/// with the CUDA backend issue; until then `auto` resolves to the CPU.
-pub const CUDA_TRAINING_AVAILABLE: bool = false;
+/// Whether the CUDA training path exists in this build: dense models (every layer `D`, dense
+/// FFN) train on CUDA through the explicit step (`train::step`); other layer kinds do not yet.
+pub const CUDA_TRAINING_AVAILABLE: bool = true;
 
 impl Device {
     /// Resolves a `--device` string. `auto` never fails: it falls back to the
     /// CPU and prints one line saying why. An explicit `cuda` that cannot be
-    /// honoured is an error.
+    /// honoured is an error. (CUDA trains dense models only; `nanoseek train`
+    /// sends a non-dense model on `auto` back to the CPU, see [`Device::for_model`].)
     pub fn resolve(spec: &str) -> Result<Device> {
         let spec = spec.trim().to_ascii_lowercase();
         match spec.as_str() {
@@ -58,5 +59,18 @@ impl Device {
             }
             _ => bail!("unknown device '{spec}': expected auto, cpu, cuda or cuda:N"),
         }
+    }
+
+    /// `--device auto` for training `model`: CUDA trains dense models only, so a model with
+    /// window, DSA or MoE layers falls back to the CPU with a one-line notice. An explicit
+    /// `cuda` is left as is (training then fails, naming the layer kinds).
+    pub fn for_model(self, spec: &str, model: &crate::nn::ModelConfig) -> Device {
+        if self != Device::Cpu && spec.trim().eq_ignore_ascii_case("auto") {
+            if let Err(why) = crate::train::step::check_dense(model) {
+                eprintln!("device: {self} found, but {why}; using the CPU");
+                return Device::Cpu;
+            }
+        }
+        self
     }
 }

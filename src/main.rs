@@ -457,6 +457,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
             (name, RunConfig { model, train: t })
         }
     };
+    let device = device.for_model(&a.device, &run.model);
     let run_dir = a.runs_dir.join(&run_name);
     let summary = train::train(TrainRequest {
         run,

@@ -4,6 +4,9 @@
 pub mod checkpoint;
 pub mod metrics;
 pub mod plot;
+pub mod step;
+pub mod step_cpu;
+pub mod step_cuda;
 
 use crate::autograd::Tape;
 use crate::data::prepare::DataLocation;
@@ -349,7 +352,7 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     mcfg.validate()?;
     ts.optim.validate()?;
     if req.device != Device::Cpu {
-        bail!("device {}: only the CPU training path exists in this build", req.device);
+        step::check_dense(mcfg).with_context(|| format!("--device {}", req.device))?;
     }
     let (rank, world) = rank_and_world()?;
     let seq = mcfg.max_seq_len;
@@ -359,10 +362,13 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     }
     let predicted: usize =
         crate::info::predict_training_bytes(mcfg, ts.device_batch_size, seq, ts.grad_checkpoint).iter().sum();
-    memory::check_fits(
-        predicted,
-        &format!("training this model at device_batch_size {} × max_seq_len {seq}", ts.device_batch_size),
-    )?;
+    // (the host-memory check applies to CPU training; the device allocator reports its own limit)
+    if req.device == Device::Cpu {
+        memory::check_fits(
+            predicted,
+            &format!("training this model at device_batch_size {} × max_seq_len {seq}", ts.device_batch_size),
+        )?;
+    }
     let (train_src, val_src, lang) = open_data(ts, mcfg)?;
     let mut loader = Loader::new(train_src, ts.device_batch_size, seq, rank, world, Rng::derive(ts.seed, "data"))?;
     let val = Loader::new(val_src, ts.device_batch_size, seq, rank, world, Rng::new(0))?;
@@ -391,6 +397,12 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     };
 
     model.checkpoint_every = ts.grad_checkpoint;
+    // Dense models on CUDA: the explicit step (train::step) on the device; the host model and
+    // optimizer are refreshed from it for checkpoints and sampling.
+    let mut gpu = match req.device {
+        Device::Cpu => None,
+        Device::Cuda(i) => Some(step_cuda::cuda_trainer(i, &model, &opt)?),
+    };
     std::fs::create_dir_all(&req.run_dir)
         .with_context(|| format!("cannot create run directory {}", req.run_dir.display()))?;
     write_atomic(&req.run_dir.join("config.json"), serde_json::to_string_pretty(&req.run)?.as_bytes())?;
@@ -437,11 +449,19 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         let ts_step = Instant::now();
         let lr = lr_multiplier(step, total, ts.optim.warmup_ratio, ts.optim.warmdown_ratio, ts.optim.final_lr_frac);
         model.dsa_dense_warmup = step < mcfg.dsa_warmup_steps;
-        let stats = train_step(&mut model, &mut opt, || loader.next_batch(), accum, ts.optim.grad_clip, lr, false)
-            .map_err(|e| {
-                let last = last_ckpt.as_ref().map_or("none".into(), |p| p.display().to_string());
-                e.context(format!("step {} failed; nothing was saved for it (last checkpoint: {last})", step + 1))
-            })?;
+        let stats = match &mut gpu {
+            Some(tr) => {
+                tr.train_step(|| loader.next_batch(), accum, ts.optim.grad_clip, lr).map(|(loss, grad_norm)| {
+                    let moe_loads = vec![None; mcfg.n_layer];
+                    StepStats { loss, grad_norm, update_s: 0.0, op_times: None, moe_loads, indexer_loss: None }
+                })
+            }
+            None => train_step(&mut model, &mut opt, || loader.next_batch(), accum, ts.optim.grad_clip, lr, false),
+        }
+        .map_err(|e| {
+            let last = last_ckpt.as_ref().map_or("none".into(), |p| p.display().to_string());
+            e.context(format!("step {} failed; nothing was saved for it (last checkpoint: {last})", step + 1))
+        })?;
         let (loss, grad_norm) = (stats.loss, stats.grad_norm);
         let done = step + 1;
         losses.push((done, loss));
@@ -462,7 +482,10 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         pb.set_message(format!("loss {loss:.4} | {tok_s:.0} tok/s | peak {peak_mib:.0} MiB"));
         let is_last = done == total;
         if (ts.eval_every > 0 && done % ts.eval_every == 0) || is_last {
-            let v = evaluate(&model, &val, ts.eval_batches)?;
+            let v = match &gpu {
+                Some(tr) => tr.evaluate(&val, ts.eval_batches)?,
+                None => evaluate(&model, &val, ts.eval_batches)?,
+            };
             val_loss = Some(v);
             log.log(json!({"step": done, "val_loss": v}))?;
         }
@@ -471,6 +494,9 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
             say(format!("step {done:>5}/{total} | loss {loss:.4}{vl} | lr ×{lr:.3} | grad norm {grad_norm:.3} | {tok_s:.0} tok/s | peak mem {peak_mib:.0} MiB"));
         }
         if (ts.save_every > 0 && done % ts.save_every == 0) || is_last {
+            if let Some(tr) = &gpu {
+                tr.to_host(&mut model, &mut opt)?;
+            }
             let state = CheckpointState {
                 format_version: checkpoint::FORMAT_VERSION,
                 step: done,

@@ -587,3 +587,61 @@ const _: () = {
     ["Offset of field: NsMoeRowsParams::n_experts"][::core::mem::offset_of!(NsMoeRowsParams, n_experts) - 168usize];
     ["Offset of field: NsMoeRowsParams::p_max"][::core::mem::offset_of!(NsMoeRowsParams, p_max) - 172usize];
 };
+#[doc = " elementwise.cu: out = alpha * a + beta * b, all bf16 [n], computed in f32\n (b = 0: out = alpha * a). out may alias a or b (each element is read, then\n written, by one thread). The residual add (alpha = beta = 1) and the\n combinations of Muon's Newton-Schulz step."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct NsElementwiseParams {
+    pub a: ns_dptr,
+    pub b: ns_dptr,
+    pub out: ns_dptr,
+    pub n: ::core::ffi::c_longlong,
+    pub alpha: f32,
+    pub beta: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NsElementwiseParams"][::core::mem::size_of::<NsElementwiseParams>() - 40usize];
+    ["Alignment of NsElementwiseParams"][::core::mem::align_of::<NsElementwiseParams>() - 8usize];
+    ["Offset of field: NsElementwiseParams::a"][::core::mem::offset_of!(NsElementwiseParams, a) - 0usize];
+    ["Offset of field: NsElementwiseParams::b"][::core::mem::offset_of!(NsElementwiseParams, b) - 8usize];
+    ["Offset of field: NsElementwiseParams::out"][::core::mem::offset_of!(NsElementwiseParams, out) - 16usize];
+    ["Offset of field: NsElementwiseParams::n"][::core::mem::offset_of!(NsElementwiseParams, n) - 24usize];
+    ["Offset of field: NsElementwiseParams::alpha"][::core::mem::offset_of!(NsElementwiseParams, alpha) - 32usize];
+    ["Offset of field: NsElementwiseParams::beta"][::core::mem::offset_of!(NsElementwiseParams, beta) - 36usize];
+};
+#[doc = " optim.cu, Muon (twins: the Muon branch of optim::Optimizer::update and the\n normalization of cpu::optim::newton_schulz); f32 [n] unless noted:\n muon_momentum_f32:  buf = mu * buf + (1 - mu) * g; u = (1 - mu) * g + mu * buf;\n muon_normalize_bf16: x (bf16 [n]) = u / (sqrt(sumsq[0]) + 1e-7), sumsq f32 [1]\n                      on the device (from sumsq_partial_f32 / sumsq_final_f32);\n muon_apply_f32:     w = w * decay - lr * o (o bf16 [n]); w_bf16 (bf16 [n],\n                      optional) = the bf16 copy of the new w."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct NsMuonParams {
+    pub buf: ns_dptr,
+    pub g: ns_dptr,
+    pub u: ns_dptr,
+    pub sumsq: ns_dptr,
+    pub x: ns_dptr,
+    pub w: ns_dptr,
+    pub o: ns_dptr,
+    pub w_bf16: ns_dptr,
+    pub n: ::core::ffi::c_longlong,
+    pub mu: f32,
+    pub decay: f32,
+    pub lr: f32,
+    pub pad_: ::core::ffi::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NsMuonParams"][::core::mem::size_of::<NsMuonParams>() - 88usize];
+    ["Alignment of NsMuonParams"][::core::mem::align_of::<NsMuonParams>() - 8usize];
+    ["Offset of field: NsMuonParams::buf"][::core::mem::offset_of!(NsMuonParams, buf) - 0usize];
+    ["Offset of field: NsMuonParams::g"][::core::mem::offset_of!(NsMuonParams, g) - 8usize];
+    ["Offset of field: NsMuonParams::u"][::core::mem::offset_of!(NsMuonParams, u) - 16usize];
+    ["Offset of field: NsMuonParams::sumsq"][::core::mem::offset_of!(NsMuonParams, sumsq) - 24usize];
+    ["Offset of field: NsMuonParams::x"][::core::mem::offset_of!(NsMuonParams, x) - 32usize];
+    ["Offset of field: NsMuonParams::w"][::core::mem::offset_of!(NsMuonParams, w) - 40usize];
+    ["Offset of field: NsMuonParams::o"][::core::mem::offset_of!(NsMuonParams, o) - 48usize];
+    ["Offset of field: NsMuonParams::w_bf16"][::core::mem::offset_of!(NsMuonParams, w_bf16) - 56usize];
+    ["Offset of field: NsMuonParams::n"][::core::mem::offset_of!(NsMuonParams, n) - 64usize];
+    ["Offset of field: NsMuonParams::mu"][::core::mem::offset_of!(NsMuonParams, mu) - 72usize];
+    ["Offset of field: NsMuonParams::decay"][::core::mem::offset_of!(NsMuonParams, decay) - 76usize];
+    ["Offset of field: NsMuonParams::lr"][::core::mem::offset_of!(NsMuonParams, lr) - 80usize];
+    ["Offset of field: NsMuonParams::pad_"][::core::mem::offset_of!(NsMuonParams, pad_) - 84usize];
+};

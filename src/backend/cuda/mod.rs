@@ -13,6 +13,7 @@
 pub mod abi;
 pub mod attention;
 pub mod dsa;
+pub mod elementwise;
 pub mod embedding;
 pub mod gemm;
 pub mod loss;

@@ -1,7 +1,7 @@
 //! Launch code of `cuda/optim.cu` (twins: `cpu::optim::adamw_update`, `optim::clip_grad_norm`),
 //! plus the f32 ⇄ bf16 casts.
 
-use super::abi::{NsAdamWParams, NsReduceParams};
+use super::abi::{NsAdamWParams, NsMuonParams, NsReduceParams};
 use super::{check, grid_for, CudaBackend, CudaResult, DeviceBuffer};
 use crate::backend::cpu::optim::AdamWStep;
 use half::bf16;
@@ -99,4 +99,78 @@ pub fn cast_bf16_f32(be: &CudaBackend, x: &DeviceBuffer<bf16>, out: &DeviceBuffe
         return Ok(());
     }
     be.launch("optim", "cast_bf16_f32", (grid_for(x.len(), 256 * 4), 1, 1), 256, 0, &p)
+}
+
+/// Σx² of one buffer into `out` (f32 [1], on the device), in the same fixed order as
+/// [`clip_grad_norm`]'s partials (no host round trip).
+pub fn sum_sq(be: &CudaBackend, x: &DeviceBuffer<f32>, out: &DeviceBuffer<f32>) -> CudaResult<()> {
+    check(out.len() == 1, || "sum_sq: out must hold one value".into())?;
+    let partials = DeviceBuffer::<f32>::zeros(be, SUMSQ_BLOCKS)?;
+    if !x.is_empty() {
+        let blocks = grid_for(x.len(), 256 * 8).min(SUMSQ_BLOCKS as u32);
+        let p = NsReduceParams { x: x.ptr(), partials: partials.ptr(), n: x.len() as i64, ..Default::default() };
+        be.launch("optim", "sumsq_partial_f32", (blocks, 1, 1), 256, 0, &p)?;
+    }
+    let p =
+        NsReduceParams { partials: partials.ptr(), out: out.ptr(), blocks: SUMSQ_BLOCKS as i32, ..Default::default() };
+    be.launch("optim", "sumsq_final_f32", (1, 1, 1), 256, 0, &p)
+}
+
+/// Muon's Nesterov momentum: buf ← μ·buf + (1−μ)·g, u = (1−μ)·g + μ·buf (all f32).
+pub fn muon_momentum(
+    be: &CudaBackend,
+    buf: &DeviceBuffer<f32>,
+    g: &DeviceBuffer<f32>,
+    u: &DeviceBuffer<f32>,
+    mu: f32,
+) -> CudaResult<()> {
+    let n = g.len();
+    check(buf.len() == n && u.len() == n, || "muon_momentum: length mismatch".into())?;
+    if n == 0 {
+        return Ok(());
+    }
+    let p = NsMuonParams { buf: buf.ptr(), g: g.ptr(), u: u.ptr(), n: n as i64, mu, ..Default::default() };
+    be.launch("optim", "muon_momentum_f32", (grid_for(n, 256 * 4), 1, 1), 256, 0, &p)
+}
+
+/// x (bf16) = u / (√sumsq + 1e-7), `sumsq` the device scalar from [`sum_sq`] of u.
+pub fn muon_normalize(
+    be: &CudaBackend,
+    u: &DeviceBuffer<f32>,
+    sumsq: &DeviceBuffer<f32>,
+    x: &DeviceBuffer<bf16>,
+) -> CudaResult<()> {
+    let n = u.len();
+    check(x.len() == n && sumsq.len() == 1, || "muon_normalize: bad sizes".into())?;
+    if n == 0 {
+        return Ok(());
+    }
+    let p = NsMuonParams { u: u.ptr(), sumsq: sumsq.ptr(), x: x.ptr(), n: n as i64, ..Default::default() };
+    be.launch("optim", "muon_normalize_bf16", (grid_for(n, 256 * 4), 1, 1), 256, 0, &p)
+}
+
+/// w ← w·decay − lr·o (o the bf16 Newton–Schulz output); `w_bf16` receives the bf16 copy.
+pub fn muon_apply(
+    be: &CudaBackend,
+    w: &DeviceBuffer<f32>,
+    o: &DeviceBuffer<bf16>,
+    w_bf16: Option<&DeviceBuffer<bf16>>,
+    decay: f32,
+    lr: f32,
+) -> CudaResult<()> {
+    let n = w.len();
+    check(o.len() == n && w_bf16.is_none_or(|b| b.len() == n), || "muon_apply: length mismatch".into())?;
+    if n == 0 {
+        return Ok(());
+    }
+    let p = NsMuonParams {
+        w: w.ptr(),
+        o: o.ptr(),
+        w_bf16: w_bf16.map_or(0, |b| b.ptr()),
+        n: n as i64,
+        decay,
+        lr,
+        ..Default::default()
+    };
+    be.launch("optim", "muon_apply_f32", (grid_for(n, 256 * 4), 1, 1), 256, 0, &p)
 }

@@ -1,0 +1,235 @@
+//! [`StepOps`] on the CPU: f32 `Vec`s and the `backend::cpu` kernels, the same calls the tape
+//! makes (`autograd::ops`) and the same optimizer arithmetic as `optim::Optimizer::update`.
+//! It proves the explicit step's orchestration (`tests/explicit_step.rs`); CPU training itself
+//! keeps running on the tape.
+
+use super::step::StepOps;
+use crate::backend::cpu::{
+    attention::{attention_backward, attention_forward, AttnDims},
+    elementwise, embedding,
+    gemm::{gemm, Layout},
+    loss, norm,
+    optim::{adamw_update, newton_schulz, AdamWStep},
+    rope::{rope_backward, rope_forward, RopeTable},
+    swiglu,
+};
+use crate::nn::ModelConfig;
+use anyhow::Result;
+
+pub struct CpuOps {
+    rope: RopeTable,
+}
+
+impl CpuOps {
+    pub fn new(c: &ModelConfig) -> CpuOps {
+        CpuOps { rope: RopeTable::new(c.head_dim, c.max_seq_len, c.rope_theta) }
+    }
+}
+
+impl StepOps for CpuOps {
+    type F = Vec<f32>;
+    type A = Vec<f32>;
+    type Ids = Vec<u32>;
+    type Tgt = Vec<i32>;
+
+    fn f_from(&self, v: &[f32]) -> Result<Vec<f32>> {
+        Ok(v.to_vec())
+    }
+    fn f_zeros(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+    fn f_to_host(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
+    fn f_fill_zero(&self, x: &mut Vec<f32>) -> Result<()> {
+        x.fill(0.0);
+        Ok(())
+    }
+    fn a_zeros(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+    fn ids(&self, ids: &[u32]) -> Result<Vec<u32>> {
+        Ok(ids.to_vec())
+    }
+    fn targets(&self, t: &[i32]) -> Result<Vec<i32>> {
+        Ok(t.to_vec())
+    }
+    fn cast(&self, w: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+        out.copy_from_slice(w);
+        Ok(())
+    }
+
+    fn linear(&self, x: &Vec<f32>, w: &Vec<f32>, m: usize, k: usize, n: usize) -> Result<Vec<f32>> {
+        let mut y = vec![0.0; m * n];
+        gemm(m, n, k, x, Layout::N, w, Layout::T, &mut y, false);
+        Ok(y)
+    }
+    fn linear_residual(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        (m, k, n): (usize, usize, usize),
+        resid: &Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        // As the tape: the product, then the residual add.
+        let y = self.linear(x, w, m, k, n)?;
+        let mut out = vec![0.0; m * n];
+        elementwise::add(resid, &y, &mut out);
+        Ok(out)
+    }
+    fn linear_dx(
+        &self,
+        dy: &Vec<f32>,
+        w: &Vec<f32>,
+        (m, k, n): (usize, usize, usize),
+        dx: &mut Vec<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        if accumulate {
+            // The tape adds each consumer's gradient separately; so does this.
+            let mut t = vec![0.0; m * k];
+            gemm(m, k, n, dy, Layout::N, w, Layout::N, &mut t, false);
+            elementwise::accumulate(dx, &t);
+        } else {
+            gemm(m, k, n, dy, Layout::N, w, Layout::N, dx, false);
+        }
+        Ok(())
+    }
+    fn linear_dw(
+        &self,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        (m, k, n): (usize, usize, usize),
+        dw: &mut Vec<f32>,
+    ) -> Result<()> {
+        let mut t = vec![0.0; n * k];
+        gemm(n, k, m, dy, Layout::T, x, Layout::N, &mut t, false);
+        elementwise::accumulate(dw, &t);
+        Ok(())
+    }
+
+    fn embedding(&self, table: &Vec<f32>, dim: usize, ids: &Vec<u32>, n: usize) -> Result<Vec<f32>> {
+        let mut y = vec![0.0; n * dim];
+        embedding::embedding_forward(table, dim, ids, &mut y);
+        Ok(y)
+    }
+    fn embedding_backward(&self, dout: &Vec<f32>, dim: usize, ids: &Vec<u32>, dtable: &mut Vec<f32>) -> Result<()> {
+        let mut t = vec![0.0; dtable.len()];
+        embedding::embedding_backward(dout, dim, ids, &mut t);
+        elementwise::accumulate(dtable, &t);
+        Ok(())
+    }
+    fn rmsnorm(&self, x: &Vec<f32>, dim: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut y, mut rstd) = (vec![0.0; x.len()], vec![0.0; x.len() / dim]);
+        norm::rmsnorm_forward(x, dim, &mut y, &mut rstd);
+        Ok((y, rstd))
+    }
+    fn rmsnorm_backward(&self, x: &Vec<f32>, rstd: &Vec<f32>, dy: &Vec<f32>, dim: usize) -> Result<Vec<f32>> {
+        let mut dx = vec![0.0; x.len()];
+        norm::rmsnorm_backward(x, rstd, dy, dim, &mut dx);
+        Ok(dx)
+    }
+    fn rope(
+        &self,
+        q: &mut Vec<f32>,
+        k: &mut Vec<f32>,
+        (b, t, h, h_kv): (usize, usize, usize, usize),
+        inverse: bool,
+    ) -> Result<()> {
+        let f: fn(&RopeTable, &[f32], usize, usize, usize, &mut [f32]) =
+            if inverse { rope_backward } else { rope_forward };
+        let mut y = vec![0.0; q.len()];
+        f(&self.rope, q, b, t, h, &mut y);
+        *q = y;
+        let mut y = vec![0.0; k.len()];
+        f(&self.rope, k, b, t, h_kv, &mut y);
+        *k = y;
+        Ok(())
+    }
+    fn attention(&self, dims: &AttnDims, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; dims.lse_len()]);
+        attention_forward(dims, q, k, v, &mut out, &mut lse);
+        Ok((out, lse))
+    }
+    fn attention_backward(
+        &self,
+        dims: &AttnDims,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        dout: &Vec<f32>,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        attention_backward(dims, q, k, v, out, lse, dout, &mut dq, &mut dk, &mut dv);
+        Ok((dq, dk, dv))
+    }
+    fn swiglu(&self, g: &Vec<f32>, u: &Vec<f32>) -> Result<Vec<f32>> {
+        let mut y = vec![0.0; g.len()];
+        swiglu::swiglu_forward(g, u, &mut y);
+        Ok(y)
+    }
+    fn swiglu_backward(&self, g: &Vec<f32>, u: &Vec<f32>, dy: &Vec<f32>) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut dg, mut du) = (vec![0.0; g.len()], vec![0.0; g.len()]);
+        swiglu::swiglu_backward(g, u, dy, &mut dg, &mut du);
+        Ok((dg, du))
+    }
+    fn add(&self, acc: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
+        elementwise::accumulate(acc, x);
+        Ok(())
+    }
+    fn cross_entropy(&self, logits: &Vec<f32>, vocab: usize, tgt: &Vec<i32>, cap: f32) -> Result<(f64, Vec<f32>)> {
+        let (mut losses, mut lse) = (vec![0.0; tgt.len()], vec![0.0; tgt.len()]);
+        loss::softcap_cross_entropy_forward(logits, vocab, tgt, cap, &mut losses, &mut lse);
+        Ok((losses.iter().map(|&l| l as f64).sum(), lse))
+    }
+    fn cross_entropy_backward(
+        &self,
+        logits: &Vec<f32>,
+        vocab: usize,
+        tgt: &Vec<i32>,
+        cap: f32,
+        lse: &Vec<f32>,
+        scale: f32,
+    ) -> Result<Vec<f32>> {
+        let mut dz = vec![0.0; logits.len()];
+        loss::softcap_cross_entropy_backward(logits, vocab, tgt, cap, lse, scale, &mut dz);
+        Ok(dz)
+    }
+
+    fn clip_grad_norm(&self, grads: &mut [Vec<f32>], max_norm: f32) -> Result<f32> {
+        Ok(crate::optim::clip_grad_norm(grads, max_norm))
+    }
+    fn adamw(
+        &self,
+        p: &mut Vec<f32>,
+        pa: &mut Vec<f32>,
+        g: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        h: AdamWStep,
+    ) -> Result<()> {
+        adamw_update(p, g, m, v, h);
+        pa.copy_from_slice(p);
+        Ok(())
+    }
+    fn muon_momentum(&self, buf: &mut Vec<f32>, g: &Vec<f32>, mu: f32) -> Result<Vec<f32>> {
+        let mut u = vec![0.0f32; g.len()];
+        for ((b, &gi), ui) in buf.iter_mut().zip(g).zip(u.iter_mut()) {
+            *b = mu * *b + (1.0 - mu) * gi;
+            *ui = (1.0 - mu) * gi + mu * *b;
+        }
+        Ok(u)
+    }
+    fn newton_schulz(&self, u: &Vec<f32>, rows: usize, cols: usize, steps: usize) -> Result<Vec<f32>> {
+        Ok(newton_schulz(u, rows, cols, steps))
+    }
+    fn muon_apply(&self, w: &mut Vec<f32>, wa: &mut Vec<f32>, o: &Vec<f32>, decay: f32, lr: f32) -> Result<()> {
+        for (wi, oi) in w.iter_mut().zip(o) {
+            *wi = *wi * decay - lr * oi;
+        }
+        wa.copy_from_slice(w);
+        Ok(())
+    }
+}
