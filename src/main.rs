@@ -343,6 +343,10 @@ struct TrainArgs {
     /// A token shard (nanoseek format) to train on; default: the embedded synthetic language.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Start from the weights of this run (its newest checkpoint) or checkpoint, with a fresh
+    /// optimizer and schedule (fine-tuning, curriculum, context extension); shapes must match.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
     /// Seed for initialization and data order (default 42).
     #[arg(long)]
     seed: Option<u64>,
@@ -409,6 +413,9 @@ fn utc_stamp() -> String {
 }
 
 fn run_train(a: TrainArgs) -> Result<()> {
+    if a.init_from.is_some() && a.resume_from_step.is_some() {
+        anyhow::bail!("--init-from starts a new run; it cannot be combined with --resume-from-step");
+    }
     let device = Device::resolve(&a.device)?;
     let (run_name, run) = match a.resume_from_step {
         Some(_) => {
@@ -441,6 +448,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
             t.num_iterations = a.num_iterations.unwrap_or(t.num_iterations);
             t.seed = a.seed.unwrap_or(t.seed);
             t.data = a.data.clone();
+            t.init_from = a.init_from.as_deref().map(nanoseek::demo::resolve_checkpoint).transpose()?;
             t.save_every = a.save_every.unwrap_or(t.save_every);
             t.eval_every = a.eval_every.unwrap_or(t.eval_every);
             t.keep_checkpoints = a.keep_checkpoints.unwrap_or(t.keep_checkpoints);

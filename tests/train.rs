@@ -101,6 +101,45 @@ fn resume_is_bitwise_identical_to_an_uninterrupted_run() {
 }
 
 #[test]
+fn init_from_starts_a_new_run_from_a_checkpoints_weights() {
+    let a = tempfile::tempdir().unwrap();
+    train(request(micro_config(), 3, a.path())).unwrap();
+    let ckpt = checkpoint::checkpoint_dir(a.path(), 3);
+    let trained = checkpoint::load_model(&ckpt, &micro_config()).unwrap();
+
+    // A new run at another context length, initialized from it, with every learning rate 0:
+    // its weights stay exactly the loaded ones.
+    let b = tempfile::tempdir().unwrap();
+    let mut longer = micro_config();
+    longer.max_seq_len = 64;
+    let mut req = request(longer.clone(), 2, b.path());
+    req.run.train.init_from = Some(ckpt.clone());
+    let o = &mut req.run.train.optim;
+    (o.embedding_lr, o.unembedding_lr, o.matrix_lr) = (0.0, 0.0, 0.0);
+    let s = train(req).unwrap();
+    assert_eq!(s.losses.iter().map(|l| l.0).collect::<Vec<_>>(), vec![1, 2], "a fresh schedule from step 1");
+    let after = checkpoint::load_model(&checkpoint::checkpoint_dir(b.path(), 2), &longer).unwrap();
+    for (p, q) in trained.params.iter().zip(&after.params) {
+        assert!(p.tensor.data == q.tensor.data, "{} differs from the checkpoint it was initialized from", p.name);
+    }
+    // and the loss is the trained model's, not a fresh one's (≈ ln(vocab))
+    assert!(s.losses[0].1 < (longer.vocab_size as f32).ln() - 0.5, "{:?}", s.losses);
+    let saved = std::fs::read_to_string(b.path().join("config.json")).unwrap();
+    assert!(saved.contains("init_from"), "the run's config records where it started");
+
+    // Weights of another shape are refused before anything is written.
+    let c = tempfile::tempdir().unwrap();
+    let mut wider = micro_config();
+    wider.n_embd = 96;
+    wider.ffn_hidden = 256;
+    let mut req = request(wider, 2, &c.path().join("run"));
+    req.run.train.init_from = Some(ckpt);
+    let e = format!("{:#}", train(req).err().expect("a shape mismatch must fail"));
+    assert!(e.contains("--init-from") && e.contains("wte.weight"), "{e}");
+    assert!(!c.path().join("run").exists(), "no run directory is left behind");
+}
+
+#[test]
 fn run_directory_holds_checkpoint_metrics_plot_and_config() {
     let dir = tempfile::tempdir().unwrap();
     let mut req = request(micro_config(), 4, dir.path());

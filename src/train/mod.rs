@@ -53,6 +53,11 @@ pub struct TrainSettings {
     /// Activation checkpointing: recompute every n-th block in the backward (0 = off, 1 = all blocks).
     #[serde(default)]
     pub grad_checkpoint: usize,
+    /// Start from these weights (a checkpoint directory) instead of a fresh initialization, with a
+    /// fresh optimizer and schedule: fine-tuning, a curriculum, or context extension (the config
+    /// may differ in anything that does not change a weight's shape, e.g. max_seq_len or data).
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
     pub optim: OptimConfig,
 }
 
@@ -65,6 +70,7 @@ impl TrainSettings {
             num_iterations: 250,
             seed: 42,
             data: None,
+            init_from: None,
             save_every: 0,
             eval_every: 50,
             eval_batches: 4,
@@ -390,7 +396,11 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
                     req.run_dir.display()
                 );
             }
-            let model = Model::new(mcfg, ts.seed)?;
+            let model = match &ts.init_from {
+                Some(dir) => checkpoint::load_model(dir, mcfg)
+                    .with_context(|| format!("--init-from {}: its weights do not fit this model", dir.display()))?,
+                None => Model::new(mcfg, ts.seed)?,
+            };
             let opt = Optimizer::new(&model, ts.optim.clone());
             (model, opt, 0)
         }
