@@ -56,12 +56,12 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     if !path.is_dir() {
-        bail!("--model-path {}: no such directory", path.display());
+        bail!("{}: no such directory", path.display());
     }
     match checkpoint::list_steps(path).last() {
         Some(&step) => Ok(checkpoint::checkpoint_dir(path, step)),
         None => bail!(
-            "--model-path {}: neither a checkpoint (no model.safetensors) nor a run directory with checkpoints",
+            "{}: neither a checkpoint (no model.safetensors) nor a run directory with checkpoints",
             path.display()
         ),
     }
@@ -69,7 +69,7 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
 
 /// Loads the model and the run's text codec.
 pub fn load(path: &Path) -> Result<(Model, PathBuf, Box<dyn TextCodec>)> {
-    let ckpt = resolve_checkpoint(path)?;
+    let ckpt = resolve_checkpoint(path).context("--model-path")?;
     let config = checkpoint::read_config(&ckpt)?;
     let model = checkpoint::load_model(&ckpt, &config)?;
     let codec = codec_for_run(&ckpt)?;

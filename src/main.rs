@@ -147,7 +147,7 @@ struct InfoArgs {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// A checkpoint directory (runs/NAME/checkpoints/step_NNNNNN).
+    /// A run directory (its newest checkpoint) or a checkpoint directory (runs/NAME/checkpoints/step_NNNNNN).
     #[arg(long)]
     model_path: PathBuf,
     /// A token shard (nanoseek or llm.c) or a `nanoseek data` folder; default: the embedded validation stream.
@@ -448,7 +448,8 @@ fn run_train(a: TrainArgs) -> Result<()> {
             t.num_iterations = a.num_iterations.unwrap_or(t.num_iterations);
             t.seed = a.seed.unwrap_or(t.seed);
             t.data = a.data.clone();
-            t.init_from = a.init_from.as_deref().map(nanoseek::demo::resolve_checkpoint).transpose()?;
+            t.init_from =
+                a.init_from.as_deref().map(nanoseek::demo::resolve_checkpoint).transpose().context("--init-from")?;
             t.save_every = a.save_every.unwrap_or(t.save_every);
             t.eval_every = a.eval_every.unwrap_or(t.eval_every);
             t.keep_checkpoints = a.keep_checkpoints.unwrap_or(t.keep_checkpoints);
@@ -620,27 +621,30 @@ fn run_data(d: DataArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_eval(e: EvalArgs) -> Result<()> {
+    let o = nanoseek::eval::EvalOptions {
+        model_path: nanoseek::demo::resolve_checkpoint(&e.model_path).context("--model-path")?,
+        data: e.data,
+        split: e.split,
+        batch_size: e.batch_size,
+        eval_tokens: e.eval_tokens,
+        bos_aligned: e.bos_aligned,
+        output: e.output,
+        tasks: e.tasks,
+        task_samples: e.task_samples,
+        task_len: e.task_len,
+        depth_buckets: e.depth_buckets,
+    };
+    let r = nanoseek::eval::evaluate(&o)?;
+    println!("{}", serde_json::to_string_pretty(&r).expect("serializable"));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => run_train(*a),
-        Command::Eval(e) => {
-            let o = nanoseek::eval::EvalOptions {
-                model_path: e.model_path,
-                data: e.data,
-                split: e.split,
-                batch_size: e.batch_size,
-                eval_tokens: e.eval_tokens,
-                bos_aligned: e.bos_aligned,
-                output: e.output,
-                tasks: e.tasks,
-                task_samples: e.task_samples,
-                task_len: e.task_len,
-                depth_buckets: e.depth_buckets,
-            };
-            nanoseek::eval::evaluate(&o)
-                .map(|r| println!("{}", serde_json::to_string_pretty(&r).expect("serializable")))
-        }
+        Command::Eval(e) => run_eval(e),
         Command::Data(d) => run_data(*d),
         Command::Info(i) => run_info(&i),
         Command::Profile(p) => run_profile(&p),
