@@ -189,3 +189,39 @@ pub fn sparse_attention(q: &Tensor, k: &Tensor, v: &Tensor, sel: &Selection) -> 
 pub fn moe_route(logits: &Tensor, bias: &Tensor, cfg: &RouterConfig) -> Routing {
     moe::route(&logits.data, &bias.data, cfg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wave(shape: &[usize], f: f32) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_vec(shape, (0..n).map(|i| (i as f32 * f).sin()).collect())
+    }
+
+    #[test]
+    fn window_and_sparse_attention_reduce_to_dense() {
+        let (q, k, v) = (wave(&[2, 11, 4, 8], 0.37), wave(&[2, 11, 2, 8], 0.21), wave(&[2, 11, 2, 8], 0.13));
+        let (out, lse) = causal_attention(&q, &k, &v);
+        let close = |a: &Tensor, b: &Tensor| a.data.iter().zip(&b.data).all(|(x, y)| (x - y).abs() < 1e-5);
+        let (wo, wl) = window_attention(&q, &k, &v, 11, 0);
+        assert!(close(&wo, &out) && close(&wl, &lse));
+        let (qi, ki, wi) = (wave(&[2, 11, 3, 4], 0.5), wave(&[2, 11, 4], 0.3), wave(&[2, 11, 3], 0.7));
+        let sel = dsa_topk(&qi, &ki, &wi, 11, 0);
+        assert_eq!(sel.shape, [2, 11, 11]);
+        let (so, sl) = sparse_attention(&q, &k, &v, &sel);
+        assert!(close(&so, &out) && close(&sl, &lse));
+        // a window of one: each query reads only its own key
+        let one = dsa_topk(&qi, &ki, &wi, 0, 1);
+        assert_eq!(&one.sel[..3], &[0, 1, 2]);
+    }
+
+    #[test]
+    fn embedding_picks_rows() {
+        let table = wave(&[5, 3], 1.0);
+        let out = embedding(&table, &[4, 0]);
+        assert_eq!(out.shape, vec![2, 3]);
+        assert_eq!(&out.data[..3], &table.data[12..15]);
+        assert_eq!(&out.data[3..], &table.data[..3]);
+    }
+}
