@@ -23,6 +23,8 @@ use std::io::Write;
 // The sparse-attention and MoE families, one module each (they share the helpers below).
 #[path = "cuda/dsa.rs"]
 mod dsa;
+#[path = "cuda/kernels_api.rs"]
+mod kernels_api;
 #[path = "cuda/moe.rs"]
 mod moe;
 #[path = "cuda/window_attention.rs"]

@@ -1,0 +1,227 @@
+//! The drop-in kernel API: each kernel family as a function on tensors, no
+//! autograd. The functions here run the CPU reference backend on f32 [`Tensor`]s;
+//! [`cuda`] has the same functions, under the same names, on bf16 device tensors
+//! ([`cuda::DeviceTensor`]), and each of them is tested against its twin here.
+//!
+//! Layouts are row-major; "rows" means every dimension but the last.
+//!
+//! ```
+//! use nanoseek::{kernels, Tensor};
+//! // [batch, time, heads, head_dim]; 4 query heads share 2 key/value heads (GQA)
+//! let q = Tensor::from_vec(&[1, 3, 4, 8], (0..96).map(|i| (i as f32 * 0.1).sin()).collect());
+//! let kv = Tensor::from_vec(&[1, 3, 2, 8], (0..48).map(|i| (i as f32 * 0.2).cos()).collect());
+//! let (out, lse) = kernels::causal_attention(&q, &kv, &kv);
+//! assert_eq!(out.shape, vec![1, 3, 4, 8]);
+//! assert_eq!(lse.shape, vec![1, 4, 3]);
+//! // the first position can only attend to itself: its output is its own value row
+//! assert!((out.data[0] - kv.data[0]).abs() < 1e-6);
+//! ```
+
+pub mod checks;
+pub mod cuda;
+
+use crate::backend::cpu::{attention, dsa, embedding, gemm, loss, moe, norm, rope, swiglu, window_attention};
+use crate::tensor::Tensor;
+
+pub use crate::backend::cpu::attention::AttnDims;
+pub use crate::backend::cpu::dsa::{DsaDims, PAD};
+pub use crate::backend::cpu::moe::{RouterConfig, Routing, ScoreFunc};
+pub use crate::backend::cpu::rope::RopeTable;
+pub use crate::backend::cpu::window_attention::WindowDims;
+
+/// C = A·B for A [m,k] and B [k,n] (f32, fp32 accumulation).
+pub fn matmul(a: &Tensor, b: &Tensor) -> Tensor {
+    let ((m, k), (k2, n)) = (a.dims2(), b.dims2());
+    assert_eq!(k, k2, "matmul: inner dimensions differ ({k} vs {k2})");
+    let mut c = Tensor::zeros(&[m, n]);
+    gemm::gemm(m, n, k, &a.data, gemm::Layout::N, &b.data, gemm::Layout::N, &mut c.data, false);
+    c
+}
+
+/// y = x·wᵀ for x [..., k] and w [n, k] (a bias-free linear layer, PyTorch weight layout).
+pub fn linear(x: &Tensor, w: &Tensor) -> Tensor {
+    let (n, k) = w.dims2();
+    assert_eq!(x.shape.last(), Some(&k), "linear: x's last dim must be {k}");
+    let m = x.numel() / k;
+    let mut shape = x.shape.clone();
+    *shape.last_mut().unwrap() = n;
+    let mut y = Tensor::zeros(&shape);
+    gemm::gemm(m, n, k, &x.data, gemm::Layout::N, &w.data, gemm::Layout::T, &mut y.data, false);
+    y
+}
+
+/// Parameter-free RMSNorm over consecutive groups of `dim` values (eps = `norm::RMS_EPS`).
+pub fn rmsnorm(x: &Tensor, dim: usize) -> Tensor {
+    let mut y = Tensor::zeros(&x.shape);
+    let mut rstd = vec![0.0; x.numel() / dim];
+    norm::rmsnorm_forward(&x.data, dim, &mut y.data, &mut rstd);
+    y
+}
+
+/// NeoX half-split rotary embedding of x [b, t, h, head_dim], positions 0..t.
+pub fn rope(x: &Tensor, table: &RopeTable) -> Tensor {
+    assert_eq!(x.shape.len(), 4, "rope: x must be [b, t, h, head_dim]");
+    let mut y = Tensor::zeros(&x.shape);
+    rope::rope_forward(table, &x.data, x.shape[0], x.shape[1], x.shape[2], &mut y.data);
+    y
+}
+
+/// Causal (GQA) attention: q [b,t,h,d], k and v [b,t,h_kv,d] → (out [b,t,h,d], lse [b,h,t]).
+/// Tiled with an online softmax: no T×T matrix is formed.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+    assert!(
+        q.shape.len() == 4 && k.shape.len() == 4 && k.shape == v.shape,
+        "attention: q, k, v must be 4-D, k and v alike"
+    );
+    let dims = AttnDims { b: q.shape[0], t: q.shape[1], h: q.shape[2], h_kv: k.shape[2], d: q.shape[3] };
+    let mut out = Tensor::zeros(&q.shape);
+    let mut lse = Tensor::zeros(&[dims.b, dims.h, dims.t]);
+    attention::attention_forward(&dims, &q.data, &k.data, &v.data, &mut out.data, &mut lse.data);
+    (out, lse)
+}
+
+/// silu(g) ∘ u, elementwise.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Tensor {
+    assert_eq!(g.shape, u.shape, "swiglu: g and u differ in shape");
+    let mut y = Tensor::zeros(&g.shape);
+    swiglu::swiglu_forward(&g.data, &u.data, &mut y.data);
+    y
+}
+
+/// Mean over rows with target ≥ 0 of cross-entropy(cap·tanh(logits/cap), target); cap 0 = no cap.
+pub fn softcap_cross_entropy(logits: &Tensor, targets: &[i32], cap: f32) -> f32 {
+    let vocab = *logits.shape.last().expect("cross_entropy: logits have no dims");
+    let (mut losses, mut lse) = (vec![0.0; targets.len()], vec![0.0; targets.len()]);
+    loss::softcap_cross_entropy_forward(&logits.data, vocab, targets, cap, &mut losses, &mut lse);
+    let n = targets.iter().filter(|&&t| t >= 0).count().max(1);
+    (losses.iter().map(|&l| l as f64).sum::<f64>() / n as f64) as f32
+}
+
+/// out[i, :] = table[ids[i], :] for table [vocab, dim] → out [ids.len(), dim].
+/// Panics if an id is ≥ vocab.
+pub fn embedding(table: &Tensor, ids: &[u32]) -> Tensor {
+    let (vocab, dim) = table.dims2();
+    assert!(ids.iter().all(|&i| (i as usize) < vocab), "embedding: an id is >= vocab = {vocab}");
+    let mut out = Tensor::zeros(&[ids.len(), dim]);
+    embedding::embedding_forward(&table.data, dim, ids, &mut out.data);
+    out
+}
+
+/// Sliding-window causal attention with global tokens (GQA): query `i` sees the keys
+/// `{s : i − window < s ≤ i} ∪ {s < n_global, s ≤ i}`. Shapes as [`causal_attention`]:
+/// q [b,t,h,d], k and v [b,t,h_kv,d] → (out [b,t,h,d], lse [b,h,t]). `window` ≥ 1.
+pub fn window_attention(q: &Tensor, k: &Tensor, v: &Tensor, window: usize, n_global: usize) -> (Tensor, Tensor) {
+    assert!(
+        q.shape.len() == 4 && k.shape.len() == 4 && k.shape == v.shape,
+        "window_attention: q, k, v must be 4-D, k and v alike"
+    );
+    let dims =
+        WindowDims { b: q.shape[0], t: q.shape[1], h: q.shape[2], h_kv: k.shape[2], d: q.shape[3], window, n_global };
+    let mut out = Tensor::zeros(&q.shape);
+    let mut lse = Tensor::zeros(&[dims.b, dims.h, dims.t]);
+    window_attention::window_attention_forward(&dims, &q.data, &k.data, &v.data, &mut out.data, &mut lse.data);
+    (out, lse)
+}
+
+/// The keys each query of a DeepSeek sparse attention reads: `sel` holds, per (batch, query `i`),
+/// `kmax = min(topk + window, t)` entries: the selected key indices (each ≤ i), then [`PAD`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selection {
+    /// `[b, t, kmax]`.
+    pub shape: [usize; 3],
+    pub sel: Vec<u32>,
+    /// Top-k keys chosen by the indexer among those older than the window.
+    pub topk: usize,
+    /// The most recent `window` keys, always selected.
+    pub window: usize,
+}
+
+/// The lightning indexer's top-k: qi [b,t,H_I,d_I], ki [b,t,d_I], wi [b,t,H_I] → the
+/// [`Selection`] of each query (the `window` most recent keys plus the `topk` older keys
+/// with the largest index scores Σ_j wi_j·relu(qi_j·ki); ties go to the more recent key).
+pub fn dsa_topk(qi: &Tensor, ki: &Tensor, wi: &Tensor, topk: usize, window: usize) -> Selection {
+    assert!(qi.shape.len() == 4, "dsa_topk: qi must be [b, t, n_index_heads, index_dim]");
+    let dims = DsaDims {
+        b: qi.shape[0],
+        t: qi.shape[1],
+        h: 0,
+        h_kv: 0,
+        d: 0,
+        n_index_heads: qi.shape[2],
+        index_dim: qi.shape[3],
+        topk,
+        window,
+    };
+    assert!(ki.shape == [dims.b, dims.t, dims.index_dim], "dsa_topk: ki must be [b, t, index_dim]");
+    assert!(wi.shape == [dims.b, dims.t, dims.n_index_heads], "dsa_topk: wi must be [b, t, n_index_heads]");
+    let mut sel = vec![0; dims.sel_len()];
+    dsa::indexer_topk(&dims, &qi.data, &ki.data, &wi.data, &mut sel);
+    Selection { shape: [dims.b, dims.t, dims.kmax()], sel, topk, window }
+}
+
+/// Softmax attention of each query over its selected keys only (GQA): q [b,t,h,d], k and v
+/// [b,t,h_kv,d], `sel` from [`dsa_topk`] → (out [b,t,h,d], lse [b,h,t]).
+pub fn sparse_attention(q: &Tensor, k: &Tensor, v: &Tensor, sel: &Selection) -> (Tensor, Tensor) {
+    assert!(
+        q.shape.len() == 4 && k.shape.len() == 4 && k.shape == v.shape,
+        "sparse_attention: q, k, v must be 4-D, k and v alike"
+    );
+    let dims = DsaDims {
+        b: q.shape[0],
+        t: q.shape[1],
+        h: q.shape[2],
+        h_kv: k.shape[2],
+        d: q.shape[3],
+        n_index_heads: 0,
+        index_dim: 0,
+        topk: sel.topk,
+        window: sel.window,
+    };
+    assert!(sel.shape == [dims.b, dims.t, dims.kmax()], "sparse_attention: sel must be [b, t, kmax]");
+    let mut out = Tensor::zeros(&q.shape);
+    let mut lse = Tensor::zeros(&[dims.b, dims.h, dims.t]);
+    dsa::dsa_attention_forward(&dims, &q.data, &k.data, &v.data, &sel.sel, &mut out.data, &mut lse.data);
+    (out, lse)
+}
+
+/// MoE routing of `n` tokens: router logits [n, E] (= x·Rᵀ) and the balancing bias [E] → the
+/// chosen experts, gates and the expert-contiguous dispatch order ([`Routing`]).
+pub fn moe_route(logits: &Tensor, bias: &Tensor, cfg: &RouterConfig) -> Routing {
+    moe::route(&logits.data, &bias.data, cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wave(shape: &[usize], f: f32) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_vec(shape, (0..n).map(|i| (i as f32 * f).sin()).collect())
+    }
+
+    #[test]
+    fn window_and_sparse_attention_reduce_to_dense() {
+        let (q, k, v) = (wave(&[2, 11, 4, 8], 0.37), wave(&[2, 11, 2, 8], 0.21), wave(&[2, 11, 2, 8], 0.13));
+        let (out, lse) = causal_attention(&q, &k, &v);
+        let close = |a: &Tensor, b: &Tensor| a.data.iter().zip(&b.data).all(|(x, y)| (x - y).abs() < 1e-5);
+        let (wo, wl) = window_attention(&q, &k, &v, 11, 0);
+        assert!(close(&wo, &out) && close(&wl, &lse));
+        let (qi, ki, wi) = (wave(&[2, 11, 3, 4], 0.5), wave(&[2, 11, 4], 0.3), wave(&[2, 11, 3], 0.7));
+        let sel = dsa_topk(&qi, &ki, &wi, 11, 0);
+        assert_eq!(sel.shape, [2, 11, 11]);
+        let (so, sl) = sparse_attention(&q, &k, &v, &sel);
+        assert!(close(&so, &out) && close(&sl, &lse));
+        // a window of one: each query reads only its own key
+        let one = dsa_topk(&qi, &ki, &wi, 0, 1);
+        assert_eq!(&one.sel[..3], &[0, 1, 2]);
+    }
+
+    #[test]
+    fn embedding_picks_rows() {
+        let table = wave(&[5, 3], 1.0);
+        let out = embedding(&table, &[4, 0]);
+        assert_eq!(out.shape, vec![2, 3]);
+        assert_eq!(&out.data[..3], &table.data[12..15]);
+        assert_eq!(&out.data[3..], &table.data[..3]);
+    }
+}
