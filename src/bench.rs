@@ -12,7 +12,8 @@
 //! every matching baseline is listed, the fastest is the ratio). DSA (indexer top-k, sparse
 //! attention forward + backward, indexer KL) does different work from dense attention, so its
 //! rates are not compared: `speedup_vs_dense` is SDPA's time at the same [b, t, h, d] over DSA's
-//! (and `speedup_vs_engine_dense` the same against the engine's own dense attention).
+//! (and `speedup_vs_engine_dense` the same against the engine's own dense attention, timed at
+//! every DSA length).
 //! Timing: 3 warm-up calls, then `iters` calls queued back to back between two device
 //! synchronizations, repeated 5 times; the median per-call time is reported (launch overhead is
 //! hidden behind the queued work, as with PyTorch's CUDA events). The long sparse cases take one
@@ -558,6 +559,19 @@ mod cuda_cases {
                 DeviceBuffer::zeros(be, dims.wi_len())?,
             ];
             let kl_loss = DeviceBuffer::<f32>::zeros(be, 1)?;
+            // The engine's dense attention at this length too, when no case above has it (32K),
+            // for `speedup_vs_engine_dense`.
+            let (kind, name) = super::DENSE_ATTN;
+            if !cases.iter().any(|c| c.kind == kind && c.name == name && c.shape == [b, t, h, d]) {
+                let ad = AttnDims { b, t, h, h_kv: h, d };
+                let grads = [&g[0], &g[1], &g[2]];
+                let ms = time_long(be, it, || {
+                    attention::attention_forward(be, &ad, &q, &k, &v, &out, &lse)?;
+                    attention::attention_backward(be, &ad, &q, &k, &v, &out, &lse, &dout, grads)
+                })?;
+                let flops = 3.5 * 4.0 * (b * h * visible_capped(t, t) * d) as f64;
+                cases.push(Case::new(kind, name, &[b, t, h, d], ms, Some(flops), None).vs(&["sdpa fwd+bwd"]));
+            }
             let flops = 3.5 * 4.0 * (b * h * visible_capped(t, topk) * d) as f64;
             let ms = time_long(be, it, || {
                 dsa::indexer_topk(be, &dims, &qi, &ki, &wi, &sel)?;

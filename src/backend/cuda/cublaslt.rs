@@ -176,8 +176,9 @@ impl Lt {
                 use sys::cublasLtMatrixLayoutAttribute_t::{
                     CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
                 };
-                let count = batch as i32; // checked to fit by the caller
-                                          // SAFETY: a live layout; int32 batch count and int64 stride, as the attributes require.
+                // checked to fit by the caller
+                let count = batch as i32;
+                // SAFETY: a live layout; int32 batch count and int64 stride, as the attributes require.
                 unsafe {
                     result::set_matrix_layout_attribute(
                         plan.layouts[slot],
