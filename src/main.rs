@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use nanoseek::backend::cuda::gemm::{set_gemm_engine, GemmEngine};
 use nanoseek::device::Device;
 use nanoseek::nn::{ConfigOverrides, ModelConfig};
 use nanoseek::train::{self, RunConfig, TrainRequest, TrainSettings};
@@ -47,6 +48,10 @@ struct BenchArgs {
     /// Calls per timed batch.
     #[arg(long, default_value_t = 20)]
     iters: usize,
+    /// GEMM engine of the engine's GEMM calls: native (cuda/gemm.cu) or cublaslt. The GEMM cases
+    /// are timed on both either way (cuBLASLt when its library loads).
+    #[arg(long, default_value = "native", value_parser = ["native", "cublaslt"])]
+    gemm: String,
     /// Write the report as JSON here.
     #[arg(long)]
     output: Option<PathBuf>,
@@ -386,6 +391,9 @@ struct TrainArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// GEMM engine on CUDA: native (the handwritten cuda/gemm.cu) or cublaslt (the library, loaded at run time).
+    #[arg(long, default_value = "native", value_parser = ["native", "cublaslt"])]
+    gemm: String,
     /// Tokens to sample from the trained model at the end (0 = none).
     #[arg(long, default_value_t = 60)]
     sample_tokens: usize,
@@ -412,11 +420,19 @@ fn utc_stamp() -> String {
     format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// Applies `--gemm` to every CUDA GEMM of the process (an error when cuBLASLt cannot be loaded).
+fn select_gemm(name: &str) -> Result<GemmEngine> {
+    let engine: GemmEngine = name.parse().map_err(|e: String| anyhow::anyhow!("--gemm: {e}"))?;
+    set_gemm_engine(engine).map_err(|e| anyhow::anyhow!("--gemm {name}: {e}"))?;
+    Ok(engine)
+}
+
 fn run_train(a: TrainArgs) -> Result<()> {
     if a.init_from.is_some() && a.resume_from_step.is_some() {
         anyhow::bail!("--init-from starts a new run; it cannot be combined with --resume-from-step");
     }
     let device = Device::resolve(&a.device)?;
+    select_gemm(&a.gemm)?;
     let (run_name, run) = match a.resume_from_step {
         Some(_) => {
             let name = a.run.clone().context("--resume-from-step needs --run NAME (the run to resume)")?;
@@ -514,7 +530,9 @@ fn run_bench(b: &BenchArgs) -> Result<()> {
             _ => anyhow::bail!("--device {d}: nanoseek bench runs on cuda or cuda:N"),
         },
     };
-    let opts = nanoseek::bench::BenchOptions { ordinal, quick: b.quick, baseline: b.baseline.clone(), iters: b.iters };
+    let gemm = select_gemm(&b.gemm)?;
+    let opts =
+        nanoseek::bench::BenchOptions { ordinal, quick: b.quick, baseline: b.baseline.clone(), iters: b.iters, gemm };
     let report = nanoseek::bench::run(&opts)?;
     print!("{}", nanoseek::bench::table(&report));
     if let Some(out) = &b.output {

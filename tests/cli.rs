@@ -197,3 +197,15 @@ fn profile_and_info_report_time_and_memory() {
     let o = nanoseek(&["info", "--all"], d);
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("xlarge"));
 }
+
+#[test]
+fn gemm_engine_flag_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fails(d, &strs(&micro(&["--gemm", "cublas"])), "invalid value 'cublas'");
+    // selecting cuBLASLt where its library cannot be loaded is a clear error (elsewhere it trains)
+    if nanoseek::backend::cuda::cublaslt::available().is_err() {
+        fails(d, &strs(&micro(&["--gemm", "cublaslt"])), "cuBLASLt is not available");
+        assert!(std::fs::read_dir(d).unwrap().next().is_none(), "no files before the error");
+    }
+}

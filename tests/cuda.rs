@@ -11,7 +11,8 @@
 //!   cross-entropy gradient): rtol 1e-2, atol 1e-2 × the typical magnitude
 //!   (bf16 has an 8-bit mantissa: one rounding is ≤ 2⁻⁹ ≈ 2e-3 relative);
 //! - f32 outputs from f32 math (loss, lse, AdamW, grad norm): rtol 1e-4, atol 1e-5;
-//! - GEMM with f32 output: only the summation order differs: rtol 1e-3, atol 1e-3·√k;
+//! - GEMM with f32 output: only the summation order differs: rtol 1e-3, atol 1e-3·√k
+//!   (the same for cuBLASLt, `--gemm cublaslt`; bf16 output: rtol 1e-2);
 //! - attention: P is rounded to bf16 before P·V (as in every flash kernel):
 //!   atol 2e-2, rtol 2e-2 on out and the gradients, 1e-3 on lse.
 
@@ -479,4 +480,51 @@ fn cuda_training_step_tracks_the_cpu_explicit_step() {
     gpu.to_host(&mut m2, &mut o2).unwrap();
     assert_eq!(o2.step, 3);
     assert!(m2.params.iter().all(|p| p.tensor.data.iter().all(|v| v.is_finite())));
+}
+
+/// cuBLASLt (`--gemm cublaslt`) against the CPU GEMM: the four layouts, f32 output with α and β
+/// (C read) and bf16 output with β = 0 (C left uninitialized), batched; the native GEMM's shapes
+/// and tolerances (`gemm_matches_cpu_all_layouts`: only the summation order differs). Calls
+/// `cuda::cublaslt` directly, so the process-wide engine switch (and the other tests) stay native.
+#[test]
+fn cublaslt_gemm_matches_cpu_all_layouts() {
+    use cpu::gemm::Layout::{N, T};
+    let Some(be) = device("cublaslt_gemm") else { return };
+    if let Err(e) = cuda::cublaslt::available() {
+        skipped(&e.0, "cublaslt_gemm");
+        return;
+    }
+    for &(batch, m, n, k) in &[(1, 128, 128, 64), (2, 72, 200, 136), (1, 264, 136, 520), (3, 40, 24, 8)] {
+        for la in [N, T] {
+            for lb in [N, T] {
+                let what = format!("cublaslt {la:?}{lb:?} {batch}x{m}x{n}x{k}");
+                let a = rand_bf16(17, batch * m * k, 1.0);
+                let b = rand_bf16(18, batch * k * n, 1.0);
+                let c0 = rand_bf16(19, batch * m * n, 1.0);
+                let mut plain = vec![0.0; batch * m * n];
+                for i in 0..batch {
+                    let (ai, bi) = (&a[i * m * k..(i + 1) * m * k], &b[i * k * n..(i + 1) * k * n]);
+                    cpu::gemm::gemm(m, n, k, ai, la, bi, lb, &mut plain[i * m * n..(i + 1) * m * n], false);
+                }
+                let want: Vec<f32> = c0.iter().zip(&plain).map(|(&c, &p)| 0.5 * c + 2.0 * p).collect();
+                let (ga, gb) = (up(&be, &a), up(&be, &b));
+                let tol = 1e-3 * (k as f32).sqrt();
+                let gc = DeviceBuffer::from_host(&be, &c0).unwrap();
+                cuda::cublaslt::gemm_batched(&be, batch, m, n, k, &ga, la, &gb, lb, &gc, 2.0, 0.5).unwrap();
+                assert_close(&format!("{what} f32"), &gc.to_host().unwrap(), &want, tol, 1e-3);
+                // the second call of a shape runs on the cached plan
+                let gc2 = DeviceBuffer::from_host(&be, &c0).unwrap();
+                cuda::cublaslt::gemm_batched(&be, batch, m, n, k, &ga, la, &gb, lb, &gc2, 2.0, 0.5).unwrap();
+                assert_close(&format!("{what} f32, cached plan"), &gc2.to_host().unwrap(), &want, tol, 1e-3);
+                let gcb = DeviceBuffer::<bf16>::uninit(&be, batch * m * n).unwrap();
+                cuda::cublaslt::gemm_batched(&be, batch, m, n, k, &ga, la, &gb, lb, &gcb, 1.0, 0.0).unwrap();
+                assert_close(&format!("{what} bf16"), &down(&gcb), &plain, tol, 1e-2);
+            }
+        }
+    }
+    // the same shape checks as the native GEMM
+    let (ga, gb) = (up(&be, &rand_bf16(20, 12, 1.0)), up(&be, &rand_bf16(21, 12, 1.0)));
+    let gc = DeviceBuffer::<f32>::uninit(&be, 9).unwrap();
+    let e = cuda::cublaslt::gemm(&be, 3, 3, 4, &ga, N, &gb, T, &gc, 1.0, 0.0).unwrap_err();
+    assert!(e.0.contains("multiple of 8"), "{e}");
 }

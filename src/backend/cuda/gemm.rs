@@ -1,11 +1,66 @@
 //! Launch code of `cuda/gemm.cu` (twin: `cpu::gemm`): C = α·op(A)·op(B) + β·C with bf16
 //! operands, fp32 tensor-core accumulation and an f32 or bf16 C, batched.
+//!
+//! [`gemm`] and [`gemm_batched`] follow a process-wide engine switch ([`set_gemm_engine`],
+//! `--gemm native|cublaslt`): the handwritten kernel (default) or cuBLASLt
+//! ([`super::cublaslt`]), so every caller, the trainer included, changes engine without changes.
 
 use super::abi::NsGemmParams;
 use super::memory::DeviceElem;
 use super::{check, int, CudaBackend, CudaResult, DeviceBuffer};
 pub use crate::backend::cpu::gemm::Layout;
 use half::bf16;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Which implementation [`gemm`] and [`gemm_batched`] run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmEngine {
+    /// The handwritten `cuda/gemm.cu`.
+    Native,
+    /// cuBLASLt, loaded at run time ([`super::cublaslt`]).
+    Cublaslt,
+}
+
+impl GemmEngine {
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmEngine::Native => "native",
+            GemmEngine::Cublaslt => "cublaslt",
+        }
+    }
+}
+
+impl std::str::FromStr for GemmEngine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "native" => Ok(GemmEngine::Native),
+            "cublaslt" => Ok(GemmEngine::Cublaslt),
+            _ => Err(format!("unknown GEMM engine {s:?}: expected native or cublaslt")),
+        }
+    }
+}
+
+static ENGINE: AtomicU8 = AtomicU8::new(0);
+
+/// Selects the engine of every later [`gemm`] / [`gemm_batched`] call in the process. Selecting
+/// cuBLASLt fails (and leaves the engine as it was) when its library cannot be loaded.
+pub fn set_gemm_engine(engine: GemmEngine) -> CudaResult<()> {
+    if engine == GemmEngine::Cublaslt {
+        super::cublaslt::available()?;
+    }
+    ENGINE.store(engine as u8, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The engine [`gemm`] and [`gemm_batched`] run now.
+pub fn gemm_engine() -> GemmEngine {
+    if ENGINE.load(Ordering::Relaxed) == GemmEngine::Cublaslt as u8 {
+        GemmEngine::Cublaslt
+    } else {
+        GemmEngine::Native
+    }
+}
 
 /// Output element types of the GEMM.
 pub trait GemmOut: DeviceElem {
@@ -54,7 +109,8 @@ pub fn gemm<C: GemmOut>(
     gemm_batched(be, 1, m, n, k, a, la, b, lb, c, alpha, beta)
 }
 
-/// `batch` independent products over consecutive [m,k]/[k,n]/[m,n] matrices of a, b and c.
+/// `batch` independent products over consecutive [m,k]/[k,n]/[m,n] matrices of a, b and c,
+/// on the engine chosen by [`set_gemm_engine`].
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_batched<C: GemmOut>(
     be: &CudaBackend,
@@ -70,12 +126,51 @@ pub fn gemm_batched<C: GemmOut>(
     alpha: f32,
     beta: f32,
 ) -> CudaResult<()> {
+    match gemm_engine() {
+        GemmEngine::Native => native_gemm_batched(be, batch, m, n, k, a, la, b, lb, c, alpha, beta),
+        GemmEngine::Cublaslt => super::cublaslt::gemm_batched(be, batch, m, n, k, a, la, b, lb, c, alpha, beta),
+    }
+}
+
+/// The shape contract shared by both engines (see [`gemm`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_shapes<C: GemmOut>(
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &DeviceBuffer<bf16>,
+    la: Layout,
+    b: &DeviceBuffer<bf16>,
+    lb: Layout,
+    c: &DeviceBuffer<C>,
+) -> CudaResult<()> {
     check(a.len() == batch * m * k, || format!("gemm: A must hold batch*m*k = {batch}*{m}*{k} values"))?;
     check(b.len() == batch * k * n, || format!("gemm: B must hold batch*k*n = {batch}*{k}*{n} values"))?;
     check(c.len() == batch * m * n, || format!("gemm: C must hold batch*m*n = {batch}*{m}*{n} values"))?;
     check(k % 8 == 0, || format!("gemm: k = {k} must be a multiple of 8 on CUDA"))?;
     check(la == Layout::N || m % 8 == 0, || format!("gemm: m = {m} must be a multiple of 8 when A is transposed"))?;
-    check(lb == Layout::T || n % 8 == 0, || format!("gemm: n = {n} must be a multiple of 8 when B is not transposed"))?;
+    check(lb == Layout::T || n % 8 == 0, || format!("gemm: n = {n} must be a multiple of 8 when B is not transposed"))
+}
+
+/// [`gemm_batched`] on the handwritten kernel, whatever the engine switch says (the bench times
+/// both engines side by side).
+#[allow(clippy::too_many_arguments)]
+pub fn native_gemm_batched<C: GemmOut>(
+    be: &CudaBackend,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &DeviceBuffer<bf16>,
+    la: Layout,
+    b: &DeviceBuffer<bf16>,
+    lb: Layout,
+    c: &DeviceBuffer<C>,
+    alpha: f32,
+    beta: f32,
+) -> CudaResult<()> {
+    check_shapes(batch, m, n, k, a, la, b, lb, c)?;
     if batch == 0 || m == 0 || n == 0 {
         return Ok(());
     }
@@ -99,4 +194,18 @@ pub fn gemm_batched<C: GemmOut>(
     };
     let grid = ((n as u32).div_ceil(TILE), (m as u32).div_ceil(TILE), batch as u32);
     be.launch("gemm", kernel(la, lb, C::BF16), grid, 256, 0, &p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GemmEngine;
+
+    #[test]
+    fn engine_names_parse_and_round_trip() {
+        for e in [GemmEngine::Native, GemmEngine::Cublaslt] {
+            assert_eq!(e.name().parse::<GemmEngine>(), Ok(e));
+        }
+        let e = "cublas".parse::<GemmEngine>().unwrap_err();
+        assert!(e.contains("native or cublaslt"), "{e}");
+    }
 }

@@ -12,6 +12,7 @@
 #[allow(clippy::all)]
 pub mod abi;
 pub mod attention;
+pub mod cublaslt;
 pub mod dsa;
 pub mod elementwise;
 pub mod embedding;
@@ -109,6 +110,8 @@ pub struct CudaBackend {
     target: &'static str,
     modules: Mutex<HashMap<&'static str, Handle>>,
     functions: Mutex<HashMap<&'static str, Handle>>,
+    /// cuBLASLt handle, workspace and plans, made by the first cuBLASLt GEMM ([`cublaslt`]).
+    pub(crate) cublaslt: Mutex<Option<cublaslt::Lt>>,
 }
 
 impl CudaBackend {
@@ -135,6 +138,7 @@ impl CudaBackend {
             target: ptx_target(cc),
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            cublaslt: Mutex::new(None),
         })
     }
 
