@@ -119,6 +119,17 @@ pub fn predict_training_bytes(c: &ModelConfig, batch: usize, seq: usize, checkpo
     [params, params, optimizer, activations, workspace].map(|floats| floats * 4)
 }
 
+/// A rough lower estimate of the CUDA trainer's device bytes, derived from the CPU prediction
+/// (CATEGORIES order): f32 master weights plus their bf16 copies, f32 gradients and optimizer
+/// state as on the CPU, and bf16 activations (half the CPU's f32). Workspace is left out: the
+/// CUDA step's transient buffers are smaller than the tape's and are caught by the allocator's
+/// own out-of-memory error. Used by the pre-flight check, which should only refuse a run that
+/// cannot fit.
+pub fn predict_cuda_training_bytes(c: &ModelConfig, batch: usize, seq: usize) -> [usize; 5] {
+    let [params, grads, optimizer, activations, _] = predict_training_bytes(c, batch, seq, 0);
+    [params + params / 2, grads, optimizer, activations / 2, 0]
+}
+
 /// Inference bytes: f32 parameters, and the KV cache at `context` tokens, summed over layers by
 /// attention variant (`nn::decode::kv_bytes_per_layer`: dense K/V per token; window + global a
 /// constant (W + G) rows; DSA K/V plus the indexer key per token).

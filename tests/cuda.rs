@@ -323,6 +323,56 @@ fn allocator_reuses_blocks_and_tracks_peak() {
 }
 
 #[test]
+fn allocator_counts_by_category() {
+    use nanoseek::memory::Category;
+    let Some(be) = device("allocator_categories") else { return };
+    let at = |c: Category| be.memory_by_category().report.current[c as usize];
+    let base = be.memory_by_category().report.current;
+    let w = DeviceBuffer::<f32>::uninit_in(&be, 1 << 20, Category::Parameters).unwrap();
+    let a = be.with_category(Category::Activations, || DeviceBuffer::<bf16>::uninit(&be, 1000).unwrap());
+    let t = DeviceBuffer::<f32>::uninit(&be, 100).unwrap(); // no scope: workspace
+    assert_eq!(at(Category::Parameters), base[0] + (4 << 20));
+    assert_eq!(at(Category::Activations), base[3] + 2048);
+    assert_eq!(at(Category::Workspace), base[4] + 512);
+    {
+        let _g = be.scoped(Category::OptimizerState);
+        let _s = DeviceBuffer::<f32>::zeros(&be, 10).unwrap();
+        assert_eq!(at(Category::OptimizerState), base[2] + 512);
+    }
+    assert_eq!(at(Category::OptimizerState), base[2], "the scope's buffer dropped");
+    a.set_category(Category::Gradients);
+    assert_eq!((at(Category::Activations), at(Category::Gradients)), (base[3], base[1] + 2048));
+    let peak = be.memory_by_category();
+    assert!(peak.report.peak_total >= peak.report.current_total());
+    drop((w, a, t));
+    assert_eq!(be.memory_by_category().report.current, base, "everything went back");
+}
+
+#[test]
+fn out_of_memory_is_an_error_not_a_crash() {
+    let Some(be) = device("out_of_memory") else { return };
+    // 64 TiB: more than any device holds; the allocator releases its cache, retries, and explains.
+    let e = DeviceBuffer::<f32>::uninit(&be, 1 << 44).err().expect("a 64 TiB allocation must fail").to_string();
+    for part in [
+        "CUDA out of memory",
+        "allocating 65536.00 GiB",
+        "in use",
+        "free of",
+        "--device-batch-size",
+        "--grad-checkpoint",
+    ] {
+        assert!(e.contains(part), "{part:?} missing from: {e}");
+    }
+    // The backend still works afterwards.
+    let b = DeviceBuffer::<f32>::from_host(&be, &[1.0, 2.0]).unwrap();
+    assert_eq!(b.to_host().unwrap(), vec![1.0, 2.0]);
+    // And the pre-flight check refuses a run that cannot fit, with the same advice.
+    let e = cuda::check_fits(&be, 1 << 50, "a test run").unwrap_err().to_string();
+    assert!(e.contains("a test run") && e.contains("--device-batch-size"), "{e}");
+    cuda::check_fits(&be, 1 << 20, "a small run").unwrap();
+}
+
+#[test]
 fn every_family_has_ptx_for_both_targets() {
     // Runs everywhere: the embedded PTX list is complete.
     let families = [

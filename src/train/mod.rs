@@ -351,6 +351,35 @@ pub fn train_step(
     Ok(StepStats { loss: (loss_sum / accum as f64) as f32, grad_norm, update_s, op_times, moe_loads, indexer_loss })
 }
 
+/// Attributes the CUDA trainer's resident buffers (uploaded under the allocator's default
+/// category, workspace) to gradients, optimizer state and, for the rest (f32 master weights,
+/// their bf16 copies, the RoPE table), parameters; then checks the predicted device bytes
+/// against what the device can give, before the run directory is created.
+fn cuda_memory_setup(
+    tr: &step::DenseTrainer<step_cuda::CudaOps>,
+    mcfg: &ModelConfig,
+    ts: &TrainSettings,
+) -> Result<()> {
+    let be = &tr.ops.be;
+    be.recategorize(Category::Workspace, Category::Parameters);
+    for g in &tr.grads {
+        g.set_category(Category::Gradients);
+    }
+    for s in &tr.state {
+        match s {
+            step::StateBuf::AdamW { m, v } => {
+                m.set_category(Category::OptimizerState);
+                v.set_category(Category::OptimizerState);
+            }
+            step::StateBuf::Muon { momentum } => momentum.set_category(Category::OptimizerState),
+        }
+    }
+    let (batch, seq) = (ts.device_batch_size, mcfg.max_seq_len);
+    let predicted: usize = crate::info::predict_cuda_training_bytes(mcfg, batch, seq).iter().sum();
+    let what = format!("training this model at device_batch_size {batch} × max_seq_len {seq}");
+    Ok(crate::backend::cuda::check_fits(be, predicted, &what)?)
+}
+
 /// Runs (or resumes) training as requested. Everything is validated before the
 /// run directory is created, so bad input leaves no files behind.
 pub fn train(req: TrainRequest) -> Result<TrainSummary> {
@@ -413,6 +442,9 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         Device::Cpu => None,
         Device::Cuda(i) => Some(step_cuda::cuda_trainer(i, &model, &opt)?),
     };
+    if let Some(tr) = &gpu {
+        cuda_memory_setup(tr, mcfg, ts)?;
+    }
     std::fs::create_dir_all(&req.run_dir)
         .with_context(|| format!("cannot create run directory {}", req.run_dir.display()))?;
     write_atomic(&req.run_dir.join("config.json"), serde_json::to_string_pretty(&req.run)?.as_bytes())?;
@@ -459,6 +491,9 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         let ts_step = Instant::now();
         let lr = lr_multiplier(step, total, ts.optim.warmup_ratio, ts.optim.warmdown_ratio, ts.optim.final_lr_frac);
         model.dsa_dense_warmup = step < mcfg.dsa_warmup_steps;
+        if let Some(tr) = &gpu {
+            tr.ops.be.reset_peak(); // the device's peak window is the step, as on the CPU
+        }
         let stats = match &mut gpu {
             Some(tr) => {
                 tr.train_step(|| loader.next_batch(), accum, ts.optim.grad_clip, lr).map(|(loss, grad_norm)| {
@@ -478,8 +513,22 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         tokens_done += ts.total_batch_size;
         let dt = ts_step.elapsed().as_secs_f64();
         let tok_s = ts.total_batch_size as f64 / dt;
-        let peak_mib = memory::mib(memory::report().peak_total);
+        // On CUDA the peak is the device allocator's (live blocks, by category at the peak).
+        let (peak_mib, device_at_peak) = match &gpu {
+            Some(tr) => {
+                let m = tr.ops.be.memory_by_category();
+                (memory::mib(m.report.peak_total), Some(m.at_peak))
+            }
+            None => (memory::mib(memory::report().peak_total), None),
+        };
         let mut record = json!({"step": done, "loss": loss, "lr_mult": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s, "step_time_s": dt, "elapsed_s": t0.elapsed().as_secs_f64(), "peak_memory_mib": peak_mib});
+        if let Some(at_peak) = device_at_peak {
+            let by_cat: serde_json::Map<String, serde_json::Value> = memory::CATEGORIES
+                .iter()
+                .map(|c| (c.name().to_string(), json!(memory::mib(at_peak[*c as usize]))))
+                .collect();
+            record["peak_memory_by_category"] = serde_json::Value::Object(by_cat);
+        }
         if mcfg.moe.enabled() {
             record["moe"] = metrics::moe_record(&stats.moe_loads, &model.moe_bias);
         }
@@ -501,7 +550,14 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         }
         if done % log_every == 0 || is_last {
             let vl = val_loss.map_or(String::new(), |v| format!(" | val {v:.4}"));
-            say(format!("step {done:>5}/{total} | loss {loss:.4}{vl} | lr ×{lr:.3} | grad norm {grad_norm:.3} | {tok_s:.0} tok/s | peak mem {peak_mib:.0} MiB"));
+            let by_cat = device_at_peak.map_or(String::new(), |a| {
+                let parts: Vec<String> = memory::CATEGORIES
+                    .iter()
+                    .map(|c| format!("{} {:.0}", c.name(), memory::mib(a[*c as usize])))
+                    .collect();
+                format!(" on the device ({})", parts.join(", "))
+            });
+            say(format!("step {done:>5}/{total} | loss {loss:.4}{vl} | lr ×{lr:.3} | grad norm {grad_norm:.3} | {tok_s:.0} tok/s | peak mem {peak_mib:.0} MiB{by_cat}"));
         }
         if (ts.save_every > 0 && done % ts.save_every == 0) || is_last {
             if let Some(tr) = &gpu {

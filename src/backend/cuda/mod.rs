@@ -2,7 +2,8 @@
 //! built with dynamic loading, so nothing CUDA is needed at build time), one
 //! context and one stream per [`CudaBackend`], lazy loading of the embedded PTX
 //! (the `sm_90a` build on compute capability 9.0, the portable `sm_80` build
-//! elsewhere), a caching allocator that reports current and peak bytes
+//! elsewhere), a caching allocator that reports current and peak bytes per memory
+//! category and turns out-of-memory into an error that says what to change
 //! ([`memory`]), and typed launch wrappers per kernel family, each named like its
 //! CPU twin in `src/backend/cpu/` and its kernels in `cuda/<family>.cu`.
 //!
@@ -31,7 +32,8 @@ use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex};
 
-pub use memory::{DeviceBuffer, MemoryStats};
+use crate::memory::Category;
+pub use memory::{check_fits, CategoryScope, CategoryStats, DeviceBuffer, MemoryStats};
 
 // The PTX of every kernel family per target, embedded by build.rs.
 include!(concat!(env!("OUT_DIR"), "/embedded_ptx.rs"));
@@ -161,16 +163,38 @@ impl CudaBackend {
         self.inner.pool.lock().unwrap().stats()
     }
 
-    /// Resets the peak to the current usage.
+    /// Current and peak bytes per [`Category`], the split at the total's peak, and cached bytes.
+    pub fn memory_by_category(&self) -> CategoryStats {
+        self.inner.pool.lock().unwrap().acct.by_category()
+    }
+
+    /// Starts a new peak window (total and per category) from the current usage.
     pub fn reset_peak(&self) {
-        let mut p = self.inner.pool.lock().unwrap();
-        p.peak = p.current;
+        self.inner.pool.lock().unwrap().acct.reset_peak();
+    }
+
+    /// Until the guard drops, allocations that name no category count under `cat`
+    /// (the default is [`Category::Workspace`]). Guards nest; drop them in reverse order.
+    pub fn scoped(&self, cat: Category) -> CategoryScope {
+        CategoryScope::new(self, cat)
+    }
+
+    /// Counts every live buffer of category `from` under `to` from now on (for owners that
+    /// allocated through code that names no category, like the trainer's upload).
+    pub fn recategorize(&self, from: Category, to: Category) {
+        self.inner.pool.lock().unwrap().recategorize(from, to);
+    }
+
+    /// Runs `f` with allocations that name no category counted under `cat`.
+    pub fn with_category<R>(&self, cat: Category, f: impl FnOnce() -> R) -> R {
+        let _scope = self.scoped(cat);
+        f()
     }
 
     /// Frees every cached (unused) block back to the driver.
     pub fn empty_cache(&self) -> CudaResult<()> {
         self.inner.bind()?;
-        self.inner.pool.lock().unwrap().release_cached()
+        self.inner.pool.lock().unwrap().release_cached(&mut memory::CudaDriver).map(|_| ())
     }
 
     /// Waits for all queued work.
