@@ -27,8 +27,9 @@ use crate::nn::{Model, ModelConfig, ParamKind};
 use crate::optim::{OptimConfig, Optimizer, ParamState};
 use anyhow::{bail, Result};
 
-/// The coarse ops of a dense training step. `F` holds f32 values (master weights, gradients,
-/// optimizer state, per-row statistics such as rstd and lse); `A` holds activations and the
+/// The coarse ops of a training step (every layer kind). `F` holds f32 values (master weights,
+/// gradients, optimizer state, per-row statistics such as rstd and lse, router logits and gate
+/// gradients); `A` holds activations and the
 /// GEMM-precision copies of the weights (f32 on the CPU, bf16 on CUDA). Shapes follow the CPU
 /// twins in `backend::cpu`: activations are row-major `[tokens, features]`, weights `[out, in]`.
 pub trait StepOps {
@@ -312,7 +313,7 @@ pub struct StepExtras {
     pub indexer_loss: Option<f32>,
 }
 
-/// A model being trained on a backend: parameters (`Model::params` order), their
+/// A model being trained on a backend (the name is historical: every layer kind): parameters (`Model::params` order), their
 /// GEMM-precision copies, gradients and optimizer state, all on the backend; the MoE selection
 /// biases on the host (E floats per layer; the device kernels get them per forward).
 pub struct DenseTrainer<O: StepOps> {
