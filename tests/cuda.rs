@@ -485,8 +485,9 @@ fn cuda_training_step_tracks_the_cpu_explicit_step() {
 /// activations and GEMM operands, a bf16 Newton–Schulz; routing decisions near a tie may flip):
 /// loss rtol 2e-2, grad norm rtol 1e-1, mean indexer KL rtol 1e-1 (+1e-3), expert counts within
 /// 10% of the layer's assignments (Σ|gpu − cpu|); the biases of the MoE layers have moved (the
-/// auxiliary-loss-free update ran on the device's counts) and agree with the CPU's on ≥ 3/4 of
-/// the experts.
+/// auxiliary-loss-free update ran on the device's counts) and agree with the CPU's on at least
+/// half of the experts (a count flipping across the mean load moves an expert's bias by γ for
+/// good, so exact agreement is not expected).
 #[test]
 fn cuda_training_step_tracks_the_cpu_explicit_step_on_every_layer_kind() {
     use nanoseek::data::Batch;
@@ -552,7 +553,7 @@ fn cuda_training_step_tracks_the_cpu_explicit_step_on_every_layer_kind() {
         eprintln!("  layer {l}: bias gpu {a:?} cpu {b:?}");
         assert!(a.iter().any(|&x| x != 0.0), "layer {l}: the bias never moved");
         let same = a.iter().zip(b).filter(|(x, y)| (*x - *y).abs() <= 1e-6).count();
-        assert!(4 * same >= 3 * a.len(), "layer {l}: biases {a:?} vs {b:?}");
+        assert!(2 * same >= a.len(), "layer {l}: biases {a:?} vs {b:?}");
     }
     // the parameters and biases come back to the host (checkpoints) and stay finite
     let (mut m2, mut o2) = (nanoseek::nn::Model::new(&c, 5).unwrap(), nanoseek::optim::Optimizer::new(&model, ocfg));
