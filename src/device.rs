@@ -17,15 +17,16 @@ impl std::fmt::Display for Device {
     }
 }
 
-/// Whether the CUDA training path exists in this build: dense models (every layer `D`, dense
-/// FFN) train on CUDA through the explicit step (`train::step`); other layer kinds do not yet.
+/// Whether the CUDA training path exists in this build: every layer kind (D, W, S; dense or MoE
+/// FFN) trains on CUDA through the explicit step (`train::step`), within the kernels' shape rules
+/// (`train::step_cuda::check_cuda_shapes`).
 pub const CUDA_TRAINING_AVAILABLE: bool = true;
 
 impl Device {
     /// Resolves a `--device` string. `auto` never fails: it falls back to the
     /// CPU and prints one line saying why. An explicit `cuda` that cannot be
-    /// honoured is an error. (CUDA trains dense models only; `nanoseek train`
-    /// sends a non-dense model on `auto` back to the CPU, see [`Device::for_model`].)
+    /// honoured is an error. (`nanoseek train` sends a model outside the CUDA kernels' shape
+    /// rules on `auto` back to the CPU, see [`Device::for_model`].)
     pub fn resolve(spec: &str) -> Result<Device> {
         let spec = spec.trim().to_ascii_lowercase();
         match spec.as_str() {
@@ -61,12 +62,13 @@ impl Device {
         }
     }
 
-    /// `--device auto` for training `model`: CUDA trains dense models only, so a model with
-    /// window, DSA or MoE layers falls back to the CPU with a one-line notice. An explicit
-    /// `cuda` is left as is (training then fails, naming the layer kinds).
+    /// `--device auto` for training `model`: every layer kind trains on CUDA, but a model outside
+    /// the kernels' shape rules (e.g. head_dim 32, or DSA with a dense warm-up) falls back to the
+    /// CPU with a one-line notice. An explicit `cuda` is left as is (training then fails, saying
+    /// which rule).
     pub fn for_model(self, spec: &str, model: &crate::nn::ModelConfig) -> Device {
         if self != Device::Cpu && spec.trim().eq_ignore_ascii_case("auto") {
-            if let Err(why) = crate::train::step::check_dense(model) {
+            if let Err(why) = crate::train::step_cuda::check_cuda_shapes(model, 0) {
                 eprintln!("device: {self} found, but {why}; using the CPU");
                 return Device::Cpu;
             }

@@ -578,3 +578,87 @@ fn cublaslt_gemm_matches_cpu_all_layouts() {
     let e = cuda::cublaslt::gemm(&be, 3, 3, 4, &ga, N, &gb, T, &gc, 1.0, 0.0).unwrap_err();
     assert!(e.0.contains("multiple of 8"), "{e}");
 }
+
+/// Every layer kind on CUDA: a `WSD` model (window + global, DSA sparse phase, dense) with MoE
+/// FFNs after the first layer (E = 8, K = 2, one shared expert, balance loss on), 3 optimizer
+/// steps of 2 micro-batches, the CUDA explicit step against the CPU one. Tolerances (bf16
+/// activations and GEMM operands, a bf16 Newton–Schulz; routing decisions near a tie may flip):
+/// loss rtol 2e-2, grad norm rtol 1e-1, mean indexer KL rtol 1e-1 (+1e-3), expert counts within
+/// 10% of the layer's assignments (Σ|gpu − cpu|); the biases of the MoE layers have moved (the
+/// auxiliary-loss-free update ran on the device's counts) and agree with the CPU's on at least
+/// half of the experts (a count flipping across the mean load moves an expert's bias by γ for
+/// good, so exact agreement is not expected).
+#[test]
+fn cuda_training_step_tracks_the_cpu_explicit_step_on_every_layer_kind() {
+    use nanoseek::data::Batch;
+    use nanoseek::train::step::DenseTrainer;
+    let Some(be) = device("train step, W/S/MoE") else { return };
+    let mut c = nanoseek::nn::ModelConfig::preset("tiny").unwrap();
+    (c.vocab_size, c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.head_dim) = (512, 3, 128, 4, 2, 64);
+    (c.ffn_hidden, c.max_seq_len, c.logit_softcap) = (384, 64, 15.0);
+    c.attn_pattern = "WSD".into();
+    (c.dsa_window_size, c.n_global) = (16, 4);
+    (c.index_n_heads, c.index_head_dim, c.index_topk, c.index_local_window, c.dsa_warmup_steps) = (8, 32, 16, 8, 0);
+    (c.moe.n_routed_experts, c.moe.top_k, c.moe.n_shared_experts, c.moe.moe_inter_dim) = (8, 2, 1, 64);
+    (c.moe.first_k_dense, c.moe.seq_aux_alpha, c.moe.bias_update_speed) = (1, 1e-3, 1e-3);
+    let mut model = nanoseek::nn::Model::new(&c, 5).unwrap();
+    // non-zero c_proj / w_down so every path carries gradient from the first step
+    let mut s = 1u64;
+    for p in model.params.iter_mut().filter(|p| p.name.contains("c_proj") || p.name.contains("w_down")) {
+        s += 1;
+        p.tensor.data = rand_bf16(900 + s, p.tensor.numel(), 0.05);
+    }
+    let ocfg = nanoseek::optim::OptimConfig::default();
+    let opt = nanoseek::optim::Optimizer::new(&model, ocfg.clone());
+    let ops = nanoseek::train::step_cuda::CudaOps::new(be, &c).unwrap();
+    let mut gpu = DenseTrainer::new(ops, &model, &opt).unwrap();
+    let mut cpu_tr = DenseTrainer::new(nanoseek::train::step_cpu::CpuOps::new(&c), &model, &opt).unwrap();
+    let batch = |i: u64| {
+        let ids: Vec<u32> = rand_bf16(80 + i, 2 * 64, 1.0).iter().map(|x| ((x + 1.0) * 255.0) as u32 % 512).collect();
+        let targets = ids.iter().map(|&x| ((x * 7 + 3) % 512) as i32).collect();
+        Batch { ids, targets }
+    };
+    for step in 0..3u64 {
+        let mut i = 2 * step;
+        let next = |i: &mut u64| {
+            *i += 1;
+            batch(*i)
+        };
+        let (lg, ng) = gpu.train_step(|| next(&mut i), 2, ocfg.grad_clip, 1.0).unwrap();
+        let mut i = 2 * step;
+        let (lc, nc) = cpu_tr.train_step(|| next(&mut i), 2, ocfg.grad_clip, 1.0).unwrap();
+        let (kg, kc) = (gpu.last_step.indexer_loss.unwrap(), cpu_tr.last_step.indexer_loss.unwrap());
+        eprintln!(
+            "step {step}: loss gpu {lg:.5} cpu {lc:.5}, grad norm gpu {ng:.4} cpu {nc:.4}, KL gpu {kg:.5} cpu {kc:.5}"
+        );
+        assert!((lg - lc).abs() <= 2e-2 * lc, "step {step}: loss gpu {lg} vs cpu {lc}");
+        assert!((ng - nc).abs() <= 1e-1 * nc, "step {step}: grad norm gpu {ng} vs cpu {nc}");
+        assert!((kg - kc).abs() <= 1e-1 * kc + 1e-3, "step {step}: indexer KL gpu {kg} vs cpu {kc}");
+        for (l, (a, b)) in gpu.last_step.moe_loads.iter().zip(&cpu_tr.last_step.moe_loads).enumerate() {
+            assert_eq!(a.is_some(), b.is_some() && l >= 1, "layer {l}: MoE loads");
+            if let (Some(a), Some(b)) = (a, b) {
+                let diff: usize = a.counts.iter().zip(&b.counts).map(|(&x, &y)| x.abs_diff(y)).sum();
+                eprintln!("  layer {l}: counts gpu {:?} cpu {:?}", a.counts, b.counts);
+                assert!(
+                    diff * 10 <= b.assignments,
+                    "layer {l}: expert counts gpu {:?} vs cpu {:?}",
+                    a.counts,
+                    b.counts
+                );
+                assert_eq!(a.assignments, b.assignments);
+            }
+        }
+    }
+    for (l, (a, b)) in gpu.moe_bias.iter().zip(&cpu_tr.moe_bias).enumerate().skip(1) {
+        eprintln!("  layer {l}: bias gpu {a:?} cpu {b:?}");
+        assert!(a.iter().any(|&x| x != 0.0), "layer {l}: the bias never moved");
+        let same = a.iter().zip(b).filter(|(x, y)| (*x - *y).abs() <= 1e-6).count();
+        assert!(2 * same >= a.len(), "layer {l}: biases {a:?} vs {b:?}");
+    }
+    // the parameters and biases come back to the host (checkpoints) and stay finite
+    let (mut m2, mut o2) = (nanoseek::nn::Model::new(&c, 5).unwrap(), nanoseek::optim::Optimizer::new(&model, ocfg));
+    gpu.to_host(&mut m2, &mut o2).unwrap();
+    assert_eq!(o2.step, 3);
+    assert_eq!(m2.moe_bias, gpu.moe_bias);
+    assert!(m2.params.iter().all(|p| p.tensor.data.iter().all(|v| v.is_finite())));
+}

@@ -10,14 +10,21 @@
 //! - the optimizer update from identical gradients: bitwise (same kernels, same order);
 //! - parameters after 3 full steps: |a − b| ≤ 1e-4·(1 + |b|) (Newton–Schulz normalizes each
 //!   update, so gradient differences at 1e-6 stay at that scale).
+//!
+//! The same checks run for every layer kind: `WD` (window + global attention), `SD` (DSA: sparse
+//! phase and dense warm-up; the indexer weights learn from the KL only), and MoE (E = 4, K = 2,
+//! one shared expert, first layer dense, balance loss α > 0, non-zero selection biases); after the
+//! full steps the MoE biases (auxiliary-loss-free update from the step's counts) must be equal
+//! (they move by ±γ from integer counts, so any routing difference would show as a whole γ).
 
 use nanoseek::autograd::Tape;
 use nanoseek::data::Batch;
 use nanoseek::nn::{Model, ModelConfig};
 use nanoseek::optim::{OptimConfig, Optimizer};
 use nanoseek::rng::Rng;
-use nanoseek::train::step::{check_dense, DenseTrainer};
+use nanoseek::train::step::DenseTrainer;
 use nanoseek::train::step_cpu::CpuOps;
+use nanoseek::train::step_cuda::check_cuda_shapes;
 use nanoseek::train::train_step;
 
 /// 3 layers, GQA (4 query heads over 2 kv heads), softcap on.
@@ -75,10 +82,88 @@ fn tape_grads(m: &Model, batch: &Batch, b: usize, seed: f32) -> (f32, Vec<Vec<f3
     (lv, g.collect())
 }
 
+/// `WD`: window 4 with 2 global tokens over 16 positions (the mask matters).
+fn window_config() -> ModelConfig {
+    let mut c = config();
+    c.n_layer = 2;
+    c.attn_pattern = "WD".into();
+    c.dsa_window_size = 4;
+    c.n_global = 2;
+    c
+}
+
+/// `SD`: the indexer keeps 4 top-k keys plus a local window of 2 over 16 positions.
+fn dsa_config() -> ModelConfig {
+    let mut c = config();
+    c.n_layer = 2;
+    c.attn_pattern = "SD".into();
+    c.index_n_heads = 2;
+    c.index_head_dim = 16;
+    c.index_topk = 4;
+    c.index_local_window = 2;
+    c
+}
+
+/// MoE: E = 4, K = 2, one shared expert, layer 0 dense, balance loss on.
+fn moe_config() -> ModelConfig {
+    let mut c = config();
+    c.moe.n_routed_experts = 4;
+    c.moe.top_k = 2;
+    c.moe.n_shared_experts = 1;
+    c.moe.moe_inter_dim = 32;
+    c.moe.first_k_dense = 1;
+    c.moe.seq_aux_alpha = 0.01;
+    c.moe.bias_update_speed = 0.01;
+    c
+}
+
+/// [`model`] with non-zero MoE selection biases and the DSA phase set.
+fn model_for(c: &ModelConfig, warmup: bool) -> Model {
+    let mut m = model(c);
+    let mut rng = Rng::new(5);
+    for b in m.moe_bias.iter_mut() {
+        b.iter_mut().for_each(|v| *v = 0.02 * rng.normal() as f32);
+    }
+    m.dsa_dense_warmup = warmup;
+    m
+}
+
 #[test]
 fn loss_and_gradients_match_the_tape() {
-    let c = config();
-    let m = model(&c);
+    grads_match_the_tape(&config(), false);
+}
+
+#[test]
+fn window_layers_match_the_tape() {
+    let c = window_config();
+    grads_match_the_tape(&c, false);
+    steps_track_train_step(&c, false);
+}
+
+#[test]
+fn dsa_layers_match_the_tape() {
+    let c = dsa_config();
+    grads_match_the_tape(&c, false);
+    steps_track_train_step(&c, false);
+}
+
+#[test]
+fn dsa_warmup_matches_the_tape() {
+    let c = dsa_config();
+    grads_match_the_tape(&c, true);
+    steps_track_train_step(&c, true);
+}
+
+#[test]
+fn moe_layers_match_the_tape() {
+    let c = moe_config();
+    grads_match_the_tape(&c, false);
+    steps_track_train_step(&c, false);
+}
+
+fn grads_match_the_tape(c: &ModelConfig, warmup: bool) {
+    let c = c.clone();
+    let m = model_for(&c, warmup);
     let opt = Optimizer::new(&m, OptimConfig::default());
     let mut tr = DenseTrainer::new(CpuOps::new(&c), &m, &opt).unwrap();
     let bs = batches(&c, 3, 2);
@@ -136,8 +221,12 @@ fn update_matches_the_optimizer_bitwise() {
 
 #[test]
 fn full_steps_track_train_step() {
-    let c = config();
-    let mut m = model(&c);
+    steps_track_train_step(&config(), false);
+}
+
+fn steps_track_train_step(c: &ModelConfig, warmup: bool) {
+    let c = c.clone();
+    let mut m = model_for(&c, warmup);
     let cfg = OptimConfig::default();
     let mut opt = Optimizer::new(&m, cfg.clone());
     let mut tr = DenseTrainer::new(CpuOps::new(&c), &m, &opt).unwrap();
@@ -154,26 +243,38 @@ fn full_steps_track_train_step() {
             "step {step}: norm {norm} vs {}",
             want.grad_norm
         );
+        if c.moe.enabled() {
+            let got: Vec<_> = tr.last_step.moe_loads.iter().map(|l| l.as_ref().map(|l| l.counts.clone())).collect();
+            let want: Vec<_> = want.moe_loads.iter().map(|l| l.as_ref().map(|l| l.counts.clone())).collect();
+            assert_eq!(got, want, "step {step}: expert counts");
+        }
+        if c.attn_pattern.contains('S') {
+            let (a, b) = (tr.last_step.indexer_loss.unwrap(), want.indexer_loss.unwrap());
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-3), "step {step}: indexer loss {a} vs {b}");
+        }
     }
     for (p, got) in m.params.iter().zip(&tr.params) {
         for (i, (&a, &b)) in got.iter().zip(&p.tensor.data).enumerate() {
             assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{}[{i}]: explicit {a} vs train_step {b}", p.name);
         }
     }
+    assert_eq!(tr.moe_bias, m.moe_bias, "MoE selection biases after the steps");
+    assert!(m.moe_bias.iter().any(|b| !b.is_empty()) == c.moe.enabled());
 }
 
 #[test]
-fn non_dense_configs_are_refused_by_name() {
-    let mut c = config();
-    assert!(check_dense(&c).is_ok());
-    c.attn_pattern = "DW".into();
-    let e = check_dense(&c).unwrap_err().to_string();
-    assert!(e.contains("layer 1: window attention"), "{e}");
-    let mut c = config();
-    c.moe.n_routed_experts = 4;
-    c.moe.top_k = 2;
-    c.moe.moe_inter_dim = 32;
-    c.moe.first_k_dense = 1;
-    let e = check_dense(&c).unwrap_err().to_string();
-    assert!(e.contains("layer 1: MoE FFN") && !e.contains("layer 0"), "{e}");
+fn cuda_shape_rules_are_named() {
+    assert!(check_cuda_shapes(&config(), 0).unwrap_err().to_string().contains("head_dim 64 or 128"));
+    let mut c = moe_config();
+    c.head_dim = 64;
+    c.n_embd = 256;
+    let e = check_cuda_shapes(&c, 0).unwrap_err().to_string();
+    assert!(e.contains("n_routed_experts"), "{e}");
+    c.moe.n_routed_experts = 8;
+    assert!(check_cuda_shapes(&c, 0).is_ok());
+    let mut c = dsa_config();
+    (c.head_dim, c.index_n_heads, c.dsa_warmup_steps) = (64, 8, 10);
+    let e = check_cuda_shapes(&c, 3).unwrap_err().to_string();
+    assert!(e.contains("dsa_warmup_steps"), "{e}");
+    assert!(check_cuda_shapes(&c, 10).is_ok());
 }

@@ -387,7 +387,8 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     mcfg.validate()?;
     ts.optim.validate()?;
     if req.device != Device::Cpu {
-        step::check_dense(mcfg).with_context(|| format!("--device {}", req.device))?;
+        // The kernels' shape rules (the DSA warm-up rule needs the start step: `cuda_trainer`).
+        step_cuda::check_cuda_shapes(mcfg, u64::MAX).with_context(|| format!("--device {}", req.device))?;
     }
     let (rank, world) = rank_and_world()?;
     let seq = mcfg.max_seq_len;
@@ -436,8 +437,8 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     };
 
     model.checkpoint_every = ts.grad_checkpoint;
-    // Dense models on CUDA: the explicit step (train::step) on the device; the host model and
-    // optimizer are refreshed from it for checkpoints and sampling.
+    // On CUDA: the explicit step (train::step) on the device; the host model (with its MoE
+    // biases) and optimizer are refreshed from it for checkpoints and sampling.
     let mut gpu = match req.device {
         Device::Cpu => None,
         Device::Cuda(i) => Some(step_cuda::cuda_trainer(i, &model, &opt)?),
@@ -496,9 +497,12 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         }
         let stats = match &mut gpu {
             Some(tr) => {
+                tr.dsa_dense_warmup = model.dsa_dense_warmup;
                 tr.train_step(|| loader.next_batch(), accum, ts.optim.grad_clip, lr).map(|(loss, grad_norm)| {
-                    let moe_loads = vec![None; mcfg.n_layer];
-                    StepStats { loss, grad_norm, update_s: 0.0, op_times: None, moe_loads, indexer_loss: None }
+                    // the metrics read the biases from the host model
+                    model.moe_bias.clone_from(&tr.moe_bias);
+                    let step::StepExtras { moe_loads, indexer_loss } = std::mem::take(&mut tr.last_step);
+                    StepStats { loss, grad_norm, update_s: 0.0, op_times: None, moe_loads, indexer_loss }
                 })
             }
             None => train_step(&mut model, &mut opt, || loader.next_batch(), accum, ts.optim.grad_clip, lr, false),

@@ -6,24 +6,41 @@
 use super::step::StepOps;
 use crate::backend::cpu::{
     attention::{attention_backward, attention_forward, AttnDims},
+    dsa::{self, DsaDims},
     elementwise, embedding,
     gemm::{gemm, Layout},
-    loss, norm,
+    loss,
+    moe::{self, MoeCache, RouterConfig, Routing},
+    norm,
     optim::{adamw_update, newton_schulz, AdamWStep},
     rope::{rope_backward, rope_forward, RopeTable},
     swiglu,
+    window_attention::{window_attention_backward, window_attention_forward, WindowDims},
 };
 use crate::nn::ModelConfig;
 use anyhow::Result;
 
 pub struct CpuOps {
     rope: RopeTable,
+    /// The DSA indexer's table (`index_head_dim`), as `Model`'s.
+    index_rope: RopeTable,
 }
 
 impl CpuOps {
     pub fn new(c: &ModelConfig) -> CpuOps {
-        CpuOps { rope: RopeTable::new(c.head_dim, c.max_seq_len, c.rope_theta) }
+        CpuOps {
+            rope: RopeTable::new(c.head_dim, c.max_seq_len, c.rope_theta),
+            index_rope: RopeTable::new(c.index_head_dim, c.max_seq_len, c.rope_theta),
+        }
     }
+}
+
+/// RoPE (or its backward) of x [b, t, h, ·] with `table`, into a new buffer.
+fn rope_with(table: &RopeTable, x: &[f32], (b, t, h): (usize, usize, usize), inverse: bool) -> Vec<f32> {
+    let f: fn(&RopeTable, &[f32], usize, usize, usize, &mut [f32]) = if inverse { rope_backward } else { rope_forward };
+    let mut y = vec![0.0; x.len()];
+    f(table, x, b, t, h, &mut y);
+    y
 }
 
 impl StepOps for CpuOps {
@@ -31,6 +48,9 @@ impl StepOps for CpuOps {
     type A = Vec<f32>;
     type Ids = Vec<u32>;
     type Tgt = Vec<i32>;
+    type Routing = Routing;
+    type MoeCache = MoeCache;
+    type Sel = Vec<u32>;
 
     fn f_from(&self, v: &[f32]) -> Result<Vec<f32>> {
         Ok(v.to_vec())
@@ -136,14 +156,8 @@ impl StepOps for CpuOps {
         (b, t, h, h_kv): (usize, usize, usize, usize),
         inverse: bool,
     ) -> Result<()> {
-        let f: fn(&RopeTable, &[f32], usize, usize, usize, &mut [f32]) =
-            if inverse { rope_backward } else { rope_forward };
-        let mut y = vec![0.0; q.len()];
-        f(&self.rope, q, b, t, h, &mut y);
-        *q = y;
-        let mut y = vec![0.0; k.len()];
-        f(&self.rope, k, b, t, h_kv, &mut y);
-        *k = y;
+        *q = rope_with(&self.rope, q, (b, t, h), inverse);
+        *k = rope_with(&self.rope, k, (b, t, h_kv), inverse);
         Ok(())
     }
     fn attention(&self, dims: &AttnDims, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>) -> Result<(Vec<f32>, Vec<f32>)> {
@@ -165,6 +179,154 @@ impl StepOps for CpuOps {
         attention_backward(dims, q, k, v, out, lse, dout, &mut dq, &mut dk, &mut dv);
         Ok((dq, dk, dv))
     }
+    fn window_attention(
+        &self,
+        dims: &WindowDims,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; dims.lse_len()]);
+        window_attention_forward(dims, q, k, v, &mut out, &mut lse);
+        Ok((out, lse))
+    }
+    fn window_attention_backward(
+        &self,
+        dims: &WindowDims,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        dout: &Vec<f32>,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        window_attention_backward(dims, q, k, v, out, lse, dout, &mut dq, &mut dk, &mut dv);
+        Ok((dq, dk, dv))
+    }
+
+    fn router_logits(&self, x: &Vec<f32>, w: &Vec<f32>, n: usize, c: usize, e: usize) -> Result<Vec<f32>> {
+        self.linear(x, w, n, c, e)
+    }
+    fn route(&self, logits: &Vec<f32>, bias: &[f32], cfg: &RouterConfig) -> Result<Routing> {
+        Ok(moe::route(logits, bias, cfg))
+    }
+    fn routing_counts(&self, r: &Routing) -> Result<(Vec<usize>, usize)> {
+        Ok((r.counts.clone(), r.dropped))
+    }
+    fn balance_loss(
+        &self,
+        r: &Routing,
+        n_seqs: usize,
+        seq_len: usize,
+        cfg: &RouterConfig,
+        alpha: f32,
+        seed: f32,
+    ) -> Result<(f32, Vec<f32>)> {
+        let (loss, mut ds) = moe::balance_loss(&r.scores, &r.experts, n_seqs, seq_len, cfg, alpha);
+        ds.iter_mut().for_each(|d| *d *= seed);
+        Ok((loss, ds))
+    }
+    fn moe_forward(
+        &self,
+        x: &Vec<f32>,
+        (n, c, f): (usize, usize, usize),
+        r: &Routing,
+        [wg, wu, wd]: [&Vec<f32>; 3],
+    ) -> Result<(Vec<f32>, MoeCache)> {
+        let (mut out, mut cache) = (vec![0.0; n * c], MoeCache::default());
+        moe::moe_forward(x, n, c, r, wg, wu, wd, f, &mut out, &mut cache);
+        Ok((out, cache))
+    }
+    fn moe_backward(
+        &self,
+        dout: &Vec<f32>,
+        (n, c, f): (usize, usize, usize),
+        r: &Routing,
+        [wg, wu, wd]: [&Vec<f32>; 3],
+        cache: &MoeCache,
+        dw: [&mut Vec<f32>; 3],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut dx = vec![0.0; n * c];
+        let mut t = [vec![0.0; wg.len()], vec![0.0; wu.len()], vec![0.0; wd.len()]];
+        let mut d_gates = vec![0.0; n * r.top_k];
+        let [tg, tu, td] = &mut t;
+        moe::moe_backward(dout, n, c, r, wg, wu, wd, f, cache, &mut dx, tg, tu, td, &mut d_gates);
+        for (acc, tmp) in dw.into_iter().zip(&t) {
+            elementwise::accumulate(acc, tmp);
+        }
+        Ok((dx, d_gates))
+    }
+    fn router_backward(
+        &self,
+        r: &Routing,
+        d_gates: &Vec<f32>,
+        d_scores: Option<&Vec<f32>>,
+        cfg: &RouterConfig,
+    ) -> Result<Vec<f32>> {
+        let mut d_logits = vec![0.0; r.n_tokens * cfg.n_experts];
+        moe::router_backward(r, d_gates, d_scores.map(|v| v.as_slice()), cfg, &mut d_logits);
+        Ok(d_logits)
+    }
+
+    fn index_rope(
+        &self,
+        qi: &mut Vec<f32>,
+        ki: &mut Vec<f32>,
+        (b, t, hi): (usize, usize, usize),
+        inverse: bool,
+    ) -> Result<()> {
+        *qi = rope_with(&self.index_rope, qi, (b, t, hi), inverse);
+        *ki = rope_with(&self.index_rope, ki, (b, t, 1), inverse);
+        Ok(())
+    }
+    fn scale(&self, x: &mut Vec<f32>, s: f32) -> Result<()> {
+        x.iter_mut().for_each(|v| *v *= s);
+        Ok(())
+    }
+    fn indexer_topk(&self, dims: &DsaDims, qi: &Vec<f32>, ki: &Vec<f32>, wi: &Vec<f32>) -> Result<Vec<u32>> {
+        let mut sel = vec![0u32; dims.sel_len()];
+        dsa::indexer_topk(dims, qi, ki, wi, &mut sel);
+        Ok(sel)
+    }
+    fn dsa_attention(
+        &self,
+        dims: &DsaDims,
+        (q, k, v): (&Vec<f32>, &Vec<f32>, &Vec<f32>),
+        sel: &Vec<u32>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; dims.lse_len()]);
+        dsa::dsa_attention_forward(dims, q, k, v, sel, &mut out, &mut lse);
+        Ok((out, lse))
+    }
+    fn dsa_attention_backward(
+        &self,
+        dims: &DsaDims,
+        (q, k, v): (&Vec<f32>, &Vec<f32>, &Vec<f32>),
+        sel: &Vec<u32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        dout: &Vec<f32>,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        dsa::dsa_attention_backward(dims, q, k, v, sel, out, lse, dout, &mut dq, &mut dk, &mut dv);
+        Ok((dq, dk, dv))
+    }
+    fn indexer_kl(
+        &self,
+        dims: &DsaDims,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        lse: &Vec<f32>,
+        (qi, ki, wi): (&Vec<f32>, &Vec<f32>, &Vec<f32>),
+        sel: Option<&Vec<u32>>,
+    ) -> Result<(f32, Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (mut dqi, mut dki, mut dwi) = (vec![0.0; qi.len()], vec![0.0; ki.len()], vec![0.0; wi.len()]);
+        let sel = sel.map(|s| s.as_slice());
+        let loss = dsa::indexer_kl(dims, q, k, lse, qi, ki, wi, sel, &mut dqi, &mut dki, &mut dwi);
+        Ok((loss, dqi, dki, dwi))
+    }
+
     fn swiglu(&self, g: &Vec<f32>, u: &Vec<f32>) -> Result<Vec<f32>> {
         let mut y = vec![0.0; g.len()];
         swiglu::swiglu_forward(g, u, &mut y);
@@ -224,6 +386,17 @@ impl StepOps for CpuOps {
     }
     fn newton_schulz(&self, u: &Vec<f32>, rows: usize, cols: usize, steps: usize) -> Result<Vec<f32>> {
         Ok(newton_schulz(u, rows, cols, steps))
+    }
+    fn newton_schulz_stack(
+        &self,
+        u: &Vec<f32>,
+        n_mat: usize,
+        rows: usize,
+        cols: usize,
+        steps: usize,
+    ) -> Result<Vec<f32>> {
+        debug_assert_eq!(u.len(), n_mat * rows * cols);
+        Ok(u.chunks_exact(rows * cols).flat_map(|m| newton_schulz(m, rows, cols, steps)).collect())
     }
     fn muon_apply(&self, w: &mut Vec<f32>, wa: &mut Vec<f32>, o: &Vec<f32>, decay: f32, lr: f32) -> Result<()> {
         for (wi, oi) in w.iter_mut().zip(o) {

@@ -4,18 +4,41 @@
 //! operands with fp32 accumulation; f32 rstd, lse and reductions. Muon's Newton–Schulz runs as
 //! bf16 GEMMs (see [`CudaOps::newton_schulz`]).
 //!
-//! Shape rules of the kernels (checked once by [`CudaOps::new`]): head_dim 64 or 128; n_embd,
-//! q_dim, kv_dim, ffn_hidden and vocab_size multiples of 8; and, per batch, b·t a multiple of 8
-//! (the GEMMs' contiguous dimensions).
+//! Window (`W`) layers run `window_attention.cu`; DSA (`S`) layers the indexer GEMMs, RoPE,
+//! `dsa.cu`'s exact top-k, gathered-KV attention and sparse KL (its f32 gradients cast to bf16
+//! for the weight-gradient GEMMs); MoE layers an f32 router GEMM, `moe.cu`'s routing, dispatch,
+//! grouped expert GEMMs, combine and router backward.
+//!
+//! Done on the host, from small tensors: the sequence-wise balance loss and its score gradient
+//! (`cpu::moe::balance_loss` on the downloaded scores `[n, E]` and experts `[n, K]`, α > 0 only),
+//! the expert counts (E values per layer and micro-batch) and the auxiliary-loss-free bias update
+//! (`DenseTrainer::update_moe_bias`, E floats per layer, uploaded to each routing), and Muon's
+//! per-expert split of an expert stack (`newton_schulz_stack`: the stack goes to the host and each
+//! expert matrix back for its Newton–Schulz; correct, but a transfer per stack per step). The
+//! experts' weight gradients (f32, overwritten by `moe_backward`) are added into the f32
+//! gradients through a bf16 copy (`muon_apply` with decay 1 and lr −1), a bf16 rounding of that
+//! micro-batch's contribution. The dense (warm-up) indexer KL has no CUDA kernel: a DSA model
+//! with `dsa_warmup_steps` past the starting step is refused (see [`check_cuda_shapes`]).
+//!
+//! Shape rules of the kernels ([`check_cuda_shapes`], checked once by [`CudaOps::new`]):
+//! head_dim 64 or 128; n_embd, q_dim, kv_dim, ffn_hidden and vocab_size multiples of 8; MoE:
+//! n_routed_experts and moe_inter_dim multiples of 8; DSA: index_n_heads a multiple of 8 and
+//! index_head_dim of 16; and, per batch, b·t a multiple of 8 (the GEMMs' contiguous dimensions).
 
-use super::step::{check_dense, DenseTrainer, StepOps};
+use super::step::{DenseTrainer, StepOps};
 use crate::backend::cpu::attention::AttnDims;
+use crate::backend::cpu::dsa::DsaDims;
+use crate::backend::cpu::moe::RouterConfig;
 use crate::backend::cpu::optim::AdamWStep;
+use crate::backend::cpu::window_attention::WindowDims;
 use crate::backend::cuda::gemm::{gemm, Layout};
+use crate::backend::cuda::moe::{DeviceRouting, MoeCacheGpu};
 use crate::backend::cuda::rope::RopeTableGpu;
 use crate::backend::cuda::{
-    attention, elementwise, embedding, loss, norm, optim, rope, swiglu, CudaBackend, DeviceBuffer,
+    attention, dsa, elementwise, embedding, loss, moe, norm, optim, rope, swiglu, window_attention, CudaBackend,
+    DeviceBuffer,
 };
+use crate::nn::config::AttnKind;
 use crate::nn::{Model, ModelConfig};
 use crate::optim::Optimizer;
 use anyhow::{bail, Result};
@@ -27,38 +50,83 @@ type A = DeviceBuffer<bf16>;
 /// Quintic Newton–Schulz coefficients (the CPU twin's).
 const NS_COEFFS: (f32, f32, f32) = (3.4445, -4.7750, 2.0315);
 
-/// The CUDA trainer of `model` (and its optimizer state) on device `ordinal`; a non-dense model
-/// is refused first, naming the layer kinds that are not on the GPU yet.
+/// The CUDA trainer of `model` (and its optimizer state, `opt.step` the step training starts
+/// from) on device `ordinal`; a model the kernels cannot run is refused first, saying why.
 pub fn cuda_trainer(ordinal: usize, model: &Model, opt: &Optimizer) -> Result<DenseTrainer<CudaOps>> {
-    check_dense(&model.config)?;
+    check_cuda_shapes(&model.config, opt.step)?;
     let be = CudaBackend::new(ordinal)?;
     DenseTrainer::new(CudaOps::new(be, &model.config)?, model, opt)
+}
+
+/// The shape rules of the CUDA kernels (module doc), and the DSA warm-up rule: training that
+/// starts at `start_step` < `dsa_warmup_steps` with DSA layers would need the dense indexer KL,
+/// which has no CUDA kernel.
+pub fn check_cuda_shapes(c: &ModelConfig, start_step: u64) -> Result<()> {
+    if c.head_dim != 64 && c.head_dim != 128 {
+        bail!("CUDA training needs head_dim 64 or 128 (the attention kernels), got {}", c.head_dim);
+    }
+    let mut widths = vec![
+        ("n_embd", c.n_embd),
+        ("n_head·head_dim", c.q_dim()),
+        ("n_kv_head·head_dim", c.kv_dim()),
+        ("ffn_hidden", c.ffn_hidden),
+        ("vocab_size", c.vocab_size),
+    ];
+    let moe = (0..c.n_layer).any(|l| c.is_moe_layer(l));
+    let dsa = (0..c.n_layer).any(|l| c.attn_kind(l) == AttnKind::Sparse);
+    if moe {
+        widths.push(("moe.n_routed_experts (the router GEMMs)", c.moe.n_routed_experts));
+        widths.push(("moe.moe_inter_dim", c.moe.moe_inter_dim));
+    }
+    if dsa {
+        widths.push(("index_n_heads (the indexer GEMMs)", c.index_n_heads));
+    }
+    for (what, v) in widths {
+        if v % 8 != 0 {
+            bail!("CUDA training needs {what} to be a multiple of 8, got {v}");
+        }
+    }
+    if dsa {
+        if c.index_head_dim % 16 != 0 {
+            bail!("CUDA training needs index_head_dim to be a multiple of 16 (RoPE), got {}", c.index_head_dim);
+        }
+        if start_step < c.dsa_warmup_steps {
+            bail!(
+                "CUDA training of DSA layers has no dense warm-up (the dense indexer KL has no CUDA kernel): \
+                 set dsa_warmup_steps = 0 (or {start_step}), or train the warm-up on the CPU and resume on CUDA \
+                 (dsa_warmup_steps = {})",
+                c.dsa_warmup_steps
+            );
+        }
+    }
+    Ok(())
 }
 
 pub struct CudaOps {
     pub be: CudaBackend,
     rope: RopeTableGpu,
+    /// The DSA indexer's RoPE table (`index_head_dim`), when the model has DSA layers.
+    index_rope: Option<RopeTableGpu>,
 }
 
 impl CudaOps {
-    /// Checks the model's shapes against the kernels' rules and builds the RoPE table.
+    /// Checks the model's shapes against the kernels' rules and builds the RoPE tables.
     pub fn new(be: CudaBackend, c: &ModelConfig) -> Result<CudaOps> {
-        if c.head_dim != 64 && c.head_dim != 128 {
-            bail!("CUDA training needs head_dim 64 or 128 (the attention kernels), got {}", c.head_dim);
-        }
-        for (what, v) in [
-            ("n_embd", c.n_embd),
-            ("n_head·head_dim", c.q_dim()),
-            ("n_kv_head·head_dim", c.kv_dim()),
-            ("ffn_hidden", c.ffn_hidden),
-            ("vocab_size", c.vocab_size),
-        ] {
-            if v % 8 != 0 {
-                bail!("CUDA training needs {what} to be a multiple of 8, got {v}");
-            }
-        }
+        check_cuda_shapes(c, u64::MAX)?;
         let rope = RopeTableGpu::new(&be, c.head_dim, c.max_seq_len, c.rope_theta)?;
-        Ok(CudaOps { be, rope })
+        let index_rope = if (0..c.n_layer).any(|l| c.attn_kind(l) == AttnKind::Sparse) {
+            Some(RopeTableGpu::new(&be, c.index_head_dim, c.max_seq_len, c.rope_theta)?)
+        } else {
+            None
+        };
+        Ok(CudaOps { be, rope, index_rope })
+    }
+
+    /// bf16 copy of an f32 buffer.
+    fn to_bf16(&self, x: &F) -> Result<A> {
+        let y = self.uninit(x.len())?;
+        optim::cast_f32_bf16(&self.be, x, &y)?;
+        Ok(y)
     }
 
     fn uninit<T: crate::backend::cuda::memory::DeviceElem>(&self, n: usize) -> Result<DeviceBuffer<T>> {
@@ -72,6 +140,9 @@ impl StepOps for CudaOps {
     type Ids = DeviceBuffer<u32>;
     /// The targets on the device, and on the host (to sum only the rows that count).
     type Tgt = (DeviceBuffer<i32>, Vec<i32>);
+    type Routing = DeviceRouting;
+    type MoeCache = MoeCacheGpu;
+    type Sel = DeviceBuffer<u32>;
 
     fn f_from(&self, v: &[f32]) -> Result<F> {
         Ok(DeviceBuffer::from_host(&self.be, v)?)
@@ -166,6 +237,146 @@ impl StepOps for CudaOps {
         optim::cast_f32_bf16(&self.be, &dv, &bv)?;
         Ok((bq, bk, bv))
     }
+    fn window_attention(&self, dims: &WindowDims, q: &A, k: &A, v: &A) -> Result<(A, F)> {
+        let (out, lse) = (self.uninit(dims.q_len())?, self.uninit(dims.lse_len())?);
+        window_attention::window_attention_forward(&self.be, dims, q, k, v, &out, &lse)?;
+        Ok((out, lse))
+    }
+    fn window_attention_backward(
+        &self,
+        dims: &WindowDims,
+        q: &A,
+        k: &A,
+        v: &A,
+        out: &A,
+        lse: &F,
+        dout: &A,
+    ) -> Result<(A, A, A)> {
+        let (ql, kl) = (dims.q_len(), dims.kv_len());
+        let (dq, dk, dv): (F, F, F) = (self.uninit(ql)?, self.uninit(kl)?, self.uninit(kl)?);
+        window_attention::window_attention_backward(&self.be, dims, q, k, v, out, lse, dout, [&dq, &dk, &dv])?;
+        Ok((self.to_bf16(&dq)?, self.to_bf16(&dk)?, self.to_bf16(&dv)?))
+    }
+
+    fn router_logits(&self, x: &A, w: &A, n: usize, c: usize, e: usize) -> Result<F> {
+        let y: F = self.uninit(n * e)?;
+        gemm(&self.be, n, e, c, x, Layout::N, w, Layout::T, &y, 1.0, 0.0)?;
+        Ok(y)
+    }
+    fn route(&self, logits: &F, bias: &[f32], cfg: &RouterConfig) -> Result<DeviceRouting> {
+        let bias = DeviceBuffer::from_host(&self.be, bias)?;
+        Ok(moe::route(&self.be, logits, &bias, cfg)?)
+    }
+    fn routing_counts(&self, r: &DeviceRouting) -> Result<(Vec<usize>, usize)> {
+        let counts: Vec<usize> = r.counts.to_host()?.into_iter().map(|c| c as usize).collect();
+        let kept: usize = counts.iter().sum();
+        Ok((counts, r.max_rows() - kept))
+    }
+    /// On the host: the scores and experts come down, `cpu::moe::balance_loss` runs, and
+    /// seed·∂/∂scores goes up (n·E floats).
+    fn balance_loss(
+        &self,
+        r: &DeviceRouting,
+        n_seqs: usize,
+        seq_len: usize,
+        cfg: &RouterConfig,
+        alpha: f32,
+        seed: f32,
+    ) -> Result<(f32, F)> {
+        let (scores, experts) = (r.scores.to_host()?, r.experts.to_host()?);
+        let (loss, mut ds) = crate::backend::cpu::moe::balance_loss(&scores, &experts, n_seqs, seq_len, cfg, alpha);
+        ds.iter_mut().for_each(|d| *d *= seed);
+        Ok((loss, DeviceBuffer::from_host(&self.be, &ds)?))
+    }
+    fn moe_forward(
+        &self,
+        x: &A,
+        (n, c, f): (usize, usize, usize),
+        r: &DeviceRouting,
+        [wg, wu, wd]: [&A; 3],
+    ) -> Result<(A, MoeCacheGpu)> {
+        let out = self.uninit(n * c)?;
+        let cache = moe::moe_forward(&self.be, x, n, c, r, wg, wu, wd, f, &out)?;
+        Ok((out, cache))
+    }
+    fn moe_backward(
+        &self,
+        dout: &A,
+        (n, c, f): (usize, usize, usize),
+        r: &DeviceRouting,
+        [wg, wu, wd]: [&A; 3],
+        cache: &MoeCacheGpu,
+        dw: [&mut F; 3],
+    ) -> Result<(A, F)> {
+        let dx: F = self.uninit(n * c)?;
+        let t: [F; 3] = [self.uninit(wg.len())?, self.uninit(wu.len())?, self.uninit(wd.len())?];
+        let d_gates: F = self.uninit(n * r.top_k)?;
+        moe::moe_backward(&self.be, dout, n, c, r, wg, wu, wd, f, cache, &dx, [&t[0], &t[1], &t[2]], &d_gates)?;
+        // dw += t (moe_backward overwrites its outputs): through a bf16 copy of t, as
+        // w ← w·1 − (−1)·o.
+        for (acc, tmp) in dw.into_iter().zip(&t) {
+            let tb = self.to_bf16(tmp)?;
+            optim::muon_apply(&self.be, acc, &tb, None, 1.0, -1.0)?;
+        }
+        Ok((self.to_bf16(&dx)?, d_gates))
+    }
+    fn router_backward(&self, r: &DeviceRouting, d_gates: &F, d_scores: Option<&F>, cfg: &RouterConfig) -> Result<A> {
+        let d_logits: F = self.uninit(r.n_tokens * cfg.n_experts)?;
+        moe::router_backward(&self.be, r, d_gates, d_scores, cfg, &d_logits)?;
+        self.to_bf16(&d_logits)
+    }
+
+    fn index_rope(&self, qi: &mut A, ki: &mut A, (b, t, hi): (usize, usize, usize), inverse: bool) -> Result<()> {
+        let Some(table) = &self.index_rope else { bail!("index_rope: the model has no DSA layers") };
+        Ok(rope::rope_inplace(&self.be, table, qi, ki, (b, t, hi, 1), inverse)?)
+    }
+    fn scale(&self, x: &mut A, s: f32) -> Result<()> {
+        Ok(elementwise::axpby(&self.be, s, x, 0.0, None, x)?)
+    }
+    fn indexer_topk(&self, dims: &DsaDims, qi: &A, ki: &A, wi: &A) -> Result<DeviceBuffer<u32>> {
+        let sel = self.uninit(dims.sel_len())?;
+        dsa::indexer_topk(&self.be, dims, qi, ki, wi, &sel)?;
+        Ok(sel)
+    }
+    fn dsa_attention(&self, dims: &DsaDims, (q, k, v): (&A, &A, &A), sel: &DeviceBuffer<u32>) -> Result<(A, F)> {
+        let (out, lse) = (self.uninit(dims.q_len())?, self.uninit(dims.lse_len())?);
+        dsa::dsa_attention_forward(&self.be, dims, q, k, v, sel, &out, &lse)?;
+        Ok((out, lse))
+    }
+    fn dsa_attention_backward(
+        &self,
+        dims: &DsaDims,
+        (q, k, v): (&A, &A, &A),
+        sel: &DeviceBuffer<u32>,
+        out: &A,
+        lse: &F,
+        dout: &A,
+    ) -> Result<(A, A, A)> {
+        let (ql, kl) = (dims.q_len(), dims.kv_len());
+        let (dq, dk, dv): (F, F, F) = (self.uninit(ql)?, self.uninit(kl)?, self.uninit(kl)?);
+        dsa::dsa_attention_backward(&self.be, dims, q, k, v, sel, out, lse, dout, [&dq, &dk, &dv])?;
+        Ok((self.to_bf16(&dq)?, self.to_bf16(&dk)?, self.to_bf16(&dv)?))
+    }
+    fn indexer_kl(
+        &self,
+        dims: &DsaDims,
+        q: &A,
+        k: &A,
+        lse: &F,
+        (qi, ki, wi): (&A, &A, &A),
+        sel: Option<&DeviceBuffer<u32>>,
+    ) -> Result<(f32, A, A, A)> {
+        if sel.is_none() {
+            bail!("the dense (warm-up) indexer KL has no CUDA kernel: train with dsa_warmup_steps = 0 on CUDA");
+        }
+        let (dqi, dki, dwi): (F, F, F) =
+            (self.uninit(dims.qi_len())?, self.uninit(dims.ki_len())?, self.uninit(dims.wi_len())?);
+        let loss: F = self.uninit(1)?;
+        dsa::indexer_kl(&self.be, dims, q, k, lse, qi, ki, wi, sel, [&dqi, &dki, &dwi], &loss)?;
+        let kl = loss.to_host()?[0];
+        Ok((kl, self.to_bf16(&dqi)?, self.to_bf16(&dki)?, self.to_bf16(&dwi)?))
+    }
+
     fn swiglu(&self, g: &A, u: &A) -> Result<A> {
         let y = self.uninit(g.len())?;
         swiglu::swiglu_forward(&self.be, g, u, &y)?;
@@ -246,6 +457,20 @@ impl StepOps for CudaOps {
             elementwise::axpby(be, a, &x, 1.0, Some(&y), &x)?; // X ← aX + BX
         }
         Ok(x)
+    }
+    /// Each expert matrix through the host: the stack comes down, each matrix goes up for its
+    /// [`CudaOps::newton_schulz`] and its bf16 result comes back, and the stack goes up again.
+    fn newton_schulz_stack(&self, u: &F, n_mat: usize, rows: usize, cols: usize, steps: usize) -> Result<A> {
+        if u.len() != n_mat * rows * cols {
+            bail!("newton_schulz_stack: {} values are not {n_mat} [{rows}, {cols}] matrices", u.len());
+        }
+        let host = u.to_host()?;
+        let mut out: Vec<bf16> = Vec::with_capacity(host.len());
+        for m in host.chunks_exact(rows * cols) {
+            let mu: F = DeviceBuffer::from_host(&self.be, m)?;
+            out.extend(self.newton_schulz(&mu, rows, cols, steps)?.to_host()?);
+        }
+        Ok(DeviceBuffer::from_host(&self.be, &out)?)
     }
     fn muon_apply(&self, w: &mut F, wa: &mut A, o: &A, decay: f32, lr: f32) -> Result<()> {
         Ok(optim::muon_apply(&self.be, w, o, Some(wa), decay, lr)?)
