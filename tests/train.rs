@@ -140,6 +140,20 @@ fn init_from_starts_a_new_run_from_a_checkpoints_weights() {
 }
 
 #[test]
+fn grad_checkpoint_on_cuda_is_refused_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = micro_config();
+    cfg.head_dim = 64; // the CUDA shape rules pass, so the refusal is about checkpointing
+    cfg.n_head = 1;
+    let mut req = request(cfg, 2, &dir.path().join("run"));
+    req.device = Device::Cuda(0);
+    req.run.train.grad_checkpoint = 1;
+    let e = format!("{:#}", train(req).err().expect("must be refused"));
+    assert!(e.contains("--grad-checkpoint") && e.contains("CPU-only"), "{e}");
+    assert!(!dir.path().join("run").exists());
+}
+
+#[test]
 fn run_directory_holds_checkpoint_metrics_plot_and_config() {
     let dir = tempfile::tempdir().unwrap();
     let mut req = request(micro_config(), 4, dir.path());

@@ -389,6 +389,14 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     if req.device != Device::Cpu {
         // The kernels' shape rules (the DSA warm-up rule needs the start step: `cuda_trainer`).
         step_cuda::check_cuda_shapes(mcfg, u64::MAX).with_context(|| format!("--device {}", req.device))?;
+        if ts.grad_checkpoint > 0 {
+            bail!(
+                "--device {}: activation checkpointing (--grad-checkpoint {}) is CPU-only so far; \
+                 drop it or train on the CPU",
+                req.device,
+                ts.grad_checkpoint
+            );
+        }
     }
     let (rank, world) = rank_and_world()?;
     let seq = mcfg.max_seq_len;
