@@ -35,6 +35,12 @@ use anyhow::{bail, Result};
 pub trait StepOps {
     type F;
     type A;
+
+    /// Device memory allocated until the returned guard drops is counted under `cat` (the CUDA
+    /// allocator's accounting); a no-op where memory is not tracked per allocation.
+    fn memory_scope(&self, _cat: crate::memory::Category) -> Box<dyn std::any::Any> {
+        Box::new(())
+    }
     /// Token ids (and targets) where the kernels read them.
     type Ids;
     type Tgt;
@@ -454,6 +460,7 @@ impl<O: StepOps> DenseTrainer<O> {
     /// Mean loss of one batch without a backward (validation; no auxiliary losses).
     pub fn loss(&self, ids: &[u32], targets: &[i32], b: usize, t: usize) -> Result<f32> {
         self.check_batch(ids, targets, b, t)?;
+        let _scope = self.ops.memory_scope(crate::memory::Category::Activations);
         Ok(self.pass().run(&self.params[0], &self.weights, None, (ids, targets, b, t))?.0)
     }
 
@@ -476,6 +483,8 @@ impl<O: StepOps> DenseTrainer<O> {
             moe_bias: &self.moe_bias,
             dense_warmup: self.dsa_dense_warmup,
         };
+        // everything a pass allocates (saved activations, the backward's temporaries) is activations
+        let _scope = self.ops.memory_scope(crate::memory::Category::Activations);
         pass.run(&self.params[0], &self.weights, Some((&mut self.grads[..], seed)), (ids, targets, b, t))
     }
 

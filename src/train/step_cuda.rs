@@ -144,6 +144,10 @@ impl StepOps for CudaOps {
     type MoeCache = MoeCacheGpu;
     type Sel = DeviceBuffer<u32>;
 
+    fn memory_scope(&self, cat: crate::memory::Category) -> Box<dyn std::any::Any> {
+        Box::new(self.be.scoped(cat))
+    }
+
     fn f_from(&self, v: &[f32]) -> Result<F> {
         Ok(DeviceBuffer::from_host(&self.be, v)?)
     }
