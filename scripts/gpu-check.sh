@@ -42,6 +42,13 @@ run)
         nvidia-smi || true
     } 2>&1 | tee "$out/machine.txt"
     phase=${2:-all} # all, or one of: tests, bench, train (each fits one device call on its own)
+    # cuBLASLt (`--gemm cublaslt`, the bench's baseline GEMM) is loaded by name at run time; when
+    # the system has none, use the one PyTorch's wheels bring
+    if ! ldconfig -p 2>/dev/null | grep -q 'libcublasLt\.so' && command -v python3 >/dev/null; then
+        lt=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null |
+            xargs -r -n1 -I{} find {} -name 'libcublasLt.so*' 2>/dev/null | head -1)
+        [[ -n "$lt" ]] && export LD_LIBRARY_PATH="$(dirname "$lt"):${LD_LIBRARY_PATH:-}" && echo "cuBLASLt: $lt"
+    fi
     # parity tests, one thread so each kernel's output is readable
     if [[ $phase == all || $phase == tests ]]; then
         timeout 180 ./cuda-tests --test-threads=1 --nocapture 2>&1 | tee "$out/cuda-tests.log" || echo "cuda tests failed" | tee -a "$out/cuda-tests.log"
