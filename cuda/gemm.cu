@@ -6,8 +6,8 @@
 // in their stored layout (16-byte cp.async, zero-filled outside the matrix) and
 // ldmatrix (.trans where the stored layout is the other one) builds the mma
 // fragments. Block tile 128x128x32, 8 warps of 64x32, two-stage pipeline,
-// padded shared rows (no ldmatrix bank conflicts). The wgmma/TMA path for
-// sm_90a is the next step; this one runs on both targets.
+// padded shared rows (no ldmatrix bank conflicts). This one runs on both
+// targets; the sm_90a wgmma kernels (gemm_wgmma_*) follow at the end.
 #include "common.cuh"
 
 namespace ns_gemm {  // named: an anonymous namespace would put a path hash into the PTX
@@ -155,3 +155,207 @@ NS_GEMM(gemm_nn_bf16, false, false, true)
 NS_GEMM(gemm_nt_bf16, false, true, true)
 NS_GEMM(gemm_tn_bf16, true, false, true)
 NS_GEMM(gemm_tt_bf16, true, true, true)
+
+// ---------------------------------------------------------------------------
+// Hopper (sm_90a) GEMM on wgmma.mma_async: gemm_wgmma_{ta}{tb}_{out}, the same
+// contract and NsGemmParams as the kernels above (selected by `--gemm wgmma`,
+// src/backend/cuda/gemm.rs, on compute capability 9.0 only).
+//
+// Tiling: block tile 128x128, BK = 64, 256 threads = 2 warpgroups; warpgroup w
+// owns rows [64w, 64w+64) of the tile and issues four
+// wgmma.m64n128k16.f32.bf16.bf16 per k tile (64 fp32 accumulators a thread).
+//
+// Shared layout: both operands are stored K-major (a row of 64 bf16 = 128 bytes
+// per m or n index) with the 128-byte swizzle wgmma's descriptors understand:
+// the 16-byte chunk c (k in [8c, 8c+8)) of row r sits at chunk position
+// c ^ (r & 7) of that row, so 8 rows form a 1024-byte swizzle atom (tiles are
+// 1024-byte aligned). Descriptor: start address = row 0 of the operand (+32
+// bytes per k16 step inside the atom; the hardware applies the XOR to the
+// final address), LBO unused (1) for swizzled K-major, SBO = 1024 bytes (next
+// 8-row group), swizzle mode 1 (128B), base offset 0.
+//
+// Loads: K-major operands (A of N, B of T) go global -> shared with 16-byte
+// cp.async straight into the swizzled position (zero-filled outside the
+// matrix). MN-major operands (A of T, B of N) are read as 16-byte vectors
+// along m/n through registers and written transposed (8 two-byte stores) into
+// the same K-major layout; those loads are issued right after the current
+// tile's wgmmas, so their latency overlaps the tensor-core work. No TMA yet.
+//
+// Pipeline: STAGES = 3 shared buffers. Tile kt+2 is loaded while tile kt is
+// multiplied. Per k tile: wait for this thread's cp.async group of tile kt,
+// fence.proxy.async (generic-proxy writes -> visible to wgmma's async proxy),
+// __syncthreads (every thread's writes landed, and every warpgroup finished
+// the wgmmas of tile kt-1, whose buffer is refilled next), wgmma x4 + commit,
+// load tile kt+2 into buffer (kt+2)%3 = (kt-1)%3, wgmma.wait_group 0.
+// The sm_80 build keeps the entry points but traps (wgmma needs sm_90a).
+namespace ns_wgmma {
+constexpr int BM = 128, BN = 128, BK = 64, THREADS = 256, STAGES = 3;
+constexpr int TILE_BYTES = BM * BK * 2;            // 16 KiB per operand per stage (BM == BN)
+constexpr int SMEM_BYTES = STAGES * 2 * TILE_BYTES + 1024;  // + slack to align the base to 1024
+static_assert(BM == BN, "one tile size for both operands");
+static_assert(SMEM_BYTES == 99328, "src/backend/cuda/gemm.rs passes this as the dynamic shared memory");
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Byte offset of element (r, k) of a K-major 128B-swizzled tile (k < 64).
+NS_DEV uint32_t swz(int r, int k) {
+    return (uint32_t)(r * 128 + ((((k >> 3) ^ (r & 7))) << 4) + ((k & 7) << 1));
+}
+
+// One 128x64 tile of an operand (rows r0.., k0..) into `s` (shared address).
+// KCONTIG: stored [row][k] (lda along rows); else stored [k][row].
+template <bool KCONTIG>
+NS_DEV void wg_load_tile(uint32_t s, const bf16* g, int ld, int rows_total, int k_total, int r0, int k0) {
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int it = 0; it < (BM * BK / 8) / THREADS; it++) {  // 1024 chunks of 8, 4 a thread
+        const int c = tid + it * THREADS;
+        if (KCONTIG) {  // 128 rows x 8 chunks along k
+            const int rl = c >> 3, kl = (c & 7) << 3;
+            const int r = r0 + rl, k = k0 + kl;
+            const bool ok = r < rows_total && k < k_total;  // k_total % 8 == 0: whole chunks
+            const bf16* src = ok ? g + (size_t)r * ld + k : g;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s + swz(rl, kl)), "l"(src),
+                         "r"(ok ? 16 : 0));
+        } else {  // 64 k-rows x 16 chunks along the row index
+            const int kl = c >> 4, rl = (c & 15) << 3;
+            const int r = r0 + rl, k = k0 + kl;
+            uint4 v = make_uint4(0, 0, 0, 0);  // rows_total % 8 == 0 here (host check): whole chunks
+            if (r < rows_total && k < k_total) v = *reinterpret_cast<const uint4*>(g + (size_t)k * ld + r);
+            const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const unsigned short h = (unsigned short)(w[j >> 1] >> ((j & 1) * 16));
+                asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(s + swz(rl + j, kl)), "h"(h));
+            }
+        }
+    }
+}
+
+// Shared-memory matrix descriptor: K-major, 128B swizzle, SBO 1024 bytes.
+NS_DEV uint64_t wg_desc(uint32_t addr) {
+    uint64_t d = 0;
+    d |= (uint64_t)((addr & 0x3FFFF) >> 4);  // start address >> 4, 14 bits
+    d |= (uint64_t)1 << 16;                   // LBO (unused for swizzled K-major)
+    d |= (uint64_t)(1024 >> 4) << 32;         // SBO
+    d |= (uint64_t)1 << 62;                   // 128-byte swizzle
+    return d;
+}
+
+// acc += A(64x16, K-major desc) * B(16x128, K-major desc), fp32 accumulators.
+NS_DEV void wgmma_m64n128k16(float* d, uint64_t da, uint64_t db) {
+    asm volatile(
+        "{\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, 1, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db));
+}
+
+template <bool TA, bool TB, bool OUT_BF16>
+NS_DEV void wgmma_body(const NsGemmParams& p) {
+    extern __shared__ uint8_t wg_smem_raw[];
+    // stage s: A at base + s*2*TILE_BYTES, B right after it; base 1024-aligned
+    const uint32_t base = (smem_addr(wg_smem_raw) + 1023u) & ~1023u;
+    const int bz = blockIdx.z;
+    const bf16* A = reinterpret_cast<const bf16*>(p.a) + (size_t)bz * p.stride_a;
+    const bf16* B = reinterpret_cast<const bf16*>(p.b) + (size_t)bz * p.stride_b;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int wg = threadIdx.x >> 7;  // warpgroup: rows [64 wg, 64 wg + 64) of the tile
+
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) acc[i] = 0.0f;
+
+    const int ktiles = (p.k + BK - 1) / BK;
+    auto load_stage = [&](int kt) {
+        if (kt < ktiles) {
+            const uint32_t sa = base + (kt % STAGES) * 2 * TILE_BYTES;
+            wg_load_tile<!TA>(sa, A, p.lda, p.m, p.k, m0, kt * BK);
+            wg_load_tile<TB>(sa + TILE_BYTES, B, p.ldb, p.n, p.k, n0, kt * BK);
+        }
+        cp_async_commit();  // always one group per call (possibly empty): keeps the wait count exact
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) load_stage(s);
+
+    for (int kt = 0; kt < ktiles; kt++) {
+        cp_async_wait<STAGES - 2>();  // groups committed: STAGES-1+kt; tile kt's is done
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        const uint32_t sa = base + (kt % STAGES) * 2 * TILE_BYTES;
+        const uint32_t sb = sa + TILE_BYTES;
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) {
+            // +32 bytes per k16 step inside the 128-byte swizzled row
+            const uint64_t da = wg_desc(sa + wg * 64 * 128 + kk * 32);
+            const uint64_t db = wg_desc(sb + kk * 32);
+            wgmma_m64n128k16(acc, da, db);
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        load_stage(kt + STAGES - 1);  // buffer (kt-1)%3: its wgmmas finished before the barrier
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    }
+
+    // Epilogue. Accumulator layout of m64nNk16 (per warp of the warpgroup, like
+    // mma.sync m16n8 repeated over N/8 column blocks): acc[4j + 2h + e] is
+    // row 16*warp + lane/4 + 8h, column 8j + 2*(lane%4) + e.
+    const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int row = m0 + wg * 64 + warp * 16 + (lane >> 2) + 8 * h;
+        if (row >= p.m) continue;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int col = n0 + 8 * j + 2 * (lane & 3) + e;
+                if (col >= p.n) continue;
+                const size_t off = (size_t)bz * p.stride_c + (size_t)row * p.ldc + col;
+                float v = p.alpha * acc[4 * j + 2 * h + e];
+                if (OUT_BF16) {
+                    bf16* C = reinterpret_cast<bf16*>(p.c);
+                    if (p.beta != 0.0f) v += p.beta * bf2f(C[off]);
+                    C[off] = f2bf(v);
+                } else {
+                    float* C = reinterpret_cast<float*>(p.c);
+                    if (p.beta != 0.0f) v += p.beta * C[off];
+                    C[off] = v;
+                }
+            }
+        }
+    }
+}
+#endif
+}  // namespace ns_wgmma
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define NS_WGMMA_BODY(TA, TB, OB) ns_wgmma::wgmma_body<TA, TB, OB>(p);
+#else
+#define NS_WGMMA_BODY(TA, TB, OB) __trap();
+#endif
+// gemm_wgmma_{ta}{tb}_{out}: dynamic shared memory ns_wgmma::SMEM_BYTES (99328).
+#define NS_GEMM_WGMMA(NAME, TA, TB, OB)                                                          \
+    extern "C" __global__ void __launch_bounds__(ns_wgmma::THREADS, 1) NAME(NsGemmParams p) { \
+        NS_WGMMA_BODY(TA, TB, OB)                                                                 \
+    }
+NS_GEMM_WGMMA(gemm_wgmma_nn_f32, false, false, false)
+NS_GEMM_WGMMA(gemm_wgmma_nt_f32, false, true, false)
+NS_GEMM_WGMMA(gemm_wgmma_tn_f32, true, false, false)
+NS_GEMM_WGMMA(gemm_wgmma_tt_f32, true, true, false)
+NS_GEMM_WGMMA(gemm_wgmma_nn_bf16, false, false, true)
+NS_GEMM_WGMMA(gemm_wgmma_nt_bf16, false, true, true)
+NS_GEMM_WGMMA(gemm_wgmma_tn_bf16, true, false, true)
+NS_GEMM_WGMMA(gemm_wgmma_tt_bf16, true, true, true)

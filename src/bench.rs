@@ -399,7 +399,8 @@ mod cuda_cases {
 
         // GEMM, bf16 in, bf16 out, fp32 accumulation: C[m,n] = A[m,k]·B[k,n].
         let gemms = [(4096, 4096, 4096), (16384, 768, 3072), (16384, 3072, 768), (16384, 1024, 4096)];
-        // Both engines, whatever --gemm says: the handwritten kernel, then cuBLASLt.
+        // Every engine, whatever --gemm says: the handwritten kernel, cuBLASLt, then the sm_90a
+        // wgmma kernel (compute capability 9.0 only).
         let lt = match cublaslt::available() {
             Ok(()) => true,
             Err(e) => {
@@ -417,6 +418,17 @@ mod cuda_cases {
             if lt {
                 let ms = time(be, it, || cublaslt::gemm(be, m, nn, k, &a, nn_, &b, nn_, &c, 1.0, 0.0))?;
                 let case = Case::new("gemm", "cublaslt_nn_bf16", &[m, nn, k], ms, Some(flops), None);
+                cases.push(case.vs(&["torch.matmul"]));
+            }
+            if be.compute_capability() == (9, 0) {
+                let ms = time(be, it, || gemm::wgmma_gemm_batched(be, 1, m, nn, k, &a, nn_, &b, nn_, &c, 1.0, 0.0))?;
+                let case = Case::new("gemm", "gemm_wgmma_nn_bf16", &[m, nn, k], ms, Some(flops), None);
+                cases.push(case.vs(&["torch.matmul"]));
+                // x·wᵀ, the trainer's forward layout (both operands K-major: all cp.async).
+                let ms = time(be, it, || {
+                    gemm::wgmma_gemm_batched(be, 1, m, nn, k, &a, nn_, &b, gemm::Layout::T, &c, 1.0, 0.0)
+                })?;
+                let case = Case::new("gemm", "gemm_wgmma_nt_bf16", &[m, nn, k], ms, Some(flops), None);
                 cases.push(case.vs(&["torch.matmul"]));
             }
         }

@@ -48,9 +48,10 @@ struct BenchArgs {
     /// Calls per timed batch.
     #[arg(long, default_value_t = 20)]
     iters: usize,
-    /// GEMM engine of the engine's GEMM calls: native (cuda/gemm.cu) or cublaslt. The GEMM cases
-    /// are timed on both either way (cuBLASLt when its library loads).
-    #[arg(long, default_value = "native", value_parser = ["native", "cublaslt"])]
+    /// GEMM engine of the engine's GEMM calls: native (cuda/gemm.cu), cublaslt or wgmma (the
+    /// sm_90a kernel of cuda/gemm.cu, compute capability 9.0 only). The GEMM cases are timed on
+    /// every engine either way (cuBLASLt when its library loads, wgmma on 9.0).
+    #[arg(long, default_value = "native", value_parser = ["native", "cublaslt", "wgmma"])]
     gemm: String,
     /// Write the report as JSON here.
     #[arg(long)]
@@ -391,8 +392,9 @@ struct TrainArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// GEMM engine on CUDA: native (the handwritten cuda/gemm.cu) or cublaslt (the library, loaded at run time).
-    #[arg(long, default_value = "native", value_parser = ["native", "cublaslt"])]
+    /// GEMM engine on CUDA: native (the handwritten cuda/gemm.cu), cublaslt (the library, loaded at
+    /// run time) or wgmma (the handwritten Hopper kernel; compute capability 9.0 only, else an error).
+    #[arg(long, default_value = "native", value_parser = ["native", "cublaslt", "wgmma"])]
     gemm: String,
     /// Tokens to sample from the trained model at the end (0 = none).
     #[arg(long, default_value_t = 60)]

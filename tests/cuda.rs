@@ -12,7 +12,8 @@
 //!   (bf16 has an 8-bit mantissa: one rounding is ≤ 2⁻⁹ ≈ 2e-3 relative);
 //! - f32 outputs from f32 math (loss, lse, AdamW, grad norm): rtol 1e-4, atol 1e-5;
 //! - GEMM with f32 output: only the summation order differs: rtol 1e-3, atol 1e-3·√k
-//!   (the same for cuBLASLt, `--gemm cublaslt`; bf16 output: rtol 1e-2);
+//!   (the same for cuBLASLt, `--gemm cublaslt`, and the sm_90a wgmma kernel, `--gemm wgmma`;
+//!   bf16 output: rtol 1e-2);
 //! - attention: P is rounded to bf16 before P·V (as in every flash kernel):
 //!   atol 2e-2, rtol 2e-2 on out and the gradients, 1e-3 on lse.
 
@@ -661,4 +662,52 @@ fn cuda_training_step_tracks_the_cpu_explicit_step_on_every_layer_kind() {
     assert_eq!(o2.step, 3);
     assert_eq!(m2.moe_bias, gpu.moe_bias);
     assert!(m2.params.iter().all(|p| p.tensor.data.iter().all(|v| v.is_finite())));
+}
+
+/// The sm_90a wgmma GEMM (`--gemm wgmma`) against the CPU GEMM: the four layouts, f32 output with
+/// α and β (C read) and bf16 output with β = 0, batched, the native GEMM's tolerances (only the
+/// summation order differs: rtol 1e-3, atol 1e-3·√k for f32; rtol 1e-2 for bf16). Shapes: whole
+/// tiles, ragged m/n/k edges (partial 128x128 tiles, a k tail inside the last 64-wide k tile, k
+/// over several pipeline stages), and shapes under 64 that must fall back to the mma.sync kernel
+/// (`gemm::wgmma_handles`). Calls `cuda::gemm::wgmma_gemm_batched` directly, so the process-wide
+/// engine switch stays native; skips with a notice on devices that are not compute capability 9.0.
+#[test]
+fn wgmma_gemm_matches_cpu_all_layouts() {
+    use cpu::gemm::Layout::{N, T};
+    let Some(be) = device("wgmma_gemm") else { return };
+    if be.compute_capability() != (9, 0) {
+        let (a, b) = be.compute_capability();
+        skipped(&format!("compute capability {a}.{b}, wgmma needs 9.0"), "wgmma_gemm");
+        let (ga, gb) = (up(&be, &[0.0; 64]), up(&be, &[0.0; 64]));
+        let gc = DeviceBuffer::<f32>::zeros(&be, 64).unwrap();
+        let e = cuda::gemm::wgmma_gemm_batched(&be, 1, 8, 8, 8, &ga, N, &gb, T, &gc, 1.0, 0.0).unwrap_err();
+        assert!(e.0.contains("compute capability 9.0"), "{e}");
+        return;
+    }
+    let shapes = [(1, 128, 128, 64), (2, 72, 200, 136), (1, 264, 136, 520), (3, 256, 384, 1024), (2, 40, 96, 72)];
+    for &(batch, m, n, k) in &shapes {
+        assert_eq!(cuda::gemm::wgmma_handles(m, n, k), m >= 64, "the last shape must fall back");
+        for la in [N, T] {
+            for lb in [N, T] {
+                let a = rand_bf16(24, batch * m * k, 1.0);
+                let b = rand_bf16(25, batch * k * n, 1.0);
+                let c0 = rand_bf16(26, batch * m * n, 1.0);
+                let mut plain = vec![0.0; batch * m * n];
+                for i in 0..batch {
+                    let (ai, bi) = (&a[i * m * k..(i + 1) * m * k], &b[i * k * n..(i + 1) * k * n]);
+                    cpu::gemm::gemm(m, n, k, ai, la, bi, lb, &mut plain[i * m * n..(i + 1) * m * n], false);
+                }
+                let want: Vec<f32> = c0.iter().zip(&plain).map(|(c, p)| 0.5 * c + 2.0 * p).collect();
+                let (ga, gb) = (up(&be, &a), up(&be, &b));
+                let gc = DeviceBuffer::from_host(&be, &c0).unwrap();
+                cuda::gemm::wgmma_gemm_batched(&be, batch, m, n, k, &ga, la, &gb, lb, &gc, 2.0, 0.5).unwrap();
+                let tol = 1e-3 * (k as f32).sqrt();
+                let what = format!("wgmma gemm {la:?}{lb:?} {batch}x{m}x{n}x{k}");
+                assert_close(&format!("{what} f32"), &gc.to_host().unwrap(), &want, tol, 1e-3);
+                let gcb = DeviceBuffer::<bf16>::uninit(&be, batch * m * n).unwrap();
+                cuda::gemm::wgmma_gemm_batched(&be, batch, m, n, k, &ga, la, &gb, lb, &gcb, 1.0, 0.0).unwrap();
+                assert_close(&format!("{what} bf16"), &down(&gcb), &plain, tol, 1e-2);
+            }
+        }
+    }
 }

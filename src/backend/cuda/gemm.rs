@@ -2,8 +2,9 @@
 //! operands, fp32 tensor-core accumulation and an f32 or bf16 C, batched.
 //!
 //! [`gemm`] and [`gemm_batched`] follow a process-wide engine switch ([`set_gemm_engine`],
-//! `--gemm native|cublaslt`): the handwritten kernel (default) or cuBLASLt
-//! ([`super::cublaslt`]), so every caller, the trainer included, changes engine without changes.
+//! `--gemm native|cublaslt|wgmma`): the handwritten mma.sync kernel (default), cuBLASLt
+//! ([`super::cublaslt`]) or the handwritten Hopper wgmma kernel (compute capability 9.0 only;
+//! [`wgmma_gemm_batched`]), so every caller, the trainer included, changes engine without changes.
 
 use super::abi::NsGemmParams;
 use super::memory::DeviceElem;
@@ -19,6 +20,9 @@ pub enum GemmEngine {
     Native,
     /// cuBLASLt, loaded at run time ([`super::cublaslt`]).
     Cublaslt,
+    /// The handwritten sm_90a `gemm_wgmma_*` kernels of `cuda/gemm.cu` (compute capability 9.0;
+    /// an error elsewhere), falling back to the native kernel for small shapes.
+    Wgmma,
 }
 
 impl GemmEngine {
@@ -26,6 +30,7 @@ impl GemmEngine {
         match self {
             GemmEngine::Native => "native",
             GemmEngine::Cublaslt => "cublaslt",
+            GemmEngine::Wgmma => "wgmma",
         }
     }
 }
@@ -36,7 +41,8 @@ impl std::str::FromStr for GemmEngine {
         match s {
             "native" => Ok(GemmEngine::Native),
             "cublaslt" => Ok(GemmEngine::Cublaslt),
-            _ => Err(format!("unknown GEMM engine {s:?}: expected native or cublaslt")),
+            "wgmma" => Ok(GemmEngine::Wgmma),
+            _ => Err(format!("unknown GEMM engine {s:?}: expected native, cublaslt or wgmma")),
         }
     }
 }
@@ -44,7 +50,8 @@ impl std::str::FromStr for GemmEngine {
 static ENGINE: AtomicU8 = AtomicU8::new(0);
 
 /// Selects the engine of every later [`gemm`] / [`gemm_batched`] call in the process. Selecting
-/// cuBLASLt fails (and leaves the engine as it was) when its library cannot be loaded.
+/// cuBLASLt fails (and leaves the engine as it was) when its library cannot be loaded; wgmma is
+/// checked per call (each GEMM on a device that is not compute capability 9.0 is an error).
 pub fn set_gemm_engine(engine: GemmEngine) -> CudaResult<()> {
     if engine == GemmEngine::Cublaslt {
         super::cublaslt::available()?;
@@ -55,10 +62,10 @@ pub fn set_gemm_engine(engine: GemmEngine) -> CudaResult<()> {
 
 /// The engine [`gemm`] and [`gemm_batched`] run now.
 pub fn gemm_engine() -> GemmEngine {
-    if ENGINE.load(Ordering::Relaxed) == GemmEngine::Cublaslt as u8 {
-        GemmEngine::Cublaslt
-    } else {
-        GemmEngine::Native
+    match ENGINE.load(Ordering::Relaxed) {
+        x if x == GemmEngine::Cublaslt as u8 => GemmEngine::Cublaslt,
+        x if x == GemmEngine::Wgmma as u8 => GemmEngine::Wgmma,
+        _ => GemmEngine::Native,
     }
 }
 
@@ -129,6 +136,7 @@ pub fn gemm_batched<C: GemmOut>(
     match gemm_engine() {
         GemmEngine::Native => native_gemm_batched(be, batch, m, n, k, a, la, b, lb, c, alpha, beta),
         GemmEngine::Cublaslt => super::cublaslt::gemm_batched(be, batch, m, n, k, a, la, b, lb, c, alpha, beta),
+        GemmEngine::Wgmma => wgmma_gemm_batched(be, batch, m, n, k, a, la, b, lb, c, alpha, beta),
     }
 }
 
@@ -196,16 +204,102 @@ pub fn native_gemm_batched<C: GemmOut>(
     be.launch("gemm", kernel(la, lb, C::BF16), grid, 256, 0, &p)
 }
 
+fn wgmma_kernel(la: Layout, lb: Layout, bf16_out: bool) -> &'static str {
+    use Layout::{N, T};
+    match (la, lb, bf16_out) {
+        (N, N, false) => "gemm_wgmma_nn_f32",
+        (N, T, false) => "gemm_wgmma_nt_f32",
+        (T, N, false) => "gemm_wgmma_tn_f32",
+        (T, T, false) => "gemm_wgmma_tt_f32",
+        (N, N, true) => "gemm_wgmma_nn_bf16",
+        (N, T, true) => "gemm_wgmma_nt_bf16",
+        (T, N, true) => "gemm_wgmma_tn_bf16",
+        (T, T, true) => "gemm_wgmma_tt_bf16",
+    }
+}
+
+/// Dynamic shared memory of the wgmma kernels: 3 stages x (A + B) x 128x64 bf16, plus 1 KiB to
+/// align the base to the 1024-byte swizzle atom (`ns_wgmma::SMEM_BYTES` in `cuda/gemm.cu`).
+pub const WGMMA_SMEM: u32 = 3 * 2 * 128 * 64 * 2 + 1024;
+
+/// Whether [`wgmma_gemm_batched`] runs the wgmma kernel for this shape (otherwise it falls back to
+/// the mma.sync kernel): every dimension at least 64, where one 128x128x64 tile is not mostly
+/// zero padding. All four layouts are handled.
+pub fn wgmma_handles(m: usize, n: usize, k: usize) -> bool {
+    m >= 64 && n >= 64 && k >= 64
+}
+
+/// [`gemm_batched`] on the sm_90a wgmma kernel, whatever the engine switch says (the bench times
+/// every engine side by side). An error on a device that is not compute capability 9.0; shapes
+/// that [`wgmma_handles`] refuses run on [`native_gemm_batched`]. The shape contract is the
+/// native one.
+#[allow(clippy::too_many_arguments)]
+pub fn wgmma_gemm_batched<C: GemmOut>(
+    be: &CudaBackend,
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &DeviceBuffer<bf16>,
+    la: Layout,
+    b: &DeviceBuffer<bf16>,
+    lb: Layout,
+    c: &DeviceBuffer<C>,
+    alpha: f32,
+    beta: f32,
+) -> CudaResult<()> {
+    let cc = be.compute_capability();
+    check(cc == (9, 0), || {
+        format!("--gemm wgmma needs compute capability 9.0 (sm_90a); {} is {}.{}", be.name(), cc.0, cc.1)
+    })?;
+    check_shapes(batch, m, n, k, a, la, b, lb, c)?;
+    if batch == 0 || m == 0 || n == 0 {
+        return Ok(());
+    }
+    if !wgmma_handles(m, n, k) {
+        return native_gemm_batched(be, batch, m, n, k, a, la, b, lb, c, alpha, beta);
+    }
+    let p = NsGemmParams {
+        a: a.ptr(),
+        b: b.ptr(),
+        c: c.ptr(),
+        m: int(m, "m")?,
+        n: int(n, "n")?,
+        k: int(k, "k")?,
+        lda: int(if la == Layout::N { k } else { m }, "lda")?,
+        ldb: int(if lb == Layout::N { n } else { k }, "ldb")?,
+        ldc: int(n, "ldc")?,
+        stride_a: (m * k) as i64,
+        stride_b: (k * n) as i64,
+        stride_c: (m * n) as i64,
+        batch: int(batch, "batch")?,
+        alpha,
+        beta,
+        pad_: 0,
+    };
+    // Block tile 128x128 (two warpgroups of 64 rows), batch on z, as the native kernel.
+    let grid = ((n as u32).div_ceil(TILE), (m as u32).div_ceil(TILE), batch as u32);
+    be.launch("gemm", wgmma_kernel(la, lb, C::BF16), grid, 256, WGMMA_SMEM, &p)
+}
+
 #[cfg(test)]
 mod tests {
     use super::GemmEngine;
 
     #[test]
     fn engine_names_parse_and_round_trip() {
-        for e in [GemmEngine::Native, GemmEngine::Cublaslt] {
+        for e in [GemmEngine::Native, GemmEngine::Cublaslt, GemmEngine::Wgmma] {
             assert_eq!(e.name().parse::<GemmEngine>(), Ok(e));
         }
         let e = "cublas".parse::<GemmEngine>().unwrap_err();
-        assert!(e.contains("native or cublaslt"), "{e}");
+        assert!(e.contains("native, cublaslt or wgmma"), "{e}");
+    }
+
+    #[test]
+    fn wgmma_shape_rule_and_smem() {
+        assert_eq!(super::WGMMA_SMEM, 99_328); // static_assert in cuda/gemm.cu
+        assert!(super::wgmma_handles(64, 64, 64));
+        assert!(!super::wgmma_handles(8, 4096, 4096));
+        assert!(!super::wgmma_handles(4096, 4096, 32));
     }
 }

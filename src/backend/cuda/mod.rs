@@ -247,6 +247,12 @@ impl CudaBackend {
     ) -> CudaResult<()> {
         let f = self.function(family, name)?;
         self.inner.bind()?;
+        if smem > 48 * 1024 {
+            // Dynamic shared memory above 48 KiB must be opted into per function.
+            let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            // SAFETY: `f` is a function of a loaded module; the driver checks the size against the device.
+            unsafe { result::function::set_function_attribute(f, attr, smem as i32) }.map_err(err(name))?;
+        }
         let mut p = *params;
         let mut args = [&mut p as *mut P as *mut c_void];
         // SAFETY: the kernel takes exactly one parameter of type P (cuda/abi.h, checked by bindgen's
