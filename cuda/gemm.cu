@@ -217,7 +217,12 @@ NS_DEV void wg_load_tile(uint32_t s, const bf16* g, int ld, int rows_total, int 
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s + swz(rl, kl)), "l"(src),
                          "r"(ok ? 16 : 0));
         } else {  // 64 k-rows x 16 chunks along the row index
-            const int kl = c >> 4, rl = (c & 15) << 3;
+            // Lane bit 0 picks one of two adjacent row chunks (a full 32-byte sector per k row),
+            // lane bits 1-4 sixteen consecutive k: the transposed 2-byte stores of a warp then hit
+            // 8 words of each of 2 rows (2-way bank conflict, not 16-way as with rows along lanes).
+            // c bits: 0 -> row chunk bit 0, 1-4 -> k bits 0-3, 5-6 -> k bits 4-5, 7-9 -> row chunk bits 1-3.
+            const int kl = ((c >> 1) & 15) | (((c >> 5) & 3) << 4);
+            const int rl = ((c & 1) | ((c >> 7) << 1)) << 3;
             const int r = r0 + rl, k = k0 + kl;
             uint4 v = make_uint4(0, 0, 0, 0);  // rows_total % 8 == 0 here (host check): whole chunks
             if (r < rows_total && k < k_total) v = *reinterpret_cast<const uint4*>(g + (size_t)k * ld + r);
@@ -245,12 +250,14 @@ NS_DEV uint64_t wg_desc(uint32_t addr) {
 NS_DEV void wgmma_m64n128k16(float* d, uint64_t da, uint64_t db) {
     asm volatile(
         "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %66, 0;\n"  // scale-d: D = A*B + D
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
         "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, 1, 1, 1, 0, 0;\n"
+        "%64, %65, p, 1, 1, 0, 0;\n"
         "}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
@@ -260,7 +267,7 @@ NS_DEV void wgmma_m64n128k16(float* d, uint64_t da, uint64_t db) {
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(da), "l"(db));
+        : "l"(da), "l"(db), "r"(1));
 }
 
 template <bool TA, bool TB, bool OUT_BF16>
