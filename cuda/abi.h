@@ -404,4 +404,19 @@ typedef struct NsMuonParams {
     int pad_;
 } NsMuonParams;
 
+/** gemm.cu, gemm_wgmma_tma_nt_{f32,bf16} (sm_90a, C = alpha * A B^T + beta * C,
+ * A [batch, m, k], B [batch, n, k]): the GEMM parameters `g` (NsGemmParams,
+ * lda = ldb = k) plus one TMA descriptor per operand (a CUtensorMap: 128 opaque
+ * bytes, 64-byte aligned, made on the host by cuTensorMapEncodeTiled over the
+ * same buffers as g.a / g.b): bf16, rank 3 with dimensions (k, rows, batch)
+ * innermost first, byte strides (2k, 2 rows k), box 64 x 128 x 1, 128-byte
+ * swizzle, out-of-bounds elements read as zero. The kernel takes this struct as
+ * a `const __grid_constant__` parameter (the descriptors must stay in
+ * parameter space). */
+typedef struct NsGemmTmaParams {
+    unsigned long long tmap_a[16] __attribute__((aligned(64)));
+    unsigned long long tmap_b[16];
+    NsGemmParams g;
+} NsGemmTmaParams;
+
 #endif /* NANOSEEK_ABI_H */

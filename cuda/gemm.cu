@@ -179,7 +179,10 @@ NS_GEMM(gemm_tt_bf16, true, true, true)
 // matrix). MN-major operands (A of T, B of N) are read as 16-byte vectors
 // along m/n through registers and written transposed (8 two-byte stores) into
 // the same K-major layout; those loads are issued right after the current
-// tile's wgmmas, so their latency overlaps the tensor-core work. No TMA yet.
+// tile's wgmmas, so their latency overlaps the tensor-core work. NT (both
+// operands K-major, the trainer's x w^T) has its own kernels,
+// gemm_wgmma_tma_nt_*, that load the same layout by TMA (below); the host
+// sends NT there.
 //
 // Pipeline: STAGES = 3 shared buffers. Tile kt+2 is loaded while tile kt is
 // multiplied. Per k tile: wait for this thread's cp.async group of tile kt,
@@ -270,6 +273,38 @@ NS_DEV void wgmma_m64n128k16(float* d, uint64_t da, uint64_t db) {
         : "l"(da), "l"(db), "r"(1));
 }
 
+template <bool OUT_BF16>
+NS_DEV void wg_epilogue(const NsGemmParams& p, const float* acc, int m0, int n0, int bz, int wg) {
+    // Epilogue. Accumulator layout of m64nNk16 (per warp of the warpgroup, like
+    // mma.sync m16n8 repeated over N/8 column blocks): acc[4j + 2h + e] is
+    // row 16*warp + lane/4 + 8h, column 8j + 2*(lane%4) + e.
+    const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int row = m0 + wg * 64 + warp * 16 + (lane >> 2) + 8 * h;
+        if (row >= p.m) continue;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int col = n0 + 8 * j + 2 * (lane & 3) + e;
+                if (col >= p.n) continue;
+                const size_t off = (size_t)bz * p.stride_c + (size_t)row * p.ldc + col;
+                float v = p.alpha * acc[4 * j + 2 * h + e];
+                if (OUT_BF16) {
+                    bf16* C = reinterpret_cast<bf16*>(p.c);
+                    if (p.beta != 0.0f) v += p.beta * bf2f(C[off]);
+                    C[off] = f2bf(v);
+                } else {
+                    float* C = reinterpret_cast<float*>(p.c);
+                    if (p.beta != 0.0f) v += p.beta * C[off];
+                    C[off] = v;
+                }
+            }
+        }
+    }
+}
+
 template <bool TA, bool TB, bool OUT_BF16>
 NS_DEV void wgmma_body(const NsGemmParams& p) {
     extern __shared__ uint8_t wg_smem_raw[];
@@ -316,34 +351,89 @@ NS_DEV void wgmma_body(const NsGemmParams& p) {
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     }
 
-    // Epilogue. Accumulator layout of m64nNk16 (per warp of the warpgroup, like
-    // mma.sync m16n8 repeated over N/8 column blocks): acc[4j + 2h + e] is
-    // row 16*warp + lane/4 + 8h, column 8j + 2*(lane%4) + e.
-    const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    wg_epilogue<OUT_BF16>(p, acc, m0, n0, bz, wg);
+}
+
+// ---- TMA variant for NT (x w^T, both operands K-major) ----
+// Same tiling, shared layout and epilogue; the tiles come from
+// cp.async.bulk.tensor (TMA) with the 128-byte swizzle, which writes exactly
+// the layout the descriptors above read. Pipeline: one mbarrier per stage
+// ("full"); thread 0 arms it with the stage's byte count (2 x 16 KiB, the whole
+// box is credited even where it is zero-filled out of bounds) and issues both
+// copies; every thread waits on the barrier's phase parity (kt / 3) & 1. The
+// buffer refilled at step kt is (kt-1)%3, free once the __syncthreads after the
+// wait has seen every warpgroup finish (wait_group 0) the wgmmas of step kt-1.
+NS_DEV void mbar_wait(uint32_t bar, uint32_t parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred P;\n"
+        "WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 P, [%0], %1;\n"
+        "@!P bra WAIT;\n"
+        "}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+
+NS_DEV void tma_load_3d(uint32_t dst, const void* tmap, int c0, int c1, int c2, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+        "[%5];\n" ::"r"(dst),
+        "l"(tmap), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+        : "memory");
+}
+
+template <bool OUT_BF16>
+NS_DEV void wgmma_tma_nt_body(const NsGemmTmaParams& pt) {
+    const NsGemmParams& p = pt.g;
+    extern __shared__ uint8_t wg_smem_raw[];
+    __shared__ __align__(8) uint64_t full[STAGES];
+    const uint32_t base = (smem_addr(wg_smem_raw) + 1023u) & ~1023u;
+    const uint32_t bar0 = smem_addr(full);
+    const int bz = blockIdx.z;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int wg = threadIdx.x >> 7;
+    const int ktiles = (p.k + BK - 1) / BK;
+
+    if (threadIdx.x == 0) {
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int row = m0 + wg * 64 + warp * 16 + (lane >> 2) + 8 * h;
-        if (row >= p.m) continue;
-#pragma unroll
-        for (int j = 0; j < 16; j++) {
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const int col = n0 + 8 * j + 2 * (lane & 3) + e;
-                if (col >= p.n) continue;
-                const size_t off = (size_t)bz * p.stride_c + (size_t)row * p.ldc + col;
-                float v = p.alpha * acc[4 * j + 2 * h + e];
-                if (OUT_BF16) {
-                    bf16* C = reinterpret_cast<bf16*>(p.c);
-                    if (p.beta != 0.0f) v += p.beta * bf2f(C[off]);
-                    C[off] = f2bf(v);
-                } else {
-                    float* C = reinterpret_cast<float*>(p.c);
-                    if (p.beta != 0.0f) v += p.beta * C[off];
-                    C[off] = v;
-                }
-            }
-        }
+        for (int s = 0; s < STAGES; s++) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar0 + 8 * s));
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the TMA unit
     }
+    __syncthreads();
+
+    auto issue = [&](int kt) {  // thread 0 only
+        if (kt >= ktiles) return;
+        const uint32_t bar = bar0 + 8 * (kt % STAGES);
+        const uint32_t sa = base + (kt % STAGES) * 2 * TILE_BYTES;
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(2 * TILE_BYTES)
+                     : "memory");
+        tma_load_3d(sa, pt.tmap_a, kt * BK, m0, bz, bar);
+        tma_load_3d(sa + TILE_BYTES, pt.tmap_b, kt * BK, n0, bz, bar);
+    };
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; s++) issue(s);
+    }
+
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) acc[i] = 0.0f;
+
+    for (int kt = 0; kt < ktiles; kt++) {
+        mbar_wait(bar0 + 8 * (kt % STAGES), (uint32_t)((kt / STAGES) & 1));
+        __syncthreads();
+        const uint32_t sa = base + (kt % STAGES) * 2 * TILE_BYTES;
+        const uint32_t sb = sa + TILE_BYTES;
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++)
+            wgmma_m64n128k16(acc, wg_desc(sa + wg * 64 * 128 + kk * 32), wg_desc(sb + kk * 32));
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        if (threadIdx.x == 0) issue(kt + STAGES - 1);
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    }
+    wg_epilogue<OUT_BF16>(p, acc, m0, n0, bz, wg);
 }
 #endif
 }  // namespace ns_wgmma
@@ -366,3 +456,18 @@ NS_GEMM_WGMMA(gemm_wgmma_nn_bf16, false, false, true)
 NS_GEMM_WGMMA(gemm_wgmma_nt_bf16, false, true, true)
 NS_GEMM_WGMMA(gemm_wgmma_tn_bf16, true, false, true)
 NS_GEMM_WGMMA(gemm_wgmma_tt_bf16, true, true, true)
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define NS_WGMMA_TMA_BODY(OB) ns_wgmma::wgmma_tma_nt_body<OB>(p);
+#else
+#define NS_WGMMA_TMA_BODY(OB) __trap();
+#endif
+static_assert(sizeof(NsGemmTmaParams) == 384, "src/backend/cuda/abi.rs layout");
+// gemm_wgmma_tma_nt_{out}: NT only, dynamic shared memory ns_wgmma::SMEM_BYTES.
+#define NS_GEMM_WGMMA_TMA(NAME, OB)                                                         \
+    extern "C" __global__ void __launch_bounds__(ns_wgmma::THREADS, 1)                    \
+        NAME(const __grid_constant__ NsGemmTmaParams p) {                                 \
+        NS_WGMMA_TMA_BODY(OB)                                                               \
+    }
+NS_GEMM_WGMMA_TMA(gemm_wgmma_tma_nt_f32, false)
+NS_GEMM_WGMMA_TMA(gemm_wgmma_tma_nt_bf16, true)

@@ -424,11 +424,11 @@ mod cuda_cases {
                 let ms = time(be, it, || gemm::wgmma_gemm_batched(be, 1, m, nn, k, &a, nn_, &b, nn_, &c, 1.0, 0.0))?;
                 let case = Case::new("gemm", "gemm_wgmma_nn_bf16", &[m, nn, k], ms, Some(flops), None);
                 cases.push(case.vs(&["torch.matmul"]));
-                // x·wᵀ, the trainer's forward layout (both operands K-major: all cp.async).
+                // x·wᵀ, the trainer's forward layout (both operands K-major: the TMA kernel).
                 let ms = time(be, it, || {
                     gemm::wgmma_gemm_batched(be, 1, m, nn, k, &a, nn_, &b, gemm::Layout::T, &c, 1.0, 0.0)
                 })?;
-                let case = Case::new("gemm", "gemm_wgmma_nt_bf16", &[m, nn, k], ms, Some(flops), None);
+                let case = Case::new("gemm", "gemm_wgmma_tma_nt_bf16", &[m, nn, k], ms, Some(flops), None);
                 cases.push(case.vs(&["torch.matmul"]));
             }
         }

@@ -645,3 +645,29 @@ const _: () = {
     ["Offset of field: NsMuonParams::lr"][::core::mem::offset_of!(NsMuonParams, lr) - 80usize];
     ["Offset of field: NsMuonParams::pad_"][::core::mem::offset_of!(NsMuonParams, pad_) - 84usize];
 };
+#[doc = " gemm.cu, gemm_wgmma_tma_nt_{f32,bf16} (sm_90a, C = alpha * A B^T + beta * C,\n A [batch, m, k], B [batch, n, k]): the GEMM parameters `g` (NsGemmParams,\n lda = ldb = k) plus one TMA descriptor per operand (a CUtensorMap: 128 opaque\n bytes, 64-byte aligned, made on the host by cuTensorMapEncodeTiled over the\n same buffers as g.a / g.b): bf16, rank 3 with dimensions (k, rows, batch)\n innermost first, byte strides (2k, 2 rows k), box 64 x 128 x 1, 128-byte\n swizzle, out-of-bounds elements read as zero. The kernel takes this struct as\n a `const __grid_constant__` parameter (the descriptors must stay in\n parameter space)."]
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct NsGemmTmaParams {
+    pub tmap_a: [::core::ffi::c_ulonglong; 16usize],
+    pub tmap_b: [::core::ffi::c_ulonglong; 16usize],
+    pub g: NsGemmParams,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NsGemmTmaParams"][::core::mem::size_of::<NsGemmTmaParams>() - 384usize];
+    ["Alignment of NsGemmTmaParams"][::core::mem::align_of::<NsGemmTmaParams>() - 64usize];
+    ["Offset of field: NsGemmTmaParams::tmap_a"][::core::mem::offset_of!(NsGemmTmaParams, tmap_a) - 0usize];
+    ["Offset of field: NsGemmTmaParams::tmap_b"][::core::mem::offset_of!(NsGemmTmaParams, tmap_b) - 128usize];
+    ["Offset of field: NsGemmTmaParams::g"][::core::mem::offset_of!(NsGemmTmaParams, g) - 256usize];
+};
+impl Default for NsGemmTmaParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}

@@ -6,7 +6,7 @@
 //! ([`super::cublaslt`]) or the handwritten Hopper wgmma kernel (compute capability 9.0 only;
 //! [`wgmma_gemm_batched`]), so every caller, the trainer included, changes engine without changes.
 
-use super::abi::NsGemmParams;
+use super::abi::{NsGemmParams, NsGemmTmaParams};
 use super::memory::DeviceElem;
 use super::{check, int, CudaBackend, CudaResult, DeviceBuffer};
 pub use crate::backend::cpu::gemm::Layout;
@@ -232,7 +232,8 @@ pub fn wgmma_handles(m: usize, n: usize, k: usize) -> bool {
 /// [`gemm_batched`] on the sm_90a wgmma kernel, whatever the engine switch says (the bench times
 /// every engine side by side). An error on a device that is not compute capability 9.0; shapes
 /// that [`wgmma_handles`] refuses run on [`native_gemm_batched`]. The shape contract is the
-/// native one.
+/// native one. NT (x·wᵀ) runs `gemm_wgmma_tma_nt_*` (tiles by TMA, [`tensor_map`]), the other
+/// layouts `gemm_wgmma_{nn,tn,tt}_*` (cp.async and register-transposed tiles).
 #[allow(clippy::too_many_arguments)]
 pub fn wgmma_gemm_batched<C: GemmOut>(
     be: &CudaBackend,
@@ -279,7 +280,46 @@ pub fn wgmma_gemm_batched<C: GemmOut>(
     };
     // Block tile 128x128 (two warpgroups of 64 rows), batch on z, as the native kernel.
     let grid = ((n as u32).div_ceil(TILE), (m as u32).div_ceil(TILE), batch as u32);
+    if la == Layout::N && lb == Layout::T {
+        // x·wᵀ: both operands K-major, tiles by TMA.
+        let t = NsGemmTmaParams { tmap_a: tensor_map(a, k, m, batch)?, tmap_b: tensor_map(b, k, n, batch)?, g: p };
+        let name = if C::BF16 { "gemm_wgmma_tma_nt_bf16" } else { "gemm_wgmma_tma_nt_f32" };
+        return be.launch("gemm", name, grid, 256, WGMMA_SMEM, &t);
+    }
     be.launch("gemm", wgmma_kernel(la, lb, C::BF16), grid, 256, WGMMA_SMEM, &p)
+}
+
+/// The TMA descriptor of a K-major bf16 operand [batch, rows, k] as `NsGemmTmaParams` documents
+/// it (cuda/abi.h): dimensions (k, rows, batch), box 64 x 128 x 1 (one k tile of one operand of
+/// the wgmma kernel), 128-byte swizzle, zero fill out of bounds.
+fn tensor_map(buf: &DeviceBuffer<bf16>, k: usize, rows: usize, batch: usize) -> CudaResult<[u64; 16]> {
+    use cudarc::driver::sys;
+    let dims = [k as u64, rows as u64, batch as u64];
+    // byte strides of dimensions 1 and 2 (multiples of 16: k % 8 == 0 is checked)
+    let strides = [2 * k as u64, 2 * (rows * k) as u64];
+    let boxes = [64u32, 128, 1];
+    let unit = [1u32, 1, 1];
+    let mut map = sys::CUtensorMap { opaque: [0; 16] };
+    // SAFETY: every array has the rank's length (strides: rank - 1), `buf` is a live device
+    // allocation of batch*rows*k bf16 (checked by `check_shapes`), the map is written in place.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map,
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            3,
+            buf.ptr() as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            unit.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    r.result().map_err(super::err("cuTensorMapEncodeTiled"))?;
+    Ok(map.opaque)
 }
 
 #[cfg(test)]
