@@ -670,7 +670,8 @@ fn cuda_training_step_tracks_the_cpu_explicit_step_on_every_layer_kind() {
 /// tiles, ragged m/n/k edges (partial 128x128 tiles, a k tail inside the last 64-wide k tile, k
 /// over several pipeline stages), and shapes under 64 that must fall back to the mma.sync kernel
 /// (`gemm::wgmma_handles`). NT exercises the TMA kernel (`gemm_wgmma_tma_nt_*`: boxes out of
-/// bounds in m, n and k, per batch), the others the cp.async/register one. Calls
+/// bounds in m, n and k, per batch; `NANOSEEK_WGMMA_NO_TMA=1` runs the cp.async NT kernel
+/// instead), the others the cp.async/register one. Calls
 /// `cuda::gemm::wgmma_gemm_batched` directly, so the process-wide engine switch stays native;
 /// skips with a notice on devices that are not compute capability 9.0.
 #[test]

@@ -232,8 +232,9 @@ pub fn wgmma_handles(m: usize, n: usize, k: usize) -> bool {
 /// [`gemm_batched`] on the sm_90a wgmma kernel, whatever the engine switch says (the bench times
 /// every engine side by side). An error on a device that is not compute capability 9.0; shapes
 /// that [`wgmma_handles`] refuses run on [`native_gemm_batched`]. The shape contract is the
-/// native one. NT (x·wᵀ) runs `gemm_wgmma_tma_nt_*` (tiles by TMA, [`tensor_map`]), the other
-/// layouts `gemm_wgmma_{nn,tn,tt}_*` (cp.async and register-transposed tiles).
+/// native one. NT (x·wᵀ) runs `gemm_wgmma_tma_nt_*` (tiles by TMA, [`tensor_map`]; the cp.async
+/// `gemm_wgmma_nt_*` under `NANOSEEK_WGMMA_NO_TMA=1`), the other layouts `gemm_wgmma_{nn,tn,tt}_*`
+/// (cp.async and register-transposed tiles).
 #[allow(clippy::too_many_arguments)]
 pub fn wgmma_gemm_batched<C: GemmOut>(
     be: &CudaBackend,
@@ -280,13 +281,20 @@ pub fn wgmma_gemm_batched<C: GemmOut>(
     };
     // Block tile 128x128 (two warpgroups of 64 rows), batch on z, as the native kernel.
     let grid = ((n as u32).div_ceil(TILE), (m as u32).div_ceil(TILE), batch as u32);
-    if la == Layout::N && lb == Layout::T {
+    if la == Layout::N && lb == Layout::T && !no_tma() {
         // x·wᵀ: both operands K-major, tiles by TMA.
         let t = NsGemmTmaParams { tmap_a: tensor_map(a, k, m, batch)?, tmap_b: tensor_map(b, k, n, batch)?, g: p };
         let name = if C::BF16 { "gemm_wgmma_tma_nt_bf16" } else { "gemm_wgmma_tma_nt_f32" };
         return be.launch("gemm", name, grid, 256, WGMMA_SMEM, &t);
     }
     be.launch("gemm", wgmma_kernel(la, lb, C::BF16), grid, 256, WGMMA_SMEM, &p)
+}
+
+/// `NANOSEEK_WGMMA_NO_TMA=1` (read once) sends NT to the cp.async kernel `gemm_wgmma_nt_*`
+/// instead of the TMA one: a diagnostic, to tell a TMA fault from a wgmma one on a GPU run.
+fn no_tma() -> bool {
+    static NO_TMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *NO_TMA.get_or_init(|| std::env::var_os("NANOSEEK_WGMMA_NO_TMA").is_some_and(|v| v == "1"))
 }
 
 /// The TMA descriptor of a K-major bf16 operand [batch, rows, k] as `NsGemmTmaParams` documents
