@@ -12,8 +12,8 @@
 //!
 //! Limits checked here (each kernel's shared memory must fit the default 48 KiB):
 //! attention `d ∈ {64, 128}` and a group `h / h_kv` whose shared memory fits (up to 24 heads per
-//! kv head at d = 128 in the backward); KL `n_index_heads · index_dim ≤ 8192`, `index_dim` and `d`
-//! even; decode scores `4·H_I + 2·(H_I·d_I + 64·(d_I + 2))` bytes.
+//! kv head at d = 128 in the backward); KL `n_index_heads · index_dim ≤ 8192`, `n_index_heads ≤
+//! 256`, `index_dim` and `d` even; decode scores `4·H_I + 2·(H_I·d_I + 64·(d_I + 2))` bytes.
 
 use super::abi::NsDsaParams;
 use super::{check, int, CudaBackend, CudaResult, DeviceBuffer};
@@ -257,6 +257,8 @@ pub fn indexer_kl(
     check(dims.d > 0 && dims.d % 2 == 0 && dims.index_dim % 2 == 0, || {
         format!("indexer_kl: d and index_dim must be even ({dims:?})")
     })?;
+    // dwi is written by the threads tid < n_index_heads of a 256-thread block
+    check(dims.n_index_heads <= 256, || format!("indexer_kl: n_index_heads must be <= 256 ({dims:?})"))?;
     check(dims.n_index_heads * dims.index_dim <= KL_MAX_QI, || {
         format!("indexer_kl: n_index_heads * index_dim must be <= {KL_MAX_QI} ({dims:?})")
     })?;
