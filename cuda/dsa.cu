@@ -44,6 +44,16 @@
 // (B) lse_I; (C) the row's KL and G = (r - p) / (B T) into g_sel; (D) X
 // recomputed bit-identically, dwi and dqi (registers) and dki (atomics).
 // dsa_kl_loss sums the rows' KL in a fixed order (f64) and divides by B T.
+// dsa_kl_dense (warm-up, every key s <= t, the dense attention's lse): the same
+// block per query row and the same tiles, two sweeps over the keys 0 .. t with
+// I and the target recomputed in each (nothing per key is stored): (1) running
+// max / sum of exp(I) for lse_I and the target's total Z; (2) the row's KL, G
+// and the gradients as (D).
+//
+// Decode (dsa_index_scores_decode, dsa_index_select_decode, dsa_fwd_decode_d*):
+// one new query per sequence at position t - 1 of caches of t positions; the
+// scores with the training kernel's arithmetic (same bits), the selection by
+// the same select_row, the attention by the same dsa_fwd_body.
 #include "common.cuh"
 
 namespace ns_dsa {  // named: an anonymous namespace would put a path hash into the PTX
@@ -133,19 +143,17 @@ NS_DEV void index_scores(const NsDsaParams& p) {
     }
 }
 
-NS_DEV void index_select(const NsDsaParams& p) {
+// The selection A(i) of query position i from its scores row[0 .. i] into out[0 .. kmax]
+// (one block of SEL_THREADS threads; the caller's condition for calling is uniform per block).
+NS_DEV void select_row(const float* row, uint32_t* out, int i, int topk, int window, int kmax) {
     __shared__ uint32_t hist[256];
     __shared__ uint32_t warp_cnt[SEL_THREADS / 32];
     __shared__ int s_digit;
     __shared__ uint32_t s_rem;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int r = blockIdx.x, i = p.q0 + r;
-    if (i >= p.t) return;  // uniform per block
     const int n = i + 1;
-    const int old = max(n - p.window, 0);  // keys 0 .. old compete, old .. n are the window
-    const int n_top = min(p.topk, old);
-    uint32_t* out = reinterpret_cast<uint32_t*>(p.sel) + ((size_t)p.bi * p.t + i) * p.kmax;
-    const float* row = reinterpret_cast<const float*>(p.scores) + (size_t)r * p.t;
+    const int old = max(n - window, 0);  // keys 0 .. old compete, old .. n are the window
+    const int n_top = min(topk, old);
 
     if (n_top == old) {
         for (int m = tid; m < old; m += SEL_THREADS) out[m] = (uint32_t)m;
@@ -213,7 +221,15 @@ NS_DEV void index_select(const NsDsaParams& p) {
         }
     }
     for (int m = tid; m < n - old; m += SEL_THREADS) out[n_top + m] = (uint32_t)(old + m);
-    for (int m = n_top + (n - old) + tid; m < p.kmax; m += SEL_THREADS) out[m] = PAD;
+    for (int m = n_top + (n - old) + tid; m < kmax; m += SEL_THREADS) out[m] = PAD;
+}
+
+NS_DEV void index_select(const NsDsaParams& p) {
+    const int r = blockIdx.x, i = p.q0 + r;
+    if (i >= p.t) return;  // uniform per block
+    uint32_t* out = reinterpret_cast<uint32_t*>(p.sel) + ((size_t)p.bi * p.t + i) * p.kmax;
+    const float* row = reinterpret_cast<const float*>(p.scores) + (size_t)r * p.t;
+    select_row(row, out, i, p.topk, p.window, p.kmax);
 }
 
 // ------------------------------------------------------------ sparse attention
@@ -278,8 +294,10 @@ constexpr int bwd_smem(int gs) {
     return (gs * D + 2 * gs + 2 * gs * KT + KT + 1) * 4 + (2 * KT * (D + 2) + 2 * gs * D) * 2;
 }
 
+// The forward of one query row at causal position i against the keys of batch bi, kv head g:
+// its q/out/sel row is `tok`, its lse of head hq at ((bi h + hq) lse_ld + lse_col).
 template <int D>
-NS_DEV void dsa_fwd_body(const NsDsaParams& p) {
+NS_DEV void dsa_fwd_body(const NsDsaParams& p, int i, int bi, int g, size_t tok, int lse_ld, int lse_col) {
     constexpr int LD = D + 2, NP = D / 64;  // NP: column pairs per lane
     const int gs = p.h / p.h_kv;
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -291,10 +309,8 @@ NS_DEV void dsa_fwd_body(const NsDsaParams& p) {
     bf16* Vs = Ks + KT * LD;                      // [KT][LD]
     bf16* Qs = Vs + KT * LD;                      // [gs][D]
 
-    const int i = blockIdx.x, bi = blockIdx.y / p.h_kv, g = blockIdx.y % p.h_kv;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const size_t kv_stride = (size_t)p.h_kv * D;
-    const size_t tok = (size_t)bi * p.t + i;
     const uint32_t* sel = reinterpret_cast<const uint32_t*>(p.sel) + tok * p.kmax;
     const bf16* kb = reinterpret_cast<const bf16*>(p.k) + (size_t)bi * p.t * kv_stride + (size_t)g * D;
     const bf16* vb = reinterpret_cast<const bf16*>(p.v) + (size_t)bi * p.t * kv_stride + (size_t)g * D;
@@ -356,7 +372,7 @@ NS_DEV void dsa_fwd_body(const NsDsaParams& p) {
             *reinterpret_cast<uint32_t*>(ob + (size_t)j * D + col) = pack_bf16(o.x * inv, o.y * inv);
         }
         if (lane == 0)
-            lse[((size_t)bi * p.h + (size_t)g * gs + j) * p.t + i] = l > 0.0f ? (m + log2f(l)) * LN2 : -INFINITY;
+            lse[((size_t)bi * p.h + (size_t)g * gs + j) * lse_ld + lse_col] = l > 0.0f ? (m + log2f(l)) * LN2 : -INFINITY;
     }
 }
 
@@ -648,6 +664,232 @@ NS_DEV void kl_sparse(const NsDsaParams& p) {
     if (tid < HI) reinterpret_cast<float*>(p.dwi)[tok * HI + tid] = dw;
 }
 
+// The dense row i's tile of keys m0 .. m0 + KT: idx = the key, or -1 past i.
+NS_DEV void load_idx_dense(int* idx, int m0, int i) {
+    if (threadIdx.x < KT) {
+        const int s = m0 + threadIdx.x;
+        idx[threadIdx.x] = s <= i ? s : -1;
+    }
+}
+
+// Shared memory of the KL kernels (both forms; sizes in kl_smem).
+struct KlSmem {
+    float *X, *E, *lse2, *w_s, *G_s, *red;
+    int *idx, *n_s;
+    bf16 *qi_s, *kit, *kt;
+};
+
+NS_DEV KlSmem kl_smem_carve(unsigned char* raw, int HI, int DI, int gs, int H) {
+    KlSmem m;
+    m.X = reinterpret_cast<float*>(raw);  // [HI][KT]
+    m.E = m.X + HI * KT;                  // [gs][KT]: exp(S_h - lse_h) of one kv group
+    m.lse2 = m.E + gs * KT;               // [H]
+    m.w_s = m.lse2 + H;                   // [HI]
+    m.G_s = m.w_s + HI;                   // [KT]
+    m.red = m.G_s + KT;                   // [32]
+    m.idx = reinterpret_cast<int*>(m.red + 32);  // [KT]
+    m.n_s = m.idx + KT;
+    m.qi_s = reinterpret_cast<bf16*>(m.n_s + 1);  // [HI][DI]
+    m.kit = m.qi_s + HI * DI;                     // [KT][DI + 2]
+    m.kt = m.kit + KT * (DI + 2);                 // [KT][D + 2]
+    return m;
+}
+
+// One tile of the dense KL (idx published by a barrier): gathers the index keys into kit and
+// computes X (kept for the caller), then the target's head sum kv head by kv head, as sweep (A)
+// of kl_sparse. Returns, in threads tid < KT with idx[tid] >= 0, (I, head sum) of key idx[tid]
+// (the same bits on every call for the same key). Ends after a barrier that follows the X writes.
+NS_DEV float2 kl_dense_tile(const NsDsaParams& p, KlSmem m, const bf16* kib, const bf16* kb,
+                            const bf16* qrow, float c) {
+    const int HI = p.n_index_heads, DI = p.index_dim, D = p.d, gs = p.h / p.h_kv, tid = threadIdx.x;
+    const size_t kv_stride = (size_t)p.h_kv * D;
+    gather_rows(m.kit, kib, DI, m.idx, DI);
+    __syncthreads();
+    index_x_tile(m.X, m.qi_s, m.kit, HI, DI);
+    float pt_acc = 0.0f;  // thread tid < KT: heads added in increasing order, as the CPU
+    for (int g = 0; g < p.h_kv; g++) {
+        __syncthreads();  // kt and E are free
+        gather_rows(m.kt, kb + (size_t)g * D, kv_stride, m.idx, D);
+        __syncthreads();
+        for (int e = tid; e < gs * KT; e += KL_THREADS) {
+            const int jj = e / KT, mm = e % KT, hq = g * gs + jj;
+            float v = 0.0f;
+            if (m.idx[mm] >= 0) {
+                float acc = 0.0f;
+                const bf16* qh = qrow + (size_t)hq * D;
+                const bf16* kr = m.kt + mm * (D + 2);
+                for (int cc = 0; cc < D; cc += 2) {
+                    const float2 x = ld_bf2(qh + cc), y = ld_bf2(kr + cc);
+                    acc = fmaf(x.x, y.x, acc);
+                    acc = fmaf(x.y, y.y, acc);
+                }
+                v = exp2f(acc * c - m.lse2[hq]);
+            }
+            m.E[e] = v;
+        }
+        __syncthreads();
+        if (tid < KT)
+            for (int jj = 0; jj < gs; jj++) pt_acc += m.E[jj * KT + tid];
+    }
+    float sc = 0.0f;
+    if (tid < KT)  // X was written before the kv-head loop's barriers (h_kv >= 1)
+        for (int j = 0; j < HI; j++) sc = __fadd_rn(sc, __fmul_rn(m.w_s[j], fmaxf(m.X[j * KT + tid], 0.0f)));
+    return make_float2(sc, pt_acc);
+}
+
+// Dense KL (warm-up; S(t) = every s <= t): one block of 256 threads per query row, two sweeps
+// over its keys in tiles of KT, nothing kept per key. (1) I and the target's head sum per key:
+// a running (max, sum of exp) per thread for lse_I and the sum Z. (2) The same values
+// recomputed bit-identically, then the row's KL terms p (ln p - (I - lse_I)), G = (r - p) / (B T),
+// and dwi, dqi (registers) and dki (atomics) exactly as sweep (D) of kl_sparse.
+NS_DEV void kl_dense(const NsDsaParams& p) {
+    const int HI = p.n_index_heads, DI = p.index_dim, D = p.d, H = p.h, gs = p.h / p.h_kv;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const KlSmem m = kl_smem_carve(smem_raw, HI, DI, gs, H);
+    const int i = blockIdx.x, bi = blockIdx.y, tid = threadIdx.x;
+    const size_t tok = (size_t)bi * p.t + i;
+    const bf16* kib = reinterpret_cast<const bf16*>(p.ki) + (size_t)bi * p.t * DI;
+    const bf16* qrow = reinterpret_cast<const bf16*>(p.q) + tok * H * D;
+    const bf16* kb = reinterpret_cast<const bf16*>(p.k) + (size_t)bi * p.t * p.h_kv * D;
+
+    const uint32_t* qi32 = reinterpret_cast<const uint32_t*>(reinterpret_cast<const bf16*>(p.qi) + tok * HI * DI);
+    for (int e = tid; e < HI * DI / 2; e += KL_THREADS) reinterpret_cast<uint32_t*>(m.qi_s)[e] = qi32[e];
+    for (int e = tid; e < H; e += KL_THREADS)
+        m.lse2[e] = reinterpret_cast<const float*>(p.lse)[((size_t)bi * H + e) * p.t + i] * LOG2E;
+    for (int e = tid; e < HI; e += KL_THREADS) m.w_s[e] = bf2f(reinterpret_cast<const bf16*>(p.wi)[tok * HI + e]);
+    // (the first tile's barriers publish qi_s, lse2, w_s)
+    const int n = i + 1;
+    const float c = p.scale * LOG2E;
+
+    // (1) online max and sum of exp(I) per thread, and the target's total
+    float mx = -INFINITY, es = 0.0f, psum = 0.0f;
+    for (int m0 = 0; m0 < n; m0 += KT) {
+        __syncthreads();  // the previous tile's idx, kit, X, E are no longer read
+        load_idx_dense(m.idx, m0, i);
+        __syncthreads();
+        const float2 r = kl_dense_tile(p, m, kib, kb, qrow, c);
+        if (tid < KT && m.idx[tid] >= 0) {
+            const float sc = r.x;
+            if (sc > mx) {
+                es = es * exp2f((mx - sc) * LOG2E) + 1.0f;  // exp2f(-inf) = 0 for the first key
+                mx = sc;
+            } else {
+                es += exp2f((sc - mx) * LOG2E);
+            }
+            psum += r.y;
+        }
+    }
+    const float gmx = block_max(mx, m.red);
+    const float lse_i = gmx + logf(block_sum(mx == -INFINITY ? 0.0f : es * exp2f((mx - gmx) * LOG2E), m.red));
+    const float inv_z = 1.0f / block_sum(psum, m.red);
+
+    // (2) the row's KL, G, and the gradients
+    float acc[KL_MAXE];
+#pragma unroll
+    for (int r = 0; r < KL_MAXE; r++) acc[r] = 0.0f;
+    float dw = 0.0f, loss = 0.0f;
+    float* dkib = reinterpret_cast<float*>(p.dki) + (size_t)bi * p.t * DI;
+    for (int m0 = 0; m0 < n; m0 += KT) {
+        __syncthreads();  // the previous tile (idx, kit, X, G_s) is no longer read
+        load_idx_dense(m.idx, m0, i);
+        __syncthreads();
+        const float2 r = kl_dense_tile(p, m, kib, kb, qrow, c);
+        if (tid < KT) {
+            float gv = 0.0f;
+            if (m.idx[tid] >= 0) {
+                const float sc = r.x, pm = r.y * inv_z;
+                if (pm > 0.0f) loss += pm * (logf(pm) - (sc - lse_i));
+                gv = (exp2f((sc - lse_i) * LOG2E) - pm) * p.inv_bt;
+            }
+            m.G_s[tid] = gv;
+        }
+        __syncthreads();  // G_s is ready (X, kit are still this tile's)
+        if (tid < HI)
+            for (int mm = 0; mm < KT; mm++) {
+                const float xv = m.X[tid * KT + mm];
+                if (xv > 0.0f && m.idx[mm] >= 0) dw += m.G_s[mm] * xv;
+            }
+#pragma unroll
+        for (int r2 = 0; r2 < KL_MAXE; r2++) {
+            const int e = tid + r2 * KL_THREADS;
+            if (e < HI * DI) {
+                const int j = e / DI, cc = e % DI;
+                const float wj = m.w_s[j];
+                for (int mm = 0; mm < KT; mm++)
+                    if (m.X[j * KT + mm] > 0.0f && m.idx[mm] >= 0)
+                        acc[r2] = fmaf(m.G_s[mm] * wj, bf2f(m.kit[mm * (DI + 2) + cc]), acc[r2]);
+            }
+        }
+        for (int e = tid; e < KT * DI; e += KL_THREADS) {
+            const int mm = e / DI, cc = e % DI, s = m.idx[mm];
+            if (s < 0) continue;
+            float v = 0.0f;
+            for (int j = 0; j < HI; j++)
+                if (m.X[j * KT + mm] > 0.0f) v = fmaf(m.G_s[mm] * m.w_s[j], bf2f(m.qi_s[j * DI + cc]), v);
+            atomicAdd(dkib + (size_t)s * DI + cc, v);
+        }
+    }
+    loss = block_sum(loss, m.red);
+    if (tid == 0) reinterpret_cast<float*>(p.loss_rows)[tok] = loss;
+    float* dqi = reinterpret_cast<float*>(p.dqi) + tok * HI * DI;
+#pragma unroll
+    for (int r = 0; r < KL_MAXE; r++) {
+        const int e = tid + r * KL_THREADS;
+        if (e < HI * DI) dqi[e] = acc[r];
+    }
+    if (tid < HI) reinterpret_cast<float*>(p.dwi)[tok * HI + tid] = dw;
+}
+
+// ------------------------------------------------------------ decode (one new query per sequence)
+// The new token is the last of t cached positions (i = t - 1); q, out [b, h, d], lse [b, h],
+// qi [b, H_I, d_I], wi [b, H_I], sel [b, kmax], scores [b, t]; k, v [b, t, h_kv, d], ki [b, t, d_I].
+
+constexpr int DEC_KEYS = 64;  // keys per block (one per thread) of dsa_index_scores_decode
+
+// Dynamic shared memory in bytes (mirrored in src/backend/cuda/dsa.rs).
+constexpr int dec_scores_smem(int hi, int di) { return hi * 4 + (hi * di + DEC_KEYS * (di + 2)) * 2; }
+
+// I(t - 1, s) for the keys s of this block: the query's index heads and the block's index keys
+// staged in shared memory (bf16); each thread scores one key with the training kernel's
+// arithmetic (X summed over d_I in increasing order, then heads in increasing order from +0), so
+// the scores, hence the selection, are bit-identical to the last row of dsa_index_scores.
+NS_DEV void index_scores_decode(const NsDsaParams& p) {
+    const int HI = p.n_index_heads, DI = p.index_dim;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    float* w_s = reinterpret_cast<float*>(smem_raw);  // [HI]
+    bf16* qi_s = reinterpret_cast<bf16*>(w_s + HI);    // [HI][DI]
+    bf16* kis = qi_s + HI * DI;                        // [DEC_KEYS][DI + 2]
+    const int bi = blockIdx.y, s0 = blockIdx.x * DEC_KEYS, tid = threadIdx.x;
+    const bf16* qi = reinterpret_cast<const bf16*>(p.qi) + (size_t)bi * HI * DI;
+    const bf16* wi = reinterpret_cast<const bf16*>(p.wi) + (size_t)bi * HI;
+    const bf16* ki = reinterpret_cast<const bf16*>(p.ki) + (size_t)bi * p.t * DI;
+    for (int e = tid; e < HI; e += DEC_KEYS) w_s[e] = bf2f(wi[e]);
+    for (int e = tid; e < HI * DI; e += DEC_KEYS) qi_s[e] = qi[e];
+    for (int e = tid; e < DEC_KEYS * DI; e += DEC_KEYS) {
+        const int r = e / DI, cc = e % DI, s = s0 + r;
+        kis[r * (DI + 2) + cc] = s < p.t ? ki[(size_t)s * DI + cc] : __float2bfloat16(0.0f);
+    }
+    __syncthreads();
+    const int s = s0 + tid;
+    if (s >= p.t) return;  // no barrier follows
+    const bf16* kr = kis + tid * (DI + 2);
+    float sc = 0.0f;
+    for (int j = 0; j < HI; j++) {
+        const bf16* qj = qi_s + j * DI;
+        float x = 0.0f;
+        for (int cc = 0; cc < DI; cc++) x = fmaf(bf2f(qj[cc]), bf2f(kr[cc]), x);
+        sc = __fadd_rn(sc, __fmul_rn(w_s[j], fmaxf(x, 0.0f)));
+    }
+    reinterpret_cast<float*>(p.scores)[(size_t)bi * p.t + s] = sc;
+}
+
+NS_DEV void index_select_decode(const NsDsaParams& p) {
+    const int bi = blockIdx.x;
+    const float* row = reinterpret_cast<const float*>(p.scores) + (size_t)bi * p.t;
+    uint32_t* out = reinterpret_cast<uint32_t*>(p.sel) + (size_t)bi * p.kmax;
+    select_row(row, out, p.t - 1, p.topk, p.window, p.kmax);
+}
+
 // loss = sum of the rows' KL (fixed order, f64) / (b t): one block of 256 threads.
 NS_DEV void kl_loss(const NsDsaParams& p) {
     __shared__ double part[256];
@@ -672,15 +914,43 @@ extern "C" __global__ void __launch_bounds__(256) dsa_index_scores(NsDsaParams p
 extern "C" __global__ void __launch_bounds__(SEL_THREADS) dsa_index_select(NsDsaParams p) { index_select(p); }
 
 // grid (t, b * h_kv), 128 threads, dynamic shared memory fwd_smem / bwd_smem.
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_fwd_d64(NsDsaParams p) { dsa_fwd_body<64>(p); }
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_fwd_d128(NsDsaParams p) { dsa_fwd_body<128>(p); }
+template <int D>
+NS_DEV void dsa_fwd_train(const NsDsaParams& p) {
+    const int i = blockIdx.x, bi = blockIdx.y / p.h_kv, g = blockIdx.y % p.h_kv;
+    dsa_fwd_body<D>(p, i, bi, g, (size_t)bi * p.t + i, p.t, i);
+}
+// decode: the query of batch bi is row bi of q/out/sel and column 0 of lse [b, h, 1]
+template <int D>
+NS_DEV void dsa_fwd_decode(const NsDsaParams& p) {
+    const int bi = blockIdx.y / p.h_kv, g = blockIdx.y % p.h_kv;
+    dsa_fwd_body<D>(p, p.t - 1, bi, g, (size_t)bi, 1, 0);
+}
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_fwd_d64(NsDsaParams p) { dsa_fwd_train<64>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_fwd_d128(NsDsaParams p) { dsa_fwd_train<128>(p); }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_bwd_d64(NsDsaParams p) { dsa_bwd_body<64>(p); }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_bwd_d128(NsDsaParams p) { dsa_bwd_body<128>(p); }
 
 // grid (t, b), 256 threads, dynamic shared memory kl_smem; then dsa_kl_loss on one block.
 extern "C" __global__ void __launch_bounds__(KL_THREADS) dsa_kl_sparse(NsDsaParams p) { kl_sparse(p); }
+// grid (t, b), 256 threads, dynamic shared memory kl_smem (as dsa_kl_sparse); then dsa_kl_loss.
+extern "C" __global__ void __launch_bounds__(KL_THREADS, 1) dsa_kl_dense(NsDsaParams p) { kl_dense(p); }
 extern "C" __global__ void __launch_bounds__(256) dsa_kl_loss(NsDsaParams p) { kl_loss(p); }
 
+// Decode (t = cached positions, the new token last): grid (ceil(t / 64), b), 64 threads,
+// dynamic shared memory dec_scores_smem; then grid (b), 256 threads; then the attention on
+// grid (1, b * h_kv), 128 threads, dynamic shared memory fwd_smem.
+extern "C" __global__ void __launch_bounds__(DEC_KEYS) dsa_index_scores_decode(NsDsaParams p) {
+    index_scores_decode(p);
+}
+extern "C" __global__ void __launch_bounds__(SEL_THREADS) dsa_index_select_decode(NsDsaParams p) {
+    index_select_decode(p);
+}
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_fwd_decode_d64(NsDsaParams p) { dsa_fwd_decode<64>(p); }
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_fwd_decode_d128(NsDsaParams p) {
+    dsa_fwd_decode<128>(p);
+}
+
 static_assert(SEL_THREADS == 256, "one histogram bin per thread");
+static_assert(dec_scores_smem(64, 128) == 33280, "update the host's smem sizes");
 static_assert(fwd_smem<64>(4) == 10148 && bwd_smem<128>(4) == 21924 && kl_smem(64, 128, 128, 16, 2) == 42180,
               "update the host's smem sizes");

@@ -63,12 +63,12 @@ impl Device {
     }
 
     /// `--device auto` for training `model`: every layer kind trains on CUDA, but a model outside
-    /// the kernels' shape rules (e.g. head_dim 32, or DSA with a dense warm-up) falls back to the
+    /// the kernels' shape rules (e.g. head_dim 32) falls back to the
     /// CPU with a one-line notice. An explicit `cuda` is left as is (training then fails, saying
     /// which rule).
     pub fn for_model(self, spec: &str, model: &crate::nn::ModelConfig) -> Device {
         if self != Device::Cpu && spec.trim().eq_ignore_ascii_case("auto") {
-            if let Err(why) = crate::train::step_cuda::check_cuda_shapes(model, 0) {
+            if let Err(why) = crate::train::step_cuda::check_cuda_shapes(model) {
                 eprintln!("device: {self} found, but {why}; using the CPU");
                 return Device::Cpu;
             }

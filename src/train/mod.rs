@@ -387,8 +387,8 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     mcfg.validate()?;
     ts.optim.validate()?;
     if req.device != Device::Cpu {
-        // The kernels' shape rules (the DSA warm-up rule needs the start step: `cuda_trainer`).
-        step_cuda::check_cuda_shapes(mcfg, u64::MAX).with_context(|| format!("--device {}", req.device))?;
+        // The kernels' shape rules.
+        step_cuda::check_cuda_shapes(mcfg).with_context(|| format!("--device {}", req.device))?;
         if ts.grad_checkpoint > 0 {
             bail!(
                 "--device {}: activation checkpointing (--grad-checkpoint {}) is CPU-only so far; \

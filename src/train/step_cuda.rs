@@ -17,8 +17,8 @@
 //! expert matrix back for its Newton–Schulz; correct, but a transfer per stack per step). The
 //! experts' weight gradients (f32, overwritten by `moe_backward`) are added into the f32
 //! gradients through a bf16 copy (`muon_apply` with decay 1 and lr −1), a bf16 rounding of that
-//! micro-batch's contribution. The dense (warm-up) indexer KL has no CUDA kernel: a DSA model
-//! with `dsa_warmup_steps` past the starting step is refused (see [`check_cuda_shapes`]).
+//! micro-batch's contribution. During the DSA dense warm-up the S layers run the dense attention
+//! and `dsa.cu`'s dense indexer KL (every earlier key, the dense attention's lse).
 //!
 //! Shape rules of the kernels ([`check_cuda_shapes`], checked once by [`CudaOps::new`]):
 //! head_dim 64 or 128; n_embd, q_dim, kv_dim, ffn_hidden and vocab_size multiples of 8; MoE:
@@ -53,15 +53,13 @@ const NS_COEFFS: (f32, f32, f32) = (3.4445, -4.7750, 2.0315);
 /// The CUDA trainer of `model` (and its optimizer state, `opt.step` the step training starts
 /// from) on device `ordinal`; a model the kernels cannot run is refused first, saying why.
 pub fn cuda_trainer(ordinal: usize, model: &Model, opt: &Optimizer) -> Result<DenseTrainer<CudaOps>> {
-    check_cuda_shapes(&model.config, opt.step)?;
+    check_cuda_shapes(&model.config)?;
     let be = CudaBackend::new(ordinal)?;
     DenseTrainer::new(CudaOps::new(be, &model.config)?, model, opt)
 }
 
-/// The shape rules of the CUDA kernels (module doc), and the DSA warm-up rule: training that
-/// starts at `start_step` < `dsa_warmup_steps` with DSA layers would need the dense indexer KL,
-/// which has no CUDA kernel.
-pub fn check_cuda_shapes(c: &ModelConfig, start_step: u64) -> Result<()> {
+/// The shape rules of the CUDA kernels (module doc).
+pub fn check_cuda_shapes(c: &ModelConfig) -> Result<()> {
     if c.head_dim != 64 && c.head_dim != 128 {
         bail!("CUDA training needs head_dim 64 or 128 (the attention kernels), got {}", c.head_dim);
     }
@@ -86,18 +84,8 @@ pub fn check_cuda_shapes(c: &ModelConfig, start_step: u64) -> Result<()> {
             bail!("CUDA training needs {what} to be a multiple of 8, got {v}");
         }
     }
-    if dsa {
-        if c.index_head_dim % 16 != 0 {
-            bail!("CUDA training needs index_head_dim to be a multiple of 16 (RoPE), got {}", c.index_head_dim);
-        }
-        if start_step < c.dsa_warmup_steps {
-            bail!(
-                "CUDA training of DSA layers has no dense warm-up (the dense indexer KL has no CUDA kernel): \
-                 set dsa_warmup_steps = 0 (or {start_step}), or train the warm-up on the CPU and resume on CUDA \
-                 (dsa_warmup_steps = {})",
-                c.dsa_warmup_steps
-            );
-        }
+    if dsa && c.index_head_dim % 16 != 0 {
+        bail!("CUDA training needs index_head_dim to be a multiple of 16 (RoPE), got {}", c.index_head_dim);
     }
     Ok(())
 }
@@ -112,7 +100,7 @@ pub struct CudaOps {
 impl CudaOps {
     /// Checks the model's shapes against the kernels' rules and builds the RoPE tables.
     pub fn new(be: CudaBackend, c: &ModelConfig) -> Result<CudaOps> {
-        check_cuda_shapes(c, u64::MAX)?;
+        check_cuda_shapes(c)?;
         let rope = RopeTableGpu::new(&be, c.head_dim, c.max_seq_len, c.rope_theta)?;
         let index_rope = if (0..c.n_layer).any(|l| c.attn_kind(l) == AttnKind::Sparse) {
             Some(RopeTableGpu::new(&be, c.index_head_dim, c.max_seq_len, c.rope_theta)?)
@@ -370,9 +358,6 @@ impl StepOps for CudaOps {
         (qi, ki, wi): (&A, &A, &A),
         sel: Option<&DeviceBuffer<u32>>,
     ) -> Result<(f32, A, A, A)> {
-        if sel.is_none() {
-            bail!("the dense (warm-up) indexer KL has no CUDA kernel: train with dsa_warmup_steps = 0 on CUDA");
-        }
         let (dqi, dki, dwi): (F, F, F) =
             (self.uninit(dims.qi_len())?, self.uninit(dims.ki_len())?, self.uninit(dims.wi_len())?);
         let loss: F = self.uninit(1)?;

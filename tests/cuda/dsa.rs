@@ -13,7 +13,12 @@
 //!   so both use the same delta;
 //! - indexer KL: f32 on both sides, same formulas; the loss is a sum of `p (ln p − ln r)` terms
 //!   that partly cancel: atol 1e-5, rtol 1e-3; the gradients (of size ~1/(B·T)) atol 1e-3 × their
-//!   largest magnitude, rtol 1e-3.
+//!   largest magnitude, rtol 1e-3. The dense (warm-up) form has the same tolerances: the same
+//!   terms over every earlier key, its lse_I from a running max and sum instead of one pass;
+//! - decode (one new query per sequence, the caches holding the new token last): the selection
+//!   must equal the CPU's last row **exactly** (integer indexer inputs, as above), and the
+//!   attention's out and lse the CPU's last row at the sparse attention's tolerances (out 1e-2,
+//!   lse 1e-4), for the same reasons.
 
 use super::{assert_close, device, down, rand_bf16, up};
 use half::bf16;
@@ -207,9 +212,112 @@ fn dsa_indexer_kl_matches_cpu() {
             assert!(scale > 0.0, "{name}: the CPU gradient should not vanish");
             assert_close(&format!("kl {name} {dims:?}"), &got.to_host().unwrap(), want, 1e-3 * scale, 1e-3);
         }
-        // The dense (warm-up) form is not on CUDA: an error, not a panic.
-        let err =
-            cuda::dsa::indexer_kl(&be, &dims, &gq, &gk, &gl, &gqi, &gki, &gwi, None, [&gdqi, &gdki, &gdwi], &gloss);
-        assert!(err.is_err());
+    }
+}
+
+/// The dense (warm-up) KL: every key s ≤ t, `lse` the dense attention's (the CPU's
+/// `attention_forward`), one and several key tiles per row, GQA and not.
+#[test]
+fn dsa_indexer_kl_dense_matches_cpu() {
+    let Some(be) = device("dsa_indexer_kl_dense") else { return };
+    for dims in
+        [dd(2, 130, 4, 2, 64, 4, 32, 24, 8), dd(1, 100, 2, 1, 128, 8, 64, 100, 0), dd(1, 77, 4, 4, 64, 3, 16, 5, 40)]
+    {
+        let (qi, ki, wi) =
+            (rand_bf16(50, dims.qi_len(), 1.0), rand_bf16(51, dims.ki_len(), 1.0), rand_bf16(52, dims.wi_len(), 1.0));
+        let q = rand_bf16(53, dims.q_len(), 2.0);
+        let k = rand_bf16(54, dims.kv_len(), 2.0);
+        let v = rand_bf16(55, dims.kv_len(), 1.0);
+        let (mut out, mut lse) = (vec![0.0; dims.q_len()], vec![0.0; dims.lse_len()]);
+        cpu::attention::attention_forward(&dims.attn(), &q, &k, &v, &mut out, &mut lse);
+        let (mut dqi, mut dki, mut dwi) =
+            (vec![0.0; dims.qi_len()], vec![0.0; dims.ki_len()], vec![0.0; dims.wi_len()]);
+        let loss = cpu::dsa::indexer_kl(&dims, &q, &k, &lse, &qi, &ki, &wi, None, &mut dqi, &mut dki, &mut dwi);
+
+        let gl = DeviceBuffer::from_host(&be, &lse).unwrap();
+        let gdqi = DeviceBuffer::from_host(&be, &vec![f32::NAN; dims.qi_len()]).unwrap();
+        let gdki = DeviceBuffer::from_host(&be, &vec![5.0f32; dims.ki_len()]).unwrap();
+        let gdwi = DeviceBuffer::from_host(&be, &vec![f32::NAN; dims.wi_len()]).unwrap();
+        let gloss = DeviceBuffer::<f32>::uninit(&be, 1).unwrap();
+        let (gq, gk, gqi, gki, gwi) = (up(&be, &q), up(&be, &k), up(&be, &qi), up(&be, &ki), up(&be, &wi));
+        cuda::dsa::indexer_kl(&be, &dims, &gq, &gk, &gl, &gqi, &gki, &gwi, None, [&gdqi, &gdki, &gdwi], &gloss)
+            .unwrap();
+        assert_close(&format!("dense kl loss {dims:?}"), &gloss.to_host().unwrap(), &[loss], 1e-5, 1e-3);
+        for (name, got, want) in [("dqi", &gdqi, &dqi), ("dki", &gdki, &dki), ("dwi", &gdwi, &dwi)] {
+            let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            assert!(scale > 0.0, "{name}: the CPU gradient should not vanish");
+            assert_close(&format!("dense kl {name} {dims:?}"), &got.to_host().unwrap(), want, 1e-3 * scale, 1e-3);
+        }
+    }
+}
+
+/// The last token's rows of a `[b, t, width]` tensor: `[b, width]`.
+fn last_rows(x: &[f32], dims: &DsaDims, width: usize) -> Vec<f32> {
+    (0..dims.b).flat_map(|bi| x[(bi * dims.t + dims.t - 1) * width..][..width].iter().copied()).collect()
+}
+
+/// Decode selection: the new token (the last of `t` cached positions) against the index key
+/// cache equals the CPU's full-sequence selection's last row exactly: several key blocks, d_I
+/// odd and even, window only, top-k only, ties (qi = 0: the most recent keys), topk ≥ t.
+#[test]
+fn dsa_topk_decode_matches_cpu_exactly() {
+    let Some(be) = device("dsa_topk_decode") else { return };
+    let cases = [
+        (37, 2, 8, 5, 3, false),
+        (200, 4, 40, 16, 8, false),
+        (300, 3, 63, 40, 0, false),
+        (130, 1, 16, 0, 7, false),
+        (520, 8, 32, 100, 20, false),
+        (150, 2, 16, 10, 3, true),
+        (90, 2, 16, 90, 5, false),
+    ];
+    for (n, &(t, hi, di, topk, window, zero_q)) in cases.iter().enumerate() {
+        let dims = dd(3, t, 1, 1, 64, hi, di, topk, window);
+        let s = 200 + 3 * n as u64;
+        let mut qi = rand_int(s, dims.qi_len(), 2);
+        if zero_q {
+            qi.fill(0.0);
+        }
+        let (ki, wi) = (rand_int(s + 1, dims.ki_len(), 2), rand_int(s + 2, dims.wi_len(), 2));
+        let kmax = dims.kmax();
+        let full = cpu_select(&dims, &qi, &ki, &wi);
+        let want: Vec<u32> = (0..dims.b).flat_map(|bi| full[(bi * t + t - 1) * kmax..][..kmax].to_vec()).collect();
+        let (qi_l, wi_l) = (last_rows(&qi, &dims, hi * di), last_rows(&wi, &dims, hi));
+        let sel = DeviceBuffer::<u32>::from_host(&be, &vec![7u32; dims.b * kmax]).unwrap();
+        cuda::dsa::indexer_topk_decode(&be, &dims, &up(&be, &qi_l), &up(&be, &ki), &up(&be, &wi_l), &sel).unwrap();
+        assert_eq!(sel.to_host().unwrap(), want, "decode sel {dims:?}");
+    }
+}
+
+/// Decode attention: the new token's query over its selection of the K/V caches equals the
+/// CPU's full-sequence sparse attention's last row (out and lse), GQA and not, d 64 and 128.
+#[test]
+fn dsa_attention_decode_matches_cpu() {
+    let Some(be) = device("dsa_attention_decode") else { return };
+    for dims in
+        [dd(2, 150, 4, 2, 64, 2, 16, 40, 16), dd(3, 133, 6, 2, 128, 2, 16, 24, 8), dd(1, 70, 4, 1, 128, 1, 8, 70, 0)]
+    {
+        let (qi, ki, wi) =
+            (rand_bf16(60, dims.qi_len(), 1.0), rand_bf16(61, dims.ki_len(), 1.0), rand_bf16(62, dims.wi_len(), 1.0));
+        let sel = cpu_select(&dims, &qi, &ki, &wi);
+        let q = rand_bf16(63, dims.q_len(), 1.0);
+        let k = rand_bf16(64, dims.kv_len(), 1.0);
+        let v = rand_bf16(65, dims.kv_len(), 1.0);
+        let (mut out, mut lse) = (vec![0.0; dims.q_len()], vec![0.0; dims.lse_len()]);
+        cpu::dsa::dsa_attention_forward(&dims, &q, &k, &v, &sel, &mut out, &mut lse);
+        let (h, d, kmax) = (dims.h, dims.d, dims.kmax());
+        let out_l = last_rows(&out, &dims, h * d);
+        // lse [b, h, t] → [b, h] at t - 1
+        let lse_l: Vec<f32> = (0..dims.b * h).map(|r| lse[r * dims.t + dims.t - 1]).collect();
+        let sel_l: Vec<u32> =
+            (0..dims.b).flat_map(|bi| sel[(bi * dims.t + dims.t - 1) * kmax..][..kmax].to_vec()).collect();
+
+        let gsel = DeviceBuffer::from_host(&be, &sel_l).unwrap();
+        let go = DeviceBuffer::<bf16>::uninit(&be, dims.b * h * d).unwrap();
+        let gl = DeviceBuffer::<f32>::uninit(&be, dims.b * h).unwrap();
+        let gq = up(&be, &last_rows(&q, &dims, h * d));
+        cuda::dsa::dsa_attention_decode(&be, &dims, &gq, &up(&be, &k), &up(&be, &v), &gsel, &go, &gl).unwrap();
+        assert_close(&format!("decode out {dims:?}"), &down(&go), &out_l, 1e-2, 1e-2);
+        assert_close(&format!("decode lse {dims:?}"), &gl.to_host().unwrap(), &lse_l, 1e-4, 1e-4);
     }
 }

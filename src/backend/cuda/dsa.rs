@@ -1,15 +1,22 @@
 //! Launch code of `cuda/dsa.cu` (twin: `cpu::dsa`): the lightning indexer's exact top-k selection,
 //! sparse attention over the selected keys (forward and backward, GQA, head dims 64 and 128) and
-//! the indexer's KL loss in its sparse form (over the selected keys). Shapes as [`DsaDims`];
-//! bf16 activations, f32 lse and gradients, u32 `sel` (rows ascending, then [`PAD`]).
+//! the indexer's KL loss in its sparse form (over the selected keys) and its dense warm-up form
+//! (over every earlier key). Shapes as [`DsaDims`]; bf16 activations, f32 lse and gradients, u32
+//! `sel` (rows ascending, then [`PAD`]).
+//!
+//! **Decode** ([`indexer_topk_decode`], [`dsa_attention_decode`]): one new query per sequence
+//! against caches of `t = dims.t` positions, the new token's own key, value and index key being
+//! the last (position `t − 1`): the selection and attention of the last row of the training
+//! kernels, for q, out `[b, h, d]`, lse `[b, h]`, qi `[b, H_I, d_I]`, wi `[b, H_I]`, sel
+//! `[b, kmax]` and the caches k, v `[b, t, h_kv, d]`, ki `[b, t, d_I]`.
 //!
 //! Limits checked here (each kernel's shared memory must fit the default 48 KiB):
 //! attention `d ∈ {64, 128}` and a group `h / h_kv` whose shared memory fits (up to 24 heads per
-//! kv head at d = 128 in the backward); KL `n_index_heads · index_dim ≤ 8192`, `index_dim` and `d`
-//! even. The dense (warm-up) form of the KL is not implemented on CUDA yet.
+//! kv head at d = 128 in the backward); KL `n_index_heads · index_dim ≤ 8192`, `n_index_heads ≤
+//! 256`, `index_dim` and `d` even; decode scores `4·H_I + 2·(H_I·d_I + 64·(d_I + 2))` bytes.
 
 use super::abi::NsDsaParams;
-use super::{check, int, CudaBackend, CudaError, CudaResult, DeviceBuffer};
+use super::{check, int, CudaBackend, CudaResult, DeviceBuffer};
 pub use crate::backend::cpu::dsa::{DsaDims, PAD};
 use half::bf16;
 
@@ -36,6 +43,14 @@ fn bwd_smem(d: usize, gs: usize) -> usize {
 /// Dynamic shared memory of `dsa_kl_sparse` (mirrors `kl_smem` in dsa.cu).
 fn kl_smem(hi: usize, di: usize, d: usize, h: usize, gs: usize) -> usize {
     (hi * KT + gs * KT + h + hi + KT + 32 + KT + 1) * 4 + (hi * di + KT * (di + 2) + KT * (d + 2)) * 2
+}
+
+/// Keys per block of `dsa_index_scores_decode` (`DEC_KEYS` in dsa.cu).
+const DEC_KEYS: usize = 64;
+
+/// Dynamic shared memory of `dsa_index_scores_decode` (mirrors `dec_scores_smem` in dsa.cu).
+fn dec_scores_smem(hi: usize, di: usize) -> usize {
+    hi * 4 + (hi * di + DEC_KEYS * (di + 2)) * 2
 }
 
 /// Query rows per indexer chunk (a multiple of 64, at least 64) for a workspace of `budget` f32.
@@ -215,9 +230,10 @@ pub fn dsa_attention_backward(
     be.launch("dsa", name, (dims.t as u32, (dims.b * dims.h_kv) as u32, 1), 128, smem as u32, &p)
 }
 
-/// KL distillation loss of the indexer and its gradients (twin of `cpu::dsa::indexer_kl`). Only
-/// the sparse form (`sel` given: the key set of each query is its selection `A(t)`, and `lse` the
-/// sparse attention's) runs on CUDA; `None` (the dense warm-up form) returns an error. Writes the
+/// KL distillation loss of the indexer and its gradients (twin of `cpu::dsa::indexer_kl`), in its
+/// sparse form (`sel` given: the key set of each query is its selection `A(t)`, and `lse` the
+/// sparse attention's) or its dense warm-up form (`None`: every key `s ≤ t`, `lse` the dense
+/// attention's; two sweeps over the keys per query row, nothing `t × t` is stored). Writes the
 /// loss (the mean KL over the `b·t` queries) into the device scalar `loss` (f32, length 1, so no
 /// host round trip), and the gradients dqi `[b, t, H_I, d_I]`, dwi `[b, t, H_I]` (overwritten) and
 /// dki `[b, t, d_I]` (zeroed here, then scatter-added with atomics), all f32. q, k get none.
@@ -235,15 +251,14 @@ pub fn indexer_kl(
     [dqi, dki, dwi]: [&DeviceBuffer<f32>; 3],
     loss: &DeviceBuffer<f32>,
 ) -> CudaResult<()> {
-    let Some(sel) = sel else {
-        return Err(CudaError("indexer_kl: the dense (warm-up) form is not implemented on CUDA".into()));
-    };
     let mut p = base_params(dims)?;
     check_indexer(dims, qi, ki, wi)?;
     check(dims.h_kv > 0 && dims.h % dims.h_kv == 0, || format!("indexer_kl: h must be a multiple of h_kv ({dims:?})"))?;
     check(dims.d > 0 && dims.d % 2 == 0 && dims.index_dim % 2 == 0, || {
         format!("indexer_kl: d and index_dim must be even ({dims:?})")
     })?;
+    // dwi is written by the threads tid < n_index_heads of a 256-thread block
+    check(dims.n_index_heads <= 256, || format!("indexer_kl: n_index_heads must be <= 256 ({dims:?})"))?;
     check(dims.n_index_heads * dims.index_dim <= KL_MAX_QI, || {
         format!("indexer_kl: n_index_heads * index_dim must be <= {KL_MAX_QI} ({dims:?})")
     })?;
@@ -255,7 +270,9 @@ pub fn indexer_kl(
         "indexer_kl: q/k must be [b,t,h,d]/[b,t,h_kv,d]".into()
     })?;
     check(lse.len() == dims.lse_len(), || "indexer_kl: lse must be [b,h,t]".into())?;
-    check(sel.len() == dims.sel_len(), || "indexer_kl: sel must be [b,t,kmax]".into())?;
+    if let Some(sel) = sel {
+        check(sel.len() == dims.sel_len(), || "indexer_kl: sel must be [b,t,kmax]".into())?;
+    }
     check(dqi.len() == dims.qi_len() && dki.len() == dims.ki_len() && dwi.len() == dims.wi_len(), || {
         "indexer_kl: dqi/dki/dwi must be shaped like qi/ki/wi".into()
     })?;
@@ -263,15 +280,95 @@ pub fn indexer_kl(
     if dims.b * dims.t == 0 {
         return loss.fill_zero();
     }
-    let g_sel = DeviceBuffer::<f32>::uninit(be, dims.sel_len())?;
-    let pt = DeviceBuffer::<f32>::uninit(be, dims.sel_len())?;
     let loss_rows = DeviceBuffer::<f32>::uninit(be, dims.b * dims.t)?;
     dki.fill_zero()?;
-    (p.q, p.k, p.lse, p.qi, p.ki, p.wi, p.sel) = (q.ptr(), k.ptr(), lse.ptr(), qi.ptr(), ki.ptr(), wi.ptr(), sel.ptr());
-    (p.dqi, p.dki, p.dwi, p.g_sel, p.pt, p.loss_rows, p.loss) =
-        (dqi.ptr(), dki.ptr(), dwi.ptr(), g_sel.ptr(), pt.ptr(), loss_rows.ptr(), loss.ptr());
-    be.launch("dsa", "dsa_kl_sparse", (dims.t as u32, dims.b as u32, 1), 256, smem as u32, &p)?;
+    (p.q, p.k, p.lse, p.qi, p.ki, p.wi) = (q.ptr(), k.ptr(), lse.ptr(), qi.ptr(), ki.ptr(), wi.ptr());
+    (p.dqi, p.dki, p.dwi, p.loss_rows, p.loss) = (dqi.ptr(), dki.ptr(), dwi.ptr(), loss_rows.ptr(), loss.ptr());
+    let grid = (dims.t as u32, dims.b as u32, 1);
+    match sel {
+        Some(sel) => {
+            // per selected entry: I then G (g_sel), the target's head sum (pt)
+            let g_sel = DeviceBuffer::<f32>::uninit(be, dims.sel_len())?;
+            let pt = DeviceBuffer::<f32>::uninit(be, dims.sel_len())?;
+            (p.sel, p.g_sel, p.pt) = (sel.ptr(), g_sel.ptr(), pt.ptr());
+            be.launch("dsa", "dsa_kl_sparse", grid, 256, smem as u32, &p)?;
+        }
+        // the same shared-memory layout, no per-key workspace
+        None => be.launch("dsa", "dsa_kl_dense", grid, 256, smem as u32, &p)?,
+    }
     be.launch("dsa", "dsa_kl_loss", (1, 1, 1), 256, 0, &p)
+}
+
+/// Decode-time top-k selection (module doc): the selection of the new token at position
+/// `t − 1` from its index queries qi `[b, H_I, d_I]` and weights wi `[b, H_I]` against the index
+/// key cache ki `[b, t, d_I]` (the new token's key last), into sel u32 `[b, kmax]` (ascending,
+/// then [`PAD`]). The same rule and the same score bits as [`indexer_topk`]'s last row. Allocates
+/// an f32 score workspace of `b · t` elements; two kernels.
+pub fn indexer_topk_decode(
+    be: &CudaBackend,
+    dims: &DsaDims,
+    qi: &DeviceBuffer<bf16>,
+    ki: &DeviceBuffer<bf16>,
+    wi: &DeviceBuffer<bf16>,
+    sel: &DeviceBuffer<u32>,
+) -> CudaResult<()> {
+    let mut p = base_params(dims)?;
+    let (b, t, hi, di) = (dims.b, dims.t, dims.n_index_heads, dims.index_dim);
+    check(hi > 0 && di > 0, || format!("indexer_topk_decode: indexer heads and dim must be > 0 ({dims:?})"))?;
+    check(qi.len() == b * hi * di, || "indexer_topk_decode: qi must be [b,n_index_heads,index_dim]".into())?;
+    check(ki.len() == dims.ki_len(), || "indexer_topk_decode: ki must be [b,t,index_dim]".into())?;
+    check(wi.len() == b * hi, || "indexer_topk_decode: wi must be [b,n_index_heads]".into())?;
+    check(sel.len() == b * dims.kmax(), || "indexer_topk_decode: sel must be [b,kmax]".into())?;
+    let smem = dec_scores_smem(hi, di);
+    check(smem <= SMEM_LIMIT, || format!("indexer_topk_decode: these shapes need {smem} B of shared memory"))?;
+    check(b <= 65_535, || "indexer_topk_decode: b must be <= 65535".into())?;
+    if b * t == 0 {
+        return Ok(());
+    }
+    let scores = DeviceBuffer::<f32>::uninit(be, b * t)?;
+    (p.qi, p.ki, p.wi, p.sel, p.scores) = (qi.ptr(), ki.ptr(), wi.ptr(), sel.ptr(), scores.ptr());
+    // When every older key fits in the top-k (topk + window >= t) no score is read.
+    if dims.topk.saturating_add(dims.window) < t {
+        let grid = (t.div_ceil(DEC_KEYS) as u32, b as u32, 1);
+        be.launch("dsa", "dsa_index_scores_decode", grid, DEC_KEYS as u32, smem as u32, &p)?;
+    }
+    be.launch("dsa", "dsa_index_select_decode", (b as u32, 1, 1), 256, 0, &p)
+}
+
+/// Decode-time sparse attention (module doc): the new token's query q `[b, h, d]` (position
+/// `t − 1`) over its selection sel `[b, kmax]` (non-empty, entries ≤ t − 1) of the caches k, v
+/// `[b, t, h_kv, d]`: out bf16 `[b, h, d]` and lse f32 `[b, h]`, as [`dsa_attention_forward`]'s
+/// last row.
+#[allow(clippy::too_many_arguments)]
+pub fn dsa_attention_decode(
+    be: &CudaBackend,
+    dims: &DsaDims,
+    q: &DeviceBuffer<bf16>,
+    k: &DeviceBuffer<bf16>,
+    v: &DeviceBuffer<bf16>,
+    sel: &DeviceBuffer<u32>,
+    out: &DeviceBuffer<bf16>,
+    lse: &DeviceBuffer<f32>,
+) -> CudaResult<()> {
+    let mut p = base_params(dims)?;
+    let gs = check_attn(dims)?;
+    let smem = fwd_smem(dims.d, gs);
+    check(smem <= SMEM_LIMIT, || {
+        format!("dsa_attention_decode: {gs} query heads per kv head need {smem} B of shared memory")
+    })?;
+    let ql = dims.b * dims.h * dims.d;
+    check(q.len() == ql && out.len() == ql, || "dsa_attention_decode: q/out must be [b,h,d]".into())?;
+    check(k.len() == dims.kv_len() && v.len() == dims.kv_len(), || {
+        "dsa_attention_decode: k/v must be [b,t,h_kv,d]".into()
+    })?;
+    check(lse.len() == dims.b * dims.h, || "dsa_attention_decode: lse must be [b,h]".into())?;
+    check(sel.len() == dims.b * dims.kmax(), || "dsa_attention_decode: sel must be [b,kmax]".into())?;
+    if dims.b * dims.t * dims.h == 0 {
+        return Ok(());
+    }
+    (p.q, p.k, p.v, p.sel, p.out, p.lse) = (q.ptr(), k.ptr(), v.ptr(), sel.ptr(), out.ptr(), lse.ptr());
+    let name = if dims.d == 64 { "dsa_fwd_decode_d64" } else { "dsa_fwd_decode_d128" };
+    be.launch("dsa", name, (1, (dims.b * dims.h_kv) as u32, 1), 128, smem as u32, &p)
 }
 
 #[cfg(test)]
@@ -284,6 +381,7 @@ mod tests {
         assert_eq!(fwd_smem(64, 4), 10148);
         assert_eq!(bwd_smem(128, 4), 21924);
         assert_eq!(kl_smem(64, 128, 128, 16, 2), 42180);
+        assert_eq!(dec_scores_smem(64, 128), 33280);
         assert!(bwd_smem(128, 24) <= SMEM_LIMIT && fwd_smem(128, 24) <= SMEM_LIMIT);
     }
 
