@@ -17,11 +17,6 @@ impl std::fmt::Display for Device {
     }
 }
 
-/// Whether the CUDA training path exists in this build: every layer kind (D, W, S; dense or MoE
-/// FFN) trains on CUDA through the explicit step (`train::step`), within the kernels' shape rules
-/// (`train::step_cuda::check_cuda_shapes`).
-pub const CUDA_TRAINING_AVAILABLE: bool = true;
-
 impl Device {
     /// Resolves a `--device` string. `auto` never fails: it falls back to the
     /// CPU and prints one line saying why. An explicit `cuda` that cannot be
@@ -34,9 +29,6 @@ impl Device {
             "auto" => {
                 match crate::backend::cuda::probe_devices() {
                     Err(why) => eprintln!("device: {why}; using the CPU"),
-                    Ok(n) if !CUDA_TRAINING_AVAILABLE => eprintln!(
-                        "device: {n} CUDA device(s) found, but this build has no CUDA training path yet; using the CPU"
-                    ),
                     Ok(_) => return Ok(Device::Cuda(0)),
                 }
                 Ok(Device::Cpu)
@@ -52,9 +44,6 @@ impl Device {
                     crate::backend::cuda::probe_devices().map_err(|why| anyhow::anyhow!("--device {spec}: {why}"))?;
                 if index >= n {
                     bail!("--device {spec}: only {n} CUDA device(s) present");
-                }
-                if !CUDA_TRAINING_AVAILABLE {
-                    bail!("--device {spec}: this build has no CUDA training path yet (use --device cpu or auto)");
                 }
                 Ok(Device::Cuda(index))
             }
