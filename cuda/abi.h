@@ -130,7 +130,12 @@ typedef struct NsReduceParams {
  * [k, n]: stored [k, n] (ldb >= n) for N or [n, k] (ldb >= k) for T. Batch i
  * uses A + i*stride_a etc. (in elements). Requirements checked on the host:
  * the contiguous dimension of each operand and lda, ldb multiples of 8,
- * 16-byte aligned bases. beta = 0 never reads C. */
+ * 16-byte aligned bases. beta = 0 never reads C.
+ * Fused epilogue (each pointer optional, 0 = absent; each of C's type and
+ * layout, never read outside [m, n]): v = alpha * AB + beta * C + resid (the
+ * bias-free residual add); C = v unless c is 0 (then beta must be 0); with a
+ * gate, act = silu(gate) * v (SwiGLU with the product as its "up" half, v
+ * unrounded). */
 typedef struct NsGemmParams {
     ns_dptr a;
     ns_dptr b;
@@ -148,6 +153,9 @@ typedef struct NsGemmParams {
     float alpha;
     float beta;
     int pad_;
+    ns_dptr resid;
+    ns_dptr gate;
+    ns_dptr act;
 } NsGemmParams;
 
 /** attention.cu: causal softmax attention, scale = 1/sqrt(d) (passed),

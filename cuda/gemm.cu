@@ -7,7 +7,9 @@
 // ldmatrix (.trans where the stored layout is the other one) builds the mma
 // fragments. Block tile 128x128x32, 8 warps of 64x32, two-stage pipeline,
 // padded shared rows (no ldmatrix bank conflicts). This one runs on both
-// targets; the sm_90a wgmma kernels (gemm_wgmma_*) follow at the end.
+// targets; the sm_90a wgmma kernels (gemm_wgmma_*) follow at the end. Every
+// kernel ends in the same fused epilogue (gemm_store): the bias-free residual
+// add and SwiGLU, so x + y W^T and silu(g) * (h W_up^T) take no extra pass.
 #include "common.cuh"
 
 namespace ns_gemm {  // named: an anonymous namespace would put a path hash into the PTX
@@ -15,6 +17,35 @@ constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256;
 constexpr int PAD = 8;
 // shared tile of one operand: [BM][BK+PAD] when k is contiguous, [BK][BM+PAD] otherwise
 constexpr int TILE_ELEMS = (BM * (BK + PAD) > BK * (BM + PAD)) ? BM * (BK + PAD) : BK * (BM + PAD);
+
+// The store of one output element at offset `off` of C, shared by every GEMM
+// kernel: v = alpha*acc + beta*C, then the fused epilogue EPI (NsGemmParams):
+// EPI_RESIDUAL adds resid; EPI_SWIGLU writes act = silu(gate) * v (and C = v
+// only when c is present). The epilogue is a template parameter, so the plain
+// kernels carry none of it.
+enum { EPI_NONE = 0, EPI_RESIDUAL = 1, EPI_SWIGLU = 2 };
+NS_DEV float out_get(const float* p, size_t off) { return p[off]; }
+NS_DEV float out_get(const bf16* p, size_t off) { return bf2f(p[off]); }
+NS_DEV void out_put(float* p, size_t off, float v) { p[off] = v; }
+NS_DEV void out_put(bf16* p, size_t off, float v) { p[off] = f2bf(v); }
+template <typename T, int EPI>
+NS_DEV void gemm_store_as(const NsGemmParams& p, size_t off, float acc) {
+    float v = p.alpha * acc;
+    if (p.beta != 0.0f) v += p.beta * out_get(reinterpret_cast<const T*>(p.c), off);
+    if (EPI == EPI_RESIDUAL) v += out_get(reinterpret_cast<const T*>(p.resid), off);
+    if (EPI != EPI_SWIGLU || p.c) out_put(reinterpret_cast<T*>(p.c), off, v);
+    if (EPI == EPI_SWIGLU) {
+        const float g = out_get(reinterpret_cast<const T*>(p.gate), off);
+        out_put(reinterpret_cast<T*>(p.act), off, g * ns_sigmoid(g) * v);
+    }
+}
+template <bool OUT_BF16, int EPI>
+NS_DEV void gemm_store(const NsGemmParams& p, size_t off, float acc) {
+    if (OUT_BF16)
+        gemm_store_as<bf16, EPI>(p, off, acc);
+    else
+        gemm_store_as<float, EPI>(p, off, acc);
+}
 
 // Copies one BMxBK (A) or BKxBN (B) tile in its stored layout. `kcontig`: the
 // stored rows run along k (A not transposed, B transposed).
@@ -40,7 +71,7 @@ NS_DEV void load_tile(bf16* s, const bf16* g, int ld, int rows_total, int k_tota
     }
 }
 
-template <bool TA, bool TB, bool OUT_BF16>
+template <bool TA, bool TB, bool OUT_BF16, int EPI>
 NS_DEV void gemm_body(const NsGemmParams& p) {
     __shared__ __align__(16) bf16 As[2][TILE_ELEMS];
     __shared__ __align__(16) bf16 Bs[2][TILE_ELEMS];
@@ -111,7 +142,7 @@ NS_DEV void gemm_body(const NsGemmParams& p) {
         __syncthreads();
     }
 
-    // epilogue: alpha * acc + beta * C, bounds-checked
+    // epilogue (gemm_store), bounds-checked
     const int g = lane >> 2, c2 = (lane & 3) << 1;
 #pragma unroll
     for (int mi = 0; mi < 4; mi++) {
@@ -126,16 +157,7 @@ NS_DEV void gemm_body(const NsGemmParams& p) {
                     const int col = n0 + wn + ni * 8 + c2 + e;
                     if (col >= p.n) continue;
                     const size_t off = (size_t)bz * p.stride_c + (size_t)row * p.ldc + col;
-                    float v = p.alpha * acc[mi][ni][half * 2 + e];
-                    if (OUT_BF16) {
-                        bf16* C = reinterpret_cast<bf16*>(p.c);
-                        if (p.beta != 0.0f) v += p.beta * bf2f(C[off]);
-                        C[off] = f2bf(v);
-                    } else {
-                        float* C = reinterpret_cast<float*>(p.c);
-                        if (p.beta != 0.0f) v += p.beta * C[off];
-                        C[off] = v;
-                    }
+                    gemm_store<OUT_BF16, EPI>(p, off, acc[mi][ni][half * 2 + e]);
                 }
             }
         }
@@ -145,16 +167,19 @@ NS_DEV void gemm_body(const NsGemmParams& p) {
 using namespace ns_gemm;
 
 // gemm_{ta}{tb}_{out}: ta/tb = n (as stored) or t (transposed), out = f32 or bf16.
-#define NS_GEMM(NAME, TA, TB, OB) \
-    extern "C" __global__ void __launch_bounds__(THREADS) NAME(NsGemmParams p) { gemm_body<TA, TB, OB>(p); }
-NS_GEMM(gemm_nn_f32, false, false, false)
-NS_GEMM(gemm_nt_f32, false, true, false)
-NS_GEMM(gemm_tn_f32, true, false, false)
-NS_GEMM(gemm_tt_f32, true, true, false)
-NS_GEMM(gemm_nn_bf16, false, false, true)
-NS_GEMM(gemm_nt_bf16, false, true, true)
-NS_GEMM(gemm_tn_bf16, true, false, true)
-NS_GEMM(gemm_tt_bf16, true, true, true)
+// gemm_nt_bf16_{residual,swiglu}: x·wᵀ with a fused epilogue (NsGemmParams).
+#define NS_GEMM(NAME, TA, TB, OB, EPI) \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(NsGemmParams p) { gemm_body<TA, TB, OB, EPI>(p); }
+NS_GEMM(gemm_nn_f32, false, false, false, EPI_NONE)
+NS_GEMM(gemm_nt_f32, false, true, false, EPI_NONE)
+NS_GEMM(gemm_tn_f32, true, false, false, EPI_NONE)
+NS_GEMM(gemm_tt_f32, true, true, false, EPI_NONE)
+NS_GEMM(gemm_nn_bf16, false, false, true, EPI_NONE)
+NS_GEMM(gemm_nt_bf16, false, true, true, EPI_NONE)
+NS_GEMM(gemm_tn_bf16, true, false, true, EPI_NONE)
+NS_GEMM(gemm_tt_bf16, true, true, true, EPI_NONE)
+NS_GEMM(gemm_nt_bf16_residual, false, true, true, EPI_RESIDUAL)
+NS_GEMM(gemm_nt_bf16_swiglu, false, true, true, EPI_SWIGLU)
 
 // ---------------------------------------------------------------------------
 // Hopper (sm_90a) GEMM on wgmma.mma_async: gemm_wgmma_{ta}{tb}_{out}, the same
@@ -273,7 +298,7 @@ NS_DEV void wgmma_m64n128k16(float* d, uint64_t da, uint64_t db) {
         : "l"(da), "l"(db), "r"(1));
 }
 
-template <bool OUT_BF16>
+template <bool OUT_BF16, int EPI>
 NS_DEV void wg_epilogue(const NsGemmParams& p, const float* acc, int m0, int n0, int bz, int wg) {
     // Epilogue. Accumulator layout of m64nNk16 (per warp of the warpgroup, like
     // mma.sync m16n8 repeated over N/8 column blocks): acc[4j + 2h + e] is
@@ -290,22 +315,13 @@ NS_DEV void wg_epilogue(const NsGemmParams& p, const float* acc, int m0, int n0,
                 const int col = n0 + 8 * j + 2 * (lane & 3) + e;
                 if (col >= p.n) continue;
                 const size_t off = (size_t)bz * p.stride_c + (size_t)row * p.ldc + col;
-                float v = p.alpha * acc[4 * j + 2 * h + e];
-                if (OUT_BF16) {
-                    bf16* C = reinterpret_cast<bf16*>(p.c);
-                    if (p.beta != 0.0f) v += p.beta * bf2f(C[off]);
-                    C[off] = f2bf(v);
-                } else {
-                    float* C = reinterpret_cast<float*>(p.c);
-                    if (p.beta != 0.0f) v += p.beta * C[off];
-                    C[off] = v;
-                }
+                ns_gemm::gemm_store<OUT_BF16, EPI>(p, off, acc[4 * j + 2 * h + e]);
             }
         }
     }
 }
 
-template <bool TA, bool TB, bool OUT_BF16>
+template <bool TA, bool TB, bool OUT_BF16, int EPI>
 NS_DEV void wgmma_body(const NsGemmParams& p) {
     extern __shared__ uint8_t wg_smem_raw[];
     // stage s: A at base + s*2*TILE_BYTES, B right after it; base 1024-aligned
@@ -351,7 +367,7 @@ NS_DEV void wgmma_body(const NsGemmParams& p) {
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     }
 
-    wg_epilogue<OUT_BF16>(p, acc, m0, n0, bz, wg);
+    wg_epilogue<OUT_BF16, EPI>(p, acc, m0, n0, bz, wg);
 }
 
 // ---- TMA variant for NT (x w^T, both operands K-major) ----
@@ -383,7 +399,7 @@ NS_DEV void tma_load_3d(uint32_t dst, const void* tmap, int c0, int c1, int c2, 
         : "memory");
 }
 
-template <bool OUT_BF16>
+template <bool OUT_BF16, int EPI>
 NS_DEV void wgmma_tma_nt_body(const NsGemmTmaParams& pt) {
     const NsGemmParams& p = pt.g;
     extern __shared__ uint8_t wg_smem_raw[];
@@ -433,41 +449,45 @@ NS_DEV void wgmma_tma_nt_body(const NsGemmTmaParams& pt) {
         if (threadIdx.x == 0) issue(kt + STAGES - 1);
         asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     }
-    wg_epilogue<OUT_BF16>(p, acc, m0, n0, bz, wg);
+    wg_epilogue<OUT_BF16, EPI>(p, acc, m0, n0, bz, wg);
 }
 #endif
 }  // namespace ns_wgmma
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define NS_WGMMA_BODY(TA, TB, OB) ns_wgmma::wgmma_body<TA, TB, OB>(p);
+#define NS_WGMMA_BODY(TA, TB, OB, EPI) ns_wgmma::wgmma_body<TA, TB, OB, EPI>(p);
 #else
-#define NS_WGMMA_BODY(TA, TB, OB) __trap();
+#define NS_WGMMA_BODY(TA, TB, OB, EPI) __trap();
 #endif
-// gemm_wgmma_{ta}{tb}_{out}: dynamic shared memory ns_wgmma::SMEM_BYTES (99328).
-#define NS_GEMM_WGMMA(NAME, TA, TB, OB)                                                          \
+// gemm_wgmma_{ta}{tb}_{out}[_{epilogue}]: dynamic shared memory ns_wgmma::SMEM_BYTES (99328).
+#define NS_GEMM_WGMMA(NAME, TA, TB, OB, EPI)                                                     \
     extern "C" __global__ void __launch_bounds__(ns_wgmma::THREADS, 1) NAME(NsGemmParams p) { \
-        NS_WGMMA_BODY(TA, TB, OB)                                                                 \
+        NS_WGMMA_BODY(TA, TB, OB, EPI)                                                            \
     }
-NS_GEMM_WGMMA(gemm_wgmma_nn_f32, false, false, false)
-NS_GEMM_WGMMA(gemm_wgmma_nt_f32, false, true, false)
-NS_GEMM_WGMMA(gemm_wgmma_tn_f32, true, false, false)
-NS_GEMM_WGMMA(gemm_wgmma_tt_f32, true, true, false)
-NS_GEMM_WGMMA(gemm_wgmma_nn_bf16, false, false, true)
-NS_GEMM_WGMMA(gemm_wgmma_nt_bf16, false, true, true)
-NS_GEMM_WGMMA(gemm_wgmma_tn_bf16, true, false, true)
-NS_GEMM_WGMMA(gemm_wgmma_tt_bf16, true, true, true)
+NS_GEMM_WGMMA(gemm_wgmma_nn_f32, false, false, false, EPI_NONE)
+NS_GEMM_WGMMA(gemm_wgmma_nt_f32, false, true, false, EPI_NONE)
+NS_GEMM_WGMMA(gemm_wgmma_tn_f32, true, false, false, EPI_NONE)
+NS_GEMM_WGMMA(gemm_wgmma_tt_f32, true, true, false, EPI_NONE)
+NS_GEMM_WGMMA(gemm_wgmma_nn_bf16, false, false, true, EPI_NONE)
+NS_GEMM_WGMMA(gemm_wgmma_nt_bf16, false, true, true, EPI_NONE)
+NS_GEMM_WGMMA(gemm_wgmma_tn_bf16, true, false, true, EPI_NONE)
+NS_GEMM_WGMMA(gemm_wgmma_tt_bf16, true, true, true, EPI_NONE)
+NS_GEMM_WGMMA(gemm_wgmma_nt_bf16_residual, false, true, true, EPI_RESIDUAL)
+NS_GEMM_WGMMA(gemm_wgmma_nt_bf16_swiglu, false, true, true, EPI_SWIGLU)
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define NS_WGMMA_TMA_BODY(OB) ns_wgmma::wgmma_tma_nt_body<OB>(p);
+#define NS_WGMMA_TMA_BODY(OB, EPI) ns_wgmma::wgmma_tma_nt_body<OB, EPI>(p);
 #else
-#define NS_WGMMA_TMA_BODY(OB) __trap();
+#define NS_WGMMA_TMA_BODY(OB, EPI) __trap();
 #endif
 static_assert(sizeof(NsGemmTmaParams) == 384, "src/backend/cuda/abi.rs layout");
-// gemm_wgmma_tma_nt_{out}: NT only, dynamic shared memory ns_wgmma::SMEM_BYTES.
-#define NS_GEMM_WGMMA_TMA(NAME, OB)                                                         \
+// gemm_wgmma_tma_nt_{out}[_{epilogue}]: NT only, dynamic shared memory ns_wgmma::SMEM_BYTES.
+#define NS_GEMM_WGMMA_TMA(NAME, OB, EPI)                                                    \
     extern "C" __global__ void __launch_bounds__(ns_wgmma::THREADS, 1)                    \
         NAME(const __grid_constant__ NsGemmTmaParams p) {                                 \
-        NS_WGMMA_TMA_BODY(OB)                                                               \
+        NS_WGMMA_TMA_BODY(OB, EPI)                                                          \
     }
-NS_GEMM_WGMMA_TMA(gemm_wgmma_tma_nt_f32, false)
-NS_GEMM_WGMMA_TMA(gemm_wgmma_tma_nt_bf16, true)
+NS_GEMM_WGMMA_TMA(gemm_wgmma_tma_nt_f32, false, EPI_NONE)
+NS_GEMM_WGMMA_TMA(gemm_wgmma_tma_nt_bf16, true, EPI_NONE)
+NS_GEMM_WGMMA_TMA(gemm_wgmma_tma_nt_bf16_residual, true, EPI_RESIDUAL)
+NS_GEMM_WGMMA_TMA(gemm_wgmma_tma_nt_bf16_swiglu, true, EPI_SWIGLU)

@@ -13,7 +13,8 @@
 //! - f32 outputs from f32 math (loss, lse, AdamW, grad norm): rtol 1e-4, atol 1e-5;
 //! - GEMM with f32 output: only the summation order differs: rtol 1e-3, atol 1e-3·√k
 //!   (the same for cuBLASLt, `--gemm cublaslt`, and the sm_90a wgmma kernel, `--gemm wgmma`;
-//!   bf16 output: rtol 1e-2);
+//!   bf16 output: rtol 1e-2); the fused epilogues (residual add, SwiGLU) round once more
+//!   to bf16 and keep those tolerances;
 //! - attention: P is rounded to bf16 before P·V (as in every flash kernel):
 //!   atol 2e-2, rtol 2e-2 on out and the gradients, 1e-3 on lse.
 
@@ -268,6 +269,58 @@ fn gemm_matches_cpu_all_layouts() {
             }
         }
     }
+}
+
+#[test]
+fn gemm_fused_epilogues_match_cpu_on_every_engine() {
+    use cuda::gemm::{gemm_fused_on, Epilogue, GemmEngine};
+    let Some(be) = device("gemm_fused") else { return };
+    let mut engines = vec![GemmEngine::Native];
+    if be.compute_capability() == (9, 0) {
+        engines.push(GemmEngine::Wgmma);
+    } else {
+        skipped("compute capability is not 9.0: the wgmma epilogues are not run", "gemm_fused");
+    }
+    match cuda::cublaslt::available() {
+        Ok(()) => engines.push(GemmEngine::Cublaslt),
+        Err(e) => skipped(&e.0, "gemm_fused (cuBLASLt composition)"),
+    }
+    // The last shape is below wgmma's 64 and falls back to the native kernel.
+    for engine in engines {
+        for &(m, n, k) in &[(128, 128, 64), (72, 200, 136), (264, 136, 520), (40, 96, 72)] {
+            let what = format!("gemm_fused {} {m}x{n}x{k}", engine.name());
+            let (x, w) = (rand_bf16(31, m * k, 1.0), rand_bf16(32, n * k, 1.0));
+            let (resid, gate) = (rand_bf16(33, m * n, 2.0), rand_bf16(34, m * n, 3.0));
+            let mut want = vec![0.0; m * n];
+            cpu::gemm::gemm_fused(m, n, k, &x, &w, cpu::gemm::Epilogue::Residual { resid: &resid, out: &mut want });
+            let (mut want_act, mut want_up) = (vec![0.0; m * n], vec![0.0; m * n]);
+            let epi = cpu::gemm::Epilogue::SwiGlu { gate: &gate, act: &mut want_act, up: Some(&mut want_up) };
+            cpu::gemm::gemm_fused(m, n, k, &x, &w, epi);
+            let tol = 1e-3 * (k as f32).sqrt();
+
+            let (gx, gw, gr, gg) = (up(&be, &x), up(&be, &w), up(&be, &resid), up(&be, &gate));
+            let out = DeviceBuffer::<bf16>::uninit(&be, m * n).unwrap();
+            gemm_fused_on(&be, engine, m, n, k, &gx, &gw, Epilogue::Residual { resid: &gr, out: &out }).unwrap();
+            assert_close(&format!("{what} residual"), &down(&out), &want, tol, 1e-2);
+            // in place: the residual stream itself receives the product
+            gemm_fused_on(&be, engine, m, n, k, &gx, &gw, Epilogue::Residual { resid: &gr, out: &gr }).unwrap();
+            assert_close(&format!("{what} residual in place"), &down(&gr), &want, tol, 1e-2);
+
+            let (act, upb) = (DeviceBuffer::uninit(&be, m * n).unwrap(), DeviceBuffer::uninit(&be, m * n).unwrap());
+            let epi = Epilogue::SwiGlu { gate: &gg, act: &act, up: Some(&upb) };
+            gemm_fused_on(&be, engine, m, n, k, &gx, &gw, epi).unwrap();
+            assert_close(&format!("{what} swiglu act"), &down(&act), &want_act, tol, 1e-2);
+            assert_close(&format!("{what} swiglu up"), &down(&upb), &want_up, tol, 1e-2);
+            act.fill_zero().unwrap();
+            gemm_fused_on(&be, engine, m, n, k, &gx, &gw, Epilogue::SwiGlu { gate: &gg, act: &act, up: None }).unwrap();
+            assert_close(&format!("{what} swiglu act (no up)"), &down(&act), &want_act, tol, 1e-2);
+        }
+    }
+    // Wrong sizes are errors, not launches.
+    let (gx, small) = (up(&be, &[0.0; 64]), up(&be, &[0.0; 8]));
+    let epi = Epilogue::Residual { resid: &small, out: &small };
+    let e = gemm_fused_on(&be, GemmEngine::Native, 8, 8, 8, &gx, &gx, epi).unwrap_err();
+    assert!(e.0.contains("resid must hold m*n"), "{e}");
 }
 
 #[test]

@@ -79,6 +79,43 @@ pub fn gemm(
     }
 }
 
+/// A fused epilogue of [`gemm_fused`], applied to each value v of the product x·wᵀ (the twin of
+/// the epilogues of `cuda/gemm.cu`, `cuda::gemm::Epilogue`). Every slice holds m·n values laid
+/// out like C.
+pub enum Epilogue<'a> {
+    /// out = v + resid: the bias-free residual add after an output projection.
+    Residual { resid: &'a [f32], out: &'a mut [f32] },
+    /// act = silu(gate) ⊙ v (SwiGLU with the product as its "up" half); `up`, when given, also
+    /// receives v.
+    SwiGlu { gate: &'a [f32], act: &'a mut [f32], up: Option<&'a mut [f32]> },
+}
+
+/// The linear layer x[m,k]·w[n,k]ᵀ finished by a fused [`Epilogue`]. The reference for the CUDA
+/// kernels' epilogues: the product, then the same element-wise math as `elementwise::add` and
+/// `swiglu::swiglu_forward`, so the result equals the unfused ops.
+pub fn gemm_fused(m: usize, n: usize, k: usize, x: &[f32], w: &[f32], epi: Epilogue) {
+    let (a, la, b, lb) = (x, Layout::N, w, Layout::T);
+    match epi {
+        Epilogue::Residual { resid, out } => {
+            assert_eq!(resid.len(), m * n, "gemm_fused: resid must hold m*n = {m}*{n} values");
+            gemm(m, n, k, a, la, b, lb, out, false);
+            super::elementwise::accumulate(out, resid); // v + resid == resid + v in f32
+        }
+        Epilogue::SwiGlu { gate, act, up } => {
+            let mut scratch = Vec::new();
+            let up = match up {
+                Some(up) => up,
+                None => {
+                    scratch.resize(m * n, 0.0);
+                    &mut scratch[..]
+                }
+            };
+            gemm(m, n, k, a, la, b, lb, up, false);
+            super::swiglu::swiglu_forward(gate, up, act);
+        }
+    }
+}
+
 /// A read-only strided matrix for [`gemm_strided`]: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 pub(crate) struct Strided<'a> {
@@ -213,6 +250,32 @@ pub fn gemm_naive(
 mod tests {
     use super::*;
     use crate::rng::Rng;
+
+    #[test]
+    fn fused_epilogues_equal_the_unfused_ops() {
+        let mut rng = Rng::new(5);
+        let (m, n, k) = (37, 24, 40);
+        let mut rand = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal() as f32).collect() };
+        let (a, b, r, g) = (rand(m * k), rand(n * k), rand(m * n), rand(m * n));
+        let mut p = vec![0.0; m * n];
+        gemm(m, n, k, &a, Layout::N, &b, Layout::T, &mut p, false);
+
+        let mut out = vec![0.0; m * n];
+        gemm_fused(m, n, k, &a, &b, Epilogue::Residual { resid: &r, out: &mut out });
+        let mut want = vec![0.0; m * n];
+        super::super::elementwise::add(&r, &p, &mut want);
+        assert_eq!(out, want, "residual epilogue: bitwise the product then the add");
+
+        let mut want = vec![0.0; m * n];
+        super::super::swiglu::swiglu_forward(&g, &p, &mut want);
+        let (mut act, mut up) = (vec![0.0; m * n], vec![0.0; m * n]);
+        let epi = Epilogue::SwiGlu { gate: &g, act: &mut act, up: Some(&mut up) };
+        gemm_fused(m, n, k, &a, &b, epi);
+        assert_eq!((&act, &up), (&want, &p), "SwiGLU epilogue: bitwise swiglu(gate, product)");
+        let mut act2 = vec![0.0; m * n];
+        gemm_fused(m, n, k, &a, &b, Epilogue::SwiGlu { gate: &g, act: &mut act2, up: None });
+        assert_eq!(act2, want, "SwiGLU epilogue without the up output");
+    }
 
     #[test]
     fn matches_naive_for_all_layouts() {

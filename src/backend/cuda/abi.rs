@@ -201,7 +201,7 @@ const _: () = {
     ["Offset of field: NsReduceParams::blocks"][::core::mem::offset_of!(NsReduceParams, blocks) - 40usize];
     ["Offset of field: NsReduceParams::max_norm"][::core::mem::offset_of!(NsReduceParams, max_norm) - 44usize];
 };
-#[doc = " gemm.cu: C = alpha * op(A) op(B) + beta * C for each of `batch` matrices,\n bf16 A and B, fp32 accumulation, C f32 or bf16 (by kernel name). op(A) is\n [m, k]: stored [m, k] (lda >= k) for N or [k, m] (lda >= m) for T; op(B) is\n [k, n]: stored [k, n] (ldb >= n) for N or [n, k] (ldb >= k) for T. Batch i\n uses A + i*stride_a etc. (in elements). Requirements checked on the host:\n the contiguous dimension of each operand and lda, ldb multiples of 8,\n 16-byte aligned bases. beta = 0 never reads C."]
+#[doc = " gemm.cu: C = alpha * op(A) op(B) + beta * C for each of `batch` matrices,\n bf16 A and B, fp32 accumulation, C f32 or bf16 (by kernel name). op(A) is\n [m, k]: stored [m, k] (lda >= k) for N or [k, m] (lda >= m) for T; op(B) is\n [k, n]: stored [k, n] (ldb >= n) for N or [n, k] (ldb >= k) for T. Batch i\n uses A + i*stride_a etc. (in elements). Requirements checked on the host:\n the contiguous dimension of each operand and lda, ldb multiples of 8,\n 16-byte aligned bases. beta = 0 never reads C.\n Fused epilogue (each pointer optional, 0 = absent; each of C's type and\n layout, never read outside [m, n]): v = alpha * AB + beta * C + resid (the\n bias-free residual add); C = v unless c is 0 (then beta must be 0); with a\n gate, act = silu(gate) * v (SwiGLU with the product as its \"up\" half, v\n unrounded)."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct NsGemmParams {
@@ -221,10 +221,13 @@ pub struct NsGemmParams {
     pub alpha: f32,
     pub beta: f32,
     pub pad_: ::core::ffi::c_int,
+    pub resid: ns_dptr,
+    pub gate: ns_dptr,
+    pub act: ns_dptr,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of NsGemmParams"][::core::mem::size_of::<NsGemmParams>() - 88usize];
+    ["Size of NsGemmParams"][::core::mem::size_of::<NsGemmParams>() - 112usize];
     ["Alignment of NsGemmParams"][::core::mem::align_of::<NsGemmParams>() - 8usize];
     ["Offset of field: NsGemmParams::a"][::core::mem::offset_of!(NsGemmParams, a) - 0usize];
     ["Offset of field: NsGemmParams::b"][::core::mem::offset_of!(NsGemmParams, b) - 8usize];
@@ -242,6 +245,9 @@ const _: () = {
     ["Offset of field: NsGemmParams::alpha"][::core::mem::offset_of!(NsGemmParams, alpha) - 76usize];
     ["Offset of field: NsGemmParams::beta"][::core::mem::offset_of!(NsGemmParams, beta) - 80usize];
     ["Offset of field: NsGemmParams::pad_"][::core::mem::offset_of!(NsGemmParams, pad_) - 84usize];
+    ["Offset of field: NsGemmParams::resid"][::core::mem::offset_of!(NsGemmParams, resid) - 88usize];
+    ["Offset of field: NsGemmParams::gate"][::core::mem::offset_of!(NsGemmParams, gate) - 96usize];
+    ["Offset of field: NsGemmParams::act"][::core::mem::offset_of!(NsGemmParams, act) - 104usize];
 };
 #[doc = " attention.cu: causal softmax attention, scale = 1/sqrt(d) (passed),\n grouped-query (query head j uses kv head j / (h / h_kv)).\n q, out, dout, dq: bf16 [b, t, h, d]; k, v, dk, dv: bf16 [b, t, h_kv, d];\n lse, delta: f32 [b, h, t] (natural log of the scaled scores, like the CPU);\n The backward's gradients are f32: dq_acc [b, t, h, d] is accumulated with\n atomics (zeroed by the host first); dk_acc, dv_acc [b, t, h_kv, d] are\n written once per key row (overwritten).\n d is 64 or 128 (kernel name)."]
 #[repr(C)]

@@ -5,6 +5,7 @@
 //! `--gemm native|cublaslt|wgmma`): the handwritten mma.sync kernel (default), cuBLASLt
 //! ([`super::cublaslt`]) or the handwritten Hopper wgmma kernel (compute capability 9.0 only;
 //! [`wgmma_gemm_batched`]), so every caller, the trainer included, changes engine without changes.
+//! [`gemm_fused`] adds the fused epilogues (the residual add, SwiGLU) on the same engines.
 
 use super::abi::{NsGemmParams, NsGemmTmaParams};
 use super::memory::DeviceElem;
@@ -153,9 +154,21 @@ pub(crate) fn check_shapes<C: GemmOut>(
     lb: Layout,
     c: &DeviceBuffer<C>,
 ) -> CudaResult<()> {
+    check(c.len() == batch * m * n, || format!("gemm: C must hold batch*m*n = {batch}*{m}*{n} values"))?;
+    check_operands(batch, m, n, k, (a, la), (b, lb))
+}
+
+/// The shape contract on A and B alone (see [`gemm`]).
+fn check_operands(
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    (a, la): (&DeviceBuffer<bf16>, Layout),
+    (b, lb): (&DeviceBuffer<bf16>, Layout),
+) -> CudaResult<()> {
     check(a.len() == batch * m * k, || format!("gemm: A must hold batch*m*k = {batch}*{m}*{k} values"))?;
     check(b.len() == batch * k * n, || format!("gemm: B must hold batch*k*n = {batch}*{k}*{n} values"))?;
-    check(c.len() == batch * m * n, || format!("gemm: C must hold batch*m*n = {batch}*{m}*{n} values"))?;
     check(k % 8 == 0, || format!("gemm: k = {k} must be a multiple of 8 on CUDA"))?;
     check(la == Layout::N || m % 8 == 0, || format!("gemm: m = {m} must be a multiple of 8 when A is transposed"))?;
     check(lb == Layout::T || n % 8 == 0, || format!("gemm: n = {n} must be a multiple of 8 when B is not transposed"))
@@ -182,10 +195,23 @@ pub fn native_gemm_batched<C: GemmOut>(
     if batch == 0 || m == 0 || n == 0 {
         return Ok(());
     }
-    let p = NsGemmParams {
+    let p = params((batch, m, n, k), (a, la), (b, lb), c.ptr(), (alpha, beta))?;
+    launch_native(be, &p, kernel(la, lb, C::BF16))
+}
+
+/// The kernel parameters of a contiguous batched product (no fused epilogue: the `resid`,
+/// `gate` and `act` fields are 0).
+fn params(
+    (batch, m, n, k): (usize, usize, usize, usize),
+    (a, la): (&DeviceBuffer<bf16>, Layout),
+    (b, lb): (&DeviceBuffer<bf16>, Layout),
+    c: u64,
+    (alpha, beta): (f32, f32),
+) -> CudaResult<NsGemmParams> {
+    Ok(NsGemmParams {
         a: a.ptr(),
         b: b.ptr(),
-        c: c.ptr(),
+        c,
         m: int(m, "m")?,
         n: int(n, "n")?,
         k: int(k, "k")?,
@@ -198,10 +224,149 @@ pub fn native_gemm_batched<C: GemmOut>(
         batch: int(batch, "batch")?,
         alpha,
         beta,
-        pad_: 0,
+        ..Default::default()
+    })
+}
+
+/// Block tile 128x128 (grid x over n, y over m), batch on z: the grid of every GEMM kernel.
+fn grid(p: &NsGemmParams) -> (u32, u32, u32) {
+    ((p.n as u32).div_ceil(TILE), (p.m as u32).div_ceil(TILE), p.batch as u32)
+}
+
+fn launch_native(be: &CudaBackend, p: &NsGemmParams, name: &'static str) -> CudaResult<()> {
+    be.launch("gemm", name, grid(p), 256, 0, p)
+}
+
+/// A fused epilogue of [`gemm_fused`]: what the GEMM kernels do with each value v of the
+/// product x·wᵀ before it leaves the registers (the `resid`, `gate` and `act` fields of
+/// `NsGemmParams`). Every buffer holds m·n bf16 values laid out like the product.
+#[derive(Clone, Copy)]
+pub enum Epilogue<'a> {
+    /// out = v + resid: the bias-free residual add after an output projection. `resid` may be
+    /// `out` itself (each element is read before it is written).
+    Residual { resid: &'a DeviceBuffer<bf16>, out: &'a DeviceBuffer<bf16> },
+    /// act = silu(gate) ⊙ v: SwiGLU with the product as its "up" half (v taken before rounding);
+    /// `up`, when given, also receives v (the backward needs it, inference does not). `up`
+    /// must not alias `gate`.
+    SwiGlu { gate: &'a DeviceBuffer<bf16>, act: &'a DeviceBuffer<bf16>, up: Option<&'a DeviceBuffer<bf16>> },
+}
+
+impl Epilogue<'_> {
+    /// The kernels (native, wgmma with TMA, wgmma with cp.async) that fuse this epilogue.
+    fn kernels(&self) -> [&'static str; 3] {
+        match self {
+            Epilogue::Residual { .. } => {
+                ["gemm_nt_bf16_residual", "gemm_wgmma_tma_nt_bf16_residual", "gemm_wgmma_nt_bf16_residual"]
+            }
+            Epilogue::SwiGlu { .. } => {
+                ["gemm_nt_bf16_swiglu", "gemm_wgmma_tma_nt_bf16_swiglu", "gemm_wgmma_nt_bf16_swiglu"]
+            }
+        }
+    }
+}
+
+/// The linear layer x[m,k]·w[n,k]ᵀ (bf16, f32 accumulation; k a multiple of 8, as [`gemm`]
+/// requires of NT) finished by a fused [`Epilogue`] in the same kernel, on the engine of
+/// [`set_gemm_engine`]: the native and wgmma kernels apply it in their epilogue; cuBLASLt (which
+/// has no SwiGLU epilogue) runs the product and then one element-wise kernel. Twin:
+/// `cpu::gemm::gemm_fused`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_fused(
+    be: &CudaBackend,
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &DeviceBuffer<bf16>,
+    w: &DeviceBuffer<bf16>,
+    epi: Epilogue,
+) -> CudaResult<()> {
+    gemm_fused_on(be, gemm_engine(), m, n, k, x, w, epi)
+}
+
+/// [`gemm_fused`] on the given engine, whatever the engine switch says (the tests and the bench
+/// run every engine side by side).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_fused_on(
+    be: &CudaBackend,
+    engine: GemmEngine,
+    m: usize,
+    n: usize,
+    k: usize,
+    x: &DeviceBuffer<bf16>,
+    w: &DeviceBuffer<bf16>,
+    epi: Epilogue,
+) -> CudaResult<()> {
+    let mn = m * n;
+    let sized = |what: &str, buf: &DeviceBuffer<bf16>| {
+        check(buf.len() == mn, || format!("gemm_fused: {what} must hold m*n = {m}*{n} values, not {}", buf.len()))
     };
-    let grid = ((n as u32).div_ceil(TILE), (m as u32).div_ceil(TILE), batch as u32);
-    be.launch("gemm", kernel(la, lb, C::BF16), grid, 256, 0, &p)
+    let (c, resid, gate, act) = match epi {
+        Epilogue::Residual { resid, out } => {
+            sized("resid", resid)?;
+            sized("out", out)?;
+            (out.ptr(), resid.ptr(), 0, 0)
+        }
+        Epilogue::SwiGlu { gate, act, up } => {
+            sized("gate", gate)?;
+            sized("act", act)?;
+            if let Some(up) = up {
+                sized("up", up)?;
+                check(up.ptr() != gate.ptr(), || "gemm_fused: up must not alias gate".into())?;
+            }
+            (up.map_or(0, |u| u.ptr()), 0, gate.ptr(), act.ptr())
+        }
+    };
+    let (x, w) = ((x, Layout::N), (w, Layout::T));
+    check_operands(1, m, n, k, x, w)?;
+    if mn == 0 {
+        return Ok(());
+    }
+    if engine == GemmEngine::Cublaslt {
+        return cublaslt_fused(be, (m, n, k), x, w, epi);
+    }
+    let mut p = params((1, m, n, k), x, w, c, (1.0, 0.0))?;
+    (p.resid, p.gate, p.act) = (resid, gate, act);
+    let [native, tma_nt, wgmma_nt] = epi.kernels();
+    if engine == GemmEngine::Wgmma {
+        check_wgmma_device(be)?;
+        if wgmma_handles(m, n, k) {
+            return launch_wgmma(be, p, x, w, (tma_nt, wgmma_nt));
+        }
+    }
+    launch_native(be, &p, native)
+}
+
+/// [`gemm_fused`] under cuBLASLt: the product, then the residual add or SwiGLU kernel.
+fn cublaslt_fused(
+    be: &CudaBackend,
+    (m, n, k): (usize, usize, usize),
+    (a, la): (&DeviceBuffer<bf16>, Layout),
+    (b, lb): (&DeviceBuffer<bf16>, Layout),
+    epi: Epilogue,
+) -> CudaResult<()> {
+    use super::{cublaslt, elementwise, swiglu};
+    match epi {
+        // out already holds the residual: accumulate onto it.
+        Epilogue::Residual { resid, out } if resid.ptr() == out.ptr() => {
+            cublaslt::gemm(be, m, n, k, a, la, b, lb, out, 1.0, 1.0)
+        }
+        Epilogue::Residual { resid, out } => {
+            cublaslt::gemm(be, m, n, k, a, la, b, lb, out, 1.0, 0.0)?;
+            elementwise::add(be, resid, out, out)
+        }
+        Epilogue::SwiGlu { gate, act, up } => {
+            let scratch;
+            let up = match up {
+                Some(up) => up,
+                None => {
+                    scratch = DeviceBuffer::uninit(be, m * n)?;
+                    &scratch
+                }
+            };
+            cublaslt::gemm(be, m, n, k, a, la, b, lb, up, 1.0, 0.0)?;
+            swiglu::swiglu_forward(be, gate, up, act)
+        }
+    }
 }
 
 fn wgmma_kernel(la: Layout, lb: Layout, bf16_out: bool) -> &'static str {
@@ -250,10 +415,7 @@ pub fn wgmma_gemm_batched<C: GemmOut>(
     alpha: f32,
     beta: f32,
 ) -> CudaResult<()> {
-    let cc = be.compute_capability();
-    check(cc == (9, 0), || {
-        format!("--gemm wgmma needs compute capability 9.0 (sm_90a); {} is {}.{}", be.name(), cc.0, cc.1)
-    })?;
+    check_wgmma_device(be)?;
     check_shapes(batch, m, n, k, a, la, b, lb, c)?;
     if batch == 0 || m == 0 || n == 0 {
         return Ok(());
@@ -261,33 +423,34 @@ pub fn wgmma_gemm_batched<C: GemmOut>(
     if !wgmma_handles(m, n, k) {
         return native_gemm_batched(be, batch, m, n, k, a, la, b, lb, c, alpha, beta);
     }
-    let p = NsGemmParams {
-        a: a.ptr(),
-        b: b.ptr(),
-        c: c.ptr(),
-        m: int(m, "m")?,
-        n: int(n, "n")?,
-        k: int(k, "k")?,
-        lda: int(if la == Layout::N { k } else { m }, "lda")?,
-        ldb: int(if lb == Layout::N { n } else { k }, "ldb")?,
-        ldc: int(n, "ldc")?,
-        stride_a: (m * k) as i64,
-        stride_b: (k * n) as i64,
-        stride_c: (m * n) as i64,
-        batch: int(batch, "batch")?,
-        alpha,
-        beta,
-        pad_: 0,
-    };
-    // Block tile 128x128 (two warpgroups of 64 rows), batch on z, as the native kernel.
-    let grid = ((n as u32).div_ceil(TILE), (m as u32).div_ceil(TILE), batch as u32);
+    let p = params((batch, m, n, k), (a, la), (b, lb), c.ptr(), (alpha, beta))?;
+    let tma_nt = if C::BF16 { "gemm_wgmma_tma_nt_bf16" } else { "gemm_wgmma_tma_nt_f32" };
+    launch_wgmma(be, p, (a, la), (b, lb), (tma_nt, wgmma_kernel(la, lb, C::BF16)))
+}
+
+/// The wgmma kernel for `p` (the shape checked and accepted by [`wgmma_handles`]); block tile
+/// 128x128 (two warpgroups of 64 rows), batch on z, as the native kernel.
+fn launch_wgmma(
+    be: &CudaBackend,
+    p: NsGemmParams,
+    (a, la): (&DeviceBuffer<bf16>, Layout),
+    (b, lb): (&DeviceBuffer<bf16>, Layout),
+    (tma_nt, other): (&'static str, &'static str),
+) -> CudaResult<()> {
+    let (m, n, k, batch) = (p.m as usize, p.n as usize, p.k as usize, p.batch as usize);
     if la == Layout::N && lb == Layout::T && !no_tma() {
         // x·wᵀ: both operands K-major, tiles by TMA.
         let t = NsGemmTmaParams { tmap_a: tensor_map(a, k, m, batch)?, tmap_b: tensor_map(b, k, n, batch)?, g: p };
-        let name = if C::BF16 { "gemm_wgmma_tma_nt_bf16" } else { "gemm_wgmma_tma_nt_f32" };
-        return be.launch("gemm", name, grid, 256, WGMMA_SMEM, &t);
+        return be.launch("gemm", tma_nt, grid(&p), 256, WGMMA_SMEM, &t);
     }
-    be.launch("gemm", wgmma_kernel(la, lb, C::BF16), grid, 256, WGMMA_SMEM, &p)
+    be.launch("gemm", other, grid(&p), 256, WGMMA_SMEM, &p)
+}
+
+fn check_wgmma_device(be: &CudaBackend) -> CudaResult<()> {
+    let cc = be.compute_capability();
+    check(cc == (9, 0), || {
+        format!("--gemm wgmma needs compute capability 9.0 (sm_90a); {} is {}.{}", be.name(), cc.0, cc.1)
+    })
 }
 
 /// `NANOSEEK_WGMMA_NO_TMA=1` (read once) sends NT to the cp.async kernel `gemm_wgmma_nt_*`
