@@ -71,6 +71,15 @@ pub trait StepOps {
         dims: (usize, usize, usize),
         resid: &Self::A,
     ) -> Result<Self::A>;
+    /// (u, swiglu(gate, u)) for u = x[m,k]·w[n,k]ᵀ: the up projection of a feed-forward layer with
+    /// the SwiGLU fused into its epilogue (new buffers; the backward needs both).
+    fn linear_swiglu(
+        &self,
+        x: &Self::A,
+        w: &Self::A,
+        dims: (usize, usize, usize),
+        gate: &Self::A,
+    ) -> Result<(Self::A, Self::A)>;
     /// dx[m,k] = dy[m,n]·w[n,k] (or dx += … when `accumulate`).
     fn linear_dx(
         &self,
@@ -206,8 +215,7 @@ pub trait StepOps {
         sel: Option<&Self::Sel>,
     ) -> Result<(f32, Self::A, Self::A, Self::A)>;
 
-    fn swiglu(&self, g: &Self::A, u: &Self::A) -> Result<Self::A>;
-    /// (dg, du).
+    /// (dg, du) of swiglu(g, u) (the forward is fused into `linear_swiglu`).
     fn swiglu_backward(&self, g: &Self::A, u: &Self::A, dy: &Self::A) -> Result<(Self::A, Self::A)>;
     /// acc += x.
     fn add(&self, acc: &mut Self::A, x: &Self::A) -> Result<()>;
@@ -742,10 +750,8 @@ impl<O: StepOps> Pass<'_, O> {
                 let shared = if wf.len() > 4 {
                     let fs = c.moe.n_shared_experts * fm;
                     let g = ops.linear(&h2, &wf[4], n, ce, fs)?;
-                    let u = ops.linear(&h2, &wf[5], n, ce, fs)?;
-                    let a = ops.swiglu(&g, &u)?;
-                    let ys = ops.linear(&a, &wf[6], n, fs, ce)?;
-                    ops.add(&mut y, &ys)?;
+                    let (u, a) = ops.linear_swiglu(&h2, &wf[5], (n, ce, fs), &g)?;
+                    y = ops.linear_residual(&a, &wf[6], (n, fs, ce), &y)?; // routed + shared
                     Some((g, u, a))
                 } else {
                     None
@@ -756,8 +762,7 @@ impl<O: StepOps> Pass<'_, O> {
                 (y, FfnSaved::Moe { routing, cache, d_scores, shared })
             } else {
                 let g = ops.linear(&h2, &wf[0], n, ce, f)?;
-                let u = ops.linear(&h2, &wf[1], n, ce, f)?;
-                let a = ops.swiglu(&g, &u)?;
+                let (u, a) = ops.linear_swiglu(&h2, &wf[1], (n, ce, f), &g)?;
                 let x_next = ops.linear_residual(&a, &wf[2], (n, f, ce), &x_mid)?;
                 (x_next, FfnSaved::Dense { g, u, a })
             };

@@ -8,7 +8,7 @@ use crate::backend::cpu::{
     attention::{attention_backward, attention_forward, AttnDims},
     dsa::{self, DsaDims},
     elementwise, embedding,
-    gemm::{gemm, Layout},
+    gemm::{gemm, gemm_fused, Epilogue, Layout},
     loss,
     moe::{self, MoeCache, RouterConfig, Routing},
     norm,
@@ -91,11 +91,21 @@ impl StepOps for CpuOps {
         (m, k, n): (usize, usize, usize),
         resid: &Vec<f32>,
     ) -> Result<Vec<f32>> {
-        // As the tape: the product, then the residual add.
-        let y = self.linear(x, w, m, k, n)?;
+        // As the tape: the product, then the residual add (the same f32 sum).
         let mut out = vec![0.0; m * n];
-        elementwise::add(resid, &y, &mut out);
+        gemm_fused(m, n, k, x, w, Epilogue::Residual { resid, out: &mut out });
         Ok(out)
+    }
+    fn linear_swiglu(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        (m, k, n): (usize, usize, usize),
+        gate: &Vec<f32>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut u, mut act) = (vec![0.0; m * n], vec![0.0; m * n]);
+        gemm_fused(m, n, k, x, w, Epilogue::SwiGlu { gate, act: &mut act, up: Some(&mut u) });
+        Ok((u, act))
     }
     fn linear_dx(
         &self,
@@ -327,11 +337,6 @@ impl StepOps for CpuOps {
         Ok((loss, dqi, dki, dwi))
     }
 
-    fn swiglu(&self, g: &Vec<f32>, u: &Vec<f32>) -> Result<Vec<f32>> {
-        let mut y = vec![0.0; g.len()];
-        swiglu::swiglu_forward(g, u, &mut y);
-        Ok(y)
-    }
     fn swiglu_backward(&self, g: &Vec<f32>, u: &Vec<f32>, dy: &Vec<f32>) -> Result<(Vec<f32>, Vec<f32>)> {
         let (mut dg, mut du) = (vec![0.0; g.len()], vec![0.0; g.len()]);
         swiglu::swiglu_backward(g, u, dy, &mut dg, &mut du);

@@ -31,7 +31,7 @@ use crate::backend::cpu::dsa::DsaDims;
 use crate::backend::cpu::moe::RouterConfig;
 use crate::backend::cpu::optim::AdamWStep;
 use crate::backend::cpu::window_attention::WindowDims;
-use crate::backend::cuda::gemm::{gemm, Layout};
+use crate::backend::cuda::gemm::{gemm, gemm_fused, Epilogue, Layout};
 use crate::backend::cuda::moe::{DeviceRouting, MoeCacheGpu};
 use crate::backend::cuda::rope::RopeTableGpu;
 use crate::backend::cuda::{
@@ -170,10 +170,14 @@ impl StepOps for CudaOps {
         Ok(y)
     }
     fn linear_residual(&self, x: &A, w: &A, (m, k, n): (usize, usize, usize), resid: &A) -> Result<A> {
-        let y = self.linear(x, w, m, k, n)?;
         let out = self.uninit(m * n)?;
-        elementwise::add(&self.be, resid, &y, &out)?;
+        gemm_fused(&self.be, m, n, k, x, w, Epilogue::Residual { resid, out: &out })?;
         Ok(out)
+    }
+    fn linear_swiglu(&self, x: &A, w: &A, (m, k, n): (usize, usize, usize), gate: &A) -> Result<(A, A)> {
+        let (up, act) = (self.uninit(m * n)?, self.uninit(m * n)?);
+        gemm_fused(&self.be, m, n, k, x, w, Epilogue::SwiGlu { gate, act: &act, up: Some(&up) })?;
+        Ok((up, act))
     }
     fn linear_dx(&self, dy: &A, w: &A, (m, k, n): (usize, usize, usize), dx: &mut A, accumulate: bool) -> Result<()> {
         let beta = if accumulate { 1.0 } else { 0.0 };
@@ -366,11 +370,6 @@ impl StepOps for CudaOps {
         Ok((kl, self.to_bf16(&dqi)?, self.to_bf16(&dki)?, self.to_bf16(&dwi)?))
     }
 
-    fn swiglu(&self, g: &A, u: &A) -> Result<A> {
-        let y = self.uninit(g.len())?;
-        swiglu::swiglu_forward(&self.be, g, u, &y)?;
-        Ok(y)
-    }
     fn swiglu_backward(&self, g: &A, u: &A, dy: &A) -> Result<(A, A)> {
         let (dg, du) = (self.uninit(g.len())?, self.uninit(g.len())?);
         swiglu::swiglu_backward(&self.be, g, u, dy, &dg, &du)?;
