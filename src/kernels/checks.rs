@@ -38,6 +38,16 @@ pub fn linear(x: &[usize], w: &[usize]) -> CudaResult<(usize, usize, usize)> {
     Ok((x[..x.len() - 1].iter().product(), n, k))
 }
 
+/// linear_residual / linear_swiglu: x [..., k], w [n, k] and `other` (the residual or the gate)
+/// shaped like the output [..., n] → (rows m, n, k).
+pub fn linear_fused(f: &str, x: &[usize], w: &[usize], other: (&str, &[usize])) -> CudaResult<(usize, usize, usize)> {
+    let (m, n, k) = linear(x, w).map_err(|e| CudaError(e.0.replacen("linear", f, 1)))?;
+    let mut out = x.to_vec();
+    *out.last_mut().expect("checked: x ends in k") = n;
+    ensure(other.1 == out, || format!("{f}: {} {:?} must have the output's shape {out:?}", other.0, other.1))?;
+    Ok((m, n, k))
+}
+
 /// rmsnorm over groups of `dim` consecutive values → rows.
 pub fn rmsnorm(x: &[usize], dim: usize) -> CudaResult<usize> {
     let n: usize = x.iter().product();
@@ -217,6 +227,11 @@ mod tests {
         assert!(linear(&[2, 5, 8], &[8, 16]).unwrap_err().0.contains("must end in k = 16"));
         assert!(linear(&[], &[16, 8]).is_err());
         assert_eq!(linear(&[3, 0], &[16, 0]).unwrap(), (3, 16, 0));
+        assert_eq!(linear_fused("linear_residual", &[2, 5, 8], &[16, 8], ("resid", &[2, 5, 16])).unwrap(), (10, 16, 8));
+        let e = linear_fused("linear_swiglu", &[2, 5, 8], &[16, 8], ("gate", &[10, 16])).unwrap_err();
+        assert!(e.0.contains("linear_swiglu: gate [10, 16] must have the output's shape [2, 5, 16]"), "{e}");
+        let e = linear_fused("linear_swiglu", &[2, 5, 8], &[8, 16], ("gate", &[2, 5, 8])).unwrap_err();
+        assert!(e.0.starts_with("linear_swiglu: x"), "{e}");
     }
 
     #[test]

@@ -163,6 +163,39 @@ pub fn linear(be: &CudaBackend, x: &DeviceTensor, w: &DeviceTensor) -> CudaResul
     Ok(y)
 }
 
+/// out = resid + x·wᵀ for x [..., k], w [n, k] and resid shaped like the output [..., n], bf16,
+/// the residual added to the f32 accumulator in the GEMM's epilogue and rounded once. CUDA needs
+/// k a multiple of 8. Twin: [`super::linear_residual`].
+pub fn linear_residual(
+    be: &CudaBackend,
+    x: &DeviceTensor,
+    w: &DeviceTensor,
+    resid: &DeviceTensor,
+) -> CudaResult<DeviceTensor> {
+    let (m, n, k) = checks::linear_fused("linear_residual", &x.shape, &w.shape, ("resid", &resid.shape))?;
+    let out = DeviceTensor::uninit(be, &resid.shape)?;
+    let epi = cu::gemm::Epilogue::Residual { resid: &resid.data, out: &out.data };
+    cu::gemm::gemm_fused(be, m, n, k, &x.data, &w.data, epi)?;
+    Ok(out)
+}
+
+/// silu(gate) ⊙ x·w_upᵀ for x [..., k], w_up [n, k] and gate shaped like the output [..., n],
+/// bf16: the gate is applied to the f32 accumulator in the GEMM's epilogue (x·w_upᵀ is never
+/// written) and the result rounded once. CUDA needs k a multiple of 8. Twin:
+/// [`super::linear_swiglu`].
+pub fn linear_swiglu(
+    be: &CudaBackend,
+    x: &DeviceTensor,
+    w_up: &DeviceTensor,
+    gate: &DeviceTensor,
+) -> CudaResult<DeviceTensor> {
+    let (m, n, k) = checks::linear_fused("linear_swiglu", &x.shape, &w_up.shape, ("gate", &gate.shape))?;
+    let act = DeviceTensor::uninit(be, &gate.shape)?;
+    let epi = cu::gemm::Epilogue::SwiGlu { gate: &gate.data, act: &act.data, up: None };
+    cu::gemm::gemm_fused(be, m, n, k, &x.data, &w_up.data, epi)?;
+    Ok(act)
+}
+
 /// Parameter-free RMSNorm over consecutive groups of `dim` values (eps `norm::RMS_EPS`): bf16
 /// in and out, the sum of squares and 1/rms in f32 (the kernel also writes rstd, dropped here).
 /// CUDA needs dim a multiple of 8. Twin: [`super::rmsnorm`].

@@ -50,6 +50,29 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Tensor {
     y
 }
 
+/// out = resid + x·wᵀ for x [..., k], w [n, k] and resid shaped like the output [..., n]: a
+/// bias-free linear layer and the residual add after it (on CUDA, fused into the GEMM's epilogue).
+pub fn linear_residual(x: &Tensor, w: &Tensor, resid: &Tensor) -> Tensor {
+    let (m, n, k) = checks::linear_fused("linear_residual", &x.shape, &w.shape, ("resid", &resid.shape))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut out = Tensor::zeros(&resid.shape);
+    let epi = gemm::Epilogue::Residual { resid: &resid.data, out: &mut out.data };
+    gemm::gemm_fused(m, n, k, &x.data, &w.data, epi);
+    out
+}
+
+/// silu(gate) ⊙ x·w_upᵀ for x [..., k], w_up [n, k] and gate shaped like the output [..., n]:
+/// the up projection of a SwiGLU feed-forward layer with the gate applied to it (on CUDA, fused
+/// into the GEMM's epilogue, so x·w_upᵀ is never stored).
+pub fn linear_swiglu(x: &Tensor, w_up: &Tensor, gate: &Tensor) -> Tensor {
+    let (m, n, k) = checks::linear_fused("linear_swiglu", &x.shape, &w_up.shape, ("gate", &gate.shape))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut act = Tensor::zeros(&gate.shape);
+    let epi = gemm::Epilogue::SwiGlu { gate: &gate.data, act: &mut act.data, up: None };
+    gemm::gemm_fused(m, n, k, &x.data, &w_up.data, epi);
+    act
+}
+
 /// Parameter-free RMSNorm over consecutive groups of `dim` values (eps = `norm::RMS_EPS`).
 pub fn rmsnorm(x: &Tensor, dim: usize) -> Tensor {
     let mut y = Tensor::zeros(&x.shape);

@@ -6,8 +6,8 @@
 //! Tolerances (|gpu − cpu| ≤ atol + rtol·|cpu|), by what the GPU rounds (as in `tests/cuda.rs`):
 //! - bf16 outputs of element-wise kernels (rmsnorm, rope, swiglu, embedding): atol = rtol = 1e-2
 //!   (one bf16 rounding is ≤ 2⁻⁹ ≈ 2e-3 relative; embedding is exact, rounded once);
-//! - matmul and linear, bf16 output: one rounding of an f32 sum whose order differs:
-//!   rtol 1e-2, atol 1e-3·√k;
+//! - matmul, linear, linear_residual and linear_swiglu, bf16 output: one rounding of an f32 sum
+//!   whose order differs: rtol 1e-2, atol 1e-3·√k;
 //! - cross-entropy: f32 math on both sides, the mean in f64: rtol 1e-4, atol 1e-5;
 //! - dense and window attention: P is rounded to bf16 before P·V: out atol = rtol = 2e-2, lse
 //!   1e-3; sparse attention keeps P in f32: out atol = rtol = 1e-2, lse 1e-4;
@@ -66,6 +66,14 @@ fn gemms_match_cpu() {
     let (x, w) = (rand_t(3, &[2, 19, 64], 1.0), rand_t(4, &[40, 64], 1.0));
     let y = gk::linear(&be, &put(&be, &x), &put(&be, &w)).unwrap().to_host().unwrap();
     same("linear", &y, &kernels::linear(&x, &w), 1e-3 * 8.0, 1e-2);
+    let (r, g) = (rand_t(5, &[2, 19, 40], 2.0), rand_t(6, &[2, 19, 40], 3.0));
+    let (gx, gw) = (put(&be, &x), put(&be, &w));
+    let y = gk::linear_residual(&be, &gx, &gw, &put(&be, &r)).unwrap().to_host().unwrap();
+    same("linear_residual", &y, &kernels::linear_residual(&x, &w, &r), 1e-3 * 8.0, 1e-2);
+    let y = gk::linear_swiglu(&be, &gx, &gw, &put(&be, &g)).unwrap().to_host().unwrap();
+    same("linear_swiglu", &y, &kernels::linear_swiglu(&x, &w, &g), 1e-3 * 8.0, 1e-2);
+    let Err(e) = gk::linear_swiglu(&be, &gx, &gw, &put(&be, &x)) else { panic!("a gate of the wrong shape") };
+    assert!(e.0.contains("gate [2, 19, 64] must have the output's shape [2, 19, 40]"), "{e}");
 }
 
 #[test]
