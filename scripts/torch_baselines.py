@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """PyTorch baselines for the CUDA kernel benches (run on the GPU machine).
 
-Times torch.matmul (cuBLAS) in bf16, scaled_dot_product_attention (flash
+Times torch.matmul (cuBLAS) in bf16, a linear layer with a residual add (addmm)
+and with SwiGLU (eager and compiled), scaled_dot_product_attention (flash
 backend, causal) forward and forward+backward, and eager and torch.compile'd
 RoPE, RMSNorm and softcap cross-entropy, at the engine's shapes; then the
 sparse baselines (flex_attention with a window + global block mask, dense SDPA
@@ -190,6 +191,22 @@ def main():
     for m, n, k in gemms[:2] if args.quick else gemms:
         a, b = torch.randn(m, k, device=dev, dtype=bf), torch.randn(k, n, device=dev, dtype=bf)
         record("gemm", "torch.matmul", [m, n, k], bench(lambda: a @ b), flops=2 * m * n * k)
+
+    # GEMM with the epilogues the engine fuses, at the small model's FFN shapes (x @ w.T):
+    # the residual add after w_down (addmm: cuBLAS adds it in its epilogue) and SwiGLU after w_up.
+    m, f, c = 16384, 3072, 768
+    a, w, r = (torch.randn(m, f, device=dev, dtype=bf), torch.randn(c, f, device=dev, dtype=bf),
+               torch.randn(m, c, device=dev, dtype=bf))
+    record("gemm", "torch addmm residual", [m, c, f], bench(lambda: torch.addmm(r, a, w.t())), flops=2 * m * c * f)
+    h, wu, g = (torch.randn(m, c, device=dev, dtype=bf), torch.randn(f, c, device=dev, dtype=bf),
+                torch.randn(m, f, device=dev, dtype=bf))
+
+    def linear_swiglu(h, wu, g):
+        return F.silu(g) * (h @ wu.t())
+
+    for mode in ["eager", "compiled"]:
+        fn = linear_swiglu if mode == "eager" else torch.compile(linear_swiglu)
+        record("gemm", f"torch linear+swiglu {mode}", [m, f, c], bench(lambda: fn(h, wu, g)), flops=2 * m * f * c)
 
     # copy ceiling
     x = torch.empty(1 << 28, device=dev, dtype=torch.uint8)

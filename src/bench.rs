@@ -233,7 +233,7 @@ pub fn table(report: &Report) -> String {
         report.gemm_ceiling_source
     );
     s += &format!(
-        "{:<10} {:<22} {:<30} {:>9} {:>16} {:>8} {:>30} {:>7} {:>13}\n",
+        "{:<10} {:<31} {:<30} {:>9} {:>16} {:>8} {:>30} {:>7} {:>13}\n",
         "kind", "case", "shape", "ms", "rate", "ceiling", "torch", "ratio", "vs dense"
     );
     for r in &report.rows {
@@ -257,7 +257,7 @@ pub fn table(report: &Report) -> String {
             ),
         };
         s += &format!(
-            "{:<10} {:<22} {:<30} {:>9.3} {:>16} {:>8} {:>30} {:>7} {:>13}\n",
+            "{:<10} {:<31} {:<30} {:>9.3} {:>16} {:>8} {:>30} {:>7} {:>13}\n",
             c.kind,
             c.name,
             format!("{:?}", c.shape),
@@ -382,6 +382,61 @@ mod cuda_cases {
         DeviceBuffer::from_host(be, &host)
     }
 
+    /// The fused GEMM epilogues at the `small` model's feed-forward shapes (x·wᵀ, tokens × out ×
+    /// in): the residual add after w_down and SwiGLU after w_up (the up product kept, as in
+    /// training), on every engine, beside the unfused product + element-wise kernel on the native
+    /// one (cuBLASLt's rows are that composition: it has no SwiGLU epilogue). Rates count the
+    /// GEMM's FLOPs on both sides, as PyTorch's rows do.
+    fn epilogue_cases(be: &CudaBackend, it: usize, lt: bool, cases: &mut Vec<Case>) -> Result<()> {
+        use crate::backend::cuda::gemm::{gemm_fused_on, Epilogue, GemmEngine};
+        use crate::backend::cuda::{elementwise, swiglu};
+        let (nn_, t_) = (gemm::Layout::N, gemm::Layout::T);
+        let (m, f, c) = (16384, 3072, 768);
+        let mut engines = vec![GemmEngine::Native];
+        if lt {
+            engines.push(GemmEngine::Cublaslt);
+        }
+        if be.compute_capability() == (9, 0) {
+            engines.push(GemmEngine::Wgmma);
+        }
+        // residual: out[m, c] = r + a[m, f]·w_down[c, f]ᵀ
+        let (a, w, r) = (random_bf16(be, m * f, 11)?, random_bf16(be, c * f, 12)?, random_bf16(be, m * c, 13)?);
+        let out = DeviceBuffer::<bf16>::zeros(be, m * c)?;
+        let (shape, flops) = ([m, c, f], 2.0 * (m * c * f) as f64);
+        for &e in &engines {
+            let epi = Epilogue::Residual { resid: &r, out: &out };
+            let ms = time(be, it, || gemm_fused_on(be, e, m, c, f, &a, &w, epi))?;
+            let name = format!("linear+residual {}", e.name());
+            cases.push(Case::new("gemm", &name, &shape, ms, Some(flops), None).vs(&["torch addmm residual"]));
+        }
+        let y = DeviceBuffer::<bf16>::zeros(be, m * c)?;
+        let ms = time(be, it, || {
+            gemm::native_gemm_batched(be, 1, m, c, f, &a, nn_, &w, t_, &y, 1.0, 0.0)?;
+            elementwise::add(be, &r, &y, &out)
+        })?;
+        let case = Case::new("gemm", "linear+residual native unfused", &shape, ms, Some(flops), None);
+        cases.push(case.vs(&["torch addmm residual"]));
+        drop((a, w, r, out, y));
+
+        // SwiGLU: act[m, f] = silu(g) ⊙ up, up = h[m, c]·w_up[f, c]ᵀ
+        let (h, w, g) = (random_bf16(be, m * c, 14)?, random_bf16(be, f * c, 15)?, random_bf16(be, m * f, 16)?);
+        let (up, act) = (DeviceBuffer::<bf16>::zeros(be, m * f)?, DeviceBuffer::<bf16>::zeros(be, m * f)?);
+        let (shape, flops) = ([m, f, c], 2.0 * (m * f * c) as f64);
+        let torch = ["torch linear+swiglu eager", "torch linear+swiglu compiled"];
+        for &e in &engines {
+            let epi = Epilogue::SwiGlu { gate: &g, act: &act, up: Some(&up) };
+            let ms = time(be, it, || gemm_fused_on(be, e, m, f, c, &h, &w, epi))?;
+            let name = format!("linear+swiglu {}", e.name());
+            cases.push(Case::new("gemm", &name, &shape, ms, Some(flops), None).vs(&torch));
+        }
+        let ms = time(be, it, || {
+            gemm::native_gemm_batched(be, 1, m, f, c, &h, nn_, &w, t_, &up, 1.0, 0.0)?;
+            swiglu::swiglu_forward(be, &g, &up, &act)
+        })?;
+        cases.push(Case::new("gemm", "linear+swiglu native unfused", &shape, ms, Some(flops), None).vs(&torch));
+        Ok(())
+    }
+
     pub fn all(be: &CudaBackend, o: &BenchOptions) -> Result<(Vec<Case>, Option<f64>)> {
         let mut cases = Vec::new();
         let it = o.iters;
@@ -432,6 +487,8 @@ mod cuda_cases {
                 cases.push(case.vs(&["torch.matmul"]));
             }
         }
+
+        epilogue_cases(be, it, lt, &mut cases)?;
 
         // Causal flash attention (h_kv = h, as SDPA's), forward and forward + backward.
         for (b, t, h, d) in [(8, 1024, 12, 64), (2, 4096, 16, 64), (1, 8192, 16, 128)] {
