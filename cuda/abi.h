@@ -427,4 +427,35 @@ typedef struct NsGemmTmaParams {
     NsGemmParams g;
 } NsGemmTmaParams;
 
+/** rope.cu, rope_qknorm_{fwd,bwd}_bf16: QK-norm (parameter-free RMSNorm of every
+ * head, eps) fused with the rotary embedding of NsRopeParams, per head vector x of
+ * width d: forward rstd = 1/sqrt(mean(x^2) + eps), y = rope(x * rstd); backward
+ * dxh = rope^-1(dy), dx = rstd * (dxh - xh * mean(dxh * xh)) with xh = x * rstd.
+ * q_raw: bf16 [b, t, h, d]; k_raw: bf16 [b, t, h_kv, d]; cos/sin: f32 [max_t, d/2];
+ * token row r has position r % t. Forward writes q, k (bf16, shapes of q_raw,
+ * k_raw) and rstd_q f32 [b*t*h], rstd_k f32 [b*t*h_kv]. Backward reads q_raw,
+ * k_raw, rstd_q, rstd_k and dq, dk (bf16, gradients w.r.t. the rotated q, k) and
+ * writes dq_raw, dk_raw (bf16, shapes of q_raw, k_raw). Fields a direction does
+ * not use are 0. d is a multiple of 16, 16 <= d <= 512 (checked on the host). */
+typedef struct NsRopeQkNormParams {
+    ns_dptr q_raw;
+    ns_dptr k_raw;
+    ns_dptr q;
+    ns_dptr k;
+    ns_dptr rstd_q;
+    ns_dptr rstd_k;
+    ns_dptr dq;
+    ns_dptr dk;
+    ns_dptr dq_raw;
+    ns_dptr dk_raw;
+    ns_dptr cos;
+    ns_dptr sin;
+    int rows; /* b * t */
+    int t;
+    int h;
+    int h_kv;
+    int d;
+    float eps;
+} NsRopeQkNormParams;
+
 #endif /* NANOSEEK_ABI_H */

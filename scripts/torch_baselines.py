@@ -4,11 +4,11 @@
 Times torch.matmul (cuBLAS) in bf16, a linear layer with a residual add (addmm)
 and with SwiGLU (eager and compiled), scaled_dot_product_attention (flash
 backend, causal) forward and forward+backward, and eager and torch.compile'd
-RoPE, RMSNorm and softcap cross-entropy, at the engine's shapes; then the
-sparse baselines (flex_attention with a window + global block mask, dense SDPA
-at long T, a PyTorch MoE layer, see sparse_baselines). Prints a
-table and writes JSON: for each case the shape, median milliseconds, and the
-achieved TFLOP/s or GB/s.
+RoPE, RoPE fused with QK-norm (forward), RMSNorm and softcap cross-entropy, at
+the engine's shapes; then the sparse baselines (flex_attention with a window +
+global block mask, dense SDPA at long T, a PyTorch MoE layer, see
+sparse_baselines). Prints a table and writes JSON: for each case the shape,
+median milliseconds, and the achieved TFLOP/s or GB/s.
 
     python3 scripts/torch_baselines.py [--out FILE.json] [--quick]
 """
@@ -50,6 +50,15 @@ def torch_cat(a, b):
 def rmsnorm(x, eps=1e-6):
     xf = x.float()
     return (xf * (xf.pow(2).mean(-1, keepdim=True) + eps).rsqrt()).to(x.dtype)
+
+
+def rope_qknorm(x, cos, sin, eps=1e-6):
+    """QK-norm (parameter-free RMSNorm over the head dim) then RoPE, in f32, one bf16 rounding."""
+    xf = x.float()
+    xf = xf * (xf.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+    d = xf.shape[-1] // 2
+    x1, x2 = xf[..., :d], xf[..., d:]
+    return torch_cat(x1 * cos - x2 * sin, x1 * sin + x2 * cos).to(x.dtype)
 
 
 def softcap_ce(z, y, cap=15.0):
@@ -241,8 +250,10 @@ def main():
     yt = torch.randint(0, z.shape[1], (z.shape[0],), device=dev)
     for mode in ["eager", "compiled"]:
         wrap = (lambda f: f) if mode == "eager" else (lambda f: torch.compile(f))
-        r, n, c = wrap(rope), wrap(rmsnorm), wrap(softcap_ce)
+        r, n, c, rq = wrap(rope), wrap(rmsnorm), wrap(softcap_ce), wrap(rope_qknorm)
         record("rope", f"rope {mode}", list(xq.shape), bench(lambda: r(xq, cos, sin)), nbytes=2 * xq.numel() * 2)
+        record("rope", f"rope+qknorm {mode}", list(xq.shape), bench(lambda: rq(xq, cos, sin)),
+               nbytes=2 * xq.numel() * 2)
         record("rmsnorm", f"rmsnorm {mode}", list(xn.shape), bench(lambda: n(xn)), nbytes=2 * xn.numel() * 2)
         record("loss", f"softcap_ce {mode}", list(z.shape), bench(lambda: c(z, yt)), nbytes=z.numel() * 2)
 

@@ -530,6 +530,24 @@ mod cuda_cases {
         cases.push(
             Case::new("rope", "rope q+k", &[b, t, h, d], ms, None, Some(bytes)).vs(&["rope eager", "rope compiled"]),
         );
+        // QK-norm fused with RoPE on the same q and k (h_kv = h), one launch per direction. The
+        // forward reads q_raw, k_raw and writes q, k (bf16) and one f32 rstd per head; the backward
+        // reads q_raw, k_raw, dq, dk (bf16) and the rstd, and writes dq_raw, dk_raw (bf16).
+        let (elems, heads) = (2.0 * (b * t * h * d) as f64, 2.0 * (b * t * h) as f64);
+        let (qo, ko) =
+            (DeviceBuffer::<bf16>::zeros(be, b * t * h * d)?, DeviceBuffer::<bf16>::zeros(be, b * t * h * d)?);
+        let (rq, rk) = (DeviceBuffer::<f32>::zeros(be, b * t * h)?, DeviceBuffer::<f32>::zeros(be, b * t * h)?);
+        let dims = (b, t, h, h);
+        let ms = time(be, it, || rope::rope_qknorm_forward(be, &table, &q, &k, dims, &qo, &ko, &rq, &rk))?;
+        let bytes = 2.0 * 2.0 * elems + 4.0 * heads;
+        let names = ["rope+qknorm eager", "rope+qknorm compiled"];
+        cases.push(Case::new("rope", "rope+qknorm fwd", &[b, t, h, d], ms, None, Some(bytes)).vs(&names));
+        let (dqr, dkr) =
+            (DeviceBuffer::<bf16>::zeros(be, b * t * h * d)?, DeviceBuffer::<bf16>::zeros(be, b * t * h * d)?);
+        let ms = time(be, it, || rope::rope_qknorm_backward(be, &table, &q, &k, &rq, &rk, &qo, &ko, dims, &dqr, &dkr))?;
+        let bytes = 3.0 * 2.0 * elems + 4.0 * heads;
+        cases.push(Case::new("rope", "rope+qknorm bwd", &[b, t, h, d], ms, None, Some(bytes)));
+        drop((q, k, qo, ko, rq, rk, dqr, dkr));
 
         // RMSNorm [8192, 768].
         let (rows, dim) = (8192, 768);

@@ -15,6 +15,11 @@
 //!   (the same for cuBLASLt, `--gemm cublaslt`, and the sm_90a wgmma kernel, `--gemm wgmma`;
 //!   bf16 output: rtol 1e-2); the fused epilogues (residual add, SwiGLU) round once more
 //!   to bf16 and keep those tolerances;
+//! - rope_qknorm (QK-norm fused with RoPE): bf16 q, k and dq_raw, dk_raw are one rounding of
+//!   f32 math on O(1) values (raw heads of amplitude 2, so rstd ≈ 0.9 and the normalized,
+//!   rotated heads and the gradients of amplitude-1 dq, dk are O(1)): atol = rtol = 1e-2, as the
+//!   element-wise kernels; rstd is f32 math on both sides (rsqrtf vs 1/sqrt, a warp-shuffle
+//!   sum vs the CPU's 8-lane dot): atol 1e-5, rtol 1e-4, as rmsnorm's;
 //! - attention: P is rounded to bf16 before P·V (as in every flash kernel):
 //!   atol 2e-2, rtol 2e-2 on out and the gradients, 1e-3 on lse.
 
@@ -109,6 +114,40 @@ fn rope_matches_cpu() {
         // in place gives the same
         cuda::rope::rope_inplace(&be, &table, &gq, &gk, (b, t, h, h_kv), inverse).unwrap();
         assert_eq!(down(&gq), down(&oq));
+    }
+}
+
+#[test]
+fn rope_qknorm_matches_cpu() {
+    let Some(be) = device("rope_qknorm") else { return };
+    // GQA (h ≠ h_kv), odd t below the table's 64, both training head dims.
+    for (b, t, h, h_kv, d) in [(2, 37, 4, 2, 64), (3, 19, 6, 1, 128)] {
+        let (nq, nk, nrq, nrk) = (b * t * h * d, b * t * h_kv * d, b * t * h, b * t * h_kv);
+        let (q, k) = (rand_bf16(20, nq, 2.0), rand_bf16(21, nk, 2.0));
+        let (dq, dk) = (rand_bf16(22, nq, 1.0), rand_bf16(23, nk, 1.0));
+        let cpu_table = cpu::rope::RopeTable::new(d, 64, 10000.0);
+        let table = cuda::rope::RopeTableGpu::new(&be, d, 64, 10000.0).unwrap();
+        let dims = (b, t, h, h_kv);
+        let (mut wq, mut wk, mut wrq, mut wrk) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nrq], vec![0.0; nrk]);
+        cpu::rope::rope_qknorm_forward(&cpu_table, &q, &k, dims, &mut wq, &mut wk, &mut wrq, &mut wrk);
+        let (mut wdq, mut wdk) = (vec![0.0; nq], vec![0.0; nk]);
+        cpu::rope::rope_qknorm_backward(&cpu_table, &q, &k, &wrq, &wrk, &dq, &dk, dims, &mut wdq, &mut wdk);
+
+        let (gq, gk) = (up(&be, &q), up(&be, &k));
+        let (oq, ok) = (DeviceBuffer::uninit(&be, nq).unwrap(), DeviceBuffer::uninit(&be, nk).unwrap());
+        let (rq, rk) = (DeviceBuffer::<f32>::uninit(&be, nrq).unwrap(), DeviceBuffer::<f32>::uninit(&be, nrk).unwrap());
+        cuda::rope::rope_qknorm_forward(&be, &table, &gq, &gk, dims, &oq, &ok, &rq, &rk).unwrap();
+        let (gdq, gdk) = (DeviceBuffer::uninit(&be, nq).unwrap(), DeviceBuffer::uninit(&be, nk).unwrap());
+        let (udq, udk) = (up(&be, &dq), up(&be, &dk));
+        cuda::rope::rope_qknorm_backward(&be, &table, &gq, &gk, &rq, &rk, &udq, &udk, dims, &gdq, &gdk).unwrap();
+
+        let tag = |what: &str| format!("rope_qknorm d {d} {what}");
+        assert_close(&tag("q"), &down(&oq), &wq, 1e-2, 1e-2);
+        assert_close(&tag("k"), &down(&ok), &wk, 1e-2, 1e-2);
+        assert_close(&tag("rstd_q"), &rq.to_host().unwrap(), &wrq, 1e-5, 1e-4);
+        assert_close(&tag("rstd_k"), &rk.to_host().unwrap(), &wrk, 1e-5, 1e-4);
+        assert_close(&tag("dq_raw"), &down(&gdq), &wdq, 1e-2, 1e-2);
+        assert_close(&tag("dk_raw"), &down(&gdk), &wdk, 1e-2, 1e-2);
     }
 }
 

@@ -71,6 +71,23 @@ pub fn rope_qk(q: &[usize], k: &[usize], head_dim: usize, max_t: usize) -> CudaR
     Ok((b, t, h, k[2]))
 }
 
+/// rope_qknorm on q_raw [b, t, h, d] and k_raw [b, t, h_kv, d] → (b, t, h, h_kv).
+pub fn rope_qknorm(
+    q: &[usize],
+    k: &[usize],
+    head_dim: usize,
+    max_t: usize,
+) -> CudaResult<(usize, usize, usize, usize)> {
+    rank("rope_qknorm", "q_raw", q, 4, "[b, t, h, head_dim]")?;
+    rank("rope_qknorm", "k_raw", k, 4, "[b, t, h_kv, head_dim]")?;
+    ensure(q[3] == head_dim && k[3] == head_dim, || {
+        format!("rope_qknorm: q_raw {q:?} and k_raw {k:?} must end in the table's head_dim {head_dim}")
+    })?;
+    ensure(k[0] == q[0] && k[1] == q[1], || format!("rope_qknorm: q_raw {q:?} and k_raw {k:?} differ in b or t"))?;
+    ensure(q[1] <= max_t, || format!("rope_qknorm: sequence length {} exceeds the table's {max_t}", q[1]))?;
+    Ok((q[0], q[1], q[2], k[2]))
+}
+
 /// Attention shapes: q [b, t, h, d], k and v [b, t, h_kv, d], h a multiple of h_kv.
 pub fn attention(f: &str, q: &[usize], k: &[usize], v: &[usize]) -> CudaResult<AttnDims> {
     rank(f, "q", q, 4, "[b, t, h, d]")?;
@@ -248,6 +265,11 @@ mod tests {
         assert!(rope(&[20, 4, 64], 64, 16).is_err());
         assert_eq!(rope_qk(&[2, 10, 4, 64], &[2, 10, 1, 64], 64, 16).unwrap(), (2, 10, 4, 1));
         assert!(rope_qk(&[2, 10, 4, 64], &[1, 10, 1, 64], 64, 16).is_err());
+        assert_eq!(rope_qknorm(&[2, 10, 4, 64], &[2, 10, 1, 64], 64, 16).unwrap(), (2, 10, 4, 1));
+        assert!(rope_qknorm(&[2, 10, 4, 64], &[2, 9, 1, 64], 64, 16).is_err());
+        assert!(rope_qknorm(&[2, 10, 4, 64], &[2, 10, 1, 32], 64, 16).is_err());
+        assert!(rope_qknorm(&[2, 17, 4, 64], &[2, 17, 1, 64], 64, 16).unwrap_err().0.contains("exceeds"));
+        assert!(rope_qknorm(&[2, 10, 256], &[2, 10, 1, 64], 64, 16).is_err());
     }
 
     #[test]

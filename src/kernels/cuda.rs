@@ -233,6 +233,35 @@ pub fn rope_qk(
     Ok((qo, ko))
 }
 
+/// The model's QK-norm fused with RoPE in one launch (one warp per token row and head): every
+/// head of q_raw [b, t, h, d] and k_raw [b, t, h_kv, d] RMS-normalized (parameter-free, eps
+/// `RMS_EPS`, f32 math, the normalized head not rounded before the rotation) and rotated like
+/// [`rope`] → (q, k bf16, rstd_q f32 [b, t, h], rstd_k f32 [b, t, h_kv]). CUDA needs head_dim a
+/// multiple of 16 (checked by [`RopeTableGpu::new`]) and at most 512. Twin: [`super::rope_qknorm`].
+#[allow(clippy::type_complexity)]
+pub fn rope_qknorm(
+    be: &CudaBackend,
+    q_raw: &DeviceTensor,
+    k_raw: &DeviceTensor,
+    table: &RopeTableGpu,
+) -> CudaResult<(DeviceTensor, DeviceTensor, DeviceTensor<f32>, DeviceTensor<f32>)> {
+    let (b, t, h, h_kv) = checks::rope_qknorm(&q_raw.shape, &k_raw.shape, table.head_dim, table.max_t)?;
+    let (q, k) = (DeviceTensor::uninit(be, &q_raw.shape)?, DeviceTensor::uninit(be, &k_raw.shape)?);
+    let (rq, rk) = (DeviceTensor::<f32>::uninit(be, &[b, t, h])?, DeviceTensor::<f32>::uninit(be, &[b, t, h_kv])?);
+    cu::rope::rope_qknorm_forward(
+        be,
+        table,
+        &q_raw.data,
+        &k_raw.data,
+        (b, t, h, h_kv),
+        &q.data,
+        &k.data,
+        &rq.data,
+        &rk.data,
+    )?;
+    Ok((q, k, rq, rk))
+}
+
 /// Causal grouped-query flash attention, scale 1/√d: q [b, t, h, d], k and v [b, t, h_kv, d]
 /// (h a multiple of h_kv) → (out bf16 [b, t, h, d], lse f32 [b, h, t], the natural log-sum-exp
 /// of each row's scaled scores). QKᵀ, the online softmax and P·V are fused: no T×T matrix is

@@ -89,6 +89,30 @@ pub fn rope(x: &Tensor, table: &RopeTable) -> Tensor {
     y
 }
 
+/// The model's QK-norm fused with RoPE: every head of q_raw [b, t, h, d] and k_raw
+/// [b, t, h_kv, d] (d = the table's head_dim) RMS-normalized (parameter-free, eps
+/// `norm::RMS_EPS`) and then rotated like [`rope`] → (q, k, rstd_q [b, t, h], rstd_k [b, t, h_kv]),
+/// the rstd being each head's 1/sqrt(mean(x²) + eps). Equal to [`rmsnorm`] over groups of d
+/// followed by [`rope`] (bitwise, in f32); on CUDA one launch does both.
+pub fn rope_qknorm(q_raw: &Tensor, k_raw: &Tensor, table: &RopeTable) -> (Tensor, Tensor, Tensor, Tensor) {
+    assert!(q_raw.shape.len() == 4 && k_raw.shape.len() == 4, "rope_qknorm: q_raw and k_raw must be [b, t, h, d]");
+    let (b, t, h, h_kv) = (q_raw.shape[0], q_raw.shape[1], q_raw.shape[2], k_raw.shape[2]);
+    assert!(k_raw.shape[..2] == [b, t], "rope_qknorm: q_raw and k_raw differ in b or t");
+    let (mut q, mut k) = (Tensor::zeros(&q_raw.shape), Tensor::zeros(&k_raw.shape));
+    let (mut rq, mut rk) = (Tensor::zeros(&[b, t, h]), Tensor::zeros(&[b, t, h_kv]));
+    rope::rope_qknorm_forward(
+        table,
+        &q_raw.data,
+        &k_raw.data,
+        (b, t, h, h_kv),
+        &mut q.data,
+        &mut k.data,
+        &mut rq.data,
+        &mut rk.data,
+    );
+    (q, k, rq, rk)
+}
+
 /// Causal (GQA) attention: q [b,t,h,d], k and v [b,t,h_kv,d] → (out [b,t,h,d], lse [b,h,t]).
 /// Tiled with an online softmax: no T×T matrix is formed.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {

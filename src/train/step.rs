@@ -98,8 +98,24 @@ pub trait StepOps {
     /// Parameter-free RMSNorm over groups of `dim`: (y, rstd).
     fn rmsnorm(&self, x: &Self::A, dim: usize) -> Result<(Self::A, Self::F)>;
     fn rmsnorm_backward(&self, x: &Self::A, rstd: &Self::F, dy: &Self::A, dim: usize) -> Result<Self::A>;
-    /// RoPE in place on q [b,t,h,d] and k [b,t,h_kv,d]; `inverse` is the backward.
-    fn rope(&self, q: &mut Self::A, k: &mut Self::A, bthk: (usize, usize, usize, usize), inverse: bool) -> Result<()>;
+    /// QK-norm fused with RoPE: every head of q_raw [b,t,h,d] and k_raw [b,t,h_kv,d]
+    /// RMS-normalized (parameter-free) and rotated → (q, k, rstd_q [b·t·h], rstd_k [b·t·h_kv]).
+    #[allow(clippy::type_complexity)]
+    fn rope_qknorm(
+        &self,
+        q_raw: &Self::A,
+        k_raw: &Self::A,
+        bthk: (usize, usize, usize, usize),
+    ) -> Result<(Self::A, Self::A, Self::F, Self::F)>;
+    /// Its backward: (dq_raw, dk_raw) from the raw inputs, their rstd and (dq, dk), the
+    /// gradients with respect to the rotated q and k.
+    fn rope_qknorm_backward(
+        &self,
+        raw: (&Self::A, &Self::A),
+        rstd: (&Self::F, &Self::F),
+        grads: (&Self::A, &Self::A),
+        bthk: (usize, usize, usize, usize),
+    ) -> Result<(Self::A, Self::A)>;
     /// Causal attention: (out, lse).
     fn attention(&self, dims: &AttnDims, q: &Self::A, k: &Self::A, v: &Self::A) -> Result<(Self::A, Self::F)>;
     /// (dq, dk, dv).
@@ -665,10 +681,8 @@ impl<O: StepOps> Pass<'_, O> {
             let q_raw = ops.linear(&h1, &wl[0], n, ce, qd)?;
             let k_raw = ops.linear(&h1, &wl[1], n, ce, kvd)?;
             let vv = ops.linear(&h1, &wl[2], n, ce, kvd)?;
-            // QK-norm per head, then RoPE.
-            let (mut q, rq) = ops.rmsnorm(&q_raw, hd)?;
-            let (mut k, rk) = ops.rmsnorm(&k_raw, hd)?;
-            ops.rope(&mut q, &mut k, bthk, false)?;
+            // QK-norm per head, then RoPE (one fused op).
+            let (q, k, rq, rk) = ops.rope_qknorm(&q_raw, &k_raw, bthk)?;
             let (y, lse, attn) = match kind {
                 AttnKind::Dense => {
                     let (y, lse) = ops.attention(&dims, &q, &k, &vv)?;
@@ -844,7 +858,7 @@ impl<O: StepOps> Pass<'_, O> {
             let mut dy = ops.a_zeros(n * qd)?;
             ops.linear_dx(&dx, &wl[3], (n, qd, ce), &mut dy, false)?;
             ops.linear_dw(&dx, &s.y, (n, qd, ce), &mut ga[3])?;
-            let (mut dq, mut dk, dv) = match &s.attn {
+            let (dq, dk, dv) = match &s.attn {
                 AttnSaved::Dense | AttnSaved::Sparse { sel: None, .. } => {
                     ops.attention_backward(&dims, &s.q, &s.k, &s.v, &s.y, &s.lse, &dy)?
                 }
@@ -853,9 +867,8 @@ impl<O: StepOps> Pass<'_, O> {
                     ops.dsa_attention_backward(dd, (&s.q, &s.k, &s.v), sel, &s.y, &s.lse, &dy)?
                 }
             };
-            ops.rope(&mut dq, &mut dk, bthk, true)?;
-            let dq_raw = ops.rmsnorm_backward(&s.q_raw, &s.rq, &dq, hd)?;
-            let dk_raw = ops.rmsnorm_backward(&s.k_raw, &s.rk, &dk, hd)?;
+            let (dq_raw, dk_raw) = ops.rope_qknorm_backward((&s.q_raw, &s.k_raw), (&s.rq, &s.rk), (&dq, &dk), bthk)?;
+            drop((dq, dk));
             let mut dh1 = ops.a_zeros(n * ce)?;
             ops.linear_dx(&dq_raw, &wl[0], (n, ce, qd), &mut dh1, false)?;
             ops.linear_dx(&dk_raw, &wl[1], (n, ce, kvd), &mut dh1, true)?;

@@ -13,7 +13,7 @@ use crate::backend::cpu::{
     moe::{self, MoeCache, RouterConfig, Routing},
     norm,
     optim::{adamw_update, newton_schulz, AdamWStep},
-    rope::{rope_backward, rope_forward, RopeTable},
+    rope::{rope_backward, rope_forward, rope_qknorm_backward, rope_qknorm_forward, RopeTable},
     swiglu,
     window_attention::{window_attention_backward, window_attention_forward, WindowDims},
 };
@@ -159,16 +159,27 @@ impl StepOps for CpuOps {
         norm::rmsnorm_backward(x, rstd, dy, dim, &mut dx);
         Ok(dx)
     }
-    fn rope(
+    fn rope_qknorm(
         &self,
-        q: &mut Vec<f32>,
-        k: &mut Vec<f32>,
+        q_raw: &Vec<f32>,
+        k_raw: &Vec<f32>,
         (b, t, h, h_kv): (usize, usize, usize, usize),
-        inverse: bool,
-    ) -> Result<()> {
-        *q = rope_with(&self.rope, q, (b, t, h), inverse);
-        *k = rope_with(&self.rope, k, (b, t, h_kv), inverse);
-        Ok(())
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (mut q, mut k) = (vec![0.0; q_raw.len()], vec![0.0; k_raw.len()]);
+        let (mut rq, mut rk) = (vec![0.0; b * t * h], vec![0.0; b * t * h_kv]);
+        rope_qknorm_forward(&self.rope, q_raw, k_raw, (b, t, h, h_kv), &mut q, &mut k, &mut rq, &mut rk);
+        Ok((q, k, rq, rk))
+    }
+    fn rope_qknorm_backward(
+        &self,
+        (q_raw, k_raw): (&Vec<f32>, &Vec<f32>),
+        (rq, rk): (&Vec<f32>, &Vec<f32>),
+        (dq, dk): (&Vec<f32>, &Vec<f32>),
+        bthk: (usize, usize, usize, usize),
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut dq_raw, mut dk_raw) = (vec![0.0; q_raw.len()], vec![0.0; k_raw.len()]);
+        rope_qknorm_backward(&self.rope, q_raw, k_raw, rq, rk, dq, dk, bthk, &mut dq_raw, &mut dk_raw);
+        Ok((dq_raw, dk_raw))
     }
     fn attention(&self, dims: &AttnDims, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>) -> Result<(Vec<f32>, Vec<f32>)> {
         let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; dims.lse_len()]);

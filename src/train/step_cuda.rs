@@ -206,8 +206,22 @@ impl StepOps for CudaOps {
         norm::rmsnorm_backward(&self.be, x, rstd, dy, dim, &dx)?;
         Ok(dx)
     }
-    fn rope(&self, q: &mut A, k: &mut A, bthk: (usize, usize, usize, usize), inverse: bool) -> Result<()> {
-        Ok(rope::rope_inplace(&self.be, &self.rope, q, k, bthk, inverse)?)
+    fn rope_qknorm(&self, q_raw: &A, k_raw: &A, (b, t, h, h_kv): (usize, usize, usize, usize)) -> Result<(A, A, F, F)> {
+        let (q, k) = (self.uninit(q_raw.len())?, self.uninit(k_raw.len())?);
+        let (rq, rk) = (self.uninit(b * t * h)?, self.uninit(b * t * h_kv)?);
+        rope::rope_qknorm_forward(&self.be, &self.rope, q_raw, k_raw, (b, t, h, h_kv), &q, &k, &rq, &rk)?;
+        Ok((q, k, rq, rk))
+    }
+    fn rope_qknorm_backward(
+        &self,
+        (q_raw, k_raw): (&A, &A),
+        (rq, rk): (&F, &F),
+        (dq, dk): (&A, &A),
+        bthk: (usize, usize, usize, usize),
+    ) -> Result<(A, A)> {
+        let (dq_raw, dk_raw) = (self.uninit(q_raw.len())?, self.uninit(k_raw.len())?);
+        rope::rope_qknorm_backward(&self.be, &self.rope, q_raw, k_raw, rq, rk, dq, dk, bthk, &dq_raw, &dk_raw)?;
+        Ok((dq_raw, dk_raw))
     }
     fn attention(&self, dims: &AttnDims, q: &A, k: &A, v: &A) -> Result<(A, F)> {
         let (out, lse) = (self.uninit(dims.q_len())?, self.uninit(dims.lse_len())?);

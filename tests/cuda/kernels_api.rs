@@ -4,8 +4,10 @@
 //! answered with errors on a device too.
 //!
 //! Tolerances (|gpu − cpu| ≤ atol + rtol·|cpu|), by what the GPU rounds (as in `tests/cuda.rs`):
-//! - bf16 outputs of element-wise kernels (rmsnorm, rope, swiglu, embedding): atol = rtol = 1e-2
-//!   (one bf16 rounding is ≤ 2⁻⁹ ≈ 2e-3 relative; embedding is exact, rounded once);
+//! - bf16 outputs of element-wise kernels (rmsnorm, rope, rope_qknorm, swiglu, embedding):
+//!   atol = rtol = 1e-2 (one bf16 rounding is ≤ 2⁻⁹ ≈ 2e-3 relative; embedding is exact, rounded
+//!   once); rope_qknorm's rstd (f32 math on both sides, rsqrtf and the summation order differ):
+//!   atol 1e-5, rtol 1e-4;
 //! - matmul, linear, linear_residual and linear_swiglu, bf16 output: one rounding of an f32 sum
 //!   whose order differs: rtol 1e-2, atol 1e-3·√k;
 //! - cross-entropy: f32 math on both sides, the mean in f64: rtol 1e-4, atol 1e-5;
@@ -94,6 +96,14 @@ fn elementwise_families_match_cpu() {
     let (fq, fk) = gk::rope_qk(&be, &put(&be, &q), &put(&be, &k), &gtable).unwrap();
     same("rope_qk q", &fq.to_host().unwrap(), &kernels::rope(&q, &table), 1e-2, 1e-2);
     same("rope_qk k", &fk.to_host().unwrap(), &kernels::rope(&k, &table), 1e-2, 1e-2);
+    // QK-norm fused with RoPE: raw heads of amplitude 2 (normalized outputs are O(1))
+    let (q, k) = (rand_t(12, &[2, 21, 4, 64], 2.0), rand_t(13, &[2, 21, 2, 64], 2.0));
+    let (nq, nk, nrq, nrk) = gk::rope_qknorm(&be, &put(&be, &q), &put(&be, &k), &gtable).unwrap();
+    let (wq, wk, wrq, wrk) = kernels::rope_qknorm(&q, &k, &table);
+    same("rope_qknorm q", &nq.to_host().unwrap(), &wq, 1e-2, 1e-2);
+    same("rope_qknorm k", &nk.to_host().unwrap(), &wk, 1e-2, 1e-2);
+    same("rope_qknorm rstd_q", &nrq.to_host().unwrap(), &wrq, 1e-5, 1e-4);
+    same("rope_qknorm rstd_k", &nrk.to_host().unwrap(), &wrk, 1e-5, 1e-4);
 
     let emb = rand_t(10, &[50, 24], 1.0);
     let ids = [3u32, 0, 49, 3, 17];
@@ -196,6 +206,10 @@ fn wrong_arguments_are_errors_on_the_device() {
     assert!(gk::embedding(&be, &DeviceTensor::<f32>::zeros(&be, &[10, 8]).unwrap(), &[10]).is_err());
     let table = RopeTableGpu::new(&be, 64, 8, 10000.0).unwrap();
     assert!(gk::rope(&be, &z(&[1, 9, 2, 64]), &table).is_err(), "t past the table");
+    assert!(gk::rope_qknorm(&be, &z(&[1, 9, 2, 64]), &z(&[1, 9, 1, 64]), &table).is_err(), "t past the table");
+    assert!(gk::rope_qknorm(&be, &z(&[1, 8, 2, 64]), &z(&[1, 7, 1, 64]), &table).is_err(), "k's t differs");
+    let wide = RopeTableGpu::new(&be, 1024, 8, 10000.0).unwrap();
+    assert!(gk::rope_qknorm(&be, &z(&[1, 8, 1, 1024]), &z(&[1, 8, 1, 1024]), &wide).is_err(), "head_dim > 512");
     let bad = Selection { shape: [1, 2, 1], sel: vec![1, 0], topk: 1, window: 0 };
     assert!(DeviceSelection::from_host(&be, &bad).is_err(), "row 0 selects key 1");
     let pad = Selection { shape: [1, 2, 1], sel: vec![0, PAD], topk: 1, window: 0 };

@@ -17,8 +17,7 @@ pub fn rmsnorm_forward(x: &[f32], dim: usize, y: &mut [f32], rstd: &mut [f32]) {
         let x = &x[c * dim * rpt..];
         for (r, (yr, rs)) in yc.chunks_exact_mut(dim).zip(rc.iter_mut()).enumerate() {
             let xr = &x[r * dim..(r + 1) * dim];
-            let ms = math::dot(xr, xr) / dim as f32;
-            let inv = 1.0 / (ms + RMS_EPS).sqrt();
+            let inv = row_rstd(xr);
             *rs = inv;
             for (o, v) in yr.iter_mut().zip(xr) {
                 *o = v * inv;
@@ -34,12 +33,22 @@ pub fn rmsnorm_backward(x: &[f32], rstd: &[f32], dy: &[f32], dim: usize, dx: &mu
         for (r, dxr) in dxc.chunks_exact_mut(dim).enumerate() {
             let row = c * rpt + r;
             let (xr, dyr) = (&x[row * dim..(row + 1) * dim], &dy[row * dim..(row + 1) * dim]);
-            let inv = rstd[row];
-            // mean(dy ∘ y) = inv · mean(dy ∘ x)
-            let dot = math::dot(xr, dyr) * inv / dim as f32;
-            for ((o, xv), g) in dxr.iter_mut().zip(xr).zip(dyr) {
-                *o = inv * (g - xv * inv * dot);
-            }
+            row_backward(xr, rstd[row], dyr, dxr);
         }
     });
+}
+
+/// 1/sqrt(mean(x²) + eps) of one row: the forward's rstd (shared with `rope::rope_qknorm_forward`).
+pub(crate) fn row_rstd(x: &[f32]) -> f32 {
+    let ms = math::dot(x, x) / x.len() as f32;
+    1.0 / (ms + RMS_EPS).sqrt()
+}
+
+/// dx of one row from x, its rstd `inv` and dy (shared with `rope::rope_qknorm_backward`).
+pub(crate) fn row_backward(x: &[f32], inv: f32, dy: &[f32], dx: &mut [f32]) {
+    // mean(dy ∘ y) = inv · mean(dy ∘ x)
+    let dot = math::dot(x, dy) * inv / x.len() as f32;
+    for ((o, xv), g) in dx.iter_mut().zip(x).zip(dy) {
+        *o = inv * (g - xv * inv * dot);
+    }
 }

@@ -677,3 +677,49 @@ impl Default for NsGemmTmaParams {
         }
     }
 }
+#[doc = " rope.cu, rope_qknorm_{fwd,bwd}_bf16: QK-norm (parameter-free RMSNorm of every\n head, eps) fused with the rotary embedding of NsRopeParams, per head vector x of\n width d: forward rstd = 1/sqrt(mean(x^2) + eps), y = rope(x * rstd); backward\n dxh = rope^-1(dy), dx = rstd * (dxh - xh * mean(dxh * xh)) with xh = x * rstd.\n q_raw: bf16 [b, t, h, d]; k_raw: bf16 [b, t, h_kv, d]; cos/sin: f32 [max_t, d/2];\n token row r has position r % t. Forward writes q, k (bf16, shapes of q_raw,\n k_raw) and rstd_q f32 [b*t*h], rstd_k f32 [b*t*h_kv]. Backward reads q_raw,\n k_raw, rstd_q, rstd_k and dq, dk (bf16, gradients w.r.t. the rotated q, k) and\n writes dq_raw, dk_raw (bf16, shapes of q_raw, k_raw). Fields a direction does\n not use are 0. d is a multiple of 16, 16 <= d <= 512 (checked on the host)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct NsRopeQkNormParams {
+    pub q_raw: ns_dptr,
+    pub k_raw: ns_dptr,
+    pub q: ns_dptr,
+    pub k: ns_dptr,
+    pub rstd_q: ns_dptr,
+    pub rstd_k: ns_dptr,
+    pub dq: ns_dptr,
+    pub dk: ns_dptr,
+    pub dq_raw: ns_dptr,
+    pub dk_raw: ns_dptr,
+    pub cos: ns_dptr,
+    pub sin: ns_dptr,
+    pub rows: ::core::ffi::c_int,
+    pub t: ::core::ffi::c_int,
+    pub h: ::core::ffi::c_int,
+    pub h_kv: ::core::ffi::c_int,
+    pub d: ::core::ffi::c_int,
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NsRopeQkNormParams"][::core::mem::size_of::<NsRopeQkNormParams>() - 120usize];
+    ["Alignment of NsRopeQkNormParams"][::core::mem::align_of::<NsRopeQkNormParams>() - 8usize];
+    ["Offset of field: NsRopeQkNormParams::q_raw"][::core::mem::offset_of!(NsRopeQkNormParams, q_raw) - 0usize];
+    ["Offset of field: NsRopeQkNormParams::k_raw"][::core::mem::offset_of!(NsRopeQkNormParams, k_raw) - 8usize];
+    ["Offset of field: NsRopeQkNormParams::q"][::core::mem::offset_of!(NsRopeQkNormParams, q) - 16usize];
+    ["Offset of field: NsRopeQkNormParams::k"][::core::mem::offset_of!(NsRopeQkNormParams, k) - 24usize];
+    ["Offset of field: NsRopeQkNormParams::rstd_q"][::core::mem::offset_of!(NsRopeQkNormParams, rstd_q) - 32usize];
+    ["Offset of field: NsRopeQkNormParams::rstd_k"][::core::mem::offset_of!(NsRopeQkNormParams, rstd_k) - 40usize];
+    ["Offset of field: NsRopeQkNormParams::dq"][::core::mem::offset_of!(NsRopeQkNormParams, dq) - 48usize];
+    ["Offset of field: NsRopeQkNormParams::dk"][::core::mem::offset_of!(NsRopeQkNormParams, dk) - 56usize];
+    ["Offset of field: NsRopeQkNormParams::dq_raw"][::core::mem::offset_of!(NsRopeQkNormParams, dq_raw) - 64usize];
+    ["Offset of field: NsRopeQkNormParams::dk_raw"][::core::mem::offset_of!(NsRopeQkNormParams, dk_raw) - 72usize];
+    ["Offset of field: NsRopeQkNormParams::cos"][::core::mem::offset_of!(NsRopeQkNormParams, cos) - 80usize];
+    ["Offset of field: NsRopeQkNormParams::sin"][::core::mem::offset_of!(NsRopeQkNormParams, sin) - 88usize];
+    ["Offset of field: NsRopeQkNormParams::rows"][::core::mem::offset_of!(NsRopeQkNormParams, rows) - 96usize];
+    ["Offset of field: NsRopeQkNormParams::t"][::core::mem::offset_of!(NsRopeQkNormParams, t) - 100usize];
+    ["Offset of field: NsRopeQkNormParams::h"][::core::mem::offset_of!(NsRopeQkNormParams, h) - 104usize];
+    ["Offset of field: NsRopeQkNormParams::h_kv"][::core::mem::offset_of!(NsRopeQkNormParams, h_kv) - 108usize];
+    ["Offset of field: NsRopeQkNormParams::d"][::core::mem::offset_of!(NsRopeQkNormParams, d) - 112usize];
+    ["Offset of field: NsRopeQkNormParams::eps"][::core::mem::offset_of!(NsRopeQkNormParams, eps) - 116usize];
+};

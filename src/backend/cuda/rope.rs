@@ -1,7 +1,9 @@
-//! Launch code of `cuda/rope.cu` (twin: `cpu::rope`): q and k rotated in one pass.
+//! Launch code of `cuda/rope.cu` (twin: `cpu::rope`): q and k rotated in one pass, and the
+//! QK-norm fused with RoPE (`rope_qknorm_{fwd,bwd}_bf16`, twin: `cpu::rope::rope_qknorm_*`).
 
-use super::abi::NsRopeParams;
+use super::abi::{NsRopeParams, NsRopeQkNormParams};
 use super::{check, int, CudaBackend, CudaResult, DeviceBuffer};
+use crate::backend::cpu::norm::RMS_EPS;
 use half::bf16;
 
 /// The cos/sin table on the device: the same f32 values as `cpu::rope::RopeTable`
@@ -100,4 +102,110 @@ fn launch(
         inverse: inverse as i32,
     };
     be.launch("rope", "rope_bf16", (p.rows as u32, 1, 1), 128, 0, &p)
+}
+
+/// Warps (one (token row, head) each) per block of `rope_qknorm_{fwd,bwd}_bf16` (`QK_WARPS`).
+const QK_WARPS: usize = 8;
+/// The largest head dim of the fused kernels: d/2 ≤ 64·`QK_MAXJ` (`QK_MAXJ` = 4 in rope.cu).
+pub const QKNORM_MAX_HEAD_DIM: usize = 512;
+
+/// The parameters shared by both directions (every length checked) and the grid.
+fn qknorm_params(
+    table: &RopeTableGpu,
+    (b, t, h, h_kv): (usize, usize, usize, usize),
+    q_lens: [usize; 3],
+    k_lens: [usize; 3],
+    rstd_lens: [usize; 2],
+) -> CudaResult<(NsRopeQkNormParams, u32)> {
+    let d = table.head_dim;
+    // RopeTableGpu::new already requires d % 16 == 0 (aligned bf16x2 and float2 accesses).
+    check(d > 0 && d <= QKNORM_MAX_HEAD_DIM, || {
+        format!("rope_qknorm: head_dim {d} must be in 16..={QKNORM_MAX_HEAD_DIM} on CUDA")
+    })?;
+    check(t <= table.max_t, || format!("rope_qknorm: sequence length {t} exceeds the table's {}", table.max_t))?;
+    let (nq, nk) = (b * t * h * d, b * t * h_kv * d);
+    check(q_lens.iter().all(|&l| l == nq), || {
+        format!("rope_qknorm: the q tensors must be [b, t, h, d] = {nq} values")
+    })?;
+    check(k_lens.iter().all(|&l| l == nk), || {
+        format!("rope_qknorm: the k tensors must be [b, t, h_kv, d] = {nk} values")
+    })?;
+    check(rstd_lens == [b * t * h, b * t * h_kv], || "rope_qknorm: rstd_q must be [b·t·h], rstd_k [b·t·h_kv]".into())?;
+    // One warp per (row, head); the kernel indexes items in 64 bits, but their count must fit an int.
+    let items = b * t * (h + h_kv);
+    int(items, "rope_qknorm rows·(h + h_kv)")?;
+    let p = NsRopeQkNormParams {
+        cos: table.cos.ptr(),
+        sin: table.sin.ptr(),
+        rows: int(b * t, "rope_qknorm rows")?,
+        t: int(t, "t")?,
+        h: int(h, "h")?,
+        h_kv: int(h_kv, "h_kv")?,
+        d: int(d, "d")?,
+        eps: RMS_EPS,
+        ..Default::default()
+    };
+    Ok((p, items.div_ceil(QK_WARPS) as u32))
+}
+
+/// QK-norm fused with RoPE, forward: every head of q_raw [b, t, h, d] and k_raw [b, t, h_kv, d]
+/// RMS-normalized (eps `RMS_EPS`, no weight) and rotated → q, k (bf16, same shapes), with the
+/// per-head 1/rms in rstd_q [b·t·h] and rstd_k [b·t·h_kv] (f32) for the backward. One launch.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_qknorm_forward(
+    be: &CudaBackend,
+    table: &RopeTableGpu,
+    q_raw: &DeviceBuffer<bf16>,
+    k_raw: &DeviceBuffer<bf16>,
+    dims: (usize, usize, usize, usize),
+    q: &DeviceBuffer<bf16>,
+    k: &DeviceBuffer<bf16>,
+    rstd_q: &DeviceBuffer<f32>,
+    rstd_k: &DeviceBuffer<f32>,
+) -> CudaResult<()> {
+    let (mut p, blocks) = qknorm_params(
+        table,
+        dims,
+        [q_raw.len(), q.len(), q_raw.len()],
+        [k_raw.len(), k.len(), k_raw.len()],
+        [rstd_q.len(), rstd_k.len()],
+    )?;
+    (p.q_raw, p.k_raw, p.q, p.k, p.rstd_q, p.rstd_k) =
+        (q_raw.ptr(), k_raw.ptr(), q.ptr(), k.ptr(), rstd_q.ptr(), rstd_k.ptr());
+    if blocks == 0 {
+        return Ok(());
+    }
+    be.launch("rope", "rope_qknorm_fwd_bf16", (blocks, 1, 1), (QK_WARPS * 32) as u32, 0, &p)
+}
+
+/// QK-norm fused with RoPE, backward: from q_raw, k_raw, the forward's rstd_q, rstd_k and dq, dk
+/// (gradients with respect to the rotated q, k) → dq_raw, dk_raw (bf16, shapes of q_raw, k_raw).
+/// One launch: the inverse rotation and the RMSNorm backward of every head.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_qknorm_backward(
+    be: &CudaBackend,
+    table: &RopeTableGpu,
+    q_raw: &DeviceBuffer<bf16>,
+    k_raw: &DeviceBuffer<bf16>,
+    rstd_q: &DeviceBuffer<f32>,
+    rstd_k: &DeviceBuffer<f32>,
+    dq: &DeviceBuffer<bf16>,
+    dk: &DeviceBuffer<bf16>,
+    dims: (usize, usize, usize, usize),
+    dq_raw: &DeviceBuffer<bf16>,
+    dk_raw: &DeviceBuffer<bf16>,
+) -> CudaResult<()> {
+    let (mut p, blocks) = qknorm_params(
+        table,
+        dims,
+        [q_raw.len(), dq.len(), dq_raw.len()],
+        [k_raw.len(), dk.len(), dk_raw.len()],
+        [rstd_q.len(), rstd_k.len()],
+    )?;
+    (p.q_raw, p.k_raw, p.rstd_q, p.rstd_k) = (q_raw.ptr(), k_raw.ptr(), rstd_q.ptr(), rstd_k.ptr());
+    (p.dq, p.dk, p.dq_raw, p.dk_raw) = (dq.ptr(), dk.ptr(), dq_raw.ptr(), dk_raw.ptr());
+    if blocks == 0 {
+        return Ok(());
+    }
+    be.launch("rope", "rope_qknorm_bwd_bf16", (blocks, 1, 1), (QK_WARPS * 32) as u32, 0, &p)
 }
