@@ -201,16 +201,10 @@ mod tests {
     use super::*;
     use crate::backend::cpu::norm::{rmsnorm_backward, rmsnorm_forward, RMS_EPS};
 
+    /// Uniform values in [-1, 1).
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0 // [-1, 1)
-            })
-            .collect()
+        let mut rng = crate::rng::Rng::new(seed);
+        (0..n).map(|_| (2.0 * rng.uniform() - 1.0) as f32).collect()
     }
 
     #[test]
