@@ -1,5 +1,5 @@
 //! Build script: provides the PTX of the CUDA kernels (`cuda/*.cu`) to the crate
-//! as `EMBEDDED_PTX` in `$OUT_DIR/embedded_ptx.rs`, one entry per (family, target).
+//! as `EMBEDDED_PTX` in `$OUT_DIR/embedded_ptx.rs`, one entry per (family, target), deflated.
 //!
 //! Where the PTX comes from (`NANOSEEK_NVCC` decides; see also `ptx/README.md`):
 //! - unset (default): the committed `ptx/` when its `MANIFEST` source hashes match
@@ -87,12 +87,18 @@ fn main() {
         }
     }
 
+    // Embedded deflated (PTX text shrinks about tenfold): the binaries, the test executables and
+    // the gpu-check folder stay small. `backend::cuda::embedded_ptx` inflates on first use.
     let mut list = String::from(
-        "/// Every kernel family's PTX per target: (family, target such as \"sm_90a\", PTX text).\npub const EMBEDDED_PTX: &[(&str, &str, &str)] = &[\n",
+        "/// Every kernel family's PTX per target: (family, target such as \"sm_90a\", deflated PTX text).\npub const EMBEDDED_PTX: &[(&str, &str, &[u8])] = &[\n",
     );
+    let zdir = out.join("ptx-deflated");
+    std::fs::create_dir_all(&zdir).expect("create OUT_DIR/ptx-deflated");
     for (fam, target, path) in &entries {
-        let abs = std::fs::canonicalize(path).expect("ptx path");
-        writeln!(list, "    ({fam:?}, {target:?}, include_str!({:?})),", abs.display().to_string()).unwrap();
+        let text = std::fs::read(path).expect("read PTX");
+        let z = zdir.join(format!("{fam}.{target}.ptx.deflate"));
+        std::fs::write(&z, miniz_oxide::deflate::compress_to_vec(&text, 9)).expect("write deflated PTX");
+        writeln!(list, "    ({fam:?}, {target:?}, include_bytes!({:?})),", z.display().to_string()).unwrap();
     }
     list.push_str("];\n");
     writeln!(

@@ -484,8 +484,7 @@ fn every_family_has_ptx_for_both_targets() {
     ];
     for fam in families {
         for target in ["sm_90a", "sm_80"] {
-            let ptx = cuda::EMBEDDED_PTX.iter().find(|(f, t, _)| *f == fam && *t == target);
-            let (_, _, text) = ptx.unwrap_or_else(|| panic!("no PTX for {fam} {target}"));
+            let text = cuda::embedded_ptx(fam, target).unwrap_or_else(|e| panic!("{e}"));
             assert!(text.contains(&format!(".target {target}")), "{fam}: wrong target");
             assert!(text.contains(".version 9.0"), "{fam}: PTX ISA must be 9.0 (CUDA 13.0 driver)");
         }

@@ -55,6 +55,17 @@ pub fn probe_devices() -> Result<usize, String> {
     Ok(count as usize)
 }
 
+/// The PTX text of `family` for `target` ("sm_90a" or "sm_80"), inflated from [`EMBEDDED_PTX`].
+pub fn embedded_ptx(family: &str, target: &str) -> CudaResult<String> {
+    let (_, _, deflated) = EMBEDDED_PTX
+        .iter()
+        .find(|(f, t, _)| *f == family && *t == target)
+        .ok_or_else(|| CudaError(format!("no embedded PTX for {family} ({target})")))?;
+    let text = miniz_oxide::inflate::decompress_to_vec(deflated)
+        .map_err(|e| CudaError(format!("inflating the embedded {family} PTX ({target}): {e:?}")))?;
+    String::from_utf8(text).map_err(|e| CudaError(format!("the embedded {family} PTX ({target}) is not UTF-8: {e}")))
+}
+
 /// The PTX target used on a device of compute capability `cc`: `sm_90a` only loads on 9.0.
 pub fn ptx_target(cc: (i32, i32)) -> &'static str {
     if cc == (9, 0) {
@@ -214,11 +225,7 @@ impl CudaBackend {
             match mods.get(family) {
                 Some(m) => m.0 as sys::CUmodule,
                 None => {
-                    let ptx = EMBEDDED_PTX
-                        .iter()
-                        .find(|(f, t, _)| *f == family && *t == self.target)
-                        .ok_or_else(|| CudaError(format!("no embedded PTX for {family} ({})", self.target)))?
-                        .2;
+                    let ptx = embedded_ptx(family, self.target)?;
                     let src = CString::new(ptx).map_err(err("PTX text"))?;
                     // SAFETY: a NUL-terminated PTX string; the module lives as long as the context.
                     let m = unsafe { result::module::load_data(src.as_ptr() as *const c_void) }
