@@ -257,6 +257,11 @@ def main():
         record("rmsnorm", f"rmsnorm {mode}", list(xn.shape), bench(lambda: n(xn)), nbytes=2 * xn.numel() * 2)
         record("loss", f"softcap_ce {mode}", list(z.shape), bench(lambda: c(z, yt)), nbytes=z.numel() * 2)
 
+    # the residual add (the engine's axpby): 2 tensors read, 1 written
+    xa, xb = torch.randn(1 << 26, device=dev, dtype=bf), torch.randn(1 << 26, device=dev, dtype=bf)
+    xo = torch.empty_like(xa)
+    record("elementwise", "add eager", [xa.numel()], bench(lambda: torch.add(xa, xb, out=xo)), nbytes=3 * 2 * xa.numel())
+
     sparse_baselines(args, record, bench)
 
     with open(args.out, "w") as f:

@@ -51,7 +51,7 @@ const DENSE_ATTN: (&str, &str) = ("attention", "attn fwd+bwd");
 /// One timed case of the engine.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Case {
-    /// Kernel family (gemm, copy, attention, rope, rmsnorm, loss).
+    /// Kernel family (gemm, copy, attention, rope, rmsnorm, elementwise, loss, window, dsa, moe).
     pub kind: String,
     pub name: String,
     pub shape: Vec<usize>,
@@ -319,8 +319,8 @@ mod cuda_cases {
     use crate::backend::cpu::moe::{RouterConfig, ScoreFunc};
     use crate::backend::cpu::window_attention::WindowDims;
     use crate::backend::cuda::{
-        attention, cublaslt, dsa, gemm, loss, moe, norm, optim, rope, window_attention, CudaBackend, CudaError,
-        CudaResult, DeviceBuffer,
+        attention, cublaslt, dsa, elementwise, gemm, loss, moe, norm, optim, rope, window_attention, CudaBackend,
+        CudaError, CudaResult, DeviceBuffer,
     };
     use anyhow::Result;
     use half::bf16;
@@ -389,7 +389,7 @@ mod cuda_cases {
     /// GEMM's FLOPs on both sides, as PyTorch's rows do.
     fn epilogue_cases(be: &CudaBackend, it: usize, lt: bool, cases: &mut Vec<Case>) -> Result<()> {
         use crate::backend::cuda::gemm::{gemm_fused_on, Epilogue, GemmEngine};
-        use crate::backend::cuda::{elementwise, swiglu};
+        use crate::backend::cuda::swiglu;
         let (nn_, t_) = (gemm::Layout::N, gemm::Layout::T);
         let (m, f, c) = (16384, 3072, 768);
         let mut engines = vec![GemmEngine::Native];
@@ -557,6 +557,14 @@ mod cuda_cases {
         let bytes = 2.0 * 2.0 * (rows * dim) as f64;
         let names = ["rmsnorm eager", "rmsnorm compiled"];
         cases.push(Case::new("rmsnorm", "rmsnorm fwd", &[rows, dim], ms, None, Some(bytes)).vs(&names));
+
+        // The residual add (axpby: out = a + b) over 2^26 bf16 values: 2 read, 1 written.
+        let n = 1usize << 26;
+        let (a, b2, out) = (random_bf16(be, n, 17)?, random_bf16(be, n, 18)?, DeviceBuffer::<bf16>::zeros(be, n)?);
+        let ms = time(be, it, || elementwise::add(be, &a, &b2, &out))?;
+        let case = Case::new("elementwise", "axpby (a + b)", &[n], ms, None, Some(3.0 * 2.0 * n as f64));
+        cases.push(case.vs(&["add eager"]));
+        drop((a, b2, out));
 
         // Softcap cross-entropy forward over [8192, V] bf16 logits (V = 65536, quick 8192).
         let (rows, vocab) = (8192, if o.quick { 8192 } else { 65536 });
