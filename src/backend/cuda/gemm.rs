@@ -247,7 +247,7 @@ pub enum Epilogue<'a> {
     Residual { resid: &'a DeviceBuffer<bf16>, out: &'a DeviceBuffer<bf16> },
     /// act = silu(gate) ⊙ v: SwiGLU with the product as its "up" half (v taken before rounding);
     /// `up`, when given, also receives v (the backward needs it, inference does not). `up`
-    /// must not alias `gate`.
+    /// must not alias `gate` or `act`.
     SwiGlu { gate: &'a DeviceBuffer<bf16>, act: &'a DeviceBuffer<bf16>, up: Option<&'a DeviceBuffer<bf16>> },
 }
 
@@ -311,7 +311,9 @@ pub fn gemm_fused_on(
             sized("act", act)?;
             if let Some(up) = up {
                 sized("up", up)?;
-                check(up.ptr() != gate.ptr(), || "gemm_fused: up must not alias gate".into())?;
+                check(up.ptr() != gate.ptr() && up.ptr() != act.ptr(), || {
+                    "gemm_fused: up must not alias gate or act".into()
+                })?;
             }
             (up.map_or(0, |u| u.ptr()), 0, gate.ptr(), act.ptr())
         }
