@@ -135,7 +135,10 @@ typedef struct NsReduceParams {
  * layout, never read outside [m, n]): v = alpha * AB + beta * C + resid (the
  * bias-free residual add); C = v unless c is 0 (then beta must be 0); with a
  * gate, act = silu(gate) * v (SwiGLU with the product as its "up" half, v
- * unrounded). */
+ * unrounded). SwiGLU backward (kernels *_swiglu_bwd): v is the gradient of
+ * act = silu(gate) * up; with s = sigmoid(gate) the kernel writes
+ * C = v * up * s * (1 + gate * (1 - s)) (the gate's gradient) and
+ * dup = v * gate * s (the up half's); gate, up, dup of C's type and layout. */
 typedef struct NsGemmParams {
     ns_dptr a;
     ns_dptr b;
@@ -156,6 +159,8 @@ typedef struct NsGemmParams {
     ns_dptr resid;
     ns_dptr gate;
     ns_dptr act;
+    ns_dptr up;
+    ns_dptr dup;
 } NsGemmParams;
 
 /** attention.cu: causal softmax attention, scale = 1/sqrt(d) (passed),

@@ -8,8 +8,10 @@
 // fragments. Block tile 128x128x32, 8 warps of 64x32, two-stage pipeline,
 // padded shared rows (no ldmatrix bank conflicts). This one runs on both
 // targets; the sm_90a wgmma kernels (gemm_wgmma_*) follow at the end. Every
-// kernel ends in the same fused epilogue (gemm_store): the bias-free residual
-// add and SwiGLU, so x + y W^T and silu(g) * (h W_up^T) take no extra pass.
+// kernel ends in the same store (gemm_store). The NT bf16 kernels also come with
+// a fused epilogue (_residual, _swiglu: the bias-free residual add and SwiGLU,
+// so x + y W^T and silu(g) * (h W_up^T) take no extra pass), and NN bf16 with
+// SwiGLU's backward (_swiglu_bwd: dY W_down goes straight to dg and du).
 #include "common.cuh"
 
 namespace ns_gemm {  // named: an anonymous namespace would put a path hash into the PTX
@@ -21,9 +23,11 @@ constexpr int TILE_ELEMS = (BM * (BK + PAD) > BK * (BM + PAD)) ? BM * (BK + PAD)
 // The store of one output element at offset `off` of C, shared by every GEMM
 // kernel: v = alpha*acc + beta*C, then the fused epilogue EPI (NsGemmParams):
 // EPI_RESIDUAL adds resid; EPI_SWIGLU writes act = silu(gate) * v (and C = v
-// only when c is present). The epilogue is a template parameter, so the plain
+// only when c is present); EPI_SWIGLU_BWD takes v as the gradient of
+// silu(gate) * up and writes the gate's (to C) and up's (to dup), as
+// swiglu_bwd_bf16 does. The epilogue is a template parameter, so the plain
 // kernels carry none of it.
-enum { EPI_NONE = 0, EPI_RESIDUAL = 1, EPI_SWIGLU = 2 };
+enum { EPI_NONE = 0, EPI_RESIDUAL = 1, EPI_SWIGLU = 2, EPI_SWIGLU_BWD = 3 };
 NS_DEV float out_get(const float* p, size_t off) { return p[off]; }
 NS_DEV float out_get(const bf16* p, size_t off) { return bf2f(p[off]); }
 NS_DEV void out_put(float* p, size_t off, float v) { p[off] = v; }
@@ -32,6 +36,14 @@ template <typename T, int EPI>
 NS_DEV void gemm_store_as(const NsGemmParams& p, size_t off, float acc) {
     float v = p.alpha * acc;
     if (p.beta != 0.0f) v += p.beta * out_get(reinterpret_cast<const T*>(p.c), off);
+    if (EPI == EPI_SWIGLU_BWD) {
+        const float g = out_get(reinterpret_cast<const T*>(p.gate), off);
+        const float u = out_get(reinterpret_cast<const T*>(p.up), off);
+        const float s = ns_sigmoid(g);
+        out_put(reinterpret_cast<T*>(p.c), off, v * u * s * (1.0f + g * (1.0f - s)));
+        out_put(reinterpret_cast<T*>(p.dup), off, v * g * s);
+        return;
+    }
     if (EPI == EPI_RESIDUAL) v += out_get(reinterpret_cast<const T*>(p.resid), off);
     if (EPI != EPI_SWIGLU || p.c) out_put(reinterpret_cast<T*>(p.c), off, v);
     if (EPI == EPI_SWIGLU) {
@@ -180,6 +192,7 @@ NS_GEMM(gemm_tn_bf16, true, false, true, EPI_NONE)
 NS_GEMM(gemm_tt_bf16, true, true, true, EPI_NONE)
 NS_GEMM(gemm_nt_bf16_residual, false, true, true, EPI_RESIDUAL)
 NS_GEMM(gemm_nt_bf16_swiglu, false, true, true, EPI_SWIGLU)
+NS_GEMM(gemm_nn_bf16_swiglu_bwd, false, false, true, EPI_SWIGLU_BWD)
 
 // ---------------------------------------------------------------------------
 // Hopper (sm_90a) GEMM on wgmma.mma_async: gemm_wgmma_{ta}{tb}_{out}, the same
@@ -474,6 +487,7 @@ NS_GEMM_WGMMA(gemm_wgmma_tn_bf16, true, false, true, EPI_NONE)
 NS_GEMM_WGMMA(gemm_wgmma_tt_bf16, true, true, true, EPI_NONE)
 NS_GEMM_WGMMA(gemm_wgmma_nt_bf16_residual, false, true, true, EPI_RESIDUAL)
 NS_GEMM_WGMMA(gemm_wgmma_nt_bf16_swiglu, false, true, true, EPI_SWIGLU)
+NS_GEMM_WGMMA(gemm_wgmma_nn_bf16_swiglu_bwd, false, false, true, EPI_SWIGLU_BWD)
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define NS_WGMMA_TMA_BODY(OB, EPI) ns_wgmma::wgmma_tma_nt_body<OB, EPI>(p);

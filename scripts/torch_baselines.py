@@ -213,9 +213,20 @@ def main():
     def linear_swiglu(h, wu, g):
         return F.silu(g) * (h @ wu.t())
 
+    def matmul_swiglu_bwd(dy, wd, g, u):  # SwiGLU's backward after da = dy @ w_down
+        da = (dy @ wd).float()
+        s = torch.sigmoid(g.float())
+        gf = g.float()
+        return (da * u.float() * s * (1 + gf * (1 - s))).to(bf), (da * gf * s).to(bf)
+
+    dy, wd = torch.randn(m, c, device=dev, dtype=bf), torch.randn(c, f, device=dev, dtype=bf)
+    u = torch.randn(m, f, device=dev, dtype=bf)
     for mode in ["eager", "compiled"]:
         fn = linear_swiglu if mode == "eager" else torch.compile(linear_swiglu)
         record("gemm", f"torch linear+swiglu {mode}", [m, f, c], bench(lambda: fn(h, wu, g)), flops=2 * m * f * c)
+        bwd = matmul_swiglu_bwd if mode == "eager" else torch.compile(matmul_swiglu_bwd)
+        record("gemm", f"torch matmul+swiglu bwd {mode}", [m, f, c], bench(lambda: bwd(dy, wd, g, u)),
+               flops=2 * m * f * c)
 
     # copy ceiling
     x = torch.empty(1 << 28, device=dev, dtype=torch.uint8)

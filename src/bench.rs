@@ -384,11 +384,11 @@ mod cuda_cases {
 
     /// The fused GEMM epilogues at the `small` model's feed-forward shapes (x·wᵀ, tokens × out ×
     /// in): the residual add after w_down and SwiGLU after w_up (the up product kept, as in
-    /// training), on every engine, beside the unfused product + element-wise kernel on the native
+    /// training), and SwiGLU's backward after dY·w_down, on every engine, beside the unfused product + element-wise kernel on the native
     /// one (cuBLASLt's rows are that composition: it has no SwiGLU epilogue). Rates count the
     /// GEMM's FLOPs on both sides, as PyTorch's rows do.
     fn epilogue_cases(be: &CudaBackend, it: usize, lt: bool, cases: &mut Vec<Case>) -> Result<()> {
-        use crate::backend::cuda::gemm::{gemm_fused_on, Epilogue, GemmEngine};
+        use crate::backend::cuda::gemm::{gemm_fused_on, gemm_swiglu_backward_on, Epilogue, GemmEngine};
         use crate::backend::cuda::swiglu;
         let (nn_, t_) = (gemm::Layout::N, gemm::Layout::T);
         let (m, f, c) = (16384, 3072, 768);
@@ -434,6 +434,21 @@ mod cuda_cases {
             swiglu::swiglu_forward(be, &g, &up, &act)
         })?;
         cases.push(Case::new("gemm", "linear+swiglu native unfused", &shape, ms, Some(flops), None).vs(&torch));
+
+        // SwiGLU's backward: (dg, du) from da = dy[m, c]·w_down[c, f] (NN), with g, u [m, f]
+        let (dy, wd) = (random_bf16(be, m * c, 19)?, random_bf16(be, c * f, 20)?);
+        let (dg, du) = (DeviceBuffer::<bf16>::zeros(be, m * f)?, DeviceBuffer::<bf16>::zeros(be, m * f)?);
+        let torch = ["torch matmul+swiglu bwd eager", "torch matmul+swiglu bwd compiled"];
+        for &e in &engines {
+            let ms = time(be, it, || gemm_swiglu_backward_on(be, e, m, f, c, &dy, &wd, (&g, &up), (&dg, &du)))?;
+            let name = format!("dy·w+swiglu bwd {}", e.name());
+            cases.push(Case::new("gemm", &name, &shape, ms, Some(flops), None).vs(&torch));
+        }
+        let ms = time(be, it, || {
+            gemm::native_gemm_batched(be, 1, m, f, c, &dy, nn_, &wd, nn_, &act, 1.0, 0.0)?;
+            swiglu::swiglu_backward(be, &g, &up, &act, &dg, &du)
+        })?;
+        cases.push(Case::new("gemm", "dy·w+swiglu bwd native unfused", &shape, ms, Some(flops), None).vs(&torch));
         Ok(())
     }
 

@@ -14,7 +14,8 @@
 //! - GEMM with f32 output: only the summation order differs: rtol 1e-3, atol 1e-3·√k
 //!   (the same for cuBLASLt, `--gemm cublaslt`, and the sm_90a wgmma kernel, `--gemm wgmma`;
 //!   bf16 output: rtol 1e-2); the fused epilogues (residual add, SwiGLU) round once more
-//!   to bf16 and keep those tolerances;
+//!   to bf16 and keep those tolerances; SwiGLU's backward multiplies the product by factors
+//!   up to |u|·1.1 and |g| (amplitudes 2 and 3): atol 4e-3·√k;
 //! - rope_qknorm (QK-norm fused with RoPE): bf16 q, k and dq_raw, dk_raw are one rounding of
 //!   f32 math on O(1) values (raw heads of amplitude 2, so rstd ≈ 0.9 and the normalized,
 //!   rotated heads and the gradients of amplitude-1 dq, dk are O(1)): atol = rtol = 1e-2, as the
@@ -312,7 +313,7 @@ fn gemm_matches_cpu_all_layouts() {
 
 #[test]
 fn gemm_fused_epilogues_match_cpu_on_every_engine() {
-    use cuda::gemm::{gemm_fused_on, Epilogue, GemmEngine};
+    use cuda::gemm::{gemm_fused_on, gemm_swiglu_backward_on, Epilogue, GemmEngine};
     let Some(be) = device("gemm_fused") else { return };
     let mut engines = vec![GemmEngine::Native];
     if be.compute_capability() == (9, 0) {
@@ -353,6 +354,19 @@ fn gemm_fused_epilogues_match_cpu_on_every_engine() {
             act.fill_zero().unwrap();
             gemm_fused_on(&be, engine, m, n, k, &gx, &gw, Epilogue::SwiGlu { gate: &gg, act: &act, up: None }).unwrap();
             assert_close(&format!("{what} swiglu act (no up)"), &down(&act), &want_act, tol, 1e-2);
+
+            // SwiGLU's backward: da = dy[m,n]·w_down[n,k] (NN) straight into (dg, du), [m, k]
+            let (dy, wd) = (rand_bf16(35, m * n, 1.0), rand_bf16(36, n * k, 1.0));
+            let (g2, u2) = (rand_bf16(37, m * k, 3.0), rand_bf16(38, m * k, 2.0));
+            let (mut want_dg, mut want_du) = (vec![0.0; m * k], vec![0.0; m * k]);
+            cpu::gemm::gemm_swiglu_backward(m, k, n, &dy, &wd, (&g2, &u2), (&mut want_dg, &mut want_du));
+            let (gdy, gwd, gg2, gu2) = (up(&be, &dy), up(&be, &wd), up(&be, &g2), up(&be, &u2));
+            let (dg, du) = (DeviceBuffer::uninit(&be, m * k).unwrap(), DeviceBuffer::uninit(&be, m * k).unwrap());
+            gemm_swiglu_backward_on(&be, engine, m, k, n, &gdy, &gwd, (&gg2, &gu2), (&dg, &du)).unwrap();
+            // |∂act/∂g| ≤ 1.1·|u| and |∂act/∂u| ≤ |g|: the GEMM's error scaled by a few
+            let tol_bwd = 4.0 * 1e-3 * (n as f32).sqrt();
+            assert_close(&format!("{what} swiglu bwd dg"), &down(&dg), &want_dg, tol_bwd, 1e-2);
+            assert_close(&format!("{what} swiglu bwd du"), &down(&du), &want_du, tol_bwd, 1e-2);
         }
     }
     // Wrong sizes are errors, not launches.

@@ -231,8 +231,15 @@ pub trait StepOps {
         sel: Option<&Self::Sel>,
     ) -> Result<(f32, Self::A, Self::A, Self::A)>;
 
-    /// (dg, du) of swiglu(g, u) (the forward is fused into `linear_swiglu`).
-    fn swiglu_backward(&self, g: &Self::A, u: &Self::A, dy: &Self::A) -> Result<(Self::A, Self::A)>;
+    /// (dg, du) of a = swiglu(g, u) given da = dy[m,n]·w[n,k] (the down projection's `linear_dx`,
+    /// dims as there), with the SwiGLU backward fused into that GEMM's epilogue (da is not kept).
+    fn linear_dx_swiglu(
+        &self,
+        dy: &Self::A,
+        w: &Self::A,
+        dims: (usize, usize, usize),
+        gu: (&Self::A, &Self::A),
+    ) -> Result<(Self::A, Self::A)>;
     /// acc += x.
     fn add(&self, acc: &mut Self::A, x: &Self::A) -> Result<()>;
     /// Softcapped cross-entropy: (Σ of the per-row losses, in f64, and the per-row lse).
@@ -815,10 +822,8 @@ impl<O: StepOps> Pass<'_, O> {
             // FFN: x_next = x_mid + ffn(h2), h2 = norm(x_mid); dx is ∂/∂x_next.
             let dh2 = match &s.ffn {
                 FfnSaved::Dense { g, u, a } => {
-                    let mut da = ops.a_zeros(n * f)?;
-                    ops.linear_dx(&dx, &wf[2], (n, f, ce), &mut da, false)?;
+                    let (dg, du) = ops.linear_dx_swiglu(&dx, &wf[2], (n, f, ce), (g, u))?;
                     ops.linear_dw(&dx, a, (n, f, ce), &mut gf[2])?;
-                    let (dg, du) = ops.swiglu_backward(g, u, &da)?;
                     let mut dh2 = ops.a_zeros(n * ce)?;
                     ops.linear_dx(&dg, &wf[0], (n, ce, f), &mut dh2, false)?;
                     ops.linear_dx(&du, &wf[1], (n, ce, f), &mut dh2, true)?;
@@ -840,10 +845,8 @@ impl<O: StepOps> Pass<'_, O> {
                     ops.linear_dw(&d_logits, &s.h2, (n, ce, ne), g_router)?;
                     if let Some((g, u, a)) = shared {
                         let fs = c.moe.n_shared_experts * fm;
-                        let mut da = ops.a_zeros(n * fs)?;
-                        ops.linear_dx(&dx, &wf[6], (n, fs, ce), &mut da, false)?;
+                        let (dg, du) = ops.linear_dx_swiglu(&dx, &wf[6], (n, fs, ce), (g, u))?;
                         ops.linear_dw(&dx, a, (n, fs, ce), &mut g_shared[2])?;
-                        let (dg, du) = ops.swiglu_backward(g, u, &da)?;
                         ops.linear_dx(&dg, &wf[4], (n, ce, fs), &mut dh2, true)?;
                         ops.linear_dx(&du, &wf[5], (n, ce, fs), &mut dh2, true)?;
                         ops.linear_dw(&dg, &s.h2, (n, ce, fs), &mut g_shared[0])?;

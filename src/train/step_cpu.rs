@@ -8,13 +8,12 @@ use crate::backend::cpu::{
     attention::{attention_backward, attention_forward, AttnDims},
     dsa::{self, DsaDims},
     elementwise, embedding,
-    gemm::{gemm, gemm_fused, Epilogue, Layout},
+    gemm::{gemm, gemm_fused, gemm_swiglu_backward, Epilogue, Layout},
     loss,
     moe::{self, MoeCache, RouterConfig, Routing},
     norm,
     optim::{adamw_update, newton_schulz, AdamWStep},
     rope::{rope_backward, rope_forward, rope_qknorm_backward, rope_qknorm_forward, RopeTable},
-    swiglu,
     window_attention::{window_attention_backward, window_attention_forward, WindowDims},
 };
 use crate::nn::ModelConfig;
@@ -348,9 +347,15 @@ impl StepOps for CpuOps {
         Ok((loss, dqi, dki, dwi))
     }
 
-    fn swiglu_backward(&self, g: &Vec<f32>, u: &Vec<f32>, dy: &Vec<f32>) -> Result<(Vec<f32>, Vec<f32>)> {
+    fn linear_dx_swiglu(
+        &self,
+        dy: &Vec<f32>,
+        w: &Vec<f32>,
+        (m, k, n): (usize, usize, usize),
+        (g, u): (&Vec<f32>, &Vec<f32>),
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         let (mut dg, mut du) = (vec![0.0; g.len()], vec![0.0; g.len()]);
-        swiglu::swiglu_backward(g, u, dy, &mut dg, &mut du);
+        gemm_swiglu_backward(m, k, n, dy, w, (g, u), (&mut dg, &mut du));
         Ok((dg, du))
     }
     fn add(&self, acc: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {

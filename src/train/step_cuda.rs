@@ -31,12 +31,11 @@ use crate::backend::cpu::dsa::DsaDims;
 use crate::backend::cpu::moe::RouterConfig;
 use crate::backend::cpu::optim::AdamWStep;
 use crate::backend::cpu::window_attention::WindowDims;
-use crate::backend::cuda::gemm::{gemm, gemm_fused, Epilogue, Layout};
+use crate::backend::cuda::gemm::{gemm, gemm_fused, gemm_swiglu_backward, Epilogue, Layout};
 use crate::backend::cuda::moe::{DeviceRouting, MoeCacheGpu};
 use crate::backend::cuda::rope::RopeTableGpu;
 use crate::backend::cuda::{
-    attention, dsa, elementwise, embedding, loss, moe, norm, optim, rope, swiglu, window_attention, CudaBackend,
-    DeviceBuffer,
+    attention, dsa, elementwise, embedding, loss, moe, norm, optim, rope, window_attention, CudaBackend, DeviceBuffer,
 };
 use crate::nn::config::AttnKind;
 use crate::nn::{Model, ModelConfig};
@@ -384,9 +383,9 @@ impl StepOps for CudaOps {
         Ok((kl, self.to_bf16(&dqi)?, self.to_bf16(&dki)?, self.to_bf16(&dwi)?))
     }
 
-    fn swiglu_backward(&self, g: &A, u: &A, dy: &A) -> Result<(A, A)> {
+    fn linear_dx_swiglu(&self, dy: &A, w: &A, (m, k, n): (usize, usize, usize), (g, u): (&A, &A)) -> Result<(A, A)> {
         let (dg, du) = (self.uninit(g.len())?, self.uninit(g.len())?);
-        swiglu::swiglu_backward(&self.be, g, u, dy, &dg, &du)?;
+        gemm_swiglu_backward(&self.be, m, k, n, dy, w, (g, u), (&dg, &du))?;
         Ok((dg, du))
     }
     fn add(&self, acc: &mut A, x: &A) -> Result<()> {

@@ -116,6 +116,24 @@ pub fn gemm_fused(m: usize, n: usize, k: usize, x: &[f32], w: &[f32], epi: Epilo
     }
 }
 
+/// SwiGLU's backward after the GEMM that produces its incoming gradient: da = dy[m,k]·w[k,n]
+/// (both as stored), then (dgate, dup) = `swiglu::swiglu_backward(gate, up, da)`. The twin of
+/// the CUDA `*_swiglu_bwd` kernels, which never store da.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_swiglu_backward(
+    m: usize,
+    n: usize,
+    k: usize,
+    dy: &[f32],
+    w: &[f32],
+    (gate, up): (&[f32], &[f32]),
+    (dgate, dup): (&mut [f32], &mut [f32]),
+) {
+    let mut da = vec![0.0; m * n];
+    gemm(m, n, k, dy, Layout::N, w, Layout::N, &mut da, false);
+    super::swiglu::swiglu_backward(gate, up, &da, dgate, dup);
+}
+
 /// A read-only strided matrix for [`gemm_strided`]: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 pub(crate) struct Strided<'a> {
@@ -275,6 +293,17 @@ mod tests {
         let mut act2 = vec![0.0; m * n];
         gemm_fused(m, n, k, &a, &b, Epilogue::SwiGlu { gate: &g, act: &mut act2, up: None });
         assert_eq!(act2, want, "SwiGLU epilogue without the up output");
+
+        // backward: da = dy[m,n]·w[n,k] (NN), then the SwiGLU backward
+        let (dy, wd, u) = (rand(m * n), rand(n * k), rand(m * k));
+        let g2 = rand(m * k);
+        let mut da = vec![0.0; m * k];
+        gemm(m, k, n, &dy, Layout::N, &wd, Layout::N, &mut da, false);
+        let (mut want_dg, mut want_du) = (vec![0.0; m * k], vec![0.0; m * k]);
+        super::super::swiglu::swiglu_backward(&g2, &u, &da, &mut want_dg, &mut want_du);
+        let (mut dg, mut du) = (vec![0.0; m * k], vec![0.0; m * k]);
+        gemm_swiglu_backward(m, k, n, &dy, &wd, (&g2, &u), (&mut dg, &mut du));
+        assert_eq!((dg, du), (want_dg, want_du), "SwiGLU backward: bitwise the product then swiglu_backward");
     }
 
     #[test]

@@ -201,7 +201,7 @@ const _: () = {
     ["Offset of field: NsReduceParams::blocks"][::core::mem::offset_of!(NsReduceParams, blocks) - 40usize];
     ["Offset of field: NsReduceParams::max_norm"][::core::mem::offset_of!(NsReduceParams, max_norm) - 44usize];
 };
-#[doc = " gemm.cu: C = alpha * op(A) op(B) + beta * C for each of `batch` matrices,\n bf16 A and B, fp32 accumulation, C f32 or bf16 (by kernel name). op(A) is\n [m, k]: stored [m, k] (lda >= k) for N or [k, m] (lda >= m) for T; op(B) is\n [k, n]: stored [k, n] (ldb >= n) for N or [n, k] (ldb >= k) for T. Batch i\n uses A + i*stride_a etc. (in elements). Requirements checked on the host:\n the contiguous dimension of each operand and lda, ldb multiples of 8,\n 16-byte aligned bases. beta = 0 never reads C.\n Fused epilogue (each pointer optional, 0 = absent; each of C's type and\n layout, never read outside [m, n]): v = alpha * AB + beta * C + resid (the\n bias-free residual add); C = v unless c is 0 (then beta must be 0); with a\n gate, act = silu(gate) * v (SwiGLU with the product as its \"up\" half, v\n unrounded)."]
+#[doc = " gemm.cu: C = alpha * op(A) op(B) + beta * C for each of `batch` matrices,\n bf16 A and B, fp32 accumulation, C f32 or bf16 (by kernel name). op(A) is\n [m, k]: stored [m, k] (lda >= k) for N or [k, m] (lda >= m) for T; op(B) is\n [k, n]: stored [k, n] (ldb >= n) for N or [n, k] (ldb >= k) for T. Batch i\n uses A + i*stride_a etc. (in elements). Requirements checked on the host:\n the contiguous dimension of each operand and lda, ldb multiples of 8,\n 16-byte aligned bases. beta = 0 never reads C.\n Fused epilogue (each pointer optional, 0 = absent; each of C's type and\n layout, never read outside [m, n]): v = alpha * AB + beta * C + resid (the\n bias-free residual add); C = v unless c is 0 (then beta must be 0); with a\n gate, act = silu(gate) * v (SwiGLU with the product as its \"up\" half, v\n unrounded). SwiGLU backward (kernels *_swiglu_bwd): v is the gradient of\n act = silu(gate) * up; with s = sigmoid(gate) the kernel writes\n C = v * up * s * (1 + gate * (1 - s)) (the gate's gradient) and\n dup = v * gate * s (the up half's); gate, up, dup of C's type and layout."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct NsGemmParams {
@@ -224,10 +224,12 @@ pub struct NsGemmParams {
     pub resid: ns_dptr,
     pub gate: ns_dptr,
     pub act: ns_dptr,
+    pub up: ns_dptr,
+    pub dup: ns_dptr,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of NsGemmParams"][::core::mem::size_of::<NsGemmParams>() - 112usize];
+    ["Size of NsGemmParams"][::core::mem::size_of::<NsGemmParams>() - 128usize];
     ["Alignment of NsGemmParams"][::core::mem::align_of::<NsGemmParams>() - 8usize];
     ["Offset of field: NsGemmParams::a"][::core::mem::offset_of!(NsGemmParams, a) - 0usize];
     ["Offset of field: NsGemmParams::b"][::core::mem::offset_of!(NsGemmParams, b) - 8usize];
@@ -248,6 +250,8 @@ const _: () = {
     ["Offset of field: NsGemmParams::resid"][::core::mem::offset_of!(NsGemmParams, resid) - 88usize];
     ["Offset of field: NsGemmParams::gate"][::core::mem::offset_of!(NsGemmParams, gate) - 96usize];
     ["Offset of field: NsGemmParams::act"][::core::mem::offset_of!(NsGemmParams, act) - 104usize];
+    ["Offset of field: NsGemmParams::up"][::core::mem::offset_of!(NsGemmParams, up) - 112usize];
+    ["Offset of field: NsGemmParams::dup"][::core::mem::offset_of!(NsGemmParams, dup) - 120usize];
 };
 #[doc = " attention.cu: causal softmax attention, scale = 1/sqrt(d) (passed),\n grouped-query (query head j uses kv head j / (h / h_kv)).\n q, out, dout, dq: bf16 [b, t, h, d]; k, v, dk, dv: bf16 [b, t, h_kv, d];\n lse, delta: f32 [b, h, t] (natural log of the scaled scores, like the CPU);\n The backward's gradients are f32: dq_acc [b, t, h, d] is accumulated with\n atomics (zeroed by the host first); dk_acc, dv_acc [b, t, h_kv, d] are\n written once per key row (overwritten).\n d is 64 or 128 (kernel name)."]
 #[repr(C)]

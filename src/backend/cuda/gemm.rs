@@ -5,7 +5,8 @@
 //! `--gemm native|cublaslt|wgmma`): the handwritten mma.sync kernel (default), cuBLASLt
 //! ([`super::cublaslt`]) or the handwritten Hopper wgmma kernel (compute capability 9.0 only;
 //! [`wgmma_gemm_batched`]), so every caller, the trainer included, changes engine without changes.
-//! [`gemm_fused`] adds the fused epilogues (the residual add, SwiGLU) on the same engines.
+//! [`gemm_fused`] adds the fused epilogues (the residual add, SwiGLU) on the same engines, and
+//! [`gemm_swiglu_backward`] SwiGLU's backward.
 
 use super::abi::{NsGemmParams, NsGemmTmaParams};
 use super::memory::DeviceElem;
@@ -336,6 +337,69 @@ pub fn gemm_fused_on(
         }
     }
     launch_native(be, &p, native)
+}
+
+/// SwiGLU's backward fused into the GEMM that produces its incoming gradient: da = dy[m,k]·w[k,n]
+/// (both as stored: the `linear_dx` of a down projection, w_down [k = model width, n = hidden])
+/// is never stored; each value goes straight to dgate = da ⊙ up ⊙ s(1 + gate(1 − s)) and
+/// dup = da ⊙ gate ⊙ s with s = sigmoid(gate), the math of `swiglu::swiglu_backward`. Every
+/// buffer holds m·n bf16 values; n must be a multiple of 8 (NN). On the engine of
+/// [`set_gemm_engine`]; cuBLASLt runs the product, then the SwiGLU backward kernel. Twin:
+/// `cpu::gemm::gemm_swiglu_backward`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_swiglu_backward(
+    be: &CudaBackend,
+    m: usize,
+    n: usize,
+    k: usize,
+    dy: &DeviceBuffer<bf16>,
+    w: &DeviceBuffer<bf16>,
+    inputs: (&DeviceBuffer<bf16>, &DeviceBuffer<bf16>),
+    grads: (&DeviceBuffer<bf16>, &DeviceBuffer<bf16>),
+) -> CudaResult<()> {
+    gemm_swiglu_backward_on(be, gemm_engine(), m, n, k, dy, w, inputs, grads)
+}
+
+/// [`gemm_swiglu_backward`] on the given engine, whatever the engine switch says.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_swiglu_backward_on(
+    be: &CudaBackend,
+    engine: GemmEngine,
+    m: usize,
+    n: usize,
+    k: usize,
+    dy: &DeviceBuffer<bf16>,
+    w: &DeviceBuffer<bf16>,
+    (gate, up): (&DeviceBuffer<bf16>, &DeviceBuffer<bf16>),
+    (dgate, dup): (&DeviceBuffer<bf16>, &DeviceBuffer<bf16>),
+) -> CudaResult<()> {
+    let mn = m * n;
+    for (what, buf) in [("gate", gate), ("up", up), ("dgate", dgate), ("dup", dup)] {
+        check(buf.len() == mn, || {
+            format!("gemm_swiglu_backward: {what} must hold m*n = {m}*{n} values, not {}", buf.len())
+        })?;
+    }
+    check(dgate.ptr() != dup.ptr(), || "gemm_swiglu_backward: dgate and dup must be different buffers".into())?;
+    let (dy, w) = ((dy, Layout::N), (w, Layout::N));
+    check_operands(1, m, n, k, dy, w)?;
+    if mn == 0 {
+        return Ok(());
+    }
+    if engine == GemmEngine::Cublaslt {
+        let da = DeviceBuffer::uninit(be, mn)?;
+        super::cublaslt::gemm(be, m, n, k, dy.0, dy.1, w.0, w.1, &da, 1.0, 0.0)?;
+        return super::swiglu::swiglu_backward(be, gate, up, &da, dgate, dup);
+    }
+    let mut p = params((1, m, n, k), dy, w, dgate.ptr(), (1.0, 0.0))?;
+    (p.gate, p.up, p.dup) = (gate.ptr(), up.ptr(), dup.ptr());
+    if engine == GemmEngine::Wgmma {
+        check_wgmma_device(be)?;
+        if wgmma_handles(m, n, k) {
+            let name = "gemm_wgmma_nn_bf16_swiglu_bwd"; // NN: never the TMA kernel
+            return launch_wgmma(be, p, dy, w, (name, name));
+        }
+    }
+    launch_native(be, &p, "gemm_nn_bf16_swiglu_bwd")
 }
 
 /// [`gemm_fused`] under cuBLASLt: the product, then the residual add or SwiGLU kernel.
