@@ -508,6 +508,53 @@ fn every_family_has_ptx_for_both_targets() {
     assert_eq!(cuda::ptx_target((10, 0)), "sm_80");
 }
 
+/// The kernel names the launch code asks for, checked against the embedded PTX on the host (a
+/// misspelt name would otherwise only show on a GPU): in each `src/backend/cuda/<family>.rs`,
+/// every string literal that looks like a kernel name (a `_f32`, `_bf16`, `_d64`, `_d128`,
+/// `_fwd`, `_bwd` or `_decode` part) must be an `.entry` of that family's PTX for both targets,
+/// and every `.entry` of the family must be named there.
+#[test]
+fn every_launched_kernel_name_is_in_the_ptx() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/backend/cuda");
+    let mut families = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let fam = path.file_stem().unwrap().to_str().unwrap().to_string();
+        if cuda::embedded_ptx(&fam, "sm_80").is_err() {
+            continue; // mod.rs, memory.rs, cublaslt.rs, abi.rs: no kernels of their own
+        }
+        families += 1;
+        let src = std::fs::read_to_string(&path).unwrap();
+        let literals: std::collections::BTreeSet<&str> = src
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .collect();
+        let kernel_like =
+            |l: &str| l.split('_').any(|p| ["f32", "bf16", "d64", "d128", "fwd", "bwd", "decode"].contains(&p));
+        for target in ["sm_90a", "sm_80"] {
+            let ptx = cuda::embedded_ptx(&fam, target).unwrap();
+            let entries: std::collections::BTreeSet<&str> = ptx
+                .split(".entry ")
+                .skip(1)
+                .map(|rest| rest.split(|c: char| c == '(' || c.is_whitespace()).next().unwrap())
+                .collect();
+            assert!(!entries.is_empty(), "{fam} {target}: no .entry in the PTX");
+            for l in literals.iter().filter(|l| kernel_like(l) || entries.contains(*l)) {
+                assert!(entries.contains(l), "src/backend/cuda/{fam}.rs names {l:?}, not a kernel of {fam} ({target})");
+            }
+            for e in &entries {
+                assert!(
+                    literals.contains(e),
+                    "{fam} ({target}) has kernel {e} that src/backend/cuda/{fam}.rs never names"
+                );
+            }
+        }
+    }
+    assert_eq!(families, 12, "one launch module per kernel family");
+}
+
 #[test]
 fn no_device_is_an_error_not_a_panic() {
     // With a device this opens it; without one it must return the reason.
