@@ -68,6 +68,41 @@ def softcap_ce(z, y, cap=15.0):
     return F.cross_entropy(zc, y)
 
 
+def epilogue_baselines(record, bench):
+    """The GEMMs whose epilogues the engine fuses, at the small model's FFN shapes (x @ w.T): the
+    residual add after w_down (addmm: cuBLAS adds it in its epilogue), SwiGLU after w_up, and
+    SwiGLU's backward after dy @ w_down; eager and compiled. Run last: the compiles are slow and
+    the GPU check's timeout should cut these before the attention and MoE baselines."""
+    import torch
+    import torch.nn.functional as F
+
+    dev, bf = "cuda", torch.bfloat16
+    m, f, c = 16384, 3072, 768
+    a, w, r = (torch.randn(m, f, device=dev, dtype=bf), torch.randn(c, f, device=dev, dtype=bf),
+               torch.randn(m, c, device=dev, dtype=bf))
+    record("gemm", "torch addmm residual", [m, c, f], bench(lambda: torch.addmm(r, a, w.t())), flops=2 * m * c * f)
+    h, wu, g = (torch.randn(m, c, device=dev, dtype=bf), torch.randn(f, c, device=dev, dtype=bf),
+                torch.randn(m, f, device=dev, dtype=bf))
+
+    def linear_swiglu(h, wu, g):
+        return F.silu(g) * (h @ wu.t())
+
+    def matmul_swiglu_bwd(dy, wd, g, u):  # SwiGLU's backward after da = dy @ w_down
+        da = (dy @ wd).float()
+        s = torch.sigmoid(g.float())
+        gf = g.float()
+        return (da * u.float() * s * (1 + gf * (1 - s))).to(bf), (da * gf * s).to(bf)
+
+    dy, wd = torch.randn(m, c, device=dev, dtype=bf), torch.randn(c, f, device=dev, dtype=bf)
+    u = torch.randn(m, f, device=dev, dtype=bf)
+    for mode in ["eager", "compiled"]:
+        fn = linear_swiglu if mode == "eager" else torch.compile(linear_swiglu)
+        record("gemm", f"torch linear+swiglu {mode}", [m, f, c], bench(lambda: fn(h, wu, g)), flops=2 * m * f * c)
+        bwd = matmul_swiglu_bwd if mode == "eager" else torch.compile(matmul_swiglu_bwd)
+        record("gemm", f"torch matmul+swiglu bwd {mode}", [m, f, c], bench(lambda: bwd(dy, wd, g, u)),
+               flops=2 * m * f * c)
+
+
 def sparse_baselines(args, record, bench):
     """Baselines of the sparse-attention and MoE kernels (issue 7): window + global attention
     with flex_attention's block mask and with dense SDPA, dense SDPA at DSA's lengths, and a
@@ -201,33 +236,6 @@ def main():
         a, b = torch.randn(m, k, device=dev, dtype=bf), torch.randn(k, n, device=dev, dtype=bf)
         record("gemm", "torch.matmul", [m, n, k], bench(lambda: a @ b), flops=2 * m * n * k)
 
-    # GEMM with the epilogues the engine fuses, at the small model's FFN shapes (x @ w.T):
-    # the residual add after w_down (addmm: cuBLAS adds it in its epilogue) and SwiGLU after w_up.
-    m, f, c = 16384, 3072, 768
-    a, w, r = (torch.randn(m, f, device=dev, dtype=bf), torch.randn(c, f, device=dev, dtype=bf),
-               torch.randn(m, c, device=dev, dtype=bf))
-    record("gemm", "torch addmm residual", [m, c, f], bench(lambda: torch.addmm(r, a, w.t())), flops=2 * m * c * f)
-    h, wu, g = (torch.randn(m, c, device=dev, dtype=bf), torch.randn(f, c, device=dev, dtype=bf),
-                torch.randn(m, f, device=dev, dtype=bf))
-
-    def linear_swiglu(h, wu, g):
-        return F.silu(g) * (h @ wu.t())
-
-    def matmul_swiglu_bwd(dy, wd, g, u):  # SwiGLU's backward after da = dy @ w_down
-        da = (dy @ wd).float()
-        s = torch.sigmoid(g.float())
-        gf = g.float()
-        return (da * u.float() * s * (1 + gf * (1 - s))).to(bf), (da * gf * s).to(bf)
-
-    dy, wd = torch.randn(m, c, device=dev, dtype=bf), torch.randn(c, f, device=dev, dtype=bf)
-    u = torch.randn(m, f, device=dev, dtype=bf)
-    for mode in ["eager", "compiled"]:
-        fn = linear_swiglu if mode == "eager" else torch.compile(linear_swiglu)
-        record("gemm", f"torch linear+swiglu {mode}", [m, f, c], bench(lambda: fn(h, wu, g)), flops=2 * m * f * c)
-        bwd = matmul_swiglu_bwd if mode == "eager" else torch.compile(matmul_swiglu_bwd)
-        record("gemm", f"torch matmul+swiglu bwd {mode}", [m, f, c], bench(lambda: bwd(dy, wd, g, u)),
-               flops=2 * m * f * c)
-
     # copy ceiling
     x = torch.empty(1 << 28, device=dev, dtype=torch.uint8)
     y = torch.empty_like(x)
@@ -274,6 +282,7 @@ def main():
     record("elementwise", "add eager", [xa.numel()], bench(lambda: torch.add(xa, xb, out=xo)), nbytes=3 * 2 * xa.numel())
 
     sparse_baselines(args, record, bench)
+    epilogue_baselines(record, bench)
 
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
