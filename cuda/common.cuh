@@ -19,6 +19,16 @@ NS_DEV float ns_exp(float x) { return __expf(x); }
 NS_DEV float ns_tanh(float x) { return 1.0f - 2.0f / (__expf(2.0f * x) + 1.0f); }
 NS_DEV float ns_sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
 
+// SwiGLU, the one definition of swiglu.cu, the MoE experts and the fused GEMM
+// epilogues: silu(g) * u, and its backward for the incoming gradient d:
+// du = d * g * s, dg = d * u * s * (1 + g * (1 - s)) with s = sigmoid(g).
+NS_DEV float ns_swiglu(float g, float u) { return g * ns_sigmoid(g) * u; }
+NS_DEV void ns_swiglu_bwd(float g, float u, float d, float& dg, float& du) {
+    const float s = ns_sigmoid(g);
+    du = d * g * s;
+    dg = d * u * s * (1.0f + g * (1.0f - s));
+}
+
 NS_DEV float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

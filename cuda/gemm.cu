@@ -37,18 +37,17 @@ NS_DEV void gemm_store_as(const NsGemmParams& p, size_t off, float acc) {
     float v = p.alpha * acc;
     if (p.beta != 0.0f) v += p.beta * out_get(reinterpret_cast<const T*>(p.c), off);
     if (EPI == EPI_SWIGLU_BWD) {
-        const float g = out_get(reinterpret_cast<const T*>(p.gate), off);
-        const float u = out_get(reinterpret_cast<const T*>(p.up), off);
-        const float s = ns_sigmoid(g);
-        out_put(reinterpret_cast<T*>(p.c), off, v * u * s * (1.0f + g * (1.0f - s)));
-        out_put(reinterpret_cast<T*>(p.dup), off, v * g * s);
+        float dg, du;
+        ns_swiglu_bwd(out_get(reinterpret_cast<const T*>(p.gate), off), out_get(reinterpret_cast<const T*>(p.up), off),
+                      v, dg, du);
+        out_put(reinterpret_cast<T*>(p.c), off, dg);
+        out_put(reinterpret_cast<T*>(p.dup), off, du);
         return;
     }
     if (EPI == EPI_RESIDUAL) v += out_get(reinterpret_cast<const T*>(p.resid), off);
     if (EPI != EPI_SWIGLU || p.c) out_put(reinterpret_cast<T*>(p.c), off, v);
     if (EPI == EPI_SWIGLU) {
-        const float g = out_get(reinterpret_cast<const T*>(p.gate), off);
-        out_put(reinterpret_cast<T*>(p.act), off, g * ns_sigmoid(g) * v);
+        out_put(reinterpret_cast<T*>(p.act), off, ns_swiglu(out_get(reinterpret_cast<const T*>(p.gate), off), v));
     }
 }
 template <bool OUT_BF16, int EPI>

@@ -558,12 +558,12 @@ extern "C" __global__ void __launch_bounds__(256) moe_swiglu_fwd(NsMoeRowsParams
         load8(hg + 8 * w, a);
         load8(hu + 8 * w, b);
 #pragma unroll
-        for (int j = 0; j < 8; j++) a[j] = a[j] * ns_sigmoid(a[j]) * b[j];
+        for (int j = 0; j < 8; j++) a[j] = ns_swiglu(a[j], b[j]);
         store8(act + 8 * w, a);
     }
 }
 
-// dhu = d_act * silu(hg), dhg = d_act * hu * s * (1 + hg * (1 - s)), s = sigmoid(hg).
+// (dhg, dhu) = ns_swiglu_bwd(hg, hu, d_act).
 extern "C" __global__ void __launch_bounds__(256) moe_swiglu_bwd(NsMoeRowsParams p) {
     const bf16* hg = reinterpret_cast<const bf16*>(p.hg);
     const bf16* hu = reinterpret_cast<const bf16*>(p.hu);
@@ -577,11 +577,7 @@ extern "C" __global__ void __launch_bounds__(256) moe_swiglu_bwd(NsMoeRowsParams
         load8(hu + 8 * w, u);
         load8(da + 8 * w, d);
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const float s = ns_sigmoid(g[j]);
-            ou[j] = d[j] * g[j] * s;
-            og[j] = d[j] * u[j] * s * (1.0f + g[j] * (1.0f - s));
-        }
+        for (int j = 0; j < 8; j++) ns_swiglu_bwd(g[j], u[j], d[j], og[j], ou[j]);
         store8(dhg + 8 * w, og);
         store8(dhu + 8 * w, ou);
     }

@@ -15,13 +15,13 @@ extern "C" __global__ void __launch_bounds__(256) swiglu_fwd_bf16(NsSwigluParams
         load8(g + 8 * w, a);
         load8(u + 8 * w, b);
 #pragma unroll
-        for (int j = 0; j < 8; j++) a[j] = a[j] * ns_sigmoid(a[j]) * b[j];
+        for (int j = 0; j < 8; j++) a[j] = ns_swiglu(a[j], b[j]);
         store8(y + 8 * w, a);
     }
     const long long tail = (groups << 3) + blockIdx.x * blockDim.x + threadIdx.x;
     if (blockIdx.x == 0 && tail < p.n) {
         const float a = bf2f(g[tail]);
-        y[tail] = f2bf(a * ns_sigmoid(a) * bf2f(u[tail]));
+        y[tail] = f2bf(ns_swiglu(a, bf2f(u[tail])));
     }
 }
 
@@ -38,19 +38,15 @@ extern "C" __global__ void __launch_bounds__(256) swiglu_bwd_bf16(NsSwigluParams
         load8(u + 8 * w, b);
         load8(dy + 8 * w, d);
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const float s = ns_sigmoid(a[j]);
-            ou[j] = d[j] * a[j] * s;
-            og[j] = d[j] * b[j] * s * (1.0f + a[j] * (1.0f - s));
-        }
+        for (int j = 0; j < 8; j++) ns_swiglu_bwd(a[j], b[j], d[j], og[j], ou[j]);
         store8(dg + 8 * w, og);
         store8(du + 8 * w, ou);
     }
     const long long tail = (groups << 3) + blockIdx.x * blockDim.x + threadIdx.x;
     if (blockIdx.x == 0 && tail < p.n) {
-        const float a = bf2f(g[tail]), b = bf2f(u[tail]), d = bf2f(dy[tail]);
-        const float s = ns_sigmoid(a);
-        du[tail] = f2bf(d * a * s);
-        dg[tail] = f2bf(d * b * s * (1.0f + a * (1.0f - s)));
+        float og, ou;
+        ns_swiglu_bwd(bf2f(g[tail]), bf2f(u[tail]), bf2f(dy[tail]), og, ou);
+        dg[tail] = f2bf(og);
+        du[tail] = f2bf(ou);
     }
 }

@@ -240,11 +240,7 @@ impl StepOps for CudaOps {
         let (ql, kl) = (dims.q_len(), dims.kv_len());
         let (dq, dk, dv): (F, F, F) = (self.uninit(ql)?, self.uninit(kl)?, self.uninit(kl)?);
         attention::attention_backward(&self.be, dims, q, k, v, out, lse, dout, [&dq, &dk, &dv])?;
-        let (bq, bk, bv): (A, A, A) = (self.uninit(ql)?, self.uninit(kl)?, self.uninit(kl)?);
-        optim::cast_f32_bf16(&self.be, &dq, &bq)?;
-        optim::cast_f32_bf16(&self.be, &dk, &bk)?;
-        optim::cast_f32_bf16(&self.be, &dv, &bv)?;
-        Ok((bq, bk, bv))
+        Ok((self.to_bf16(&dq)?, self.to_bf16(&dk)?, self.to_bf16(&dv)?))
     }
     fn window_attention(&self, dims: &WindowDims, q: &A, k: &A, v: &A) -> Result<(A, F)> {
         let (out, lse) = (self.uninit(dims.q_len())?, self.uninit(dims.lse_len())?);

@@ -94,11 +94,16 @@ fn check_indexer(
     check(wi.len() == dims.wi_len(), || "dsa: wi must be [b,t,n_index_heads]".into())
 }
 
-fn check_attn(dims: &DsaDims) -> CudaResult<usize> {
+/// The shape rules of the sparse-attention kernels, and the dynamic shared memory `smem_of(d, gs)`
+/// that `what` needs for gs = h / h_kv query heads per kv head, checked against the limit.
+fn check_attn(what: &str, dims: &DsaDims, smem_of: fn(usize, usize) -> usize) -> CudaResult<usize> {
     check(dims.d == 64 || dims.d == 128, || format!("dsa: head dim {} (CUDA has 64 and 128)", dims.d))?;
     check(dims.h_kv > 0 && dims.h % dims.h_kv == 0, || format!("dsa: h must be a multiple of h_kv ({dims:?})"))?;
     check(dims.b * dims.h_kv <= 65_535, || format!("dsa: b * h_kv must be <= 65535 ({dims:?})"))?;
-    Ok(dims.h / dims.h_kv)
+    let gs = dims.h / dims.h_kv;
+    let smem = smem_of(dims.d, gs);
+    check(smem <= SMEM_LIMIT, || format!("{what}: {gs} query heads per kv head need {smem} B of shared memory"))?;
+    Ok(smem)
 }
 
 /// Top-k selection of the lightning indexer: writes `sel` (u32 `[b, t, kmax]`, each row `A(t)`
@@ -170,11 +175,7 @@ pub fn dsa_attention_forward(
     lse: &DeviceBuffer<f32>,
 ) -> CudaResult<()> {
     let mut p = base_params(dims)?;
-    let gs = check_attn(dims)?;
-    let smem = fwd_smem(dims.d, gs);
-    check(smem <= SMEM_LIMIT, || {
-        format!("dsa_attention_forward: {gs} query heads per kv head need {smem} B of shared memory")
-    })?;
+    let smem = check_attn("dsa_attention_forward", dims, fwd_smem)?;
     check(q.len() == dims.q_len() && out.len() == dims.q_len(), || "dsa: q/out must be [b,t,h,d]".into())?;
     check(k.len() == dims.kv_len() && v.len() == dims.kv_len(), || "dsa: k/v must be [b,t,h_kv,d]".into())?;
     check(lse.len() == dims.lse_len(), || "dsa: lse must be [b,h,t]".into())?;
@@ -204,11 +205,7 @@ pub fn dsa_attention_backward(
     [dq, dk, dv]: [&DeviceBuffer<f32>; 3],
 ) -> CudaResult<()> {
     let mut p = base_params(dims)?;
-    let gs = check_attn(dims)?;
-    let smem = bwd_smem(dims.d, gs);
-    check(smem <= SMEM_LIMIT, || {
-        format!("dsa_attention_backward: {gs} query heads per kv head need {smem} B of shared memory")
-    })?;
+    let smem = check_attn("dsa_attention_backward", dims, bwd_smem)?;
     let (ql, kl) = (dims.q_len(), dims.kv_len());
     check(q.len() == ql && out.len() == ql && dout.len() == ql && dq.len() == ql, || {
         "dsa_attention_backward: q/out/dout/dq must be [b,t,h,d]".into()
@@ -351,11 +348,7 @@ pub fn dsa_attention_decode(
     lse: &DeviceBuffer<f32>,
 ) -> CudaResult<()> {
     let mut p = base_params(dims)?;
-    let gs = check_attn(dims)?;
-    let smem = fwd_smem(dims.d, gs);
-    check(smem <= SMEM_LIMIT, || {
-        format!("dsa_attention_decode: {gs} query heads per kv head need {smem} B of shared memory")
-    })?;
+    let smem = check_attn("dsa_attention_decode", dims, fwd_smem)?;
     let ql = dims.b * dims.h * dims.d;
     check(q.len() == ql && out.len() == ql, || "dsa_attention_decode: q/out must be [b,h,d]".into())?;
     check(k.len() == dims.kv_len() && v.len() == dims.kv_len(), || {
