@@ -1,6 +1,6 @@
 // Shared device helpers of the kernel families: bf16 conversion, warp and
-// block reductions, 16-byte vector access, and the mma.sync / ldmatrix /
-// cp.async wrappers of the tensor-core kernels (gemm.cu, attention.cu).
+// block reductions, 16-byte vector access, the SwiGLU formula, and the
+// mma.sync / ldmatrix / cp.async wrappers of the tensor-core kernels.
 #pragma once
 #include <cuda_bf16.h>
 #include <stdint.h>
