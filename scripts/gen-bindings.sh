@@ -12,8 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=src/backend/cuda/abi.rs
 if [[ -z "${LIBCLANG_PATH:-}" ]] && ! ldconfig -p 2>/dev/null | grep -q 'libclang\(-[0-9.]*\)\?\.so'; then
-    if ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1; then
-        LIBCLANG_PATH=$(dirname "$(ls /usr/lib/llvm-*/lib/libclang.so* | sort -V | tail -1)")
+    lib=$(find /usr/lib -path '/usr/lib/llvm-*/lib/libclang.so*' 2>/dev/null | sort -V | tail -n 1 || true)
+    if [[ -n "$lib" ]]; then
+        LIBCLANG_PATH=$(dirname "$lib")
         export LIBCLANG_PATH
     else
         echo "gen-bindings: no libclang (apt-get install libclang-dev, or set LIBCLANG_PATH)" >&2
