@@ -6,7 +6,7 @@
 //! `u64 length (LE) · u32 masked CRC32C of the length · data · u32 masked CRC32C of the data`,
 //! whose data is an `Event` protobuf. Fields used (tensorflow/core/util/event.proto,
 //! summary.proto): Event{1 wall_time: double, 2 step: int64, 3 file_version: string,
-//! 5 summary: Summary, 6 session_log: SessionLog}; Summary{1 value: repeated Value};
+//! 5 summary: Summary, 7 session_log: SessionLog}; Summary{1 value: repeated Value};
 //! Value{1 tag: string, 2 simple_value: float}; SessionLog{1 status: enum, START = 1}.
 
 use crate::optim::OptimConfig;
@@ -90,7 +90,7 @@ pub fn encode_event(wall_time: f64, step: i64, body: EventBody) -> Vec<u8> {
             }
             bytes_field(&mut ev, 5, &summary);
         }
-        EventBody::SessionStart => bytes_field(&mut ev, 6, &[1 << 3, 1]),
+        EventBody::SessionStart => bytes_field(&mut ev, 7, &[1 << 3, 1]),
     }
     ev
 }
