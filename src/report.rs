@@ -60,6 +60,26 @@ impl Hardware {
     }
 }
 
+/// The end of `train`: records the sample (removing an earlier invocation's, which is not this
+/// model's), then writes report.md. The report only summarizes files already written, so
+/// failing to build it is a warning, not a failed run.
+pub fn finish_run(run_dir: &Path, sample: Option<&str>) -> Result<()> {
+    let sample_path = run_dir.join(SAMPLE);
+    match sample {
+        Some(text) => write_atomic(&sample_path, format!("{text}\n").as_bytes())?,
+        None => match std::fs::remove_file(&sample_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove {}", sample_path.display()))
+            }
+            _ => {}
+        },
+    }
+    if let Err(e) = write(run_dir) {
+        eprintln!("warning: {REPORT} not written: {e:#}");
+    }
+    Ok(())
+}
+
 /// Builds the report from `run_dir` and writes it there as report.md.
 pub fn write(run_dir: &Path) -> Result<PathBuf> {
     let text = render(run_dir)?;

@@ -614,19 +614,7 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
             })
         }
     };
-    let sample_path = req.run_dir.join(crate::report::SAMPLE);
-    match &sample {
-        Some(text) => write_atomic(&sample_path, format!("{text}\n").as_bytes())?,
-        // (an earlier invocation's sample is not this model's)
-        None => std::fs::remove_file(&sample_path).or_else(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Ok(()),
-            _ => Err(e).with_context(|| format!("cannot remove {}", sample_path.display())),
-        })?,
-    }
-    // The report is a summary of files already written: failing to build it does not fail the run.
-    if let Err(e) = crate::report::write(&req.run_dir) {
-        eprintln!("warning: {} not written: {e:#}", crate::report::REPORT);
-    }
+    crate::report::finish_run(&req.run_dir, sample.as_deref())?;
     Ok(TrainSummary {
         losses,
         val_loss,
