@@ -388,3 +388,51 @@ fn validation_bytes(run_dir: &Path, run: &RunConfig) -> Result<(usize, u64)> {
     }
     Ok((tokens, bytes))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::ModelConfig;
+    use crate::train::TrainSettings;
+
+    /// A CUDA run's files (no GPU needed): the GPU line, the measured memory by category and a
+    /// logged MFU and bits per byte reach the report; steps without validation show "-".
+    #[test]
+    fn a_cuda_runs_files_fill_the_hardware_memory_and_evaluation_sections() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = ModelConfig::preset("tiny").unwrap();
+        let run = RunConfig { train: TrainSettings::for_model(&model), model };
+        std::fs::write(dir.path().join("config.json"), serde_json::to_string(&run).unwrap()).unwrap();
+        let hw = Hardware {
+            device: "cuda:0".into(),
+            gpu: Some("NVIDIA H100".into()),
+            cpu: None,
+            threads: 16,
+            host: "h".into(),
+        };
+        hw.write(dir.path()).unwrap();
+        let by_cat = serde_json::json!({"parameters": 1.5, "gradients": 2.0, "optimizer_state": 3.0,
+            "activations": 40.0, "workspace": 5.0});
+        let lines = [
+            serde_json::json!({"step": 1, "loss": 8.0, "tokens_per_s": 1000.0, "step_time_s": 0.5, "mfu": 0.25,
+                "peak_memory_mib": 51.5, "peak_memory_by_category": by_cat}),
+            serde_json::json!({"step": 2, "loss": 7.0, "tokens_per_s": 3000.0, "step_time_s": 0.25,
+                "peak_memory_mib": 10.0}),
+            serde_json::json!({"step": 2, "val_loss": 6.5, "val_bpb": 1.875}),
+        ];
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(dir.path().join("metrics.jsonl"), text).unwrap();
+        let r = render(dir.path()).unwrap();
+        assert!(r.contains("- GPU: NVIDIA H100") && r.contains("- CPU threads: 16"), "{r}");
+        assert!(r.contains("| activations | ") && r.contains(" | 40.0 |"), "{r}");
+        assert!(r.contains("| **total** | ") && r.contains(" | 51.5 |"), "{r}");
+        assert!(r.contains("model of a CUDA training step"), "{r}");
+        assert!(r.contains("- MFU: 25.0% (last step)"), "{r}");
+        assert!(r.contains("- tokens/s: 3000 (median over steps; min 1000, max 3000)"), "{r}");
+        assert!(r.contains("| 1 | 8.0000 | - |") && r.contains("| 2 | 7.0000 | 6.5000 |"), "{r}");
+        assert!(r.contains(&format!("- perplexity: {:.3}", 6.5f64.exp())), "{r}");
+        assert!(r.contains("- bits per byte: 1.8750 (metrics.jsonl)"), "{r}");
+        assert!(r.contains("No sample recorded"), "{r}");
+        assert_eq!(render(dir.path()).unwrap(), r, "the same files give the same report");
+    }
+}

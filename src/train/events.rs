@@ -259,5 +259,9 @@ mod tests {
         assert_eq!(get("moe/layer1/max_mean"), Some(1.5));
         assert_eq!(get("moe/layer1/min_load"), Some(0.5));
         assert!(get("step").is_none() && get("train/step").is_none());
+        let cuda =
+            serde_json::json!({"step": 1, "peak_memory_mib": 9.5, "peak_memory_by_category": {"activations": 4.0}});
+        let s = scalars(&cuda, &OptimConfig::default());
+        assert_eq!(s, [("memory/peak_activations_mib".to_string(), 4.0), ("memory/peak_mib".to_string(), 9.5)]);
     }
 }
