@@ -19,6 +19,7 @@ pub mod memory;
 pub mod nn;
 pub mod optim;
 pub mod profile;
+pub mod report;
 pub mod rng;
 pub mod tensor;
 pub mod train;

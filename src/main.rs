@@ -32,6 +32,28 @@ enum Command {
     Demo(DemoArgs),
     /// Time the CUDA kernels at PyTorch's shapes: rates, fraction of the ceilings, ratio to a torch_baselines.py JSON.
     Bench(BenchArgs),
+    /// The run report (report.md) of a run directory, rebuilt from its files: written there and printed.
+    Report(ReportArgs),
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// A run directory (runs/NAME).
+    run_dir: PathBuf,
+    /// Print only; do not write RUN_DIR/report.md.
+    #[arg(long)]
+    no_write: bool,
+}
+
+fn run_report(r: &ReportArgs) -> Result<()> {
+    if r.no_write {
+        print!("{}", nanoseek::report::render(&r.run_dir)?);
+    } else {
+        let path = nanoseek::report::write(&r.run_dir)?;
+        print!("{}", std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?);
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -402,6 +424,10 @@ struct TrainArgs {
     /// No progress bar or log lines.
     #[arg(long)]
     quiet: bool,
+    /// Weights & Biases project, as the original scripts' flag: stored in config.json, and a hint
+    /// is printed for `wandb sync` of the run's TensorBoard events (no network is used).
+    #[arg(long)]
+    wandb_project: Option<String>,
 }
 
 /// YYYYmmdd-HHMMSS in UTC, for default run names.
@@ -446,6 +472,9 @@ fn run_train(a: TrainArgs) -> Result<()> {
             if let Some(n) = a.num_iterations {
                 run.train.num_iterations = n;
             }
+            if a.wandb_project.is_some() {
+                run.train.wandb_project.clone_from(&a.wandb_project);
+            }
             eprintln!("resuming run '{name}' with its saved config ({})", path.display());
             (name, run)
         }
@@ -472,6 +501,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
             t.eval_every = a.eval_every.unwrap_or(t.eval_every);
             t.keep_checkpoints = a.keep_checkpoints.unwrap_or(t.keep_checkpoints);
             t.grad_checkpoint = a.grad_checkpoint.unwrap_or(t.grad_checkpoint);
+            t.wandb_project.clone_from(&a.wandb_project);
             let o = &mut t.optim;
             o.embedding_lr = a.embedding_lr.unwrap_or(o.embedding_lr);
             o.unembedding_lr = a.unembedding_lr.unwrap_or(o.unembedding_lr);
@@ -486,6 +516,12 @@ fn run_train(a: TrainArgs) -> Result<()> {
     };
     let device = device.for_model(&a.device, &run.model);
     let run_dir = a.runs_dir.join(&run_name);
+    if let Some(project) = &run.train.wandb_project {
+        eprintln!(
+            "wandb: no network at run time; sync this run later with: wandb sync --sync-tensorboard -p {project} {}",
+            run_dir.display()
+        );
+    }
     let summary = train::train(TrainRequest {
         run,
         run_dir: run_dir.clone(),
@@ -505,6 +541,12 @@ fn run_train(a: TrainArgs) -> Result<()> {
     println!("  checkpoint:  {}", summary.checkpoint.display());
     println!("  metrics:     {}", run_dir.join("metrics.jsonl").display());
     println!("  plot:        {}", run_dir.join("loss.svg").display());
+    println!(
+        "  events:      {} (tensorboard --logdir {})",
+        run_dir.join("events.out.tfevents.*").display(),
+        run_dir.display()
+    );
+    println!("  report:      {}", run_dir.join(nanoseek::report::REPORT).display());
     if let Some(s) = summary.sample {
         println!("sample:\n{s}");
     }
@@ -670,6 +712,7 @@ fn main() -> ExitCode {
         Command::Profile(p) => run_profile(&p),
         Command::Demo(d) => nanoseek::demo::run(&d.options()),
         Command::Bench(b) => run_bench(&b),
+        Command::Report(r) => run_report(&r),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 pub struct MetricsLog {
     path: PathBuf,
     file: File,
+    /// TensorBoard events, one per line logged (see `super::events`).
+    events: Option<super::events::EventWriter>,
 }
 
 impl MetricsLog {
@@ -31,12 +33,21 @@ impl MetricsLog {
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        Ok(MetricsLog { path: path.to_path_buf(), file })
+        Ok(MetricsLog { path: path.to_path_buf(), file, events: None })
+    }
+
+    /// Also writes every logged line as a TensorBoard event.
+    pub fn with_events(mut self, events: super::events::EventWriter) -> MetricsLog {
+        self.events = Some(events);
+        self
     }
 
     pub fn log(&mut self, record: Value) -> Result<()> {
         writeln!(self.file, "{record}").with_context(|| format!("cannot write {}", self.path.display()))?;
         self.file.flush()?;
+        if let Some(events) = &mut self.events {
+            events.log(&record)?;
+        }
         Ok(())
     }
 }

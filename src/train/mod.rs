@@ -2,6 +2,7 @@
 //! with evaluation, metrics, plots and checkpoints along the way.
 
 pub mod checkpoint;
+pub mod events;
 pub mod metrics;
 pub mod plot;
 pub mod step;
@@ -58,6 +59,9 @@ pub struct TrainSettings {
     /// may differ in anything that does not change a weight's shape, e.g. max_seq_len or data).
     #[serde(default)]
     pub init_from: Option<PathBuf>,
+    /// `--wandb-project`: kept for `wandb sync` later (training itself never uses the network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wandb_project: Option<String>,
     pub optim: OptimConfig,
 }
 
@@ -76,6 +80,7 @@ impl TrainSettings {
             eval_batches: 4,
             keep_checkpoints: 3,
             grad_checkpoint: 0,
+            wandb_project: None,
             optim: OptimConfig::default(),
         }
     }
@@ -458,7 +463,10 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         .with_context(|| format!("cannot create run directory {}", req.run_dir.display()))?;
     write_atomic(&req.run_dir.join("config.json"), serde_json::to_string_pretty(&req.run)?.as_bytes())?;
     crate::data::prepare::copy_tokenizer_to_run(ts.data.as_deref(), &req.run_dir)?;
-    let mut log = metrics::MetricsLog::open(&req.run_dir.join("metrics.jsonl"), Some(start))?;
+    let gpu_name = gpu.as_ref().map(|tr| tr.ops.be.name().to_string());
+    crate::report::Hardware::detect(req.device, gpu_name).write(&req.run_dir)?;
+    let events = events::EventWriter::create(&req.run_dir, &ts.optim, req.resume_from_step)?;
+    let mut log = metrics::MetricsLog::open(&req.run_dir.join("metrics.jsonl"), Some(start))?.with_events(events);
 
     let total = ts.num_iterations;
     let pb = if req.verbose { ProgressBar::new(total) } else { ProgressBar::hidden() };
@@ -606,6 +614,7 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
             })
         }
     };
+    crate::report::finish_run(&req.run_dir, sample.as_deref())?;
     Ok(TrainSummary {
         losses,
         val_loss,
