@@ -316,6 +316,11 @@ fn score_tasks(model: &Model, kinds: &[TaskKind], o: &EvalOptions) -> Result<BTr
     let n = o.task_samples.max(1);
     let depths: Vec<f32> = (0..n).map(|i| if n == 1 { 0.5 } else { i as f32 / (n - 1) as f32 }).collect();
     let mut out = BTreeMap::new();
+    if !kinds.is_empty() && !crate::data::codec::run_is_synthetic(&o.model_path) {
+        eprintln!(
+            "warning: the tasks are written in the embedded synthetic language, which this model was not trained on; expect chance-level accuracy"
+        );
+    }
     for &kind in kinds {
         let samples = tasks::generate(kind, n, len, 0x7A5C, Some(&depths))?;
         let report = tasks::score(model, &samples, o.depth_buckets)?;

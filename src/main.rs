@@ -23,7 +23,7 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Exact parameter counts per component and predicted memory for a model size or config.
     Info(InfoArgs),
-    /// Loss, perplexity and bits per byte of a checkpoint (default data: the embedded validation text).
+    /// Loss, perplexity and bits per byte of a checkpoint (default data: the run's own validation split).
     Eval(EvalArgs),
     /// Prepare data: train (or load) a BPE tokenizer, write token shards, a train/val split and a manifest.
     Data(Box<DataArgs>),
@@ -158,7 +158,9 @@ struct EvalArgs {
     /// A run directory (its newest checkpoint) or a checkpoint directory (runs/NAME/checkpoints/step_NNNNNN).
     #[arg(long)]
     model_path: PathBuf,
-    /// A token shard (nanoseek or llm.c) or a `nanoseek data` folder; default: the embedded validation stream.
+    /// A `nanoseek data` folder (its val split), or a token shard, nanoseek or llm.c (its last 5%, as
+    /// `train` holds it out); default: the run's own data (its config.json), else the embedded
+    /// validation stream.
     #[arg(long)]
     data: Option<PathBuf>,
     /// The split of a data folder to score: val (default), test or train.
