@@ -133,6 +133,14 @@ fn eval_and_resume_follow_the_runs_own_data_from_any_folder() {
     let cfg = json(&d.join("runs/r/config.json"));
     assert_eq!(Path::new(cfg["train"]["data"].as_str().unwrap()), std::fs::canonicalize(d.join("moved.bin")).unwrap());
 
+    // Data of a larger vocabulary than the model's is refused on resume, saying why.
+    write_shard(&d.join("wide.bin"), &(0..4000u32).map(|i| i % 128).collect::<Vec<_>>(), 128).unwrap();
+    fails(
+        &["train", "--run", "r", "--resume-from-step", "3", "--num-iterations", "4", "--data", "wide.bin", "--quiet"],
+        d,
+        "data made with the run's tokenizer",
+    );
+
     // Data the run no longer finds: a warning says what is scored instead.
     std::fs::remove_file(d.join("moved.bin")).unwrap();
     let o = nanoseek(&["eval", "--model-path", "runs/r"], d);

@@ -184,14 +184,19 @@ pub fn open_data(
     if lang.is_some() {
         declared_vocab = Some(tr.vocab_size());
     }
-    if declared_vocab.is_some_and(|v| v > model.vocab_size) {
-        bail!(
-            "the data's vocabulary ({} ids) exceeds the model's vocab_size {}; set --vocab-size",
-            tr.vocab_size(),
-            model.vocab_size
-        );
+    if let Some(v) = declared_vocab.filter(|&v| v > model.vocab_size) {
+        return Err(vocab_too_small(v, model));
     }
     Ok((tr, va, lang))
+}
+
+/// The error for data whose declared vocabulary the model cannot hold.
+fn vocab_too_small(data_vocab: usize, model: &ModelConfig) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the data's vocabulary ({data_vocab} ids) exceeds the model's vocab_size {}; for a new run set \
+         --vocab-size (or leave it unset to follow the data); to resume, give data made with the run's tokenizer",
+        model.vocab_size
+    )
 }
 
 /// Tokens a single training shard holds out for validation, at its end: the last 5%, at
@@ -203,6 +208,9 @@ pub fn held_out_tokens(shard_len: usize, max_seq_len: usize) -> usize {
 /// Opens a shard and scans it once, so a bad id is reported now, naming where it is, not mid-run.
 pub fn open_checked_shard(path: &Path, model: &ModelConfig) -> Result<TokenShard> {
     let shard = TokenShard::open(path)?;
+    if let Some(v) = shard.declared_vocab().filter(|&v| v > model.vocab_size) {
+        return Err(vocab_too_small(v, model).context(format!("token shard {}", path.display())));
+    }
     let limit = model.vocab_size.min(shard.vocab_size);
     let mut buf = vec![0u32; 1 << 16];
     for start in (0..shard.len).step_by(buf.len()) {
