@@ -43,7 +43,12 @@ ckpt="$tmp/ref/checkpoints/step_000030"
 "$py" scripts/reference_loss.py --write-shard "$tmp/shard.bin" \
     --vocab 4096 --max-id 2000 --n 8193 --seed 1
 
-"$bin" eval --model-path "$ckpt" --data "$tmp/shard.bin" \
+# `eval --data FILE` scores the last 5% a single training shard holds out; the reference
+# scores the shard from its start, so the engine reads it as the val split of a data folder.
+mkdir "$tmp/refdata"
+cp "$tmp/shard.bin" "$tmp/refdata/train.bin"
+cp "$tmp/shard.bin" "$tmp/refdata/val.bin"
+"$bin" eval --model-path "$ckpt" --data "$tmp/refdata" \
     --eval-tokens "$eval_tokens" --batch-size "$batch" --output "$tmp/eval.json" >/dev/null
 "$py" scripts/reference_loss.py "$ckpt" "$tmp/shard.bin" \
     --eval-tokens "$eval_tokens" --batch-size "$batch" >"$tmp/ref.json"

@@ -17,8 +17,8 @@ out=${1:-demo-runs}
 mkdir -p "$out"
 cargo build --release --quiet
 ns=target/release/nanoseek
-$ns data --synthetic --task needle --max-seq-len 16 --num-samples 100000 -o "$out/needle16" --quiet
-$ns data --synthetic --task needle --max-seq-len 64 --num-samples 40000 -o "$out/needle64" --quiet
+$ns data --synthetic --task needle --max-seq-len 16 --num-samples 100000 -o "$out/needle16" --quiet --force
+$ns data --synthetic --task needle --max-seq-len 64 --num-samples 40000 -o "$out/needle64" --quiet --force
 common=(--n-layer 2 --n-embd 128 --n-head 4 --dsa-window-size 8 --n-global 0 --sample-tokens 0 --quiet --runs-dir "$out")
 dsa=(--index-topk 8 --index-local-window 8 --index-n-heads 4 --index-head-dim 32)
 p1=(--data "$out/needle16" --max-seq-len 16 --device-batch-size 128 --num-iterations 400 --eval-every 0)

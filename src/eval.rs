@@ -13,8 +13,8 @@
 //! |---|---|
 //! | `format_version` | 1 |
 //! | `model_path` | the checkpoint directory evaluated |
-//! | `data` | the shard scored, or `"embedded-validation"` |
-//! | `split` | the split of a data folder scored (`val` by default), null for a shard file or the embedded data |
+//! | `data` | the shard scored (by default the run's own data, from its config.json), or `"embedded-validation"` |
+//! | `split` | the split of a data folder scored (`val` by default), null for a shard file (its held-out last 5%, as `train` holds it out) or the embedded data |
 //! | `tokenizer` | what turned ids into bytes: a tokenizer.json path, `"synthetic"`, or null (then `bits_per_byte` is null) |
 //! | `seq_len`, `batch_size`, `bos_aligned` | window length T, windows per forward pass, document-aligned windows |
 //! | `tokens` | target tokens scored (BOS/EOT targets included) |
@@ -40,7 +40,7 @@ use crate::fsutil::write_atomic;
 use crate::memory;
 use crate::nn::Model;
 use crate::rng::Rng;
-use crate::train::{checkpoint, open_data, TrainSettings};
+use crate::train::{checkpoint, held_out_tokens, open_checked_shard, open_data, TrainSettings};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -145,6 +145,21 @@ pub fn evaluate_windows(
     Ok(Scored { nats, tokens, bytes: codec.map(|_| bytes) })
 }
 
+/// Target tokens and their UTF-8 bytes over the first `batches` sequential batches of
+/// `loader` (what `train::evaluate` scores), for validation bits per byte; None without bytes.
+pub fn target_bytes(loader: &Loader, batches: usize, codec: &dyn TextCodec) -> Option<(usize, u64)> {
+    let (mut tokens, mut bytes) = (0usize, 0u64);
+    let mut ids = Vec::new();
+    for i in 0..batches {
+        let Some(b) = loader.sequential_batch(i) else { break };
+        ids.clear();
+        ids.extend(b.targets.iter().map(|&x| x as u32));
+        bytes += codec.byte_len(&ids) as u64;
+        tokens += ids.len();
+    }
+    (bytes > 0).then_some((tokens, bytes))
+}
+
 /// Scores `source` with the model (batches of `batch` sequences of max_seq_len); (mean loss, tokens).
 pub fn evaluate_source(model: &Model, source: TokenSource, batch: usize, max_tokens: usize) -> Result<(f64, usize)> {
     let loader = Loader::new(source, batch, model.config.max_seq_len, 0, 1, Rng::new(0))?;
@@ -196,7 +211,7 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalResult> {
     let model = checkpoint::load_model(&o.model_path, &config)?;
     let task_kinds = o.tasks.iter().map(|t| TaskKind::parse(t)).collect::<Result<Vec<_>>>()?;
     let (source, name, split, codec, tok_name): (TokenSource, String, Option<String>, Option<Box<dyn TextCodec>>, _) =
-        match &o.data {
+        match o.data.clone().or_else(|| run_data(&o.model_path)).as_ref() {
             Some(p) => {
                 let loc = DataLocation::resolve(p)?;
                 let split = match &loc {
@@ -210,13 +225,18 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalResult> {
                 };
                 let path = loc.split(split.as_deref().unwrap_or("val"))?;
                 let shard = crate::data::shard::TokenShard::open(&path)?;
-                if shard.vocab_size > config.vocab_size {
+                if shard.declared_vocab().is_some_and(|v| v > config.vocab_size) {
                     bail!(
                         "the shard's vocabulary ({}) exceeds the model's vocab_size {}",
                         shard.vocab_size,
                         config.vocab_size
                     );
                 }
+                // (an llm.c header declares no vocabulary: its ids are checked one by one)
+                let shard = match shard.declared_vocab() {
+                    Some(_) => shard,
+                    None => open_checked_shard(&path, &config)?,
+                };
                 // The data's own tokenizer defines its bytes; the run's must agree with it.
                 let data_tok = loc.tokenizer_json();
                 let (codec, tok_name) = match &data_tok {
@@ -232,7 +252,15 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalResult> {
                         },
                     },
                 };
-                (TokenSource::from_shard(shard), path.display().to_string(), split, codec, tok_name)
+                let source = match loc {
+                    // A single shard: the tail `train --data SHARD` held out, not what it trained on.
+                    DataLocation::Shard(_) if shard.len > held_out_tokens(shard.len, config.max_seq_len) => {
+                        let hold = held_out_tokens(shard.len, config.max_seq_len);
+                        TokenSource::split_shard(shard, hold).1
+                    }
+                    _ => TokenSource::from_shard(shard),
+                };
+                (source, path.display().to_string(), split, codec, tok_name)
             }
             None => {
                 let settings = TrainSettings::for_model(&config);
@@ -288,6 +316,11 @@ fn score_tasks(model: &Model, kinds: &[TaskKind], o: &EvalOptions) -> Result<BTr
     let n = o.task_samples.max(1);
     let depths: Vec<f32> = (0..n).map(|i| if n == 1 { 0.5 } else { i as f32 / (n - 1) as f32 }).collect();
     let mut out = BTreeMap::new();
+    if !kinds.is_empty() && !crate::data::codec::run_is_synthetic(&o.model_path) {
+        eprintln!(
+            "warning: the tasks are written in the embedded synthetic language, which this model was not trained on; expect chance-level accuracy"
+        );
+    }
     for &kind in kinds {
         let samples = tasks::generate(kind, n, len, 0x7A5C, Some(&depths))?;
         let report = tasks::score(model, &samples, o.depth_buckets)?;
@@ -307,6 +340,43 @@ fn score_tasks(model: &Model, kinds: &[TaskKind], o: &EvalOptions) -> Result<BTr
         }
     }
     Ok(out)
+}
+
+/// The data the run holding `ckpt` was trained on (its config.json's `train.data`), so `eval`
+/// without `--data` scores the run's own validation split. None, with a warning on stderr
+/// where the embedded synthetic stream is a fallback rather than the run's data.
+fn run_data(ckpt: &Path) -> Option<PathBuf> {
+    let Some(config) = ckpt.ancestors().take(4).map(|d| d.join("config.json")).find(|p| p.is_file()) else {
+        eprintln!(
+            "warning: no run config.json above {}; scoring the embedded synthetic validation stream (give --data for the model's own data)",
+            ckpt.display()
+        );
+        return None;
+    };
+    let value: Option<serde_json::Value> =
+        std::fs::read_to_string(&config).ok().and_then(|t| serde_json::from_str(&t).ok());
+    let data = value.as_ref().map(|v| v.pointer("/train/data").and_then(|d| d.as_str()).map(PathBuf::from));
+    match data {
+        Some(None) => None, // trained on the embedded synthetic language
+        Some(Some(p)) if p.exists() => {
+            eprintln!("scoring the run's own data, {} (its held-out validation part)", p.display());
+            Some(p)
+        }
+        Some(Some(p)) => {
+            eprintln!(
+                "warning: the run was trained on {}, which is not there; scoring the embedded synthetic validation stream instead (give --data)",
+                p.display()
+            );
+            None
+        }
+        None => {
+            eprintln!(
+                "warning: {} is not a run config; scoring the embedded synthetic validation stream",
+                config.display()
+            );
+            None
+        }
+    }
 }
 
 /// The tokenizer.json of the run holding `ckpt` (checkpoint → checkpoints → run dir).

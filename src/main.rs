@@ -6,7 +6,8 @@ use nanoseek::backend::cuda::gemm::{set_gemm_engine, GemmEngine};
 use nanoseek::device::Device;
 use nanoseek::nn::{ConfigOverrides, ModelConfig};
 use nanoseek::train::{self, RunConfig, TrainRequest, TrainSettings};
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -22,7 +23,7 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Exact parameter counts per component and predicted memory for a model size or config.
     Info(InfoArgs),
-    /// Loss, perplexity and bits per byte of a checkpoint (default data: the embedded validation text).
+    /// Loss, perplexity and bits per byte of a checkpoint (default data: the run's own validation split).
     Eval(EvalArgs),
     /// Prepare data: train (or load) a BPE tokenizer, write token shards, a train/val split and a manifest.
     Data(Box<DataArgs>),
@@ -168,7 +169,8 @@ struct InfoArgs {
     /// Training precision; the CPU engine trains in f32 (bf16 arrives with the CUDA backend).
     #[arg(long, default_value = "f32")]
     dtype: String,
-    /// One table for every preset (batch 1 at each preset's max_seq_len) beside the seed's claims.
+    /// One table for every preset (batch 1 at each preset's max_seq_len) beside the sizes the
+    /// project's original specification claimed for them.
     #[arg(long)]
     all: bool,
 }
@@ -178,7 +180,9 @@ struct EvalArgs {
     /// A run directory (its newest checkpoint) or a checkpoint directory (runs/NAME/checkpoints/step_NNNNNN).
     #[arg(long)]
     model_path: PathBuf,
-    /// A token shard (nanoseek or llm.c) or a `nanoseek data` folder; default: the embedded validation stream.
+    /// A `nanoseek data` folder (its val split), or a token shard, nanoseek or llm.c (its last 5%, as
+    /// `train` holds it out); default: the run's own data (its config.json), else the embedded
+    /// validation stream.
     #[arg(long)]
     data: Option<PathBuf>,
     /// The split of a data folder to score: val (default), test or train.
@@ -307,9 +311,15 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn resolve(&self) -> Result<ModelConfig> {
+        Ok(self.resolve_with_keys()?.0)
+    }
+
+    /// The model, and the fields its config file set (a set value is never re-derived).
+    fn resolve_with_keys(&self) -> Result<(ModelConfig, BTreeSet<String>)> {
         let mut cfg = ModelConfig::preset(&self.model_size)?;
+        let mut file_set = BTreeSet::new();
         if let Some(path) = &self.config {
-            cfg = ModelConfig::from_file(path, &cfg)?;
+            (cfg, file_set) = ModelConfig::from_file_with_keys(path, &cfg)?;
         }
         let o = ConfigOverrides {
             vocab_size: self.vocab_size,
@@ -341,8 +351,8 @@ impl ModelArgs {
             seq_aux_alpha: self.seq_aux_alpha,
             expert_capacity_factor: self.expert_capacity_factor,
         };
-        o.apply(&mut cfg)?;
-        Ok(cfg)
+        o.apply_keeping(&mut cfg, &file_set)?;
+        Ok((cfg, file_set))
     }
 }
 
@@ -368,9 +378,14 @@ struct TrainArgs {
     /// Resume the run named by --run from its checkpoint at this step (its saved config is used).
     #[arg(long)]
     resume_from_step: Option<u64>,
-    /// A token shard (nanoseek format) to train on; default: the embedded synthetic language.
+    /// What to train on: a folder written by `nanoseek data` (its train/val shards and
+    /// tokenizer), a nanoseek token shard, or an llm.c/nanoGPT `.bin` shard (the last 5% of a
+    /// single shard is held out for validation); default: the embedded synthetic language.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Validation batches per evaluation (default 4).
+    #[arg(long)]
+    eval_batches: Option<usize>,
     /// Start from the weights of this run (its newest checkpoint) or checkpoint, with a fresh
     /// optimizer and schedule (fine-tuning, curriculum, context extension); shapes must match.
     #[arg(long)]
@@ -430,6 +445,12 @@ struct TrainArgs {
     wandb_project: Option<String>,
 }
 
+/// `--data` as an absolute path without `.`/`..`/links, so a run's config.json names it
+/// wherever a later command runs from.
+fn canonical_data(path: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(path).with_context(|| format!("--data {}: not found", path.display()))
+}
+
 /// YYYYmmdd-HHMMSS in UTC, for default run names.
 fn utc_stamp() -> String {
     let secs =
@@ -459,6 +480,9 @@ fn run_train(a: TrainArgs) -> Result<()> {
     if a.init_from.is_some() && a.resume_from_step.is_some() {
         anyhow::bail!("--init-from starts a new run; it cannot be combined with --resume-from-step");
     }
+    if a.eval_batches == Some(0) {
+        anyhow::bail!("--eval-batches must be at least 1");
+    }
     let device = Device::resolve(&a.device)?;
     select_gemm(&a.gemm)?;
     let (run_name, run) = match a.resume_from_step {
@@ -475,14 +499,33 @@ fn run_train(a: TrainArgs) -> Result<()> {
             if a.wandb_project.is_some() {
                 run.train.wandb_project.clone_from(&a.wandb_project);
             }
+            if let Some(n) = a.eval_batches {
+                run.train.eval_batches = n;
+            }
+            if let Some(d) = &a.data {
+                // The same data moved elsewhere, or new data of the same vocabulary; a
+                // vocabulary the model cannot hold is refused when the data is opened.
+                let d = canonical_data(d)?;
+                if run.train.data.as_ref() != Some(&d) {
+                    eprintln!(
+                        "resuming on --data {} (the run's config named {})",
+                        d.display(),
+                        run.train.data.as_ref().map_or("the embedded data".into(), |p| p.display().to_string())
+                    );
+                }
+                run.train.data = Some(d);
+            }
             eprintln!("resuming run '{name}' with its saved config ({})", path.display());
             (name, run)
         }
         None => {
-            let mut model = a.model.resolve()?;
-            if let (Some(data), None, None) = (&a.data, a.model.vocab_size, &a.model.config) {
-                // Unless set, the model's vocabulary is the data's (its tokenizer's).
+            let (mut model, file_set) = a.model.resolve_with_keys()?;
+            let data = a.data.as_deref().map(canonical_data).transpose()?;
+            if let (Some(data), None, false) = (&data, a.model.vocab_size, file_set.contains("vocab_size")) {
+                // Unless set (in a config file or by --vocab-size), the model's vocabulary is
+                // the data's (its tokenizer's, or for an llm.c shard the ids it holds).
                 model.vocab_size = nanoseek::data::prepare::data_vocab_size(data)?;
+                model.validate()?;
             }
             let mut t = TrainSettings::for_model(&model);
             let batch_given = a.device_batch_size.is_some();
@@ -494,7 +537,8 @@ fn run_train(a: TrainArgs) -> Result<()> {
             });
             t.num_iterations = a.num_iterations.unwrap_or(t.num_iterations);
             t.seed = a.seed.unwrap_or(t.seed);
-            t.data = a.data.clone();
+            t.data = data;
+            t.eval_batches = a.eval_batches.unwrap_or(t.eval_batches);
             t.init_from =
                 a.init_from.as_deref().map(nanoseek::demo::resolve_checkpoint).transpose().context("--init-from")?;
             t.save_every = a.save_every.unwrap_or(t.save_every);
@@ -648,9 +692,22 @@ struct DataArgs {
     /// No progress bars or messages.
     #[arg(long)]
     quiet: bool,
+    /// Write into --output even when it already holds files (they are replaced).
+    #[arg(long)]
+    force: bool,
 }
 
 fn run_data(d: DataArgs) -> Result<()> {
+    if !d.force {
+        if let Ok(mut entries) = std::fs::read_dir(&d.output) {
+            if entries.next().is_some() {
+                anyhow::bail!(
+                    "--output {} already holds files (runs may point to it); choose another folder or add --force to replace them",
+                    d.output.display()
+                );
+            }
+        }
+    }
     use nanoseek::data::prepare::{prepare, PrepareOptions};
     let o = PrepareOptions {
         inputs: d.input,

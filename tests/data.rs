@@ -355,7 +355,7 @@ fn synthetic_and_wikitext_layouts() {
     assert_eq!(docs, vec![3, 1, 2]);
     assert_eq!(m.val_split, "inputs");
     // a second run into the same folder replaces what it does not write again
-    ok(&nanoseek(&["data", "--synthetic", "--num-samples", "50", "-o", "wtd", "--quiet"], d));
+    ok(&nanoseek(&["data", "--synthetic", "--num-samples", "50", "-o", "wtd", "--quiet", "--force"], d));
     assert!(!d.join("wtd/test.bin").exists() && !d.join("wtd/tokenizer.json").exists());
 }
 

@@ -104,6 +104,28 @@ pub fn codec_for_run(path: &Path) -> Result<Box<dyn TextCodec>> {
     Ok(Box::new(SyntheticLanguage::new()))
 }
 
+/// Whether the run holding `path` (a checkpoint, a run directory) was trained on the embedded
+/// synthetic language, the language the long-range tasks are written in: on the embedded
+/// stream or on `nanoseek data --synthetic` data. A bare checkpoint (no run config above it)
+/// counts as synthetic, as in `codec_for_run`.
+pub fn run_is_synthetic(path: &Path) -> bool {
+    for dir in path.ancestors().take(4) {
+        if dir.join(TOKENIZER).is_file() {
+            return false;
+        }
+        let config = dir.join("config.json");
+        if config.is_file() {
+            let v: Option<serde_json::Value> =
+                std::fs::read_to_string(&config).ok().and_then(|t| serde_json::from_str(&t).ok());
+            let Some(data) = v.as_ref().and_then(|v| v.pointer("/train/data")) else { return true };
+            let Some(data) = data.as_str().map(Path::new) else { return true }; // null: embedded
+            let folder = if data.is_dir() { Some(data) } else { data.parent() };
+            return folder.and_then(|d| Manifest::read(d).ok()).is_some_and(|m| m.tokenizer.kind == "synthetic");
+        }
+    }
+    true
+}
+
 /// The codec that wrote the data at `path` (a `nanoseek data` folder or a shard file):
 /// its tokenizer.json, the synthetic language when the manifest says so, else None.
 pub fn codec_for_data(path: &Path) -> Result<Option<Box<dyn TextCodec>>> {

@@ -224,10 +224,16 @@ impl DataLocation {
     }
 }
 
-/// The vocabulary size of the data at `path` (a data folder or a shard).
+/// The vocabulary size of the data at `path` (a data folder or a shard): the one its header
+/// declares, or for an llm.c shard (whose header declares none) the largest id + 1 rounded up
+/// to a multiple of 64, so a shard of a 4096-id tokenizer does not build a 50,257-id model.
 pub fn data_vocab_size(path: &Path) -> Result<usize> {
     let loc = DataLocation::resolve(path)?;
-    Ok(TokenShard::open(&loc.split("train")?)?.vocab_size)
+    let shard = TokenShard::open(&loc.split("train")?)?;
+    Ok(match shard.declared_vocab() {
+        Some(v) => v,
+        None => (shard.max_id().map_or(0, |m| m as usize + 1)).div_ceil(64).max(1) * 64,
+    })
 }
 
 /// Copies the data's tokenizer.json (if any) into a run directory, so the run can decode.
@@ -608,7 +614,7 @@ pub fn prepare(o: &PrepareOptions) -> Result<Manifest> {
     if !outs.contains_key("val") && o.val_fraction > 0.0 {
         // Too few documents to hold whole ones out: split the train tokens instead.
         val_split = "token-tail".into();
-        let (tr, va) = split_tail(train, o, vocab, bos)?;
+        let (tr, va) = split_tail(train, o, &tok)?;
         splits.insert("train".to_string(), tr);
         splits.insert("val".to_string(), va);
     } else {
@@ -687,7 +693,11 @@ fn train_tokenizer(o: &PrepareOptions, sources: &[Source], has_val: bool, pb: &P
 }
 
 /// Moves the last `val_fraction` of the train tokens (from a BOS when there is one) to val.
-fn split_tail(train: Out, o: &PrepareOptions, vocab: usize, bos: Option<u32>) -> Result<(SplitStats, SplitStats)> {
+/// The moved tokens' text bytes are counted from the tokenizer, so each split's bytes (and
+/// bits per byte computed from them) are exact.
+fn split_tail(train: Out, o: &PrepareOptions, tok: &BpeTokenizer) -> Result<(SplitStats, SplitStats)> {
+    let (vocab, bos) = (tok.vocab_size(), tok.bos());
+    let special = [tok.bos(), tok.eot()];
     let Out { writer, stats } = train;
     let final_path = o.output.join(&stats.file);
     writer.finish()?;
@@ -707,26 +717,26 @@ fn split_tail(train: Out, o: &PrepareOptions, vocab: usize, bos: Option<u32>) ->
         let mut va = ShardWriter::create(&o.output.join("val.bin"), vocab)?;
         let mut buf = vec![0u32; 1 << 16];
         let mut i = 0;
+        let (mut val_bytes, mut val_text_tokens) = (0u64, 0u64);
         while i < n {
             let m = buf.len().min(n - i);
             shard.read_into(i, &mut buf[..m]);
             let (a, b) = buf[..m].split_at(cut.saturating_sub(i).min(m));
             tr.push(a)?;
             va.push(b)?;
+            val_bytes += TextCodec::byte_len(tok, b) as u64;
+            val_text_tokens += b.iter().filter(|&&id| !special.contains(&Some(id))).count() as u64;
             i += m;
         }
         let (nt, nv) = (tr.len(), va.len());
         tr.finish()?;
         va.finish()?;
-        // text bytes and tokens are shared out in proportion to tokens
-        let share = nv as f64 / n.max(1) as f64;
-        let part = |x: u64, s: f64| (x as f64 * s).round() as u64;
         let val = SplitStats {
             file: "val.bin".into(),
             tokens: nv,
             documents: 0,
-            bytes: part(stats.bytes, share),
-            text_tokens: part(stats.text_tokens, share),
+            bytes: val_bytes.min(stats.bytes),
+            text_tokens: val_text_tokens,
             bytes_per_token: 0.0,
         };
         let train = SplitStats {

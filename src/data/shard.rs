@@ -77,7 +77,10 @@ impl TokenShard {
             }
             if &map[0..8] != MAGIC {
                 bail!(
-                    "{p} is not a nanoseek token shard (bad magic {:?}) nor an llm.c .bin shard (magic {LLMC_MAGIC})",
+                    "{p} is not a nanoseek token shard (bad magic {:?}) nor an llm.c .bin shard (magic {LLMC_MAGIC}); \
+                     a headerless nanoGPT .bin (raw uint16 ids, as its prepare.py writes) needs llm.c's 1024-byte \
+                     header in front (256 little-endian i32: 20240520, 1, the token count, then zeros), \
+                     or re-tokenize the text with `nanoseek data`",
                     String::from_utf8_lossy(&map[0..8])
                 );
             }
@@ -128,6 +131,24 @@ impl TokenShard {
                 *o = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
         }
+    }
+
+    /// The vocabulary the file itself declares: a nanoseek shard's header field. An llm.c
+    /// header holds none (`vocab_size` is then GPT-2's or Llama 3's, a guess), so None.
+    pub fn declared_vocab(&self) -> Option<usize> {
+        (self.format == ShardFormat::Nanoseek).then_some(self.vocab_size)
+    }
+
+    /// The largest id in the shard (one scan); None when it is empty.
+    pub fn max_id(&self) -> Option<u32> {
+        let mut buf = vec![0u32; 1 << 16];
+        let mut max = None;
+        for start in (0..self.len).step_by(buf.len()) {
+            let n = buf.len().min(self.len - start);
+            self.read_into(start, &mut buf[..n]);
+            max = max.max(buf[..n].iter().copied().max());
+        }
+        max
     }
 
     /// The first id at or after `from` (below `end`) equal to `id`.

@@ -3,6 +3,7 @@
 use crate::backend::cpu::moe::{RouterConfig, ScoreFunc};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 use std::path::Path;
 
 /// The architecture of a dense model (see docs/model.md for the math).
@@ -294,6 +295,14 @@ impl ModelConfig {
     /// Reads a TOML (`.toml`) or JSON file. Missing fields come from `base`
     /// (or from the preset named by a `model_size` key in the file).
     pub fn from_file(path: &Path, base: &ModelConfig) -> Result<ModelConfig> {
+        Ok(Self::from_file_with_keys(path, base)?.0)
+    }
+
+    /// `from_file`, and the names of the fields the file set (MoE fields by their `MoeConfig`
+    /// name). Shapes the file changes re-derive what it does not set, exactly as the same
+    /// values on the command line do (`ConfigOverrides::apply_keeping`). A run's own
+    /// `config.json` (`{"model": {...}, "train": {...}}`) is read through its `model` table.
+    pub fn from_file_with_keys(path: &Path, base: &ModelConfig) -> Result<(ModelConfig, BTreeSet<String>)> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
         let value: serde_json::Value = if path.extension().is_some_and(|e| e == "toml") {
@@ -306,6 +315,10 @@ impl ModelConfig {
         let serde_json::Value::Object(mut fields) = value else {
             bail!("{}: expected a table of config fields", path.display());
         };
+        // A run directory's config.json: the model table is the model config.
+        if let (Some(serde_json::Value::Object(model)), true) = (fields.get("model"), fields.contains_key("train")) {
+            fields = model.clone();
+        }
         let base = match fields.remove("model_size") {
             Some(serde_json::Value::String(name)) => ModelConfig::preset(&name)?,
             Some(other) => bail!("{}: model_size must be a string, got {other}", path.display()),
@@ -317,6 +330,7 @@ impl ModelConfig {
             None => None,
         };
         let mut merged = serde_json::to_value(&base)?;
+        let mut set = BTreeSet::new();
         for (k, v) in fields {
             match k.as_str() {
                 "moe" => {
@@ -324,16 +338,29 @@ impl ModelConfig {
                         bail!("{}: moe must be a table of MoE settings", path.display());
                     };
                     for (mk, mv) in table {
-                        merged["moe"][if mk == "num_experts" { "n_routed_experts" } else { mk.as_str() }] = mv;
+                        let name = if mk == "num_experts" { "n_routed_experts" } else { mk.as_str() };
+                        set.insert(name.to_string());
+                        merged["moe"][name] = mv;
                     }
                 }
-                "num_experts" => merged["moe"]["n_routed_experts"] = v,
-                _ if MOE_KEYS.contains(&k.as_str()) => merged["moe"][k] = v,
-                _ => merged[k] = v,
+                "num_experts" => {
+                    set.insert("n_routed_experts".to_string());
+                    merged["moe"]["n_routed_experts"] = v
+                }
+                _ if MOE_KEYS.contains(&k.as_str()) => {
+                    set.insert(k.clone());
+                    merged["moe"][k] = v
+                }
+                _ => {
+                    set.insert(k.clone());
+                    merged[k] = v
+                }
             }
         }
         let mut cfg: ModelConfig =
             serde_json::from_value(merged).with_context(|| format!("{}: bad model config", path.display()))?;
+        let has = |k: &str| set.contains(k);
+        cfg.rederive(has("n_embd") || has("n_head"), has("n_head"), has("ffn_hidden"), &has);
         match moe_enabled {
             Some(false) => cfg.moe.n_routed_experts = 0,
             Some(true) if !cfg.moe.enabled() => cfg.moe.n_routed_experts = 8,
@@ -341,7 +368,26 @@ impl ModelConfig {
         }
         cfg.derive_moe_inter_dim();
         cfg.validate()?;
-        Ok(cfg)
+        Ok((cfg, set))
+    }
+
+    /// Re-derives the shapes that follow n_embd/n_head (head_dim, ffn_hidden, n_kv_head,
+    /// moe_inter_dim) after a change, skipping every field the user set (`kept`).
+    fn rederive(&mut self, shape_changed: bool, n_head_changed: bool, ffn_changed: bool, kept: &dyn Fn(&str) -> bool) {
+        if n_head_changed && !kept("n_kv_head") {
+            self.n_kv_head = self.n_head;
+        }
+        if shape_changed {
+            if !kept("head_dim") {
+                self.head_dim = default_head_dim(self.n_embd, self.n_head);
+            }
+            if !kept("ffn_hidden") {
+                self.ffn_hidden = default_ffn_hidden(self.n_embd);
+            }
+        }
+        if (shape_changed || ffn_changed) && !kept("moe_inter_dim") {
+            self.moe.moe_inter_dim = 0; // derive_moe_inter_dim fills it from ffn_hidden
+        }
     }
 
     /// Checks that the shapes fit together; every message names the field.
@@ -531,7 +577,12 @@ impl ConfigOverrides {
     /// Applies the overrides. When n_embd or n_head change and head_dim / ffn_hidden
     /// are not given, those are re-derived so the shapes stay consistent.
     pub fn apply(&self, cfg: &mut ModelConfig) -> Result<()> {
-        let shape_changed = self.n_embd.is_some() || self.n_head.is_some();
+        self.apply_keeping(cfg, &BTreeSet::new())
+    }
+
+    /// `apply` on a config read from a file that set the fields in `file_set`: a derived
+    /// value never replaces one the user set, in the file or here.
+    pub fn apply_keeping(&self, cfg: &mut ModelConfig, file_set: &BTreeSet<String>) -> Result<()> {
         if let Some(v) = self.vocab_size {
             cfg.vocab_size = v;
         }
@@ -543,17 +594,21 @@ impl ConfigOverrides {
         }
         if let Some(v) = self.n_head {
             cfg.n_head = v;
-            if self.n_kv_head.is_none() {
-                cfg.n_kv_head = v;
-            }
         }
+        let given = |k: &str| {
+            file_set.contains(k)
+                || match k {
+                    "n_kv_head" => self.n_kv_head.is_some(),
+                    "head_dim" => self.head_dim.is_some(),
+                    "ffn_hidden" => self.ffn_hidden.is_some(),
+                    "moe_inter_dim" => self.moe_inter_dim.is_some(),
+                    _ => false,
+                }
+        };
+        let shape_changed = self.n_embd.is_some() || self.n_head.is_some();
+        cfg.rederive(shape_changed, self.n_head.is_some(), self.ffn_hidden.is_some(), &given);
         if let Some(v) = self.n_kv_head {
             cfg.n_kv_head = v;
-        }
-        if shape_changed {
-            cfg.head_dim = default_head_dim(cfg.n_embd, cfg.n_head);
-            cfg.ffn_hidden = default_ffn_hidden(cfg.n_embd);
-            cfg.moe.moe_inter_dim = 0;
         }
         if let Some(v) = self.head_dim {
             cfg.head_dim = v;
@@ -603,9 +658,6 @@ impl ConfigOverrides {
         }
         if let Some(v) = self.moe_top_k {
             m.top_k = v;
-        }
-        if self.ffn_hidden.is_some() {
-            m.moe_inter_dim = 0;
         }
         if let Some(v) = self.moe_inter_dim {
             m.moe_inter_dim = v;

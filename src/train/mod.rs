@@ -135,6 +135,9 @@ pub fn open_data(
     train: &TrainSettings,
     model: &ModelConfig,
 ) -> Result<(TokenSource, TokenSource, Option<SyntheticLanguage>)> {
+    // A vocabulary the data declares (the embedded language's, a nanoseek shard's header); an
+    // llm.c header declares none, and every id was checked against the model when opened.
+    let mut declared_vocab = None;
     let (tr, va, lang) = match &train.data {
         None => {
             let lang = SyntheticLanguage::new();
@@ -152,6 +155,7 @@ pub fn open_data(
                 DataLocation::Shard(p) => (p, None),
             };
             let shard = open_checked_shard(&train_path, model)?;
+            declared_vocab = shard.declared_vocab();
             let val = val_path.map(|p| open_checked_shard(&p, model)).transpose()?;
             match val {
                 Some(v) if v.len > train.device_batch_size * model.max_seq_len => {
@@ -167,8 +171,7 @@ pub fn open_data(
                     (TokenSource::from_shard(shard), TokenSource::from_shard(v), None)
                 }
                 _ => {
-                    // The last 5% (at least one sequence) is held out for validation.
-                    let hold = (shard.len / 20).max(model.max_seq_len + 1);
+                    let hold = held_out_tokens(shard.len, model.max_seq_len);
                     if shard.len < hold + model.max_seq_len + 1 {
                         bail!(
                             "token shard {} has {} tokens: too few for max_seq_len {} plus a validation split",
@@ -183,19 +186,36 @@ pub fn open_data(
             }
         }
     };
-    if tr.vocab_size() > model.vocab_size {
-        bail!(
-            "the data's vocabulary ({} ids) exceeds the model's vocab_size {}; set --vocab-size",
-            tr.vocab_size(),
-            model.vocab_size
-        );
+    if lang.is_some() {
+        declared_vocab = Some(tr.vocab_size());
+    }
+    if let Some(v) = declared_vocab.filter(|&v| v > model.vocab_size) {
+        return Err(vocab_too_small(v, model));
     }
     Ok((tr, va, lang))
 }
 
+/// The error for data whose declared vocabulary the model cannot hold.
+fn vocab_too_small(data_vocab: usize, model: &ModelConfig) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the data's vocabulary ({data_vocab} ids) exceeds the model's vocab_size {}; for a new run set \
+         --vocab-size (or leave it unset to follow the data); to resume, give data made with the run's tokenizer",
+        model.vocab_size
+    )
+}
+
+/// Tokens a single training shard holds out for validation, at its end: the last 5%, at
+/// least one sequence (`eval --data SHARD` scores the same tail).
+pub fn held_out_tokens(shard_len: usize, max_seq_len: usize) -> usize {
+    (shard_len / 20).max(max_seq_len + 1)
+}
+
 /// Opens a shard and scans it once, so a bad id is reported now, naming where it is, not mid-run.
-fn open_checked_shard(path: &Path, model: &ModelConfig) -> Result<TokenShard> {
+pub fn open_checked_shard(path: &Path, model: &ModelConfig) -> Result<TokenShard> {
     let shard = TokenShard::open(path)?;
+    if let Some(v) = shard.declared_vocab().filter(|&v| v > model.vocab_size) {
+        return Err(vocab_too_small(v, model).context(format!("token shard {}", path.display())));
+    }
     let limit = model.vocab_size.min(shard.vocab_size);
     let mut buf = vec![0u32; 1 << 16];
     for start in (0..shard.len).step_by(buf.len()) {
@@ -421,6 +441,13 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     let (train_src, val_src, lang) = open_data(ts, mcfg)?;
     let mut loader = Loader::new(train_src, ts.device_batch_size, seq, rank, world, Rng::derive(ts.seed, "data"))?;
     let val = Loader::new(val_src, ts.device_batch_size, seq, rank, world, Rng::new(0))?;
+    // Bits per byte of validation: the scored targets' tokens and text bytes (when a codec is known).
+    let val_codec: Option<Box<dyn crate::data::TextCodec>> = match (&lang, &ts.data) {
+        (Some(l), _) => Some(Box::new(l.clone())),
+        (None, Some(p)) => crate::data::codec::codec_for_data(p).ok().flatten(),
+        (None, None) => None,
+    };
+    let val_bytes = val_codec.and_then(|c| crate::eval::target_bytes(&val, ts.eval_batches, c.as_ref()));
 
     let (mut model, mut opt, start) = match req.resume_from_step {
         Some(step) => {
@@ -566,7 +593,12 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
                 None => evaluate(&model, &val, ts.eval_batches)?,
             };
             val_loss = Some(v);
-            log.log(json!({"step": done, "val_loss": v}))?;
+            let mut record = json!({"step": done, "val_loss": v});
+            if let Some((tokens, bytes)) = val_bytes {
+                // evaluate() averages equal-sized batches, so v × tokens is the total nats
+                record["val_bpb"] = json!(crate::eval::bits_per_byte(v as f64 * tokens as f64, bytes));
+            }
+            log.log(record)?;
         }
         if done % log_every == 0 || is_last {
             let vl = val_loss.map_or(String::new(), |v| format!(" | val {v:.4}"));
