@@ -20,6 +20,7 @@ pub mod nn;
 pub mod optim;
 pub mod profile;
 pub mod rng;
+pub mod selftest;
 pub mod tensor;
 pub mod train;
 
