@@ -32,6 +32,33 @@ enum Command {
     Demo(DemoArgs),
     /// Time the CUDA kernels at PyTorch's shapes: rates, fraction of the ceilings, ratio to a torch_baselines.py JSON.
     Bench(BenchArgs),
+    /// Every CUDA kernel family against its CPU twin: a PASS/FAIL table with margins, exit 0/1 (77: no device).
+    Selftest(SelftestArgs),
+}
+
+#[derive(Args)]
+struct SelftestArgs {
+    /// cuda or cuda:N.
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Fewer and smaller shapes (seconds on a GPU).
+    #[arg(long)]
+    quick: bool,
+    /// Only these groups, comma-separated (names from --list).
+    #[arg(long, value_delimiter = ',')]
+    only: Option<Vec<String>>,
+    /// Print the groups, one per line with a description, and exit.
+    #[arg(long)]
+    list: bool,
+    /// Write the report (every row, the device, the commit) as JSON here.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// The train_step CPU reference written by --write-reference (default: computed here).
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    /// Compute the train_step CPU reference, write it here (safetensors) and exit; needs no GPU.
+    #[arg(long)]
+    write_reference: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -402,6 +429,9 @@ struct TrainArgs {
     /// No progress bar or log lines.
     #[arg(long)]
     quiet: bool,
+    /// On CUDA, start without the quick kernel selftest of the model's kernel families.
+    #[arg(long)]
+    skip_selftest: bool,
 }
 
 /// YYYYmmdd-HHMMSS in UTC, for default run names.
@@ -485,6 +515,9 @@ fn run_train(a: TrainArgs) -> Result<()> {
         }
     };
     let device = device.for_model(&a.device, &run.model);
+    if let (Device::Cuda(ordinal), false) = (device, a.skip_selftest) {
+        nanoseek::selftest::preflight(ordinal, &run.model)?;
+    }
     let run_dir = a.runs_dir.join(&run_name);
     let summary = train::train(TrainRequest {
         run,
@@ -670,6 +703,13 @@ fn main() -> ExitCode {
         Command::Profile(p) => run_profile(&p),
         Command::Demo(d) => nanoseek::demo::run(&d.options()),
         Command::Bench(b) => run_bench(&b),
+        Command::Selftest(s) => {
+            let (device, quick, only, list) = (s.device, s.quick, s.only, s.list);
+            let (output, reference, write_reference) = (s.output, s.reference, s.write_reference);
+            let args =
+                nanoseek::selftest::command::Args { device, quick, only, list, output, reference, write_reference };
+            return ExitCode::from(nanoseek::selftest::command::run(&args));
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -40,6 +40,7 @@
 //! backward's dk and dv, the indexer KL's dk_I, the embedding backward), which are compared at
 //! f32 summation-order tolerances.
 
+pub mod command;
 pub mod compare;
 
 mod attention;
@@ -259,6 +260,26 @@ pub fn run(opts: &Options) -> Result<Report> {
     report.rows = ctx.rows;
     report.count();
     Ok(report)
+}
+
+/// `train --device cuda`: the quick checks of the groups `model` uses, before training starts; an
+/// error naming the failed checks if any fails (`--skip-selftest` bypasses it).
+pub fn preflight(ordinal: usize, model: &crate::nn::ModelConfig) -> Result<()> {
+    let only = groups_for_model(model).into_iter().map(String::from).collect();
+    let opts = Options { ordinal, quick: true, only: Some(only), reference: None, echo: false };
+    let report = run(&opts)?;
+    if let Some(why) = report.no_device {
+        anyhow::bail!("selftest: cannot open cuda:{ordinal}: {why}");
+    }
+    eprintln!("{} (quick, the model's kernel families)", report.summary_line());
+    let failed: Vec<String> = report.rows.iter().filter(|r| r.status == Status::Fail).map(format_row).collect();
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "the CUDA kernels fail their selftest on this device, refusing to train:\n{}\n(run `nanoseek selftest` for the full table; --skip-selftest trains anyway)",
+            failed.join("\n")
+        );
+    }
+    Ok(())
 }
 
 /// The table's header line.
