@@ -27,7 +27,8 @@ fn without_a_device_it_skips_with_77_and_still_writes_the_report() {
     assert_eq!(report["groups"], serde_json::json!(["smoke"]));
     if has_device() {
         assert_eq!(o.status.code(), Some(0), "smoke on a device: {out}{err}");
-        assert!(out.contains("selftest: ") && out.contains(" PASS, 0 FAIL, "), "{out}");
+        let last = out.lines().last().unwrap_or_default();
+        assert!(last.starts_with("selftest: ") && last.contains(" PASS, 0 FAIL, "), "{out}");
         assert_eq!(report["result"], "PASS");
         assert!(report["rows"].as_array().unwrap().iter().all(|r| r["status"] == "PASS"));
         return;
@@ -35,6 +36,7 @@ fn without_a_device_it_skips_with_77_and_still_writes_the_report() {
     assert_eq!(o.status.code(), Some(77), "{out}{err}");
     let line = out.lines().find(|l| l.starts_with("selftest: SKIP: no CUDA device (")).expect(&out);
     assert!(line.ends_with(')'), "{line}");
+    assert_eq!(out.lines().last(), Some(line), "the SKIP line is the last line on stdout");
     assert_eq!(report["result"], "SKIP");
     assert!(report["no_device"].as_str().is_some_and(|s| !s.is_empty()));
     assert_eq!(report["rows"], serde_json::json!([]));
@@ -73,6 +75,7 @@ fn bad_arguments_exit_2_with_an_error() {
         (&["selftest", "--device", "cuda:x"][..], "cuda or cuda:N"),
         (&["selftest", "--only", "gemm,nope"][..], "unknown group 'nope'"),
         (&["selftest", "--only", ""][..], "--only needs group names"),
+        (&["selftest", "--only", "gemm,"][..], "--only needs group names"),
         (&["selftest", "--bogus"][..], "--bogus"),
         (&["selftest", "--quick=3"][..], "quick"),
     ] {

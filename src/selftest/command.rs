@@ -47,7 +47,8 @@ pub fn run(a: &Args) -> u8 {
         Ok(n) => n,
         Err(e) => return usage(e),
     };
-    if let Some(only) = &a.only {
+    let only: Option<Vec<String>> = a.only.as_ref().map(|v| v.iter().map(|n| n.trim().to_string()).collect());
+    if let Some(only) = &only {
         if only.is_empty() || only.iter().any(|n| n.trim().is_empty()) {
             return usage("--only needs group names, comma-separated (see --list)".into());
         }
@@ -80,29 +81,28 @@ pub fn run(a: &Args) -> u8 {
             reference = None;
         }
     }
-    let opts = super::Options { ordinal, quick: a.quick, only: a.only.clone(), reference, echo: true };
+    let opts = super::Options { ordinal, quick: a.quick, only, reference, echo: true };
     let report = match super::run(&opts) {
         Ok(r) => r,
         Err(e) => return usage(format!("{e:#}")),
     };
-    let code = if let Some(why) = &report.no_device {
-        println!("selftest: SKIP: no CUDA device ({why})");
-        EXIT_SKIP
-    } else {
-        for r in report.rows.iter().filter(|r| r.status == super::Status::Fail) {
-            eprintln!("FAIL: {}", format_row(r));
-        }
-        println!("{}", report.summary_line());
-        u8::from(report.failed > 0)
-    };
+    // the report first, so that the summary (or SKIP) line is the last line on stdout
     if let Some(out) = &a.output {
         if let Err(e) = write_json(out, &report) {
             eprintln!("error: {e:#}");
             return 1;
         }
-        println!("selftest: wrote {}", out.display());
+        eprintln!("selftest: wrote {}", out.display());
     }
-    code
+    if let Some(why) = &report.no_device {
+        println!("selftest: SKIP: no CUDA device ({why})");
+        return EXIT_SKIP;
+    }
+    for r in report.rows.iter().filter(|r| r.status == super::Status::Fail) {
+        eprintln!("FAIL: {}", format_row(r));
+    }
+    println!("{}", report.summary_line());
+    u8::from(report.failed > 0)
 }
 
 /// The report as JSON, written atomically (a temporary file renamed into place).
