@@ -33,32 +33,7 @@ enum Command {
     /// Time the CUDA kernels at PyTorch's shapes: rates, fraction of the ceilings, ratio to a torch_baselines.py JSON.
     Bench(BenchArgs),
     /// Every CUDA kernel family against its CPU twin: a PASS/FAIL table with margins, exit 0/1 (77: no device).
-    Selftest(SelftestArgs),
-}
-
-#[derive(Args)]
-struct SelftestArgs {
-    /// cuda or cuda:N.
-    #[arg(long, default_value = "cuda")]
-    device: String,
-    /// Fewer and smaller shapes (seconds on a GPU).
-    #[arg(long)]
-    quick: bool,
-    /// Only these groups, comma-separated (names from --list).
-    #[arg(long, value_delimiter = ',')]
-    only: Option<Vec<String>>,
-    /// Print the groups, one per line with a description, and exit.
-    #[arg(long)]
-    list: bool,
-    /// Write the report (every row, the device, the commit) as JSON here.
-    #[arg(long)]
-    output: Option<PathBuf>,
-    /// The train_step CPU reference written by --write-reference (default: computed here).
-    #[arg(long)]
-    reference: Option<PathBuf>,
-    /// Compute the train_step CPU reference, write it here (safetensors) and exit; needs no GPU.
-    #[arg(long)]
-    write_reference: Option<PathBuf>,
+    Selftest(nanoseek::selftest::command::Args),
 }
 
 #[derive(Args)]
@@ -703,13 +678,7 @@ fn main() -> ExitCode {
         Command::Profile(p) => run_profile(&p),
         Command::Demo(d) => nanoseek::demo::run(&d.options()),
         Command::Bench(b) => run_bench(&b),
-        Command::Selftest(s) => {
-            let (device, quick, only, list) = (s.device, s.quick, s.only, s.list);
-            let (output, reference, write_reference) = (s.output, s.reference, s.write_reference);
-            let args =
-                nanoseek::selftest::command::Args { device, quick, only, list, output, reference, write_reference };
-            return ExitCode::from(nanoseek::selftest::command::run(&args));
-        }
+        Command::Selftest(s) => return ExitCode::from(nanoseek::selftest::command::run(&s)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,15 +9,29 @@ pub const EXIT_SKIP: u8 = 77;
 /// Exit code for bad arguments (as clap's).
 pub const EXIT_USAGE: u8 = 2;
 
-/// The command's arguments, as parsed by the CLI.
-#[derive(Clone, Debug, Default)]
+/// The command's arguments (`nanoseek selftest --help`).
+#[derive(Clone, Debug, Default, clap::Args)]
 pub struct Args {
+    /// cuda or cuda:N.
+    #[arg(long, default_value = "cuda")]
     pub device: String,
+    /// Fewer and smaller shapes (seconds on a GPU).
+    #[arg(long)]
     pub quick: bool,
+    /// Only these groups, comma-separated (names from --list).
+    #[arg(long, value_delimiter = ',')]
     pub only: Option<Vec<String>>,
+    /// Print the groups, one per line with a description, and exit.
+    #[arg(long)]
     pub list: bool,
+    /// Write the report (every row, the device, the commit) as JSON here.
+    #[arg(long)]
     pub output: Option<PathBuf>,
+    /// The train_step CPU reference written by --write-reference (default: computed here).
+    #[arg(long)]
     pub reference: Option<PathBuf>,
+    /// Compute the train_step CPU reference, write it here (safetensors) and exit; needs no GPU.
+    #[arg(long)]
     pub write_reference: Option<PathBuf>,
 }
 
