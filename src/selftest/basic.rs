@@ -4,8 +4,9 @@
 //! Tolerances (module doc of [`crate::selftest`]): bf16 outputs of f32 math are one rounding
 //! ([`Tol::bf16_once`]); f32 outputs of f32 math as the former tests' element bounds with the
 //! norm at their relative part ([`Tol::f32_math`]); Newton–Schulz runs five bf16 GEMM rounds on
-//! entries of an approximately orthogonal matrix (|o| ≲ 0.3): atol 3e-2 element-wise, norm 5e-2
-//! (a few roundings per iteration, each ≤ u, five iterations that contract errors).
+//! entries of an approximately orthogonal matrix (|o| ≲ 0.3): atol 3e-2 element-wise (the former
+//! test's), norm 1e-1 (a few roundings per iteration, five iterations of a map that does not
+//! contract errors in every direction: not modelled tighter; a zeroed or halved result is 0.5–1).
 
 use super::compare::Tol;
 use super::{atomics_rerun, down, down32, rand_bf16, up, Ctx};
@@ -358,7 +359,7 @@ fn muon_case(ctx: &mut Ctx, (ops, cpu_ops): MuonOps, shape: &str, rows: usize, c
     let o = ops.newton_schulz(&u, rows, cols, 5)?;
     let co = cpu::optim::newton_schulz(&cu, rows, cols, 5);
     let got_o = down(&o)?;
-    ctx.close("newton_schulz", shape, &got_o, &co, Tol::new(3e-2, 0.0, 5e-2));
+    ctx.close("newton_schulz", shape, &got_o, &co, Tol::new(3e-2, 0.0, 1e-1));
     ctx.repeat("newton_schulz", shape, &down(&ops.newton_schulz(&u, rows, cols, 5)?)?, &got_o, None);
     let w = rand_bf16(73, n, 0.1);
     let (mut gw, mut gwa) = (ops.f_from(&w)?, DeviceBuffer::<bf16>::zeros(&ops.be, n)?);

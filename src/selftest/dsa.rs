@@ -6,7 +6,7 @@
 //!   exact integer in f32 on both sides whatever the summation order: the scores agree bit for
 //!   bit, many tie, and the tie rule (the more recent key wins) is exercised for real;
 //! - sparse attention keeps P in f32: out is one bf16 rounding ([`Tol::bf16_once`]), lse f32
-//!   (1e-4, norm 1e-5); the f32 gradients differ by summation order, the exp2 implementations
+//!   (1e-4, norm 2e-5); the f32 gradients differ by summation order, the exp2 implementations
 //!   and the order of the atomic additions into dk, dv: element-wise 5e-3, norm 5e-4 (f32
 //!   noise is ~1e-6; the bound leaves room for exp2f's 2 ulp over many terms);
 //! - indexer KL: f32 on both sides; a sum of p(ln p − ln r) terms that partly cancel: loss atol
@@ -186,7 +186,7 @@ fn attention(ctx: &mut Ctx) {
             let grads = run(&go, &gl)?;
             let (gout, glse) = (down(&go)?, down32(&gl)?);
             ctx.close("dsa out", &shape, &gout, &out, Tol::bf16_once());
-            ctx.close("dsa lse", &shape, &glse, &lse, Tol::new(1e-4, 1e-4, 1e-5));
+            ctx.close("dsa lse", &shape, &glse, &lse, Tol::new(1e-4, 1e-4, 2e-5));
             let (mut dq, mut dk, mut dv) =
                 (vec![0.0; dims.q_len()], vec![0.0; dims.kv_len()], vec![0.0; dims.kv_len()]);
             cpu::dsa::dsa_attention_backward(&dims, &q, &k, &v, &sel, &gout, &lse, &dout, &mut dq, &mut dk, &mut dv);
@@ -333,7 +333,7 @@ fn decode(ctx: &mut Ctx) {
             let gq = up(be, &last_rows(&q, &dims, h * d))?;
             cuda::dsa::dsa_attention_decode(be, &dims, &gq, &up(be, &k)?, &up(be, &v)?, &gsel, &go, &gl)?;
             ctx.close("dsa decode out", &shape, &down(&go)?, &out_l, Tol::bf16_once());
-            ctx.close("dsa decode lse", &shape, &down32(&gl)?, &lse_l, Tol::new(1e-4, 1e-4, 1e-5));
+            ctx.close("dsa decode lse", &shape, &down32(&gl)?, &lse_l, Tol::new(1e-4, 1e-4, 2e-5));
             Ok(())
         });
     }

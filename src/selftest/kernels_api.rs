@@ -138,7 +138,7 @@ fn sparse(ctx: &mut Ctx) -> Result<()> {
         let (out, lse) = gk::sparse_attention(be, &put(be, &q)?, &put(be, &k)?, &put(be, &v)?, &sel)?;
         let (wo, wl) = kernels::sparse_attention(&q, &k, &v, &want);
         same(ctx, "api sparse out", &out.to_host()?, &wo, Tol::bf16_once());
-        same(ctx, "api sparse lse", &lse.to_host()?, &wl, Tol::new(1e-4, 1e-4, 1e-5));
+        same(ctx, "api sparse lse", &lse.to_host()?, &wl, Tol::new(1e-4, 1e-4, 2e-5));
         // an uploaded host selection gives the same
         let uploaded = DeviceSelection::from_host(be, &want)?;
         let (out2, _) = gk::sparse_attention(be, &put(be, &q)?, &put(be, &k)?, &put(be, &v)?, &uploaded)?;
