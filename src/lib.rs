@@ -21,6 +21,7 @@ pub mod optim;
 pub mod profile;
 pub mod report;
 pub mod rng;
+pub mod selftest;
 pub mod tensor;
 pub mod train;
 

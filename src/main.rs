@@ -33,6 +33,8 @@ enum Command {
     Demo(DemoArgs),
     /// Time the CUDA kernels at PyTorch's shapes: rates, fraction of the ceilings, ratio to a torch_baselines.py JSON.
     Bench(BenchArgs),
+    /// Every CUDA kernel family against its CPU twin: a PASS/FAIL table with margins, exit 0/1 (77: no device).
+    Selftest(nanoseek::selftest::command::Args),
     /// The run report (report.md) of a run directory, rebuilt from its files: written there and printed.
     Report(ReportArgs),
 }
@@ -439,6 +441,9 @@ struct TrainArgs {
     /// No progress bar or log lines.
     #[arg(long)]
     quiet: bool,
+    /// On CUDA, start without the quick kernel selftest of the model's kernel families.
+    #[arg(long)]
+    skip_selftest: bool,
     /// Weights & Biases project, as the original scripts' flag: stored in config.json, and a hint
     /// is printed for `wandb sync` of the run's TensorBoard events (no network is used).
     #[arg(long)]
@@ -559,6 +564,9 @@ fn run_train(a: TrainArgs) -> Result<()> {
         }
     };
     let device = device.for_model(&a.device, &run.model);
+    if let (Device::Cuda(ordinal), false) = (device, a.skip_selftest) {
+        nanoseek::selftest::preflight(ordinal, &run.model)?;
+    }
     let run_dir = a.runs_dir.join(&run_name);
     if let Some(project) = &run.train.wandb_project {
         eprintln!(
@@ -770,6 +778,7 @@ fn main() -> ExitCode {
         Command::Demo(d) => nanoseek::demo::run(&d.options()),
         Command::Bench(b) => run_bench(&b),
         Command::Report(r) => run_report(&r),
+        Command::Selftest(s) => return ExitCode::from(nanoseek::selftest::command::run(&s)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -453,6 +453,12 @@ impl<O: StepOps> DenseTrainer<O> {
         Ok(())
     }
 
+    /// Every parameter's gradient on the host, as (name, values) in `specs` order (the
+    /// selftest compares them with the CPU twin's).
+    pub fn grads_to_host(&self) -> Result<Vec<(String, Vec<f32>)>> {
+        self.specs.iter().zip(&self.grads).map(|((name, ..), g)| Ok((name.clone(), self.ops.f_to_host(g)?))).collect()
+    }
+
     /// Sets every gradient to zero.
     pub fn zero_grads(&mut self) -> Result<()> {
         for g in &mut self.grads {
