@@ -21,9 +21,17 @@ impl MetricsLog {
     /// steps (from the run that went past the checkpoint) are dropped first.
     pub fn open(path: &Path, keep_through_step: Option<u64>) -> Result<MetricsLog> {
         if let Some(k) = keep_through_step {
-            let kept: Vec<Value> =
-                read(path)?.into_iter().filter(|v| v["step"].as_u64().is_some_and(|s| s <= k)).collect();
-            let text: String = kept.iter().map(|v| format!("{v}\n")).collect();
+            // The kept lines keep their original text (re-printing parsed floats could change digits).
+            let old = match std::fs::read_to_string(path) {
+                Ok(text) => text,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+            };
+            let text: String = old
+                .lines()
+                .filter(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["step"].as_u64().is_some_and(|s| s <= k)))
+                .map(|l| format!("{l}\n"))
+                .collect();
             write_atomic(path, text.as_bytes())?;
         }
         let file = OpenOptions::new()

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod metrics;
 pub mod plot;
+pub mod run_dir;
 pub mod step;
 pub mod step_cpu;
 pub mod step_cuda;
@@ -417,48 +418,53 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     let mut loader = Loader::new(train_src, ts.device_batch_size, seq, rank, world, Rng::derive(ts.seed, "data"))?;
     let val = Loader::new(val_src, ts.device_batch_size, seq, rank, world, Rng::new(0))?;
 
-    let (mut model, mut opt, start) = match req.resume_from_step {
-        Some(step) => {
-            let dir = checkpoint::checkpoint_dir(&req.run_dir, step);
-            let (model, opt, state) = checkpoint::load(&dir, mcfg, ts.optim.clone())?;
-            if state.step >= ts.num_iterations {
-                bail!("checkpoint step {} is already at or past num_iterations {}", state.step, ts.num_iterations);
+    // From here on this process is the run's only writer; if the setup fails, a run directory it
+    // created is removed again.
+    let run_lock = run_dir::RunLock::acquire(&req.run_dir)?;
+    let setup = (|| {
+        let (mut model, opt, start) = match req.resume_from_step {
+            // Step 0: the saved run again from scratch (e.g. its first checkpoint never completed).
+            Some(step) if step > 0 => {
+                let dir = checkpoint::checkpoint_dir(&req.run_dir, step);
+                let (model, opt, state) = checkpoint::load(&dir, mcfg, ts.optim.clone())?;
+                if state.step >= ts.num_iterations {
+                    bail!("checkpoint step {} is already at or past num_iterations {}", state.step, ts.num_iterations);
+                }
+                loader.rng = state.loader_rng;
+                (model, opt, state.step)
             }
-            loader.rng = state.loader_rng;
-            (model, opt, state.step)
-        }
-        None => {
-            if req.run_dir.join("checkpoints").exists() {
-                bail!(
-                    "run directory {} already holds checkpoints; resume with --resume-from-step or pick another --run",
-                    req.run_dir.display()
-                );
+            _ => {
+                if req.resume_from_step.is_none() && !checkpoint::list_steps(&req.run_dir).is_empty() {
+                    bail!(
+                        "run directory {} already holds checkpoints; resume with --resume-from-step or pick another --run",
+                        req.run_dir.display()
+                    );
+                }
+                let model = match &ts.init_from {
+                    Some(dir) => checkpoint::load_model(dir, mcfg)
+                        .with_context(|| format!("--init-from {}: its weights do not fit this model", dir.display()))?,
+                    None => Model::new(mcfg, ts.seed)?,
+                };
+                let opt = Optimizer::new(&model, ts.optim.clone());
+                (model, opt, 0)
             }
-            let model = match &ts.init_from {
-                Some(dir) => checkpoint::load_model(dir, mcfg)
-                    .with_context(|| format!("--init-from {}: its weights do not fit this model", dir.display()))?,
-                None => Model::new(mcfg, ts.seed)?,
-            };
-            let opt = Optimizer::new(&model, ts.optim.clone());
-            (model, opt, 0)
+        };
+        model.checkpoint_every = ts.grad_checkpoint;
+        // On CUDA: the explicit step (train::step) on the device; the host model (with its MoE
+        // biases) and optimizer are refreshed from it for checkpoints and sampling.
+        let gpu = match req.device {
+            Device::Cpu => None,
+            Device::Cuda(i) => Some(step_cuda::cuda_trainer(i, &model, &opt)?),
+        };
+        if let Some(tr) = &gpu {
+            cuda_memory_setup(tr, mcfg, ts)?;
         }
-    };
-
-    model.checkpoint_every = ts.grad_checkpoint;
-    // On CUDA: the explicit step (train::step) on the device; the host model (with its MoE
-    // biases) and optimizer are refreshed from it for checkpoints and sampling.
-    let mut gpu = match req.device {
-        Device::Cpu => None,
-        Device::Cuda(i) => Some(step_cuda::cuda_trainer(i, &model, &opt)?),
-    };
-    if let Some(tr) = &gpu {
-        cuda_memory_setup(tr, mcfg, ts)?;
-    }
-    std::fs::create_dir_all(&req.run_dir)
-        .with_context(|| format!("cannot create run directory {}", req.run_dir.display()))?;
-    write_atomic(&req.run_dir.join("config.json"), serde_json::to_string_pretty(&req.run)?.as_bytes())?;
-    crate::data::prepare::copy_tokenizer_to_run(ts.data.as_deref(), &req.run_dir)?;
-    let mut log = metrics::MetricsLog::open(&req.run_dir.join("metrics.jsonl"), Some(start))?;
+        write_atomic(&req.run_dir.join("config.json"), serde_json::to_string_pretty(&req.run)?.as_bytes())?;
+        crate::data::prepare::copy_tokenizer_to_run(ts.data.as_deref(), &req.run_dir)?;
+        let log = metrics::MetricsLog::open(&req.run_dir.join("metrics.jsonl"), Some(start))?;
+        Ok((model, opt, start, gpu, log))
+    })();
+    let (mut model, mut opt, start, mut gpu, mut log) = run_lock.undo_if_failed(setup)?;
 
     let total = ts.num_iterations;
     let pb = if req.verbose { ProgressBar::new(total) } else { ProgressBar::hidden() };
@@ -517,7 +523,7 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         }
         .map_err(|e| {
             let last = last_ckpt.as_ref().map_or("none".into(), |p| p.display().to_string());
-            e.context(format!("step {} failed; nothing was saved for it (last checkpoint: {last})", step + 1))
+            e.context(format!("step {} failed; nothing was saved for it (last good checkpoint: {last})", step + 1))
         })?;
         let (loss, grad_norm) = (stats.loss, stats.grad_norm);
         let done = step + 1;
@@ -580,7 +586,13 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
                 step: done,
                 loader_rng: loader.rng.clone(),
             };
-            last_ckpt = Some(checkpoint::save(&req.run_dir, &model, &opt, &state, ts.keep_checkpoints)?);
+            let saved = checkpoint::save(&req.run_dir, &model, &opt, &state, ts.keep_checkpoints).map_err(|e| {
+                let last = last_ckpt.as_ref().map_or("none".into(), |p| p.display().to_string());
+                e.context(format!(
+                    "step {done}: no checkpoint written (last good checkpoint: {last}); if the values diverged, try a lower learning rate"
+                ))
+            })?;
+            last_ckpt = Some(saved);
             write_plot(&req.run_dir)?;
         }
     }
