@@ -36,7 +36,7 @@ use crate::data::codec::{codec_for_data, codec_for_run};
 use crate::data::prepare::DataLocation;
 use crate::data::tasks::{self, TaskKind};
 use crate::data::{Loader, TextCodec, TokenSource};
-use crate::fsutil::write_atomic;
+use crate::fsutil::write_output;
 use crate::memory;
 use crate::nn::Model;
 use crate::rng::Rng;
@@ -193,6 +193,8 @@ impl EvalOptions {
 /// Runs `nanoseek eval` (and writes `output` when given).
 pub fn evaluate(o: &EvalOptions) -> Result<EvalResult> {
     let config = checkpoint::read_config(&o.model_path)?;
+    crate::train::micro_batch_tokens(o.batch_size, config.max_seq_len)
+        .map_err(|e| anyhow::anyhow!("--batch-size: {e}"))?;
     let model = checkpoint::load_model(&o.model_path, &config)?;
     let task_kinds = o.tasks.iter().map(|t| TaskKind::parse(t)).collect::<Result<Vec<_>>>()?;
     let (source, name, split, codec, tok_name): (TokenSource, String, Option<String>, Option<Box<dyn TextCodec>>, _) =
@@ -209,7 +211,8 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalResult> {
                     }
                 };
                 let path = loc.split(split.as_deref().unwrap_or("val"))?;
-                let shard = crate::data::shard::TokenShard::open(&path)?;
+                // scanned once: an id the model cannot embed is an error naming its position
+                let shard = crate::train::open_checked_shard(&path, &config)?;
                 if shard.vocab_size > config.vocab_size {
                     bail!(
                         "the shard's vocabulary ({}) exceeds the model's vocab_size {}",
@@ -276,7 +279,7 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalResult> {
         tasks: score_tasks(&model, &task_kinds, o)?,
     };
     if let Some(out) = &o.output {
-        write_atomic(out, serde_json::to_string_pretty(&result)?.as_bytes())?;
+        write_output(out, serde_json::to_string_pretty(&result)?.as_bytes())?;
     }
     Ok(result)
 }

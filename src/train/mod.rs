@@ -83,9 +83,15 @@ impl TrainSettings {
 
     /// Micro-batches per optimizer step; a total that does not divide is an error.
     pub fn grad_accum_steps(&self, seq_len: usize, world: usize) -> Result<usize> {
-        let per_micro = self.device_batch_size * seq_len * world;
         if self.device_batch_size == 0 || self.total_batch_size == 0 {
             bail!("device_batch_size and total_batch_size must be positive");
+        }
+        let per_micro = micro_batch_tokens(self.device_batch_size, seq_len)?
+            .checked_mul(world)
+            .filter(|&n| n <= MAX_BATCH_TOKENS)
+            .ok_or_else(|| anyhow::anyhow!("device_batch_size × max_seq_len × world_size is too large"))?;
+        if self.total_batch_size > MAX_BATCH_TOKENS {
+            bail!("total_batch_size {} is above the supported maximum {MAX_BATCH_TOKENS}", self.total_batch_size);
         }
         if self.total_batch_size % per_micro != 0 {
             bail!(
@@ -98,6 +104,19 @@ impl TrainSettings {
         }
         Ok(self.total_batch_size / per_micro)
     }
+}
+
+/// Most tokens in one micro-batch or one optimizer step (2^30): far past what fits in memory, and
+/// low enough that every activation-size product stays inside usize.
+pub const MAX_BATCH_TOKENS: usize = 1 << 30;
+
+/// Tokens of one micro-batch, `device_batch_size × max_seq_len`, or an error past [`MAX_BATCH_TOKENS`].
+pub fn micro_batch_tokens(device_batch_size: usize, seq_len: usize) -> Result<usize> {
+    device_batch_size.checked_mul(seq_len).filter(|&n| n > 0 && n <= MAX_BATCH_TOKENS).ok_or_else(|| {
+        anyhow::anyhow!(
+            "device_batch_size {device_batch_size} × max_seq_len {seq_len} must be between 1 and {MAX_BATCH_TOKENS} tokens"
+        )
+    })
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -190,7 +209,7 @@ pub fn open_data(
 }
 
 /// Opens a shard and scans it once, so a bad id is reported now, naming where it is, not mid-run.
-fn open_checked_shard(path: &Path, model: &ModelConfig) -> Result<TokenShard> {
+pub fn open_checked_shard(path: &Path, model: &ModelConfig) -> Result<TokenShard> {
     let shard = TokenShard::open(path)?;
     let limit = model.vocab_size.min(shard.vocab_size);
     let mut buf = vec![0u32; 1 << 16];
@@ -405,6 +424,9 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     if ts.num_iterations == 0 {
         bail!("num_iterations must be positive");
     }
+    if ts.eval_batches == 0 {
+        bail!("eval_batches must be positive");
+    }
     let predicted: usize =
         crate::info::predict_training_bytes(mcfg, ts.device_batch_size, seq, ts.grad_checkpoint).iter().sum();
     // (the host-memory check applies to CPU training; the device allocator reports its own limit)
@@ -417,6 +439,13 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     let (train_src, val_src, lang) = open_data(ts, mcfg)?;
     let mut loader = Loader::new(train_src, ts.device_batch_size, seq, rank, world, Rng::derive(ts.seed, "data"))?;
     let val = Loader::new(val_src, ts.device_batch_size, seq, rank, world, Rng::new(0))?;
+    if val.sequential_batch(0).is_none() {
+        bail!(
+            "the validation data is shorter than one batch of device_batch_size {} × max_seq_len {seq} tokens",
+            ts.device_batch_size
+        );
+    }
+    crate::data::prepare::check_data_tokenizer(ts.data.as_deref(), mcfg.vocab_size)?;
 
     // From here on this process is the run's only writer; if the setup fails, a run directory it
     // created is removed again.
