@@ -115,3 +115,20 @@ pub fn moe_load_history(records: &[Value]) -> Vec<LoadHistory> {
     }
     by_layer.into_iter().collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resuming_keeps_the_kept_lines_text_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        // digits a parse-and-print round trip would not keep (f64 holds ~17 significant digits)
+        let kept = "{\"step\":1,\"loss\":4.12345678901234567890123,\"lr_mult\":1e-7}\n{\"step\":2, \"loss\":3.0}\n";
+        std::fs::write(&path, format!("{kept}{{\"step\":3,\"loss\":2.5}}\n{{\"step\":4,\"lo")).unwrap();
+        let mut log = MetricsLog::open(&path, Some(2)).unwrap();
+        log.log(serde_json::json!({"step": 3})).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{kept}{{\"step\":3}}\n"));
+    }
+}
