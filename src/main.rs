@@ -343,7 +343,8 @@ struct TrainArgs {
     run: Option<String>,
     #[arg(long, default_value = "runs")]
     runs_dir: PathBuf,
-    /// Resume the run named by --run from its checkpoint at this step (its saved config is used).
+    /// Resume the run named by --run from its checkpoint at this step (its saved config is used);
+    /// 0 starts the saved run again from scratch.
     #[arg(long)]
     resume_from_step: Option<u64>,
     /// A token shard (nanoseek format) to train on; default: the embedded synthetic language.
