@@ -527,8 +527,9 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     let log_every = (total / 10).max(1);
     let mut losses = Vec::new();
     let mut val_loss = None;
-    let mut last_ckpt =
-        checkpoint::list_steps(&req.run_dir).last().map(|&s| checkpoint::checkpoint_dir(&req.run_dir, s));
+    // The last good checkpoint of this trajectory: the one resumed from (newer ones on disk may
+    // be from a run that went further, and a fresh start has none).
+    let mut last_ckpt = req.resume_from_step.filter(|&s| s > 0).map(|s| checkpoint::checkpoint_dir(&req.run_dir, s));
     let t0 = Instant::now();
     let mut tokens_done = 0usize;
     for step in start..total {
