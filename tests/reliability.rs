@@ -132,19 +132,29 @@ fn assert_same_as_reference(reference: &Path, run_dir: &Path, what: &str, cleane
     assert!(!cleaned || leftovers.is_empty(), "{what}: temporaries of the dead process remain: {leftovers:?}");
 }
 
+/// A long-running child that must not outlive a failing test.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn a_second_writer_is_refused_naming_the_holder_and_the_lock_dies_with_its_process() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut first: Child =
-        command(d, &train_args("shared", &["--num-iterations", "100000"]), None).spawn().expect("spawn");
+    let mut first =
+        KillOnDrop(command(d, &train_args("shared", &["--num-iterations", "100000"]), None).spawn().expect("spawn"));
     let run_dir = d.join("runs/shared");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !checkpoint::checkpoint_dir(&run_dir, 1).exists() {
         assert!(Instant::now() < deadline, "the first writer never saved a checkpoint");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let pid = format!("PID {}", first.id());
+    let pid = format!("PID {}", first.0.id());
     let e = assert_refused(&run(d, &train_args("shared", &[]), None), "in use by another nanoseek process");
     assert!(e.contains(&pid), "the message should name {pid}: {e}");
     let e = assert_refused(
@@ -153,8 +163,8 @@ fn a_second_writer_is_refused_naming_the_holder_and_the_lock_dies_with_its_proce
     );
     assert!(e.contains(&pid), "{e}");
     // kill -9: the kernel releases the lock, and the run resumes from its newest checkpoint.
-    first.kill().unwrap();
-    first.wait().unwrap();
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
     let steps = check_every_checkpoint_complete(&run_dir);
     let newest = *steps.last().unwrap();
     let (from, to) = (newest.to_string(), (newest + 1).to_string());
