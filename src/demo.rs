@@ -13,7 +13,7 @@
 //! `tokenizer.json`, or the embedded synthetic language.
 
 use crate::data::codec::{codec_for_run, TextCodec};
-use crate::fsutil::write_atomic;
+use crate::fsutil::write_output;
 use crate::generate::{generate_with, sample_token, Generation, SampleOptions};
 use crate::nn::decode::{kv_bytes, kv_bytes_per_layer, Decoder};
 use crate::nn::{AttnKind, Model, ModelConfig};
@@ -87,6 +87,7 @@ pub fn load(path: &Path) -> Result<(Model, PathBuf, Box<dyn TextCodec>)> {
 }
 
 pub fn run(o: &DemoOptions) -> Result<()> {
+    o.sample.validate()?;
     let (model, ckpt, codec) = load(&o.model_path)?;
     let mut sample = o.sample.clone();
     sample.stop_token = codec.eot();
@@ -98,7 +99,7 @@ pub fn run(o: &DemoOptions) -> Result<()> {
             let json = serde_json::to_string_pretty(&report)?;
             match &o.output {
                 Some(p) => {
-                    write_atomic(p, format!("{json}\n").as_bytes())?;
+                    write_output(p, format!("{json}\n").as_bytes())?;
                     eprintln!("wrote {}", p.display());
                 }
                 None => println!("{json}"),
@@ -149,15 +150,19 @@ fn interactive(model: &Model, ckpt: &Path, codec: &dyn TextCodec, opts: &SampleO
     let start: Vec<u32> = codec.bos().into_iter().collect();
     let mut transcript = start.clone();
     let stdin = std::io::stdin();
-    let mut line = String::new();
+    let mut raw = Vec::new();
     loop {
         print!("> ");
         std::io::stdout().flush()?;
-        line.clear();
-        if stdin.lock().read_line(&mut line)? == 0 {
+        raw.clear();
+        if stdin.lock().read_until(b'\n', &mut raw)? == 0 {
             println!();
             break;
         }
+        let Ok(line) = std::str::from_utf8(&raw) else {
+            eprintln!("error: that line is not valid UTF-8; skipped");
+            continue;
+        };
         let text = line.trim();
         match text {
             "" => continue,
@@ -270,14 +275,24 @@ fn batch(
     let mut collected = String::new();
     let (mut n, mut errors, mut new_tokens, mut decode_s) = (0usize, 0usize, 0usize, 0.0f64);
     let stdout = std::io::stdout();
-    for (i, line) in input.lines().enumerate() {
+    for (i, line) in input.split(b'\n').enumerate() {
         let line = line.context("cannot read the prompts")?;
+        // a line that is not UTF-8 becomes an error record; the batch goes on
+        let (line, bad_utf8) = match String::from_utf8(line) {
+            Ok(s) => (s, false),
+            Err(e) => (String::from_utf8_lossy(e.as_bytes()).into_owned(), true),
+        };
         let prompt = line.trim_end_matches(['\r', '\n']);
         if prompt.trim().is_empty() {
             continue;
         }
         n += 1;
-        let rec = match complete(&mut decoder, codec, prompt, opts) {
+        let attempt = if bad_utf8 {
+            Err(anyhow::anyhow!("line {} is not valid UTF-8 (shown with replacement characters)", i + 1))
+        } else {
+            complete(&mut decoder, codec, prompt, opts)
+        };
+        let rec = match attempt {
             Ok((ids, g)) => {
                 new_tokens += g.tokens.len();
                 decode_s += g.decode_s;
@@ -323,7 +338,7 @@ fn batch(
         }
     }
     if let Some(p) = output {
-        write_atomic(p, collected.as_bytes())?;
+        write_output(p, collected.as_bytes())?;
     }
     eprintln!(
         "{n} prompts ({errors} errors), {new_tokens} new tokens, decode {:.1} tokens/s{}",
@@ -437,6 +452,9 @@ fn long_range_tasks(model: &Model, context_len: usize) -> Result<Option<serde_js
 /// decode `decode` more (one cached step each, sampling included), and report
 /// throughput and memory. A `context_len` above the model's max_seq_len runs the same weights
 /// with a longer RoPE range (speed and memory only: the model never trained there).
+/// How far past its training context the test mode measures a model (speed and memory only).
+pub const MAX_CONTEXT_STRETCH: usize = 8;
+
 pub fn capability_test(
     model: &Model,
     ckpt: &Path,
@@ -448,6 +466,12 @@ pub fn capability_test(
     let len = context_len.unwrap_or(trained);
     if len < 2 {
         bail!("--max-seq-len must be at least 2");
+    }
+    if len > trained.saturating_mul(MAX_CONTEXT_STRETCH) {
+        bail!(
+            "--max-seq-len {len}: at most {MAX_CONTEXT_STRETCH} × the model's training context {trained} = {}",
+            trained.saturating_mul(MAX_CONTEXT_STRETCH)
+        );
     }
     let longer;
     let model = if len > trained {

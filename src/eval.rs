@@ -36,7 +36,7 @@ use crate::data::codec::{codec_for_data, codec_for_run};
 use crate::data::prepare::DataLocation;
 use crate::data::tasks::{self, TaskKind};
 use crate::data::{Loader, TextCodec, TokenSource};
-use crate::fsutil::write_atomic;
+use crate::fsutil::write_output;
 use crate::memory;
 use crate::nn::Model;
 use crate::rng::Rng;
@@ -208,6 +208,8 @@ impl EvalOptions {
 /// Runs `nanoseek eval` (and writes `output` when given).
 pub fn evaluate(o: &EvalOptions) -> Result<EvalResult> {
     let config = checkpoint::read_config(&o.model_path)?;
+    crate::train::micro_batch_tokens(o.batch_size, config.max_seq_len)
+        .map_err(|e| anyhow::anyhow!("--batch-size: {e}"))?;
     let model = checkpoint::load_model(&o.model_path, &config)?;
     let task_kinds = o.tasks.iter().map(|t| TaskKind::parse(t)).collect::<Result<Vec<_>>>()?;
     let (source, name, split, codec, tok_name): (TokenSource, String, Option<String>, Option<Box<dyn TextCodec>>, _) =
@@ -224,19 +226,9 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalResult> {
                     }
                 };
                 let path = loc.split(split.as_deref().unwrap_or("val"))?;
-                let shard = crate::data::shard::TokenShard::open(&path)?;
-                if shard.declared_vocab().is_some_and(|v| v > config.vocab_size) {
-                    bail!(
-                        "the shard's vocabulary ({}) exceeds the model's vocab_size {}",
-                        shard.vocab_size,
-                        config.vocab_size
-                    );
-                }
-                // (an llm.c header declares no vocabulary: its ids are checked one by one)
-                let shard = match shard.declared_vocab() {
-                    Some(_) => shard,
-                    None => open_checked_shard(&path, &config)?,
-                };
+                // scanned once: a declared vocabulary over the model's, or an id it cannot embed,
+                // is an error naming it (an llm.c header declares none: its ids are checked)
+                let shard = open_checked_shard(&path, &config)?;
                 // The data's own tokenizer defines its bytes; the run's must agree with it.
                 let data_tok = loc.tokenizer_json();
                 let (codec, tok_name) = match &data_tok {
@@ -304,7 +296,7 @@ pub fn evaluate(o: &EvalOptions) -> Result<EvalResult> {
         tasks: score_tasks(&model, &task_kinds, o)?,
     };
     if let Some(out) = &o.output {
-        write_atomic(out, serde_json::to_string_pretty(&result)?.as_bytes())?;
+        write_output(out, serde_json::to_string_pretty(&result)?.as_bytes())?;
     }
     Ok(result)
 }

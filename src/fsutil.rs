@@ -33,3 +33,27 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
     File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("cannot sync directory {}", dir.display()))
 }
+
+/// Writes a user-named output file (`--output`): atomically (as `write_atomic`) when `path` is a
+/// regular file or absent; through a symlink to its target (the link stays a link); devices,
+/// FIFOs, sockets and folders are refused rather than replaced.
+pub fn write_output(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut target = path.to_path_buf();
+    // Follow a chain of links (bounded: a loop is an error, not a hang).
+    for _ in 0..40 {
+        match fs::symlink_metadata(&target) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let link = fs::read_link(&target).with_context(|| format!("cannot read link {}", target.display()))?;
+                target = target.parent().unwrap_or(Path::new("")).join(link);
+            }
+            Ok(m) if m.is_file() => return write_atomic(&target, bytes),
+            Ok(m) => {
+                let kind = if m.is_dir() { "a folder" } else { "not a regular file (a device, FIFO or socket)" };
+                anyhow::bail!("refusing to write {}: it is {kind}", path.display());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return write_atomic(&target, bytes),
+            Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", target.display())),
+        }
+    }
+    anyhow::bail!("refusing to write {}: too many levels of symbolic links", path.display())
+}

@@ -33,6 +33,19 @@ pub struct SampleOptions {
     pub seed: u64,
 }
 
+impl SampleOptions {
+    /// Temperature a finite number ≥ 0, top-p in (0, 1].
+    pub fn validate(&self) -> Result<()> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            anyhow::bail!("--temperature must be a finite number ≥ 0 (0 = greedy), got {}", self.temperature);
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            anyhow::bail!("--top-p must lie in (0, 1] (1 = all tokens), got {}", self.top_p);
+        }
+        Ok(())
+    }
+}
+
 impl Default for SampleOptions {
     /// 64 tokens, plain sampling at temperature 1 (no top-k, no top-p), no stop token, seed 0.
     fn default() -> Self {

@@ -377,7 +377,8 @@ struct TrainArgs {
     run: Option<String>,
     #[arg(long, default_value = "runs")]
     runs_dir: PathBuf,
-    /// Resume the run named by --run from its checkpoint at this step (its saved config is used).
+    /// Resume the run named by --run from its checkpoint at this step (its saved config is used);
+    /// 0 starts the saved run again from scratch.
     #[arg(long)]
     resume_from_step: Option<u64>,
     /// What to train on: a folder written by `nanoseek data` (its train/val shards and
@@ -536,7 +537,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
             let batch_given = a.device_batch_size.is_some();
             t.device_batch_size = a.device_batch_size.unwrap_or(t.device_batch_size);
             t.total_batch_size = a.total_batch_size.unwrap_or(if batch_given {
-                t.device_batch_size * model.max_seq_len
+                t.device_batch_size.saturating_mul(model.max_seq_len)
             } else {
                 t.total_batch_size
             });
@@ -563,6 +564,9 @@ fn run_train(a: TrainArgs) -> Result<()> {
             (name, RunConfig { model, train: t })
         }
     };
+    if run_name.is_empty() || run_name == "." || run_name == ".." {
+        anyhow::bail!("--run '{run_name}' does not name a run directory");
+    }
     let device = device.for_model(&a.device, &run.model);
     if let (Device::Cuda(ordinal), false) = (device, a.skip_selftest) {
         nanoseek::selftest::preflight(ordinal, &run.model)?;
@@ -610,9 +614,9 @@ fn run_profile(p: &ProfileArgs) -> Result<()> {
     let report = nanoseek::profile::run(&cfg, p.device_batch_size, p.grad_checkpoint, p.steps)?;
     print!("{}", report.table());
     if let Some(out) = &p.output {
-        nanoseek::fsutil::write_atomic(out, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        nanoseek::fsutil::write_output(out, serde_json::to_string_pretty(&report)?.as_bytes())?;
         let svg = out.with_extension("svg");
-        nanoseek::fsutil::write_atomic(&svg, report.svg().as_bytes())?;
+        nanoseek::fsutil::write_output(&svg, report.svg().as_bytes())?;
         println!("wrote {} and {}", out.display(), svg.display());
     }
     Ok(())
@@ -632,7 +636,7 @@ fn run_bench(b: &BenchArgs) -> Result<()> {
     let report = nanoseek::bench::run(&opts)?;
     print!("{}", nanoseek::bench::table(&report));
     if let Some(out) = &b.output {
-        nanoseek::fsutil::write_atomic(out, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        nanoseek::fsutil::write_output(out, serde_json::to_string_pretty(&report)?.as_bytes())?;
         println!("wrote {}", out.display());
     }
     Ok(())
@@ -643,13 +647,19 @@ fn run_info(i: &InfoArgs) -> Result<()> {
         anyhow::bail!("--dtype {}: the CPU engine trains in f32 only (bf16 arrives with the CUDA backend)", i.dtype);
     }
     if i.all {
-        print!("{}", nanoseek::info::presets_table()?);
-        return Ok(());
+        return write_stdout(&nanoseek::info::presets_table()?);
     }
     let cfg = i.model.resolve()?;
-    print!("{}", nanoseek::info::report(&i.model.model_size, &cfg));
-    print!("{}", nanoseek::info::memory_report(&cfg, i.device_batch_size, cfg.max_seq_len, i.grad_checkpoint));
-    Ok(())
+    train::micro_batch_tokens(i.device_batch_size, cfg.max_seq_len).context("--device-batch-size")?;
+    write_stdout(&nanoseek::info::report(&i.model.model_size, &cfg))?;
+    write_stdout(&nanoseek::info::memory_report(&cfg, i.device_batch_size, cfg.max_seq_len, i.grad_checkpoint))
+}
+
+/// Prints to stdout, reporting a failed write (a full disk, a closed pipe) as an error, not a panic.
+fn write_stdout(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).and_then(|()| out.flush()).context("cannot write to standard output")
 }
 
 #[derive(Args)]
@@ -763,8 +773,7 @@ fn run_eval(e: EvalArgs) -> Result<()> {
         depth_buckets: e.depth_buckets,
     };
     let r = nanoseek::eval::evaluate(&o)?;
-    println!("{}", serde_json::to_string_pretty(&r).expect("serializable"));
-    Ok(())
+    write_stdout(&format!("{}\n", serde_json::to_string_pretty(&r)?))
 }
 
 fn main() -> ExitCode {

@@ -220,7 +220,7 @@ fn resume_restores_the_routing_bias_bitwise() {
     let b = tempfile::tempdir().unwrap();
     let (src, dst) = (checkpoint::checkpoint_dir(a.path(), 3), checkpoint::checkpoint_dir(b.path(), 3));
     std::fs::create_dir_all(&dst).unwrap();
-    for f in ["model.safetensors", "optim.safetensors", "state.json"] {
+    for f in ["model.safetensors", "optim.safetensors", "state.json", "checksums.json"] {
         std::fs::copy(src.join(f), dst.join(f)).unwrap();
     }
     let mut req = request(micro_moe(), 6, b.path());

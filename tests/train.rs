@@ -66,7 +66,7 @@ fn resume_is_bitwise_identical_to_an_uninterrupted_run() {
     let src = checkpoint::checkpoint_dir(a.path(), 3);
     let dst = checkpoint::checkpoint_dir(b.path(), 3);
     std::fs::create_dir_all(&dst).unwrap();
-    for f in ["model.safetensors", "optim.safetensors", "state.json"] {
+    for f in ["model.safetensors", "optim.safetensors", "state.json", "checksums.json"] {
         std::fs::copy(src.join(f), dst.join(f)).unwrap();
     }
     let kept: String = std::fs::read_to_string(a.path().join("metrics.jsonl"))

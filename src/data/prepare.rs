@@ -236,6 +236,20 @@ pub fn data_vocab_size(path: &Path) -> Result<usize> {
     })
 }
 
+/// Checks that the data's tokenizer.json (if any) parses and that its ids fit the model's vocab_size,
+/// before a run copies it.
+pub fn check_data_tokenizer(data: Option<&Path>, vocab_size: usize) -> Result<()> {
+    let Some(data) = data else { return Ok(()) };
+    if let Some(src) = DataLocation::resolve(data)?.tokenizer_json() {
+        let tok = crate::data::tokenizer::BpeTokenizer::load(&src)?;
+        let ids = tok.inner().get_vocab(true).values().map(|&i| i as usize + 1).max().unwrap_or(0);
+        if ids > vocab_size {
+            bail!("{} has {ids} ids; the model's vocab_size is {vocab_size}", src.display());
+        }
+    }
+    Ok(())
+}
+
 /// Copies the data's tokenizer.json (if any) into a run directory, so the run can decode.
 pub fn copy_tokenizer_to_run(data: Option<&Path>, run_dir: &Path) -> Result<()> {
     let Some(data) = data else { return Ok(()) };
@@ -469,6 +483,16 @@ struct Out {
 
 /// Runs `nanoseek data`. Returns the manifest it wrote.
 pub fn prepare(o: &PrepareOptions) -> Result<Manifest> {
+    // A failed run leaves nothing behind: an output folder it created is removed again.
+    let existed = o.output.exists();
+    let result = prepare_files(o);
+    if result.is_err() && !existed && o.output.is_dir() {
+        let _ = std::fs::remove_dir_all(&o.output);
+    }
+    result
+}
+
+fn prepare_files(o: &PrepareOptions) -> Result<Manifest> {
     if !(0.0..1.0).contains(&o.val_fraction) {
         bail!("--val-fraction {} must be in [0, 1)", o.val_fraction);
     }

@@ -407,6 +407,25 @@ impl ModelConfig {
                 bail!("config: {name} must be positive");
             }
         }
+        // Upper bounds far past any real model keep every size product (parameters, activations,
+        // memory predictions) well inside usize.
+        for (name, v, max) in [
+            ("n_layer", self.n_layer, 1 << 12),
+            ("n_embd", self.n_embd, 1 << 16),
+            ("n_head", self.n_head, 1 << 12),
+            ("head_dim", self.head_dim, 1 << 12),
+            ("ffn_hidden", self.ffn_hidden, 1 << 20),
+            ("max_seq_len", self.max_seq_len, 1 << 24),
+            ("n_routed_experts", self.moe.n_routed_experts, 1 << 12),
+            ("moe_inter_dim", self.moe.moe_inter_dim, 1 << 20),
+            ("n_shared_experts", self.moe.n_shared_experts, 1 << 8),
+            ("index_n_heads", self.index_n_heads, 1 << 12),
+            ("index_head_dim", self.index_head_dim, 1 << 12),
+        ] {
+            if v > max {
+                bail!("config: {name} = {v} is above the supported maximum {max}");
+            }
+        }
         if self.n_head % self.n_kv_head != 0 {
             bail!("config: n_head ({}) must be a multiple of n_kv_head ({})", self.n_head, self.n_kv_head);
         }
@@ -678,7 +697,8 @@ impl ConfigOverrides {
             m.seq_aux_alpha = v;
         }
         if let Some(v) = self.expert_capacity_factor {
-            m.expert_capacity_factor = if v > 0.0 { Some(v) } else { None };
+            // 0 = dropless; anything else (NaN or a negative included) goes to validate().
+            m.expert_capacity_factor = if v == 0.0 { None } else { Some(v) };
         }
         cfg.derive_moe_inter_dim();
         cfg.validate()

@@ -78,6 +78,26 @@ impl OptimConfig {
         if !self.grad_clip.is_finite() || self.grad_clip < 0.0 {
             bail!("grad_clip must be ≥ 0 (0 = off), got {}", self.grad_clip);
         }
+        // The rest come from a saved config.json (resume) rather than flags; checked all the same.
+        if !self.weight_decay.is_finite() || self.weight_decay < 0.0 {
+            bail!("weight_decay must be a finite number ≥ 0, got {}", self.weight_decay);
+        }
+        for (name, v) in
+            [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2), ("muon_momentum", self.muon_momentum)]
+        {
+            if !(0.0..1.0).contains(&v) {
+                bail!("{name} must lie in [0, 1), got {v}");
+            }
+        }
+        if !self.adam_eps.is_finite() || self.adam_eps <= 0.0 {
+            bail!("adam_eps must be a finite number > 0, got {}", self.adam_eps);
+        }
+        if !(1..=64).contains(&self.ns_steps) {
+            bail!("ns_steps (Newton-Schulz iterations of Muon) must be in 1..=64, got {}", self.ns_steps);
+        }
+        if !(0.0..=1.0).contains(&self.final_lr_frac) {
+            bail!("final_lr_frac must lie in [0, 1], got {}", self.final_lr_frac);
+        }
         Ok(())
     }
 }

@@ -3,22 +3,32 @@
 //!                      the model config as JSON in the safetensors metadata under "config")
 //!   optim.safetensors  optimizer state (`<param>.adam_m`, `.adam_v`, `.muon_momentum`)
 //!   state.json         step, data-loader RNG, format version
-//! A checkpoint directory is written under a temporary name, every file fsynced,
-//! then renamed into place: it either exists whole or not at all.
+//!   checksums.json     the SHA-256 of each file above, written last and verified on load
+//!
+//! Crash safety: a checkpoint is written in `.tmp-step_NNNNNN-<pid>`, every file and the folder
+//! fsynced, then renamed into place (over an existing step by an atomic exchange where the file
+//! system has one), so a `step_*` folder is always complete. Only then are older checkpoints
+//! pruned, each renamed to `.trash-*` before it is deleted. Temporaries of dead processes are
+//! removed when the next writer takes the run's lock (see `run_dir`). Only finite model and
+//! optimizer state is saved, and loading checks finiteness and checksums again.
 
-use crate::fsutil::{sync_dir, write_atomic};
+use crate::fsutil::sync_dir;
 use crate::nn::{Model, ModelConfig, Param};
 use crate::optim::Optimizer;
 use crate::rng::Rng;
 use crate::tensor::Tensor;
+use crate::train::run_dir::fault_point;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
-use std::fs;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const FORMAT_VERSION: u32 = 1;
+pub const CHECKSUMS_FILE: &str = "checksums.json";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointState {
@@ -29,16 +39,29 @@ pub struct CheckpointState {
     pub loader_rng: Rng,
 }
 
+/// `checksums.json`: the content hash of every other file of the checkpoint.
+#[derive(Serialize, Deserialize)]
+struct Checksums {
+    algorithm: String,
+    /// file name → lowercase hex digest
+    files: BTreeMap<String, String>,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
     run_dir.join("checkpoints").join(format!("step_{step:06}"))
 }
 
-/// Steps with a complete checkpoint in the run, ascending.
+/// Steps with a checkpoint folder in the run, ascending.
 pub fn list_steps(run_dir: &Path) -> Vec<u64> {
     let mut steps: Vec<u64> = fs::read_dir(run_dir.join("checkpoints"))
         .into_iter()
         .flatten()
         .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .filter_map(|e| e.file_name().to_str()?.strip_prefix("step_")?.parse().ok())
         .collect();
     steps.sort_unstable();
@@ -55,8 +78,71 @@ fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: Option<HashMap<Stri
     Ok(safetensors::serialize(views, metadata)?)
 }
 
+/// The name of the first tensor holding a NaN or an infinity.
+fn first_non_finite(tensors: &[(String, Tensor)]) -> Option<&str> {
+    tensors.iter().find(|(_, t)| t.data.iter().any(|v| !v.is_finite())).map(|(n, _)| n.as_str())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    f.sync_all().with_context(|| format!("cannot sync {}", path.display()))
+}
+
+/// Atomically swaps two paths (Linux `renameat2(RENAME_EXCHANGE)`); false where unsupported.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> bool {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let (Ok(ca), Ok(cb)) = (CString::new(a.as_os_str().as_bytes()), CString::new(b.as_os_str().as_bytes())) else {
+        return false;
+    };
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) == 0 }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_a: &Path, _b: &Path) -> bool {
+    false
+}
+
+/// Moves the complete checkpoint `tmp` to `final_dir`. An existing `final_dir` (resuming from an
+/// older step) stays in place until the new one is: exchanged atomically where possible, else
+/// renamed aside first. The old one ends in `tmp`'s place and is then deleted.
+fn install(tmp: &Path, final_dir: &Path) -> Result<()> {
+    let parent = final_dir.parent().expect("a checkpoint folder has a parent");
+    if final_dir.exists() {
+        if !exchange(tmp, final_dir) {
+            let aside = parent.join(format!(".trash-replaced-{}", std::process::id()));
+            fs::rename(final_dir, &aside).with_context(|| format!("cannot replace {}", final_dir.display()))?;
+            fs::rename(tmp, final_dir)
+                .with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))?;
+            fs::rename(&aside, tmp)?;
+        }
+        sync_dir(parent)?;
+        fault_point("save:after_install");
+        if let Err(e) = fs::remove_dir_all(tmp) {
+            eprintln!("warning: cannot remove the replaced checkpoint (now {}): {e}", tmp.display());
+        }
+        return Ok(());
+    }
+    fs::rename(tmp, final_dir).with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))?;
+    sync_dir(parent)
+}
+
 /// Writes the checkpoint for `state.step` and keeps only the newest `keep` (0 = keep all).
+/// Refuses (writing nothing) when the model or the optimizer state is not finite.
 pub fn save(run_dir: &Path, model: &Model, opt: &Optimizer, state: &CheckpointState, keep: usize) -> Result<PathBuf> {
+    let mut weights: Vec<(String, Tensor)> = model.params.iter().map(|p| (p.name.clone(), p.tensor.clone())).collect();
+    for (l, bias) in model.moe_bias.iter().enumerate().filter(|(_, b)| !b.is_empty()) {
+        weights.push((Model::moe_bias_name(l), Tensor::from_vec(&[bias.len()], bias.clone())));
+    }
+    let optim = opt.state_tensors(model);
+    for (what, tensors) in [("weights", &weights), ("optimizer state", &optim)] {
+        if let Some(name) = first_non_finite(tensors) {
+            bail!("the {what} hold non-finite values (first in '{name}'); step {} was not saved", state.step);
+        }
+    }
     let final_dir = checkpoint_dir(run_dir, state.step);
     let parent = final_dir.parent().unwrap();
     fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
@@ -64,34 +150,75 @@ pub fn save(run_dir: &Path, model: &Model, opt: &Optimizer, state: &CheckpointSt
     let _ = fs::remove_dir_all(&tmp);
     let result = (|| -> Result<()> {
         fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        let mut weights: Vec<(String, Tensor)> =
-            model.params.iter().map(|p| (p.name.clone(), p.tensor.clone())).collect();
-        for (l, bias) in model.moe_bias.iter().enumerate().filter(|(_, b)| !b.is_empty()) {
-            weights.push((Model::moe_bias_name(l), Tensor::from_vec(&[bias.len()], bias.clone())));
-        }
         // One metadata key: safetensors writes a HashMap in arbitrary order, and one key keeps files byte-reproducible.
         let meta = HashMap::from([("config".to_string(), serde_json::to_string(&model.config)?)]);
-        write_atomic(&tmp.join("model.safetensors"), &safetensors_bytes(&weights, Some(meta))?)?;
-        write_atomic(&tmp.join("optim.safetensors"), &safetensors_bytes(&opt.state_tensors(model), None)?)?;
-        write_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(state)?.as_bytes())?;
-        if final_dir.exists() {
-            fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
+        let files = [
+            ("model.safetensors", safetensors_bytes(&weights, Some(meta))?),
+            ("optim.safetensors", safetensors_bytes(&optim, None)?),
+            ("state.json", serde_json::to_string_pretty(state)?.into_bytes()),
+        ];
+        let mut sums = Checksums { algorithm: "sha256".into(), files: BTreeMap::new() };
+        for (name, bytes) in &files {
+            write_synced(&tmp.join(name), bytes)?;
+            sums.files.insert(name.to_string(), sha256_hex(bytes));
+            fault_point(&format!("save:after_{}", name.split('.').next().unwrap()));
         }
-        fs::rename(&tmp, &final_dir).with_context(|| format!("cannot move checkpoint into {}", final_dir.display()))?;
-        sync_dir(parent)
+        write_synced(&tmp.join(CHECKSUMS_FILE), serde_json::to_string_pretty(&sums)?.as_bytes())?;
+        sync_dir(&tmp)?;
+        fault_point("save:before_install");
+        install(&tmp, &final_dir)
     })();
     if let Err(e) = result {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    if keep > 0 {
-        let steps = list_steps(run_dir);
-        for &old in steps.iter().take(steps.len().saturating_sub(keep)) {
-            fs::remove_dir_all(checkpoint_dir(run_dir, old))
-                .with_context(|| format!("cannot prune checkpoint step {old}"))?;
+    prune(run_dir, keep, state.step);
+    Ok(final_dir)
+}
+
+/// Keeps the newest `keep` checkpoints (0 = all) and always `just_saved`. Each pruned folder is
+/// renamed to `.trash-*` first, so no `step_*` folder is ever half-deleted. A failure is a
+/// warning: the new checkpoint is safely in place.
+fn prune(run_dir: &Path, keep: usize, just_saved: u64) {
+    if keep == 0 {
+        return;
+    }
+    let steps = list_steps(run_dir);
+    for &old in steps.iter().take(steps.len().saturating_sub(keep)).filter(|&&s| s != just_saved) {
+        let dir = checkpoint_dir(run_dir, old);
+        let trash = dir.with_file_name(format!(".trash-step_{old:06}-{}", std::process::id()));
+        let removed = fs::rename(&dir, &trash).and_then(|()| {
+            fault_point("prune:after_rename");
+            fs::remove_dir_all(&trash)
+        });
+        if let Err(e) = removed {
+            eprintln!("warning: cannot prune checkpoint step {old} ({}): {e}", dir.display());
         }
     }
-    Ok(final_dir)
+}
+
+/// The bytes of checkpoint file `name`, verified against the checkpoint's `checksums.json`.
+fn read_verified(ckpt_dir: &Path, name: &str) -> Result<Vec<u8>> {
+    let sums_path = ckpt_dir.join(CHECKSUMS_FILE);
+    let text = fs::read_to_string(&sums_path).with_context(|| {
+        format!("cannot read {} (a checkpoint without it is incomplete or predates checksums)", sums_path.display())
+    })?;
+    let sums: Checksums =
+        serde_json::from_str(&text).map_err(|e| anyhow!("corrupt checkpoint file {}: {e}", sums_path.display()))?;
+    if sums.algorithm != "sha256" {
+        bail!("corrupt checkpoint file {}: unknown algorithm '{}'", sums_path.display(), sums.algorithm);
+    }
+    let path = ckpt_dir.join(name);
+    let expected = sums.files.get(name).ok_or_else(|| anyhow!("{} does not list {name}", sums_path.display()))?;
+    let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let found = sha256_hex(&bytes);
+    if &found != expected {
+        bail!(
+            "corrupt checkpoint file {}: its SHA-256 {found} differs from {expected} recorded in {CHECKSUMS_FILE}",
+            path.display()
+        );
+    }
+    Ok(bytes)
 }
 
 /// A parsed safetensors file and its path, for error messages.
@@ -101,10 +228,11 @@ struct TensorFile {
 }
 
 impl TensorFile {
-    fn read(path: &Path) -> Result<TensorFile> {
-        let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    fn read(ckpt_dir: &Path, name: &str) -> Result<TensorFile> {
+        let path = ckpt_dir.join(name);
+        let bytes = read_verified(ckpt_dir, name)?;
         SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("corrupt checkpoint file {}: {e}", path.display()))?;
-        Ok(TensorFile { path: path.to_path_buf(), bytes })
+        Ok(TensorFile { path, bytes })
     }
 
     fn parsed(&self) -> SafeTensors<'_> {
@@ -136,7 +264,7 @@ impl TensorFile {
 
 /// Reads the model config stored in a checkpoint's weights.
 pub fn read_config(ckpt_dir: &Path) -> Result<ModelConfig> {
-    let file = TensorFile::read(&ckpt_dir.join("model.safetensors"))?;
+    let file = TensorFile::read(ckpt_dir, "model.safetensors")?;
     let meta = file.metadata().unwrap_or_default();
     let text =
         meta.get("config").ok_or_else(|| anyhow!("{} has no model config in its metadata", file.path.display()))?;
@@ -148,7 +276,7 @@ pub fn read_config(ckpt_dir: &Path) -> Result<ModelConfig> {
 
 /// Loads the weights of a checkpoint into a new model with `config`.
 pub fn load_model(ckpt_dir: &Path, config: &ModelConfig) -> Result<Model> {
-    let file = TensorFile::read(&ckpt_dir.join("model.safetensors"))?;
+    let file = TensorFile::read(ckpt_dir, "model.safetensors")?;
     let params = Model::expected_shapes(config)
         .into_iter()
         .map(|(name, kind, shape)| Ok(Param { tensor: Tensor::from_vec(&shape, file.get(&name, &shape)?), name, kind }))
@@ -177,9 +305,9 @@ pub fn load(
         bail!("no checkpoint at {}", ckpt_dir.display());
     }
     let state_path = ckpt_dir.join("state.json");
-    let text = fs::read_to_string(&state_path).with_context(|| format!("cannot read {}", state_path.display()))?;
+    let text = read_verified(ckpt_dir, "state.json")?;
     let state: CheckpointState =
-        serde_json::from_str(&text).map_err(|e| anyhow!("corrupt checkpoint file {}: {e}", state_path.display()))?;
+        serde_json::from_slice(&text).map_err(|e| anyhow!("corrupt checkpoint file {}: {e}", state_path.display()))?;
     if state.format_version != FORMAT_VERSION {
         bail!(
             "checkpoint {} has format version {}; this build reads {FORMAT_VERSION}",
@@ -187,9 +315,19 @@ pub fn load(
             state.format_version
         );
     }
+    let folder_step = ckpt_dir.file_name().and_then(|n| n.to_str()?.strip_prefix("step_")?.parse::<u64>().ok());
+    if folder_step.is_some_and(|s| s != state.step) {
+        bail!("corrupt checkpoint file {}: step {} does not match its folder", state_path.display(), state.step);
+    }
     let model = load_model(ckpt_dir, config)?;
     let mut opt = Optimizer::new(&model, opt_config);
-    let file = TensorFile::read(&ckpt_dir.join("optim.safetensors"))?;
-    opt.load_state_tensors(&model, state.step, |name, shape| file.get(name, shape))?;
+    let file = TensorFile::read(ckpt_dir, "optim.safetensors")?;
+    opt.load_state_tensors(&model, state.step, |name, shape| {
+        let values = file.get(name, shape)?;
+        if values.iter().any(|v| !v.is_finite()) {
+            bail!("checkpoint {} holds non-finite optimizer state in '{name}'", ckpt_dir.display());
+        }
+        Ok(values)
+    })?;
     Ok((model, opt, state))
 }

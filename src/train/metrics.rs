@@ -23,9 +23,17 @@ impl MetricsLog {
     /// steps (from the run that went past the checkpoint) are dropped first.
     pub fn open(path: &Path, keep_through_step: Option<u64>) -> Result<MetricsLog> {
         if let Some(k) = keep_through_step {
-            let kept: Vec<Value> =
-                read(path)?.into_iter().filter(|v| v["step"].as_u64().is_some_and(|s| s <= k)).collect();
-            let text: String = kept.iter().map(|v| format!("{v}\n")).collect();
+            // The kept lines keep their original text (re-printing parsed floats could change digits).
+            let old = match std::fs::read_to_string(path) {
+                Ok(text) => text,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+            };
+            let text: String = old
+                .lines()
+                .filter(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["step"].as_u64().is_some_and(|s| s <= k)))
+                .map(|l| format!("{l}\n"))
+                .collect();
             write_atomic(path, text.as_bytes())?;
         }
         let file = OpenOptions::new()
@@ -117,4 +125,21 @@ pub fn moe_load_history(records: &[Value]) -> Vec<LoadHistory> {
         }
     }
     by_layer.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resuming_keeps_the_kept_lines_text_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        // digits a parse-and-print round trip would not keep (f64 holds ~17 significant digits)
+        let kept = "{\"step\":1,\"loss\":4.12345678901234567890123,\"lr_mult\":1e-7}\n{\"step\":2, \"loss\":3.0}\n";
+        std::fs::write(&path, format!("{kept}{{\"step\":3,\"loss\":2.5}}\n{{\"step\":4,\"lo")).unwrap();
+        let mut log = MetricsLog::open(&path, Some(2)).unwrap();
+        log.log(serde_json::json!({"step": 3})).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{kept}{{\"step\":3}}\n"));
+    }
 }

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod events;
 pub mod metrics;
 pub mod plot;
+pub mod run_dir;
 pub mod step;
 pub mod step_cpu;
 pub mod step_cuda;
@@ -87,9 +88,15 @@ impl TrainSettings {
 
     /// Micro-batches per optimizer step; a total that does not divide is an error.
     pub fn grad_accum_steps(&self, seq_len: usize, world: usize) -> Result<usize> {
-        let per_micro = self.device_batch_size * seq_len * world;
         if self.device_batch_size == 0 || self.total_batch_size == 0 {
             bail!("device_batch_size and total_batch_size must be positive");
+        }
+        let per_micro = micro_batch_tokens(self.device_batch_size, seq_len)?
+            .checked_mul(world)
+            .filter(|&n| n <= MAX_BATCH_TOKENS)
+            .ok_or_else(|| anyhow::anyhow!("device_batch_size × max_seq_len × world_size is too large"))?;
+        if self.total_batch_size > MAX_BATCH_TOKENS {
+            bail!("total_batch_size {} is above the supported maximum {MAX_BATCH_TOKENS}", self.total_batch_size);
         }
         if self.total_batch_size % per_micro != 0 {
             bail!(
@@ -102,6 +109,19 @@ impl TrainSettings {
         }
         Ok(self.total_batch_size / per_micro)
     }
+}
+
+/// Most tokens in one micro-batch or one optimizer step (2^30): far past what fits in memory, and
+/// low enough that every activation-size product stays inside usize.
+pub const MAX_BATCH_TOKENS: usize = 1 << 30;
+
+/// Tokens of one micro-batch, `device_batch_size × max_seq_len`, or an error past [`MAX_BATCH_TOKENS`].
+pub fn micro_batch_tokens(device_batch_size: usize, seq_len: usize) -> Result<usize> {
+    device_batch_size.checked_mul(seq_len).filter(|&n| n > 0 && n <= MAX_BATCH_TOKENS).ok_or_else(|| {
+        anyhow::anyhow!(
+            "device_batch_size {device_batch_size} × max_seq_len {seq_len} must be between 1 and {MAX_BATCH_TOKENS} tokens"
+        )
+    })
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -429,6 +449,9 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     if ts.num_iterations == 0 {
         bail!("num_iterations must be positive");
     }
+    if ts.eval_batches == 0 {
+        bail!("eval_batches must be positive");
+    }
     let predicted: usize =
         crate::info::predict_training_bytes(mcfg, ts.device_batch_size, seq, ts.grad_checkpoint).iter().sum();
     // (the host-memory check applies to CPU training; the device allocator reports its own limit)
@@ -449,51 +472,64 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     };
     let val_bytes = val_codec.and_then(|c| crate::eval::target_bytes(&val, ts.eval_batches, c.as_ref()));
 
-    let (mut model, mut opt, start) = match req.resume_from_step {
-        Some(step) => {
-            let dir = checkpoint::checkpoint_dir(&req.run_dir, step);
-            let (model, opt, state) = checkpoint::load(&dir, mcfg, ts.optim.clone())?;
-            if state.step >= ts.num_iterations {
-                bail!("checkpoint step {} is already at or past num_iterations {}", state.step, ts.num_iterations);
-            }
-            loader.rng = state.loader_rng;
-            (model, opt, state.step)
-        }
-        None => {
-            if req.run_dir.join("checkpoints").exists() {
-                bail!(
-                    "run directory {} already holds checkpoints; resume with --resume-from-step or pick another --run",
-                    req.run_dir.display()
-                );
-            }
-            let model = match &ts.init_from {
-                Some(dir) => checkpoint::load_model(dir, mcfg)
-                    .with_context(|| format!("--init-from {}: its weights do not fit this model", dir.display()))?,
-                None => Model::new(mcfg, ts.seed)?,
-            };
-            let opt = Optimizer::new(&model, ts.optim.clone());
-            (model, opt, 0)
-        }
-    };
-
-    model.checkpoint_every = ts.grad_checkpoint;
-    // On CUDA: the explicit step (train::step) on the device; the host model (with its MoE
-    // biases) and optimizer are refreshed from it for checkpoints and sampling.
-    let mut gpu = match req.device {
-        Device::Cpu => None,
-        Device::Cuda(i) => Some(step_cuda::cuda_trainer(i, &model, &opt)?),
-    };
-    if let Some(tr) = &gpu {
-        cuda_memory_setup(tr, mcfg, ts)?;
+    if val.sequential_batch(0).is_none() {
+        bail!(
+            "the validation data is shorter than one batch of device_batch_size {} × max_seq_len {seq} tokens",
+            ts.device_batch_size
+        );
     }
-    std::fs::create_dir_all(&req.run_dir)
-        .with_context(|| format!("cannot create run directory {}", req.run_dir.display()))?;
-    write_atomic(&req.run_dir.join("config.json"), serde_json::to_string_pretty(&req.run)?.as_bytes())?;
-    crate::data::prepare::copy_tokenizer_to_run(ts.data.as_deref(), &req.run_dir)?;
-    let gpu_name = gpu.as_ref().map(|tr| tr.ops.be.name().to_string());
-    crate::report::Hardware::detect(req.device, gpu_name).write(&req.run_dir)?;
-    let events = events::EventWriter::create(&req.run_dir, &ts.optim, req.resume_from_step)?;
-    let mut log = metrics::MetricsLog::open(&req.run_dir.join("metrics.jsonl"), Some(start))?.with_events(events);
+    crate::data::prepare::check_data_tokenizer(ts.data.as_deref(), mcfg.vocab_size)?;
+
+    // From here on this process is the run's only writer; if the setup fails, a run directory it
+    // created is removed again.
+    let run_lock = run_dir::RunLock::acquire(&req.run_dir)?;
+    let setup = (|| {
+        let (mut model, opt, start) = match req.resume_from_step {
+            // Step 0: the saved run again from scratch (e.g. its first checkpoint never completed).
+            Some(step) if step > 0 => {
+                let dir = checkpoint::checkpoint_dir(&req.run_dir, step);
+                let (model, opt, state) = checkpoint::load(&dir, mcfg, ts.optim.clone())?;
+                if state.step >= ts.num_iterations {
+                    bail!("checkpoint step {} is already at or past num_iterations {}", state.step, ts.num_iterations);
+                }
+                loader.rng = state.loader_rng;
+                (model, opt, state.step)
+            }
+            _ => {
+                if req.resume_from_step.is_none() && !checkpoint::list_steps(&req.run_dir).is_empty() {
+                    bail!(
+                        "run directory {} already holds checkpoints; resume with --resume-from-step or pick another --run",
+                        req.run_dir.display()
+                    );
+                }
+                let model = match &ts.init_from {
+                    Some(dir) => checkpoint::load_model(dir, mcfg)
+                        .with_context(|| format!("--init-from {}: its weights do not fit this model", dir.display()))?,
+                    None => Model::new(mcfg, ts.seed)?,
+                };
+                let opt = Optimizer::new(&model, ts.optim.clone());
+                (model, opt, 0)
+            }
+        };
+        model.checkpoint_every = ts.grad_checkpoint;
+        // On CUDA: the explicit step (train::step) on the device; the host model (with its MoE
+        // biases) and optimizer are refreshed from it for checkpoints and sampling.
+        let gpu = match req.device {
+            Device::Cpu => None,
+            Device::Cuda(i) => Some(step_cuda::cuda_trainer(i, &model, &opt)?),
+        };
+        if let Some(tr) = &gpu {
+            cuda_memory_setup(tr, mcfg, ts)?;
+        }
+        write_atomic(&req.run_dir.join("config.json"), serde_json::to_string_pretty(&req.run)?.as_bytes())?;
+        crate::data::prepare::copy_tokenizer_to_run(ts.data.as_deref(), &req.run_dir)?;
+        let gpu_name = gpu.as_ref().map(|tr| tr.ops.be.name().to_string());
+        crate::report::Hardware::detect(req.device, gpu_name).write(&req.run_dir)?;
+        let events = events::EventWriter::create(&req.run_dir, &ts.optim, req.resume_from_step)?;
+        let log = metrics::MetricsLog::open(&req.run_dir.join("metrics.jsonl"), Some(start))?.with_events(events);
+        Ok((model, opt, start, gpu, log))
+    })();
+    let (mut model, mut opt, start, mut gpu, mut log) = run_lock.undo_if_failed(setup)?;
 
     let total = ts.num_iterations;
     let pb = if req.verbose { ProgressBar::new(total) } else { ProgressBar::hidden() };
@@ -527,8 +563,9 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     let log_every = (total / 10).max(1);
     let mut losses = Vec::new();
     let mut val_loss = None;
-    let mut last_ckpt =
-        checkpoint::list_steps(&req.run_dir).last().map(|&s| checkpoint::checkpoint_dir(&req.run_dir, s));
+    // The last good checkpoint of this trajectory: the one resumed from (newer ones on disk may
+    // be from a run that went further, and a fresh start has none).
+    let mut last_ckpt = req.resume_from_step.filter(|&s| s > 0).map(|s| checkpoint::checkpoint_dir(&req.run_dir, s));
     let t0 = Instant::now();
     let mut tokens_done = 0usize;
     for step in start..total {
@@ -552,7 +589,7 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         }
         .map_err(|e| {
             let last = last_ckpt.as_ref().map_or("none".into(), |p| p.display().to_string());
-            e.context(format!("step {} failed; nothing was saved for it (last checkpoint: {last})", step + 1))
+            e.context(format!("step {} failed; nothing was saved for it (last good checkpoint: {last})", step + 1))
         })?;
         let (loss, grad_norm) = (stats.loss, stats.grad_norm);
         let done = step + 1;
@@ -620,7 +657,13 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
                 step: done,
                 loader_rng: loader.rng.clone(),
             };
-            last_ckpt = Some(checkpoint::save(&req.run_dir, &model, &opt, &state, ts.keep_checkpoints)?);
+            let saved = checkpoint::save(&req.run_dir, &model, &opt, &state, ts.keep_checkpoints).map_err(|e| {
+                let last = last_ckpt.as_ref().map_or("none".into(), |p| p.display().to_string());
+                e.context(format!(
+                    "step {done}: no checkpoint written (last good checkpoint: {last}); if the values diverged, try a lower learning rate"
+                ))
+            })?;
+            last_ckpt = Some(saved);
             write_plot(&req.run_dir)?;
         }
     }
