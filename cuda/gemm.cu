@@ -391,16 +391,26 @@ NS_DEV void wgmma_body(const NsGemmParams& p) {
 // copies; every thread waits on the barrier's phase parity (kt / 3) & 1. The
 // buffer refilled at step kt is (kt-1)%3, free once the __syncthreads after the
 // wait has seen every warpgroup finish (wait_group 0) the wgmmas of step kt-1.
-NS_DEV void mbar_wait(uint32_t bar, uint32_t parity) {
+// One non-blocking probe of the barrier's phase (try_wait may suspend the thread
+// for a hardware-chosen while before it answers false).
+NS_DEV bool mbar_try_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done;
     asm volatile(
         "{\n"
         ".reg .pred P;\n"
-        "WAIT:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 P, [%0], %1;\n"
-        "@!P bra WAIT;\n"
-        "}\n" ::"r"(bar),
-        "r"(parity)
+        "mbarrier.try_wait.parity.shared::cta.b64 P, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, P;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
         : "memory");
+    return done != 0;
+}
+
+// Waits for stage `stage`'s tiles; a TMA copy that never completes traps
+// (ns_bounded_wait) instead of hanging the process.
+NS_DEV void mbar_wait(uint32_t bar, uint32_t parity, int stage) {
+    ns_bounded_wait([&] { return mbar_try_wait(bar, parity); }, "gemm_wgmma_tma_nt (TMA mbarrier wait)", stage);
 }
 
 NS_DEV void tma_load_3d(uint32_t dst, const void* tmap, int c0, int c1, int c2, uint32_t bar) {
@@ -449,7 +459,7 @@ NS_DEV void wgmma_tma_nt_body(const NsGemmTmaParams& pt) {
     for (int i = 0; i < 64; i++) acc[i] = 0.0f;
 
     for (int kt = 0; kt < ktiles; kt++) {
-        mbar_wait(bar0 + 8 * (kt % STAGES), (uint32_t)((kt / STAGES) & 1));
+        mbar_wait(bar0 + 8 * (kt % STAGES), (uint32_t)((kt / STAGES) & 1), kt);
         __syncthreads();
         const uint32_t sa = base + (kt % STAGES) * 2 * TILE_BYTES;
         const uint32_t sb = sa + TILE_BYTES;
