@@ -35,11 +35,16 @@ NS_DEV void ns_swiglu_bwd(float g, float u, float d, float& dg, float& du) {
 // No kernel may wait forever on memory another thread, block or the TMA unit
 // writes: a lost arrival would hang the process and every test after it. Each
 // such poll goes through ns_bounded_wait, which gives up after
-// NS_SPIN_LIMIT_NS of wall time (%globaltimer, nanoseconds), prints which
-// wait expired (kernel, block, thread, stage) and traps, so the launch fails
-// with cudaErrorLaunchFailure / CUDA_ERROR_ILLEGAL_INSTRUCTION instead of hanging.
-// A legitimate wait (one TMA tile) lasts microseconds; 4 s leaves room for
-// compute-sanitizer's slowdown.
+// NS_SPIN_LIMIT_NS of wall time (%globaltimer, nanoseconds); the caller then
+// traps, so the launch fails (CUDA_ERROR_ILLEGAL_INSTRUCTION) instead of
+// hanging. A legitimate wait (one TMA tile) lasts microseconds; 4 s leaves
+// room for compute-sanitizer's slowdown.
+//
+// Kernels without wgmma trap through ns_spin_timeout, which first prints the
+// wait, block, thread and stage. Kernels that issue wgmma trap with a bare
+// __trap(): any call in them, printf's vprintf included, makes ptxas serialize
+// their wgmma pipeline (C7510), so the host names the likely cause instead
+// (backend::cuda::err adds it to an illegal-instruction error).
 #define NS_SPIN_LIMIT_NS 4000000000ull
 
 NS_DEV uint64_t ns_globaltimer() {
@@ -48,23 +53,24 @@ NS_DEV uint64_t ns_globaltimer() {
     return t;
 }
 
-// Out of line, so the message and its arguments cost the waiting kernels no registers.
+// Polls ready() until it returns true (then true), or until the wait has
+// lasted NS_SPIN_LIMIT_NS (then false). The clock is read every 64 polls only.
+template <typename Ready>
+NS_DEV bool ns_bounded_wait(Ready ready) {
+    if (ready()) return true;
+    const uint64_t t0 = ns_globaltimer();
+    for (uint32_t polls = 1;; polls++) {
+        if (ready()) return true;
+        if ((polls & 63u) == 0 && ns_globaltimer() - t0 > NS_SPIN_LIMIT_NS) return false;
+    }
+}
+
+// The expiry of a bounded wait in a kernel without wgmma: the message, then the
+// trap. Out of line, so it costs the waiting kernel no registers.
 __device__ __noinline__ void ns_spin_timeout(const char* what, int stage) {
     printf("nanoseek: %s: spin-wait expired after %llu ms (block %d,%d,%d, thread %d, stage %d); trapping\n", what,
            NS_SPIN_LIMIT_NS / 1000000ull, (int)blockIdx.x, (int)blockIdx.y, (int)blockIdx.z, (int)threadIdx.x, stage);
     __trap();
-}
-
-// Polls ready() until it returns true; traps via ns_spin_timeout once the wait
-// has lasted NS_SPIN_LIMIT_NS. The clock is read every 64 polls only.
-template <typename Ready>
-NS_DEV void ns_bounded_wait(Ready ready, const char* what, int stage) {
-    if (ready()) return;
-    const uint64_t t0 = ns_globaltimer();
-    for (uint32_t polls = 1;; polls++) {
-        if (ready()) return;
-        if ((polls & 63u) == 0 && ns_globaltimer() - t0 > NS_SPIN_LIMIT_NS) ns_spin_timeout(what, stage);
-    }
 }
 
 NS_DEV float warp_sum(float v) {

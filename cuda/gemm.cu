@@ -407,10 +407,11 @@ NS_DEV bool mbar_try_wait(uint32_t bar, uint32_t parity) {
     return done != 0;
 }
 
-// Waits for stage `stage`'s tiles; a TMA copy that never completes traps
-// (ns_bounded_wait) instead of hanging the process.
-NS_DEV void mbar_wait(uint32_t bar, uint32_t parity, int stage) {
-    ns_bounded_wait([&] { return mbar_try_wait(bar, parity); }, "gemm_wgmma_tma_nt (TMA mbarrier wait)", stage);
+// Waits for a stage's tiles; a TMA copy that never completes traps after
+// NS_SPIN_LIMIT_NS instead of hanging the process. A bare trap, no message:
+// a printf call here would serialize the kernel's wgmma pipeline (common.cuh).
+NS_DEV void mbar_wait(uint32_t bar, uint32_t parity) {
+    if (!ns_bounded_wait([&] { return mbar_try_wait(bar, parity); })) __trap();
 }
 
 NS_DEV void tma_load_3d(uint32_t dst, const void* tmap, int c0, int c1, int c2, uint32_t bar) {
@@ -459,7 +460,7 @@ NS_DEV void wgmma_tma_nt_body(const NsGemmTmaParams& pt) {
     for (int i = 0; i < 64; i++) acc[i] = 0.0f;
 
     for (int kt = 0; kt < ktiles; kt++) {
-        mbar_wait(bar0 + 8 * (kt % STAGES), (uint32_t)((kt / STAGES) & 1), kt);
+        mbar_wait(bar0 + 8 * (kt % STAGES), (uint32_t)((kt / STAGES) & 1));
         __syncthreads();
         const uint32_t sa = base + (kt % STAGES) * 2 * TILE_BYTES;
         const uint32_t sb = sa + TILE_BYTES;

@@ -7,7 +7,8 @@
 #   scripts/regen-ptx.sh           regenerate ptx/ in place
 #   scripts/regen-ptx.sh --check   fail (exit 1) when ptx/ differs from a fresh build
 #
-# Both modes fail when a GEMM or attention kernel spills registers on sm_90a.
+# Both modes fail when a GEMM or attention kernel spills registers on sm_90a, or when
+# ptxas serializes a wgmma pipeline (C7510, a call inside a wgmma kernel).
 # Environment: NVCC overrides the compiler (it must still be release 13.0, V13.0.88,
 # because the PTX must match the committed files byte for byte and load on the
 # GPU machine's CUDA 13.0 driver).
@@ -91,6 +92,12 @@ sort "$report"
 bad=$(awk '($1 == "gemm" || $1 == "attention") && ($5 > 0 || $6 > 0) { print $2 }' "$report")
 if [[ -n "$bad" ]]; then
     echo "regen-ptx: register spills in GEMM/attention kernels: $bad" >&2
+    exit 1
+fi
+# C7510: a call (printf included) inside a wgmma kernel serializes its wgmma pipeline
+if grep -l 'C7510' "$tmp"/*.ptxas >/dev/null 2>&1; then
+    grep -h 'C7510' "$tmp"/*.ptxas | sort -u >&2
+    echo "regen-ptx: ptxas serializes wgmma (C7510): no calls in wgmma kernels (see cuda/common.cuh)" >&2
     exit 1
 fi
 

@@ -89,8 +89,24 @@ impl std::error::Error for CudaError {}
 pub type CudaResult<T> = Result<T, CudaError>;
 
 pub(crate) fn err<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> CudaError + '_ {
-    move |e| CudaError(format!("{what}: {e:?}"))
+    move |e| {
+        let detail = format!("{e:?}");
+        CudaError(format!("{what}: {detail}{}", trap_hint(&detail)))
+    }
 }
+
+/// What an illegal-instruction error (a kernel's `trap`, reported at the next synchronizing
+/// call, not necessarily by the launch that trapped) most likely means in this crate.
+pub fn trap_hint(driver_error: &str) -> &'static str {
+    if driver_error.contains("CUDA_ERROR_ILLEGAL_INSTRUCTION") {
+        " (a kernel trapped: a bounded spin-wait expired, such as the TMA mbarrier wait of \
+         gemm_wgmma_tma_nt_* (try NANOSEEK_WGMMA_NO_TMA=1), or a kernel ran on a target it was not built for; \
+         kernels without wgmma print the expired wait on stdout)"
+    } else {
+        ""
+    }
+}
+
 
 /// Raw module / function handles (owned by the context, which outlives them).
 #[derive(Clone, Copy)]
