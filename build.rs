@@ -1,13 +1,16 @@
 //! Build script: provides the PTX of the CUDA kernels (`cuda/*.cu`) to the crate
-//! as `EMBEDDED_PTX` in `$OUT_DIR/embedded_ptx.rs`, one entry per (family, target), deflated.
+//! as `EMBEDDED_PTX` in `$OUT_DIR/embedded_ptx.rs`, one entry per (family, target), deflated,
+//! and beside it `EMBEDDED_CUBIN`, the `sm_90a` SASS (cubin) of every family, also deflated, so
+//! that module load on Hopper needs no JIT (ptxas takes seconds per family), and
+//! `KERNEL_FAMILIES`, the stems of `cuda/*.cu` (what both lists must cover).
 //!
 //! Where the PTX comes from (`NANOSEEK_NVCC` decides; see also `ptx/README.md`):
-//! - unset (default): the committed `ptx/` when its `MANIFEST` source hashes match
-//!   `cuda/` (no compiler runs, so the normal build stays fast); when `cuda/` has
+//! - unset (default): the committed `ptx/` (PTX and cubins) when its `MANIFEST` source
+//!   hashes match `cuda/` (no compiler runs, so the normal build stays fast); when `cuda/` has
 //!   changed and an nvcc is found (env `NVCC`, `$CUDA_HOME/bin/nvcc`,
-//!   `.cuda/nvidia/cu13/bin/nvcc`, `PATH`), every `cuda/*.cu` is compiled into
-//!   `OUT_DIR` and that is embedded; with no nvcc, the stale `ptx/` is embedded
-//!   with a warning.
+//!   `.cuda/nvidia/cu13/bin/nvcc`, `PATH`), every `cuda/*.cu` is compiled (PTX per target
+//!   and the sm_90a cubin) into `OUT_DIR` and that is embedded; with no nvcc, the stale
+//!   `ptx/` is embedded with a warning.
 //! - `1`: always compile with nvcc (an error when none is found).
 //! - `0`: always embed the committed `ptx/`.
 //!
@@ -23,6 +26,9 @@ use std::process::Command;
 const TARGETS: [&str; 2] = ["sm_90a", "sm_80"];
 /// Keep in step with `FLAGS` in scripts/regen-ptx.sh.
 const NVCC_FLAGS: [&str; 3] = ["-std=c++17", "-O3", "--ptx"];
+/// The targets whose SASS is embedded too, and its flags (keep in step with scripts/regen-ptx.sh).
+const CUBIN_TARGETS: [&str; 1] = ["sm_90a"];
+const CUBIN_FLAGS: [&str; 3] = ["-std=c++17", "-O3", "-cubin"];
 
 fn main() {
     println!("cargo:rerun-if-changed=ptx");
@@ -41,6 +47,7 @@ fn main() {
         _ => !fresh,
     };
     let mut entries: Vec<(String, String, PathBuf)> = Vec::new(); // (family, target, file)
+    let mut cubins: Vec<(String, String, PathBuf)> = Vec::new(); // (family, target, file)
     let mut compiled = false;
     if compile {
         match find_nvcc() {
@@ -51,16 +58,13 @@ fn main() {
                     let fam = stem(src);
                     for target in TARGETS {
                         let dst = dir.join(format!("{fam}.{target}.ptx"));
-                        let status = Command::new(&nvcc)
-                            .args(NVCC_FLAGS)
-                            .arg(format!("-arch={target}"))
-                            .arg(src)
-                            .arg("-o")
-                            .arg(&dst)
-                            .status()
-                            .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
-                        assert!(status.success(), "nvcc failed on {} for {target}", src.display());
+                        run_nvcc(&nvcc, &NVCC_FLAGS, target, src, &dst);
                         entries.push((fam.clone(), target.to_string(), dst));
+                    }
+                    for target in CUBIN_TARGETS {
+                        let dst = dir.join(format!("{fam}.{target}.cubin"));
+                        run_nvcc(&nvcc, &CUBIN_FLAGS, target, src, &dst);
+                        cubins.push((fam.clone(), target.to_string(), dst));
                     }
                 }
                 compiled = true;
@@ -85,6 +89,13 @@ fn main() {
                 entries.push((fam.to_string(), target.to_string(), p.clone()));
             }
         }
+        for p in list("ptx", &["cubin"]) {
+            // ptx/<family>.<target>.cubin
+            let name = stem(&p);
+            if let Some((fam, target)) = name.split_once('.') {
+                cubins.push((fam.to_string(), target.to_string(), p.clone()));
+            }
+        }
     }
 
     // Embedded deflated (PTX text shrinks about tenfold): the binaries, the test executables and
@@ -101,6 +112,24 @@ fn main() {
         writeln!(list, "    ({fam:?}, {target:?}, include_bytes!({:?})),", z.display().to_string()).unwrap();
     }
     list.push_str("];\n");
+    // Cubins (ELF) deflate about sixfold.
+    list.push_str(
+        "/// The SASS of every kernel family per target: (family, target such as \"sm_90a\", deflated cubin).\npub const EMBEDDED_CUBIN: &[(&str, &str, &[u8])] = &[\n",
+    );
+    for (fam, target, path) in &cubins {
+        let image = std::fs::read(path).expect("read cubin");
+        let z = zdir.join(format!("{fam}.{target}.cubin.deflate"));
+        std::fs::write(&z, miniz_oxide::deflate::compress_to_vec(&image, 9)).expect("write deflated cubin");
+        writeln!(list, "    ({fam:?}, {target:?}, include_bytes!({:?})),", z.display().to_string()).unwrap();
+    }
+    list.push_str("];\n");
+    list.push_str(
+        "/// The kernel families, the stems of `cuda/*.cu` at build time.\npub const KERNEL_FAMILIES: &[&str] = &[",
+    );
+    for src in &sources {
+        write!(list, "{:?}, ", stem(src)).unwrap();
+    }
+    list.push_str("];\n");
     writeln!(
         list,
         "/// Where `EMBEDDED_PTX` came from: \"nvcc\" (compiled by this build) or \"ptx/\" (committed).\npub const PTX_SOURCE: &str = {:?};",
@@ -108,6 +137,19 @@ fn main() {
     )
     .unwrap();
     std::fs::write(out.join("embedded_ptx.rs"), list).expect("write embedded_ptx.rs");
+}
+
+/// Compiles `src` for `target` with `flags` into `dst`; panics with what failed.
+fn run_nvcc(nvcc: &Path, flags: &[&str], target: &str, src: &Path, dst: &Path) {
+    let status = Command::new(nvcc)
+        .args(flags)
+        .arg(format!("-arch={target}"))
+        .arg(src)
+        .arg("-o")
+        .arg(dst)
+        .status()
+        .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
+    assert!(status.success(), "nvcc failed on {} for {target} ({})", src.display(), flags.join(" "));
 }
 
 fn stem(p: &Path) -> String {

@@ -1,9 +1,11 @@
 // Shared device helpers of the kernel families: bf16 conversion, warp and
 // block reductions, 16-byte vector access, the SwiGLU formula, and the
-// mma.sync / ldmatrix / cp.async wrappers of the tensor-core kernels.
+// mma.sync / ldmatrix / cp.async wrappers of the tensor-core kernels, and the
+// bounded spin-wait (ns_bounded_wait) every poll of shared state goes through.
 #pragma once
 #include <cuda_bf16.h>
 #include <stdint.h>
+#include <cstdio>
 #include "abi.h"
 
 typedef __nv_bfloat16 bf16;
@@ -27,6 +29,48 @@ NS_DEV void ns_swiglu_bwd(float g, float u, float d, float& dg, float& du) {
     const float s = ns_sigmoid(g);
     du = d * g * s;
     dg = d * u * s * (1.0f + g * (1.0f - s));
+}
+
+// ---- bounded spin-waits ----
+// No kernel may wait forever on memory another thread, block or the TMA unit
+// writes: a lost arrival would hang the process and every test after it. Each
+// such poll goes through ns_bounded_wait, which gives up after
+// NS_SPIN_LIMIT_NS of wall time (%globaltimer, nanoseconds); the caller then
+// traps, so the launch fails (CUDA_ERROR_ILLEGAL_INSTRUCTION) instead of
+// hanging. A legitimate wait (one TMA tile) lasts microseconds; 4 s leaves
+// room for compute-sanitizer's slowdown.
+//
+// Kernels without wgmma trap through ns_spin_timeout, which first prints the
+// wait, block, thread and stage. Kernels that issue wgmma trap with a bare
+// __trap(): any call in them, printf's vprintf included, makes ptxas serialize
+// their wgmma pipeline (C7510), so the host names the likely cause instead
+// (backend::cuda::err adds it to an illegal-instruction error).
+#define NS_SPIN_LIMIT_NS 4000000000ull
+
+NS_DEV uint64_t ns_globaltimer() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+    return t;
+}
+
+// Polls ready() until it returns true (then true), or until the wait has
+// lasted NS_SPIN_LIMIT_NS (then false). The clock is read every 64 polls only.
+template <typename Ready>
+NS_DEV bool ns_bounded_wait(Ready ready) {
+    if (ready()) return true;
+    const uint64_t t0 = ns_globaltimer();
+    for (uint32_t polls = 1;; polls++) {
+        if (ready()) return true;
+        if ((polls & 63u) == 0 && ns_globaltimer() - t0 > NS_SPIN_LIMIT_NS) return false;
+    }
+}
+
+// The expiry of a bounded wait in a kernel without wgmma: the message, then the
+// trap. Out of line, so it costs the waiting kernel no registers.
+__device__ __noinline__ void ns_spin_timeout(const char* what, int stage) {
+    printf("nanoseek: %s: spin-wait expired after %llu ms (block %d,%d,%d, thread %d, stage %d); trapping\n", what,
+           NS_SPIN_LIMIT_NS / 1000000ull, (int)blockIdx.x, (int)blockIdx.y, (int)blockIdx.z, (int)threadIdx.x, stage);
+    __trap();
 }
 
 NS_DEV float warp_sum(float v) {

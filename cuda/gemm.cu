@@ -391,16 +391,27 @@ NS_DEV void wgmma_body(const NsGemmParams& p) {
 // copies; every thread waits on the barrier's phase parity (kt / 3) & 1. The
 // buffer refilled at step kt is (kt-1)%3, free once the __syncthreads after the
 // wait has seen every warpgroup finish (wait_group 0) the wgmmas of step kt-1.
-NS_DEV void mbar_wait(uint32_t bar, uint32_t parity) {
+// One non-blocking probe of the barrier's phase (try_wait may suspend the thread
+// for a hardware-chosen while before it answers false).
+NS_DEV bool mbar_try_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done;
     asm volatile(
         "{\n"
         ".reg .pred P;\n"
-        "WAIT:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 P, [%0], %1;\n"
-        "@!P bra WAIT;\n"
-        "}\n" ::"r"(bar),
-        "r"(parity)
+        "mbarrier.try_wait.parity.shared::cta.b64 P, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, P;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
         : "memory");
+    return done != 0;
+}
+
+// Waits for a stage's tiles; a TMA copy that never completes traps after
+// NS_SPIN_LIMIT_NS instead of hanging the process. A bare trap, no message:
+// a printf call here would serialize the kernel's wgmma pipeline (common.cuh).
+NS_DEV void mbar_wait(uint32_t bar, uint32_t parity) {
+    if (!ns_bounded_wait([&] { return mbar_try_wait(bar, parity); })) __trap();
 }
 
 NS_DEV void tma_load_3d(uint32_t dst, const void* tmap, int c0, int c1, int c2, uint32_t bar) {

@@ -131,7 +131,7 @@ torch_baselines() {
         echo "figure: torch sees no CUDA device"
         return 77
     fi
-    python3 scripts/torch_baselines.py --out "$out/torch_baselines.json" --budget-s 90
+    python3 scripts/torch_baselines.py --out "$out/torch_baselines.json" --budget-s 80
 }
 
 bench() {
@@ -141,7 +141,7 @@ bench() {
     fi
     local base=()
     [[ -s "$out/torch_baselines.json" ]] && base=(--baseline "$out/torch_baselines.json")
-    ./nanoseek bench --device cuda "${base[@]}" --budget-s 100 --row-budget-s 15 --output "$out/bench.jsonl"
+    ./nanoseek bench --device cuda "${base[@]}" --budget-s 85 --row-budget-s 15 --output "$out/bench.jsonl"
 }
 
 # `small` for 60 s on the GPU: tokens/s, MFU and peak memory by category (metrics.jsonl is

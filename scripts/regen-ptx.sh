@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Regenerates the committed PTX in ptx/ from cuda/*.cu with the pinned nvcc
-# (CUDA 13.0, installed by scripts/install-cuda-toolchain.sh), writes
-# ptx/MANIFEST (nvcc version, targets, flags, sha256 of every source and PTX),
+# Regenerates the committed PTX and sm_90a cubins in ptx/ from cuda/*.cu with the
+# pinned nvcc (CUDA 13.0, installed by scripts/install-cuda-toolchain.sh), writes
+# ptx/MANIFEST (nvcc version, targets, flags, sha256 of every source, PTX and cubin),
 # and prints the `ptxas -v` register / shared-memory / spill report for sm_90a.
+# The cubin (sm_90a SASS) is what Hopper loads without a JIT; nvcc writes it byte for
+# byte the same on every run and in any checkout folder, so --check compares it like the PTX.
 #
 #   scripts/regen-ptx.sh           regenerate ptx/ in place
 #   scripts/regen-ptx.sh --check   fail (exit 1) when ptx/ differs from a fresh build
 #
-# Both modes fail when a GEMM or attention kernel spills registers on sm_90a.
+# Both modes fail when a GEMM or attention kernel spills registers on sm_90a, or when
+# ptxas serializes a wgmma pipeline (C7510, a call inside a wgmma kernel).
 # Environment: NVCC overrides the compiler (it must still be release 13.0, V13.0.88,
 # because the PTX must match the committed files byte for byte and load on the
 # GPU machine's CUDA 13.0 driver).
@@ -18,8 +21,10 @@ MODE=${1:-write}
 NVCC=${NVCC:-$PWD/.cuda/nvidia/cu13/bin/nvcc}
 PIN="release 13.0, V13.0.88"
 TARGETS=(sm_90a sm_80)
-# Keep in step with build.rs (NVCC_FLAGS there).
+# Keep in step with build.rs (NVCC_FLAGS, CUBIN_TARGETS and CUBIN_FLAGS there).
 FLAGS=(-std=c++17 -O3 --ptx)
+CUBIN_TARGETS=(sm_90a)
+CUBIN_FLAGS=(-std=c++17 -O3 -cubin)
 
 if [[ ! -x "$NVCC" ]]; then
     echo "regen-ptx: no nvcc at $NVCC (run scripts/install-cuda-toolchain.sh or set NVCC)" >&2
@@ -46,11 +51,15 @@ for src in "${sources[@]}"; do
         "$NVCC" "${FLAGS[@]}" -arch="$arch" "$src" -o "$tmp/ptx/$fam.$arch.ptx" &
         jobs+=($!)
     done
-    # register report for sm_90a (cubin only for ptxas -v; not kept)
+    for arch in "${CUBIN_TARGETS[@]}"; do
+        "$NVCC" "${CUBIN_FLAGS[@]}" -arch="$arch" "$src" -o "$tmp/ptx/$fam.$arch.cubin" &
+        jobs+=($!)
+    done
+    # register report for sm_90a (a separate cubin, not kept: -Xptxas -v changes its bytes)
     "$NVCC" -std=c++17 -O3 -cubin -arch=sm_90a -Xptxas -v "$src" -o "$tmp/$fam.cubin" >"$tmp/$fam.ptxas" 2>&1 &
     jobs+=($!)
     # at most ~2 files in flight (2-core machines)
-    if (( ${#jobs[@]} >= 6 )); then
+    if (( ${#jobs[@]} >= 8 )); then
         for j in "${jobs[@]}"; do wait "$j"; done
         jobs=()
     fi
@@ -63,11 +72,16 @@ for j in "${jobs[@]}"; do wait "$j"; done
     echo "nvcc: $version"
     echo "targets: ${TARGETS[*]}"
     echo "flags: ${FLAGS[*]}"
+    echo "cubin targets: ${CUBIN_TARGETS[*]}"
+    echo "cubin flags: ${CUBIN_FLAGS[*]}"
     for f in "${headers[@]}" "${sources[@]}"; do
         echo "source $(sha256sum "$f" | cut -d' ' -f1) $f"
     done
     for f in "$tmp"/ptx/*.ptx; do
         echo "ptx $(sha256sum "$f" | cut -d' ' -f1) ptx/$(basename "$f")"
+    done
+    for f in "$tmp"/ptx/*.cubin; do
+        echo "cubin $(sha256sum "$f" | cut -d' ' -f1) ptx/$(basename "$f")"
     done
 } >"$tmp/ptx/MANIFEST"
 
@@ -93,17 +107,23 @@ if [[ -n "$bad" ]]; then
     echo "regen-ptx: register spills in GEMM/attention kernels: $bad" >&2
     exit 1
 fi
+# C7510: a call (printf included) inside a wgmma kernel serializes its wgmma pipeline
+if grep -l 'C7510' "$tmp"/*.ptxas >/dev/null 2>&1; then
+    grep -h 'C7510' "$tmp"/*.ptxas | sort -u >&2
+    echo "regen-ptx: ptxas serializes wgmma (C7510): no calls in wgmma kernels (see cuda/common.cuh)" >&2
+    exit 1
+fi
 
 if [[ "$MODE" == "--check" ]]; then
     if diff -r -q ptx "$tmp/ptx" >/dev/null; then
-        echo "regen-ptx: ptx/ is current ($(ls "$tmp"/ptx/*.ptx | wc -l) PTX files, $version)"
+        echo "regen-ptx: ptx/ is current ($(ls "$tmp"/ptx/*.ptx | wc -l) PTX files, $(ls "$tmp"/ptx/*.cubin | wc -l) cubins, $version)"
     else
         echo "regen-ptx: ptx/ is STALE; run scripts/regen-ptx.sh and commit ptx/:" >&2
         diff -r -q ptx "$tmp/ptx" >&2 || true
         exit 1
     fi
 else
-    rm -f ptx/*.ptx ptx/MANIFEST
-    cp "$tmp"/ptx/*.ptx "$tmp/ptx/MANIFEST" ptx/
-    echo "regen-ptx: wrote $(ls ptx/*.ptx | wc -l) PTX files and ptx/MANIFEST"
+    rm -f ptx/*.ptx ptx/*.cubin ptx/MANIFEST
+    cp "$tmp"/ptx/*.ptx "$tmp"/ptx/*.cubin "$tmp/ptx/MANIFEST" ptx/
+    echo "regen-ptx: wrote $(ls ptx/*.ptx | wc -l) PTX files, $(ls ptx/*.cubin | wc -l) cubins and ptx/MANIFEST"
 fi

@@ -10,15 +10,33 @@ global block mask, dense SDPA at long T, a PyTorch MoE layer, see
 sparse_baselines). Prints a table and writes JSON: for each case the shape,
 median milliseconds, and the achieved TFLOP/s or GB/s.
 
-    python3 scripts/torch_baselines.py [--out FILE.json] [--quick]
+The JSON ({"device", "torch", "cases": [...]}, what `nanoseek bench --baseline` reads) is
+rewritten atomically after every case, so a run killed by a timeout keeps every finished
+case. Once --budget-s seconds have passed, no further case starts: the file records
+"skipped": "over total budget" and the script exits 0 with what it has.
+
+    python3 scripts/torch_baselines.py [--out FILE.json] [--quick] [--budget-s SECONDS]
 """
 import argparse
 import json
+import os
 import sys
+import time
+
+# time.monotonic() after which no case starts (set by main from --budget-s).
+DEADLINE = None
+
+
+class OverBudget(BaseException):
+    """The total budget is spent. A BaseException, so the `except Exception` around optional
+    baselines does not swallow it."""
 
 
 def bench(fn, warmup=3, iters=20):
     import torch
+
+    if DEADLINE is not None and time.monotonic() > DEADLINE:
+        raise OverBudget()
 
     for _ in range(warmup):
         fn()
@@ -208,15 +226,30 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="torch_baselines.json")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=200.0,
+                    help="start no case after this many seconds (default 200)")
     args = ap.parse_args()
+    if not args.budget_s > 0:
+        print(f"error: --budget-s must be positive, not {args.budget_s}", file=sys.stderr)
+        return 2
+    global DEADLINE
+    DEADLINE = time.monotonic() + args.budget_s
     import torch
-    import torch.nn.functional as F
 
     if not torch.cuda.is_available():
         print("torch_baselines: no CUDA device", file=sys.stderr)
         return 1
-    dev, bf = "cuda", torch.bfloat16
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": []}
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "quick": args.quick,
+               "budget_s": args.budget_s, "cases": []}
+
+    def save():
+        # write a temporary file and rename it: a kill mid-write never leaves a torn JSON
+        tmp = f"{args.out}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, args.out)
 
     def record(kind, name, shape, ms, flops=None, nbytes=None):
         r = {"kind": kind, "name": name, "shape": shape, "ms": ms}
@@ -227,8 +260,25 @@ def main():
         results["cases"].append(r)
         rate = f"{r['tflops']:.1f} TFLOP/s" if flops else f"{r['gbps']:.0f} GB/s"
         print(f"{kind:10s} {name:28s} {str(shape):32s} {ms:8.3f} ms  {rate}", flush=True)
-        with open(args.out, "w") as f:  # rewritten per case, so a timeout keeps what was measured
-            json.dump(results, f, indent=1)
+        save()  # after every case, so a timeout keeps what was measured
+
+    save()
+    try:
+        all_cases(args, record)
+    except OverBudget:
+        results["skipped"] = "over total budget"
+        print(f"torch_baselines: --budget-s {args.budget_s:g} spent; the remaining cases are skipped",
+              file=sys.stderr)
+    save()
+    print(f"torch_baselines: wrote {args.out} ({len(results['cases'])} cases)")
+    return 0
+
+
+def all_cases(args, record):
+    import torch
+    import torch.nn.functional as F
+
+    dev, bf = "cuda", torch.bfloat16
 
     # GEMM (cuBLAS): 4096^3 and the small/medium training shapes (tokens x n_embd x out)
     gemms = [(4096, 4096, 4096), (16384, 768, 3072), (16384, 3072, 768), (16384, 1024, 4096)]
@@ -283,11 +333,6 @@ def main():
 
     sparse_baselines(args, record, bench)
     epilogue_baselines(record, bench)
-
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"torch_baselines: wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

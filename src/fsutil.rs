@@ -38,6 +38,13 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 /// regular file or absent; through a symlink to its target (the link stays a link); devices,
 /// FIFOs, sockets and folders are refused rather than replaced.
 pub fn write_output(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(&output_target(path)?, bytes)
+}
+
+/// The file a user-named output `path` writes: `path` itself when it is a regular file or absent,
+/// the end of its chain of symlinks otherwise; devices, FIFOs, sockets and folders are refused.
+/// For outputs written as they grow (`bench --output`, JSON lines) rather than atomically.
+pub fn output_target(path: &Path) -> Result<std::path::PathBuf> {
     let mut target = path.to_path_buf();
     // Follow a chain of links (bounded: a loop is an error, not a hang).
     for _ in 0..40 {
@@ -46,12 +53,12 @@ pub fn write_output(path: &Path, bytes: &[u8]) -> Result<()> {
                 let link = fs::read_link(&target).with_context(|| format!("cannot read link {}", target.display()))?;
                 target = target.parent().unwrap_or(Path::new("")).join(link);
             }
-            Ok(m) if m.is_file() => return write_atomic(&target, bytes),
+            Ok(m) if m.is_file() => return Ok(target),
             Ok(m) => {
                 let kind = if m.is_dir() { "a folder" } else { "not a regular file (a device, FIFO or socket)" };
                 anyhow::bail!("refusing to write {}: it is {kind}", path.display());
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return write_atomic(&target, bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(target),
             Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", target.display())),
         }
     }

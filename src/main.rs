@@ -78,9 +78,16 @@ struct BenchArgs {
     /// every engine either way (cuBLASLt when its library loads, wgmma on 9.0).
     #[arg(long, default_value = "native", value_parser = ["native", "cublaslt", "wgmma"])]
     gemm: String,
-    /// Write the report as JSON here.
+    /// Write the report here as JSON lines, appended and flushed as each case finishes: the run's
+    /// facts, one line per case (timed or skipped), a summary.
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Skip a case whose warm-up call alone takes longer than this, and its larger shapes.
+    #[arg(long, default_value_t = nanoseek::bench::ROW_BUDGET_S)]
+    row_budget_s: f64,
+    /// Skip every case left once this many seconds have passed (the command still exits 0).
+    #[arg(long, default_value_t = nanoseek::bench::TOTAL_BUDGET_S)]
+    budget_s: f64,
 }
 
 #[derive(Args)]
@@ -631,13 +638,26 @@ fn run_bench(b: &BenchArgs) -> Result<()> {
         },
     };
     let gemm = select_gemm(&b.gemm)?;
-    let opts =
-        nanoseek::bench::BenchOptions { ordinal, quick: b.quick, baseline: b.baseline.clone(), iters: b.iters, gemm };
+    let opts = nanoseek::bench::BenchOptions {
+        ordinal,
+        quick: b.quick,
+        baseline: b.baseline.clone(),
+        iters: b.iters,
+        gemm,
+        row_budget_s: b.row_budget_s,
+        budget_s: b.budget_s,
+        output: b.output.clone(),
+    };
     let report = nanoseek::bench::run(&opts)?;
+    // The rows were printed as they finished; the whole table again, with the skipped cases last.
+    println!("\nsummary: {} cases timed, {} skipped", report.rows.len(), report.skipped.len());
     print!("{}", nanoseek::bench::table(&report));
     if let Some(out) = &b.output {
-        nanoseek::fsutil::write_output(out, serde_json::to_string_pretty(&report)?.as_bytes())?;
         println!("wrote {}", out.display());
+    }
+    let bad = report.non_finite();
+    if !bad.is_empty() {
+        anyhow::bail!("{} case(s) wrote NaN or infinite outputs: {}", bad.len(), bad.join("; "));
     }
     Ok(())
 }

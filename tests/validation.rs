@@ -148,7 +148,9 @@ fn hangs_and_panics_of_the_other_commands_are_errors() {
     let mut ids: Vec<u32> = (0..400).map(|i| i % 50).collect();
     *ids.last_mut().unwrap() = u32::MAX;
     write_shard(&d.join("wide.bin"), &ids, 1 << 32).unwrap();
-    refused(&nanoseek(&["eval", "--model-path", "runs/r", "--data", "wide.bin"], d, b""), "out of range");
+    refused(&nanoseek(&["eval", "--model-path", "runs/r", "--data", "wide.bin"], d, b""), "vocabulary");
+    write_shard(&d.join("bad-id.bin"), &ids, 4096).unwrap();
+    refused(&nanoseek(&["eval", "--model-path", "runs/r", "--data", "bad-id.bin"], d, b""), "out of range");
     let demo = |extra: &[&str], stdin: &[u8]| {
         let mut a = vec!["demo", "--model-path", "runs/r", "--max-new-tokens", "2"];
         a.extend_from_slice(extra);

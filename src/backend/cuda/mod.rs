@@ -1,8 +1,8 @@
 //! CUDA runtime: device discovery that never panics without a driver (cudarc is
 //! built with dynamic loading, so nothing CUDA is needed at build time), one
-//! context and one stream per [`CudaBackend`], lazy loading of the embedded PTX
-//! (the `sm_90a` build on compute capability 9.0, the portable `sm_80` build
-//! elsewhere), a caching allocator that reports current and peak bytes per memory
+//! context and one stream per [`CudaBackend`], lazy loading of the embedded kernel
+//! images ([`embedded`]: the `sm_90a` SASS on compute capability 9.0, no JIT, with the
+//! `sm_90a` PTX as its fallback; the portable `sm_80` PTX elsewhere), a caching allocator that reports current and peak bytes per memory
 //! category and turns out-of-memory into an error that says what to change
 //! ([`memory`]), and typed launch wrappers per kernel family, each named like its
 //! CPU twin in `src/backend/cpu/` and its kernels in `cuda/<family>.cu`.
@@ -16,6 +16,7 @@ pub mod attention;
 pub mod cublaslt;
 pub mod dsa;
 pub mod elementwise;
+pub mod embedded;
 pub mod embedding;
 pub mod gemm;
 pub mod loss;
@@ -35,8 +36,10 @@ use std::sync::{Arc, Mutex};
 use crate::memory::Category;
 pub use memory::{check_fits, CategoryScope, CategoryStats, DeviceBuffer, MemoryStats};
 
-// The PTX of every kernel family per target, embedded by build.rs.
-include!(concat!(env!("OUT_DIR"), "/embedded_ptx.rs"));
+pub use embedded::{
+    check_cuda_elf, cubin_target, embedded_cubin, embedded_ptx, ptx_target, EMBEDDED_CUBIN, EMBEDDED_PTX,
+    KERNEL_FAMILIES, PTX_SOURCE,
+};
 
 /// Number of CUDA devices visible through the driver, or an explanation of why none are.
 pub fn probe_devices() -> Result<usize, String> {
@@ -55,26 +58,6 @@ pub fn probe_devices() -> Result<usize, String> {
     Ok(count as usize)
 }
 
-/// The PTX text of `family` for `target` ("sm_90a" or "sm_80"), inflated from [`EMBEDDED_PTX`].
-pub fn embedded_ptx(family: &str, target: &str) -> CudaResult<String> {
-    let (_, _, deflated) = EMBEDDED_PTX
-        .iter()
-        .find(|(f, t, _)| *f == family && *t == target)
-        .ok_or_else(|| CudaError(format!("no embedded PTX for {family} ({target})")))?;
-    let text = miniz_oxide::inflate::decompress_to_vec(deflated)
-        .map_err(|e| CudaError(format!("inflating the embedded {family} PTX ({target}): {e:?}")))?;
-    String::from_utf8(text).map_err(|e| CudaError(format!("the embedded {family} PTX ({target}) is not UTF-8: {e}")))
-}
-
-/// The PTX target used on a device of compute capability `cc`: `sm_90a` only loads on 9.0.
-pub fn ptx_target(cc: (i32, i32)) -> &'static str {
-    if cc == (9, 0) {
-        "sm_90a"
-    } else {
-        "sm_80"
-    }
-}
-
 /// A CUDA error with what was being done.
 #[derive(Debug)]
 pub struct CudaError(pub String);
@@ -89,7 +72,22 @@ impl std::error::Error for CudaError {}
 pub type CudaResult<T> = Result<T, CudaError>;
 
 pub(crate) fn err<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> CudaError + '_ {
-    move |e| CudaError(format!("{what}: {e:?}"))
+    move |e| {
+        let detail = format!("{e:?}");
+        CudaError(format!("{what}: {detail}{}", trap_hint(&detail)))
+    }
+}
+
+/// What an illegal-instruction error (a kernel's `trap`, reported at the next synchronizing
+/// call, not necessarily by the launch that trapped) most likely means in this crate.
+pub fn trap_hint(driver_error: &str) -> &'static str {
+    if driver_error.contains("CUDA_ERROR_ILLEGAL_INSTRUCTION") {
+        " (a kernel trapped: a bounded spin-wait expired, such as the TMA mbarrier wait of \
+         gemm_wgmma_tma_nt_* (try NANOSEEK_WGMMA_NO_TMA=1), or a kernel ran on a target it was not built for; \
+         kernels without wgmma print the expired wait on stdout)"
+    } else {
+        ""
+    }
 }
 
 /// Raw module / function handles (owned by the context, which outlives them).
@@ -225,11 +223,7 @@ impl CudaBackend {
             match mods.get(family) {
                 Some(m) => m.0 as sys::CUmodule,
                 None => {
-                    let ptx = embedded_ptx(family, self.target)?;
-                    let src = CString::new(ptx).map_err(err("PTX text"))?;
-                    // SAFETY: a NUL-terminated PTX string; the module lives as long as the context.
-                    let m = unsafe { result::module::load_data(src.as_ptr() as *const c_void) }
-                        .map_err(err(&format!("loading the {family} PTX ({})", self.target)))?;
+                    let m = self.load_module(family)?;
                     mods.insert(family, Handle(m as *mut c_void));
                     m
                 }
@@ -240,6 +234,27 @@ impl CudaBackend {
         let f = unsafe { result::module::get_function(module, cname) }.map_err(err(name))?;
         self.functions.lock().unwrap().insert(name, Handle(f as *mut c_void));
         Ok(f)
+    }
+
+    /// Loads `family`'s module: its embedded cubin where this device has one (no JIT), else, or
+    /// when the driver rejects the cubin (one line on stderr), its PTX for [`Self::target`].
+    fn load_module(&self, family: &str) -> CudaResult<sys::CUmodule> {
+        if let Some(target) = cubin_target(self.compute_capability()) {
+            let loaded = embedded_cubin(family, target).and_then(|image| {
+                // SAFETY: a complete ELF image (checked header) that outlives the call; the driver copies it.
+                unsafe { result::module::load_data(image.as_ptr() as *const c_void) }
+                    .map_err(err(&format!("loading the {family} cubin ({target})")))
+            });
+            match loaded {
+                Ok(m) => return Ok(m),
+                Err(e) => eprintln!("nanoseek: {e}; falling back to the {family} PTX ({}), JIT-compiled", self.target),
+            }
+        }
+        let ptx = embedded_ptx(family, self.target)?;
+        let src = CString::new(ptx).map_err(err("PTX text"))?;
+        // SAFETY: a NUL-terminated PTX string; the module lives as long as the context.
+        unsafe { result::module::load_data(src.as_ptr() as *const c_void) }
+            .map_err(err(&format!("loading the {family} PTX ({})", self.target)))
     }
 
     /// Launches `family::name` with the single by-value parameter struct `params`.
