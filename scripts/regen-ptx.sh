@@ -15,6 +15,8 @@
 # because the PTX must match the committed files byte for byte and load on the
 # GPU machine's CUDA 13.0 driver).
 set -euo pipefail
+# files of a folder matching a pattern
+count() { find "$1" -maxdepth 1 -name "$2" | wc -l; }
 export LC_ALL=C
 cd "$(dirname "$0")/.."
 MODE=${1:-write}
@@ -116,7 +118,7 @@ fi
 
 if [[ "$MODE" == "--check" ]]; then
     if diff -r -q ptx "$tmp/ptx" >/dev/null; then
-        echo "regen-ptx: ptx/ is current ($(ls "$tmp"/ptx/*.ptx | wc -l) PTX files, $(ls "$tmp"/ptx/*.cubin | wc -l) cubins, $version)"
+        echo "regen-ptx: ptx/ is current ($(count "$tmp/ptx" '*.ptx') PTX files, $(count "$tmp/ptx" '*.cubin') cubins, $version)"
     else
         echo "regen-ptx: ptx/ is STALE; run scripts/regen-ptx.sh and commit ptx/:" >&2
         diff -r -q ptx "$tmp/ptx" >&2 || true
@@ -125,5 +127,5 @@ if [[ "$MODE" == "--check" ]]; then
 else
     rm -f ptx/*.ptx ptx/*.cubin ptx/MANIFEST
     cp "$tmp"/ptx/*.ptx "$tmp"/ptx/*.cubin "$tmp/ptx/MANIFEST" ptx/
-    echo "regen-ptx: wrote $(ls ptx/*.ptx | wc -l) PTX files, $(ls ptx/*.cubin | wc -l) cubins and ptx/MANIFEST"
+    echo "regen-ptx: wrote $(count ptx '*.ptx') PTX files, $(count ptx '*.cubin') cubins and ptx/MANIFEST"
 fi
