@@ -149,7 +149,10 @@ fn hangs_and_panics_of_the_other_commands_are_errors() {
     *ids.last_mut().unwrap() = u32::MAX;
     write_shard(&d.join("wide.bin"), &ids, 1 << 32).unwrap();
     refused(&nanoseek(&["eval", "--model-path", "runs/r", "--data", "wide.bin"], d, b""), "vocabulary");
-    write_shard(&d.join("bad-id.bin"), &ids, 4096).unwrap();
+    // the same ids under a header that declares the model's vocabulary: the id scan refuses them
+    let mut raw = std::fs::read(d.join("wide.bin")).unwrap();
+    raw[16..24].copy_from_slice(&4096u64.to_le_bytes());
+    std::fs::write(d.join("bad-id.bin"), raw).unwrap();
     refused(&nanoseek(&["eval", "--model-path", "runs/r", "--data", "bad-id.bin"], d, b""), "out of range");
     let demo = |extra: &[&str], stdin: &[u8]| {
         let mut a = vec!["demo", "--model-path", "runs/r", "--max-new-tokens", "2"];
