@@ -1,6 +1,8 @@
 //! The data pipeline: tokenizer, shards (nanoseek and llm.c), bits per byte, and the
 //! `nanoseek data` → `train --data DIR` → `eval` path on a small corpus.
 
+mod common;
+
 use nanoseek::data::codec::codec_for_run;
 use nanoseek::data::prepare::{Manifest, PrepareOptions};
 use nanoseek::data::shard::{write_llmc_shard, write_shard, ShardFormat, TokenShard};
@@ -247,18 +249,9 @@ fn data_train_eval_from_the_command_line() {
     assert!(m.splits["train"].bytes_per_token > 2.0, "{:?}", m.splits["train"]);
 
     // train on the folder: the vocabulary follows the tokenizer, the run keeps the tokenizer
-    let run = [
-        "train",
-        "--n-layer",
-        "1",
-        "--n-embd",
-        "32",
-        "--n-head",
-        "2",
-        "--max-seq-len",
-        "32",
-        "--device-batch-size",
-        "2",
+    let mut run = vec!["train", "--n-layer", "1"];
+    run.extend_from_slice(common::SMALL_MODEL_FLAGS);
+    run.extend_from_slice(&[
         "--num-iterations",
         "3",
         "--sample-tokens",
@@ -270,7 +263,7 @@ fn data_train_eval_from_the_command_line() {
         "prepared",
         "--run",
         "r",
-    ];
+    ]);
     ok(&nanoseek(&run, d));
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("runs/r/config.json")).unwrap()).unwrap();

@@ -273,6 +273,26 @@ fn every_loader_accepts_or_refuses_mutated_input_without_panic_or_hang() {
     }
     let (in_process, accepted) = (cases.get(), accepted.get());
     // The binary: interesting numbers in the flags of info, eval, demo and train.
+    // a new one-layer run (16-token context) for the train flags, with and without the batch size
+    let train_new = [
+        "train",
+        "--run",
+        "new",
+        "--n-layer",
+        "1",
+        "--n-embd",
+        "32",
+        "--n-head",
+        "2",
+        "--max-seq-len",
+        "16",
+        "--num-iterations",
+        "1",
+        "--quiet",
+        "--sample-tokens",
+        "0",
+    ];
+    let train_new_batch_1 = [&train_new[..], &["--device-batch-size", "1"]].concat();
     let flags: &[(&[&str], &str)] = &[
         (&["info"], "--n-layer"),
         (&["info"], "--n-embd"),
@@ -284,50 +304,8 @@ fn every_loader_accepts_or_refuses_mutated_input_without_panic_or_hang() {
         (&["demo", "--model-path", "runs/r", "--mode", "test", "--max-new-tokens", "2"], "--max-seq-len"),
         (&["demo", "--model-path", "runs/r", "--mode", "batch", "--max-new-tokens", "2"], "--temperature"),
         (&["demo", "--model-path", "runs/r", "--mode", "batch", "--max-new-tokens", "2"], "--top-p"),
-        (
-            &[
-                "train",
-                "--run",
-                "new",
-                "--n-layer",
-                "1",
-                "--n-embd",
-                "32",
-                "--n-head",
-                "2",
-                "--max-seq-len",
-                "16",
-                "--num-iterations",
-                "1",
-                "--quiet",
-                "--sample-tokens",
-                "0",
-            ],
-            "--device-batch-size",
-        ),
-        (
-            &[
-                "train",
-                "--run",
-                "new",
-                "--n-layer",
-                "1",
-                "--n-embd",
-                "32",
-                "--n-head",
-                "2",
-                "--max-seq-len",
-                "16",
-                "--num-iterations",
-                "1",
-                "--quiet",
-                "--sample-tokens",
-                "0",
-                "--device-batch-size",
-                "1",
-            ],
-            "--matrix-lr",
-        ),
+        (&train_new, "--device-batch-size"),
+        (&train_new_batch_1, "--matrix-lr"),
     ];
     let mut binary_cases = 0;
     for (base, flag) in flags {

@@ -2,6 +2,8 @@
 //! safety under injected faults and `kill -9` at seeded random moments. Every check ends by
 //! resuming and comparing with an uninterrupted run bit for bit.
 
+mod common;
+
 use nanoseek::rng::Rng;
 use nanoseek::train::{checkpoint, RunConfig};
 use std::path::{Path, PathBuf};
@@ -9,23 +11,11 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A one-layer model: a step takes milliseconds, a checkpoint ~3 MB.
-const MODEL: &[&str] = &[
-    "--n-layer",
-    "1",
-    "--n-embd",
-    "32",
-    "--n-head",
-    "2",
-    "--max-seq-len",
-    "32",
-    "--device-batch-size",
-    "2",
-    "--sample-tokens",
-    "0",
-    "--quiet",
-    "--device",
-    "cpu",
-];
+fn model() -> Vec<&'static str> {
+    let tail = ["--sample-tokens", "0", "--quiet", "--device", "cpu"];
+    [&["--n-layer", "1"][..], common::SMALL_MODEL_FLAGS, &tail].concat()
+}
+
 const STEPS: u64 = 8;
 
 fn command(cwd: &Path, args: &[&str], fault: Option<&str>) -> Command {
@@ -41,7 +31,7 @@ fn command(cwd: &Path, args: &[&str], fault: Option<&str>) -> Command {
 /// `train --run NAME` of the test model, `STEPS` steps, a checkpoint every step, the newest 3 kept.
 fn train_args<'a>(run: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut a = vec!["train", "--run", run, "--num-iterations", "8", "--save-every", "1", "--keep-checkpoints", "3"];
-    a.extend_from_slice(MODEL);
+    a.extend(model());
     a.extend_from_slice(extra);
     a
 }

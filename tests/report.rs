@@ -3,30 +3,18 @@
 //! where Python's `tensorboard` is installed, by TensorBoard itself; report.md has every
 //! section and `nanoseek report` rebuilds it byte for byte.
 
+mod common;
+
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Two layers (DSA, then an MoE FFN) so the MoE and indexer scalars are logged too.
-const MODEL: &[&str] = &[
-    "--n-layer",
-    "2",
-    "--n-embd",
-    "32",
-    "--n-head",
-    "2",
-    "--max-seq-len",
-    "32",
-    "--device-batch-size",
-    "2",
-    "--attn-pattern",
-    "SD",
-    "--index-topk",
-    "8",
-    "--n-routed-experts",
-    "4",
-];
+fn model() -> Vec<&'static str> {
+    let tail = ["--attn-pattern", "SD", "--index-topk", "8", "--n-routed-experts", "4"];
+    [&["--n-layer", "2"][..], common::SMALL_MODEL_FLAGS, &tail].concat()
+}
 
 fn nanoseek(args: &[&str], cwd: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_nanoseek")).args(args).current_dir(cwd).output().expect("run nanoseek")
@@ -264,7 +252,7 @@ fn section_titles() -> [&'static str; 9] {
 fn a_run_writes_tensorboard_events_and_a_report_that_report_rebuilds() {
     let tmp = tempfile::tempdir().unwrap();
     let mut args = vec!["train"];
-    args.extend_from_slice(MODEL);
+    args.extend(model());
     args.extend_from_slice(&[
         "--num-iterations",
         "4",
@@ -300,7 +288,7 @@ fn a_run_writes_tensorboard_events_and_a_report_that_report_rebuilds() {
         assert!(report.contains(&format!("\n{title}\n")), "report.md lacks {title}:\n{report}");
     }
     let mut info_args = vec!["info"];
-    info_args.extend_from_slice(MODEL);
+    info_args.extend(model());
     let info = String::from_utf8(ok(nanoseek(&info_args, tmp.path())).stdout).unwrap();
     let total = info.lines().find(|l| l.trim_start().starts_with("total ")).unwrap().split_whitespace().nth(1).unwrap();
     assert!(report.contains(&format!("| total | {total} (")), "total parameters {total}:\n{report}");
@@ -347,8 +335,8 @@ fn report_refuses_what_is_not_a_run_directory() {
     }
     assert!(!tmp.path().join("empty/report.md").exists());
     // a run without the wandb flag keeps its config.json free of it
-    let mut args = vec!["train"];
-    args.extend_from_slice(&MODEL[..10]);
+    let mut args = vec!["train", "--n-layer", "2"];
+    args.extend_from_slice(common::SMALL_MODEL_FLAGS);
     args.extend_from_slice(&[
         "--num-iterations",
         "1",

@@ -1,29 +1,17 @@
 //! Bad input is refused before anything is written, with `error:` and a non-zero exit: never a
 //! panic, a hang or a half-made folder; `--output` never replaces what is not a regular file.
 
+mod common;
+
 use nanoseek::data::shard::write_shard;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-const MODEL: &[&str] = &[
-    "--n-layer",
-    "1",
-    "--n-embd",
-    "32",
-    "--n-head",
-    "2",
-    "--max-seq-len",
-    "32",
-    "--device-batch-size",
-    "2",
-    "--num-iterations",
-    "2",
-    "--sample-tokens",
-    "0",
-    "--quiet",
-    "--device",
-    "cpu",
-];
+/// A one-layer model, 2 steps on the CPU, quietly.
+fn model() -> Vec<&'static str> {
+    let tail = ["--num-iterations", "2", "--sample-tokens", "0", "--quiet", "--device", "cpu"];
+    [&["--n-layer", "1"][..], common::SMALL_MODEL_FLAGS, &tail].concat()
+}
 
 fn nanoseek(args: &[&str], cwd: &Path, stdin: &[u8]) -> Output {
     use std::io::Write;
@@ -48,7 +36,7 @@ fn refused(o: &Output, needle: &str) {
 
 fn train(cwd: &Path, run: &str, extra: &[&str]) -> Output {
     let mut a = vec!["train", "--run", run];
-    a.extend_from_slice(MODEL);
+    a.extend(model());
     a.extend_from_slice(extra);
     nanoseek(&a, cwd, b"")
 }

@@ -23,21 +23,6 @@ use crate::backend::cuda::{self, CudaBackend, DeviceBuffer};
 use anyhow::Result;
 use half::bf16;
 
-#[allow(clippy::too_many_arguments)]
-fn dd(
-    b: usize,
-    t: usize,
-    h: usize,
-    h_kv: usize,
-    d: usize,
-    hi: usize,
-    di: usize,
-    topk: usize,
-    window: usize,
-) -> DsaDims {
-    DsaDims { b, t, h, h_kv, d, n_index_heads: hi, index_dim: di, topk, window }
-}
-
 fn tag(d: &DsaDims) -> String {
     format!(
         "b{} t{} h{}/{} d{} I{}x{} k{} w{}",
@@ -85,7 +70,7 @@ fn topk(ctx: &mut Ctx) {
         cases.extend([(300, 3, 64, 40, 0), (257, 8, 32, 100, 20), (520, 2, 24, 64, 16), (2048, 4, 64, 256, 64)]);
     }
     for (n, &(t, hi, di, topk, window)) in cases.iter().enumerate() {
-        let dims = dd(2, t, 1, 1, 64, hi, di, topk, window);
+        let dims = DsaDims::new(2, t, 1, 1, 64, hi, di, topk, window);
         let shape = tag(&dims);
         ctx.case("dsa topk", &shape, |ctx| {
             let s = 100 + 3 * n as u64;
@@ -110,7 +95,7 @@ fn topk(ctx: &mut Ctx) {
             Ok(())
         });
     }
-    let dims = dd(1, 150, 1, 1, 64, 2, 16, 10, 3);
+    let dims = DsaDims::new(1, 150, 1, 1, 64, 2, 16, 10, 3);
     ctx.case("dsa topk ties", &tag(&dims), |ctx| {
         let shape = tag(&dims);
         let ki = rand_int(7, dims.ki_len(), 3);
@@ -133,7 +118,7 @@ fn topk(ctx: &mut Ctx) {
         ctx.equal("dsa topk one key repeated", &shape, &got, &cpu_select(&dims, &qi, &same_ki, &wi));
         // topk >= t: every key, in order, with and without a window.
         for window in [0, 5] {
-            let full = dd(2, 90, 1, 1, 64, 2, 16, 90, window);
+            let full = DsaDims::new(2, 90, 1, 1, 64, 2, 16, 90, window);
             let (qi, ki, wi) =
                 (rand_int(10, full.qi_len(), 2), rand_int(11, full.ki_len(), 2), rand_int(12, full.wi_len(), 2));
             let sel = gpu_select(ctx.be, &full, [&qi, &ki, &wi], None)?;
@@ -149,9 +134,9 @@ fn topk(ctx: &mut Ctx) {
 }
 
 fn attention(ctx: &mut Ctx) {
-    let mut cases = vec![dd(2, 150, 4, 2, 64, 2, 16, 40, 16), dd(1, 133, 6, 2, 128, 2, 16, 24, 8)];
+    let mut cases = vec![DsaDims::new(2, 150, 4, 2, 64, 2, 16, 40, 16), DsaDims::new(1, 133, 6, 2, 128, 2, 16, 24, 8)];
     if !ctx.quick {
-        cases.extend([dd(1, 70, 4, 1, 128, 1, 8, 70, 0), dd(2, 1024, 8, 2, 128, 4, 32, 128, 64)]);
+        cases.extend([DsaDims::new(1, 70, 4, 1, 128, 1, 8, 70, 0), DsaDims::new(2, 1024, 8, 2, 128, 4, 32, 128, 64)]);
     }
     for dims in cases {
         let shape = tag(&dims);
@@ -209,9 +194,10 @@ fn attention(ctx: &mut Ctx) {
 /// The indexer KL, sparse (over the selection, lse of the sparse attention) and dense (the
 /// warm-up: every key s ≤ t, lse of the dense attention).
 fn kl(ctx: &mut Ctx) {
-    let mut cases = vec![dd(2, 130, 4, 2, 64, 4, 32, 24, 8), dd(1, 77, 4, 4, 64, 3, 16, 5, 40)];
+    let mut cases = vec![DsaDims::new(2, 130, 4, 2, 64, 4, 32, 24, 8), DsaDims::new(1, 77, 4, 4, 64, 3, 16, 5, 40)];
     if !ctx.quick {
-        cases.extend([dd(1, 100, 2, 1, 128, 8, 64, 100, 0), dd(2, 1024, 4, 2, 128, 4, 64, 128, 64)]);
+        cases
+            .extend([DsaDims::new(1, 100, 2, 1, 128, 8, 64, 100, 0), DsaDims::new(2, 1024, 4, 2, 128, 4, 64, 128, 64)]);
     }
     for dense in [false, true] {
         for dims in &cases {
@@ -280,7 +266,7 @@ fn decode(ctx: &mut Ctx) {
         cases.extend([(520, 8, 32, 100, 20, false), (90, 2, 16, 90, 5, false)]);
     }
     for (n, &(t, hi, di, topk, window, zero_q)) in cases.iter().enumerate() {
-        let dims = dd(3, t, 1, 1, 64, hi, di, topk, window);
+        let dims = DsaDims::new(3, t, 1, 1, 64, hi, di, topk, window);
         let shape = tag(&dims);
         ctx.case("dsa topk decode", &shape, |ctx| {
             let be = ctx.be;
@@ -300,9 +286,9 @@ fn decode(ctx: &mut Ctx) {
             Ok(())
         });
     }
-    let mut cases = vec![dd(2, 150, 4, 2, 64, 2, 16, 40, 16)];
+    let mut cases = vec![DsaDims::new(2, 150, 4, 2, 64, 2, 16, 40, 16)];
     if !ctx.quick {
-        cases.extend([dd(3, 133, 6, 2, 128, 2, 16, 24, 8), dd(1, 70, 4, 1, 128, 1, 8, 70, 0)]);
+        cases.extend([DsaDims::new(3, 133, 6, 2, 128, 2, 16, 24, 8), DsaDims::new(1, 70, 4, 1, 128, 1, 8, 70, 0)]);
     }
     for dims in cases {
         let shape = tag(&dims);

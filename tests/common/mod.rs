@@ -1,9 +1,14 @@
-//! Shared test helpers: random tensors and central finite differences.
+//! Shared test helpers: random tensors, central finite differences, small-model flags.
 #![allow(dead_code)]
 
 use nanoseek::autograd::{Tape, Var};
 use nanoseek::rng::Rng;
 use nanoseek::Tensor;
+
+/// The command-line flags the small models of the binary's tests share: 32 wide, 2 heads, a
+/// 32-token context, 2 sequences a step. Each test adds `--n-layer` and its own flags.
+pub const SMALL_MODEL_FLAGS: &[&str] =
+    &["--n-embd", "32", "--n-head", "2", "--max-seq-len", "32", "--device-batch-size", "2"];
 
 pub fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::randn(shape, 1.0, &mut Rng::new(seed))

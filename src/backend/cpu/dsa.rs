@@ -103,6 +103,22 @@ fn checked_len(factors: &[usize]) -> usize {
 }
 
 impl DsaDims {
+    /// The shapes in field order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        b: usize,
+        t: usize,
+        h: usize,
+        h_kv: usize,
+        d: usize,
+        n_index_heads: usize,
+        index_dim: usize,
+        topk: usize,
+        window: usize,
+    ) -> Self {
+        DsaDims { b, t, h, h_kv, d, n_index_heads, index_dim, topk, window }
+    }
+
     /// The dense attention shapes (same b, t, h, h_kv, d).
     pub fn attn(&self) -> AttnDims {
         AttnDims { b: self.b, t: self.t, h: self.h, h_kv: self.h_kv, d: self.d }
@@ -1049,21 +1065,6 @@ mod tests {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn dd(
-        b: usize,
-        t: usize,
-        h: usize,
-        h_kv: usize,
-        d: usize,
-        hi: usize,
-        di: usize,
-        topk: usize,
-        window: usize,
-    ) -> DsaDims {
-        DsaDims { b, t, h, h_kv, d, n_index_heads: hi, index_dim: di, topk, window }
-    }
-
     fn select(dims: &DsaDims, x: &Inputs) -> Vec<u32> {
         let mut sel = vec![7u32; dims.sel_len()];
         indexer_topk(dims, &x.qi, &x.ki, &x.wi, &mut sel);
@@ -1263,7 +1264,7 @@ mod tests {
         let mut n_ties = 0;
         for (n, &(topk, window)) in SELECTIONS.iter().enumerate() {
             for t in [37, 130, 300] {
-                let dm = dd(2, t, 1, 1, 1, 3, [8, 5][n % 2], topk, window);
+                let dm = DsaDims::new(2, t, 1, 1, 1, 3, [8, 5][n % 2], topk, window);
                 let mut x = inputs(&dm, n as u64);
                 (x.qi, x.ki, x.wi) =
                     (int_vec(dm.qi_len(), 2, 1 + n as u64), int_vec(dm.ki_len(), 2, 2), int_vec(dm.wi_len(), 2, 3));
@@ -1291,7 +1292,7 @@ mod tests {
     #[test]
     fn topk_selects_the_largest_scores() {
         for (n, &(topk, window)) in SELECTIONS.iter().enumerate() {
-            let dm = dd(2, 300, 1, 1, 1, 4, 16, topk, window);
+            let dm = DsaDims::new(2, 300, 1, 1, 1, 4, 16, topk, window);
             let x = inputs(&dm, 50 + n as u64);
             let sel = select(&dm, &x);
             let (qi, ki, wi) = (f64s(&x.qi), f64s(&x.ki), f64s(&x.wi));
@@ -1316,7 +1317,7 @@ mod tests {
     /// the same), A(t) is the last `min(t + 1, topk + window)` keys.
     #[test]
     fn ties_prefer_recent_keys() {
-        let dm = dd(1, 150, 1, 1, 1, 2, 4, 10, 3);
+        let dm = DsaDims::new(1, 150, 1, 1, 1, 2, 4, 10, 3);
         let mut x = inputs(&dm, 9);
         let mut zero_w = x.clone();
         zero_w.wi.fill(0.0);
@@ -1342,7 +1343,7 @@ mod tests {
         let mut v = Vec::new();
         for (n, &(topk, window)) in SELECTIONS.iter().enumerate() {
             let (t, h_kv, d) = [(37, 2, 8), (130, 1, 16), (70, 4, 20), (200, 2, 8)][n % 4];
-            v.push(dd(1 + n % 2, t, 4, h_kv, d, 2, 8, topk, window));
+            v.push(DsaDims::new(1 + n % 2, t, 4, h_kv, d, 2, 8, topk, window));
         }
         v
     }
@@ -1383,7 +1384,7 @@ mod tests {
     /// (x+eps) − (x−eps)). Tolerance |fd − an| ≤ 3e-4 + 3e-3·|an|, as for the dense kernel.
     #[test]
     fn attention_finite_differences() {
-        let dm = dd(2, 37, 4, 2, 8, 2, 8, 5, 3);
+        let dm = DsaDims::new(2, 37, 4, 2, 8, 2, 8, 5, 3);
         let x = inputs(&dm, 7);
         let sel = select(&dm, &x);
         let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
@@ -1417,8 +1418,11 @@ mod tests {
     /// `attention_forward` / `attention_backward` within 1e-5 (out, lse) and 5e-5 (dq, dk, dv).
     #[test]
     fn full_selection_equals_dense_kernel() {
-        let cases =
-            [dd(2, 100, 4, 2, 16, 2, 8, 100, 0), dd(1, 130, 4, 1, 64, 2, 8, 1000, 0), dd(2, 70, 4, 4, 8, 1, 4, 0, 70)];
+        let cases = [
+            DsaDims::new(2, 100, 4, 2, 16, 2, 8, 100, 0),
+            DsaDims::new(1, 130, 4, 1, 64, 2, 8, 1000, 0),
+            DsaDims::new(2, 70, 4, 4, 8, 1, 4, 0, 70),
+        ];
         for (n, dm) in cases.iter().enumerate() {
             let x = inputs(dm, 300 + n as u64);
             let sel = select(dm, &x);
@@ -1447,8 +1451,11 @@ mod tests {
     /// gradients 6e-7).
     #[test]
     fn kl_matches_naive() {
-        let cases =
-            [dd(2, 37, 4, 2, 8, 2, 8, 5, 3), dd(1, 300, 4, 1, 16, 3, 8, 20, 4), dd(2, 150, 2, 2, 8, 2, 5, 0, 9)];
+        let cases = [
+            DsaDims::new(2, 37, 4, 2, 8, 2, 8, 5, 3),
+            DsaDims::new(1, 300, 4, 1, 16, 3, 8, 20, 4),
+            DsaDims::new(2, 150, 2, 2, 8, 2, 5, 0, 9),
+        ];
         for (n, dm) in cases.iter().enumerate() {
             let x = inputs(dm, 400 + n as u64);
             let sel = select(dm, &x);
@@ -1483,7 +1490,7 @@ mod tests {
     /// Observed: at most 6% of that bound.
     #[test]
     fn kl_finite_differences() {
-        let dm = dd(2, 37, 4, 2, 8, 2, 8, 5, 3);
+        let dm = DsaDims::new(2, 37, 4, 2, 8, 2, 8, 5, 3);
         let x = inputs(&dm, 17);
         let sel = select(&dm, &x);
         let (_, sparse_lse) = forward(&dm, &x, &sel);
@@ -1523,7 +1530,7 @@ mod tests {
     /// I = q·k/sqrt(d) + 20 > 0 is the attention logit up to a constant.
     #[test]
     fn kl_is_zero_when_indexer_matches_target() {
-        let dm = dd(2, 70, 2, 1, 8, 1, 9, 6, 2);
+        let dm = DsaDims::new(2, 70, 2, 1, 8, 1, 9, 6, 2);
         let mut x = inputs(&dm, 21);
         for row in x.q.chunks_exact_mut(2 * dm.d) {
             let (a, b) = row.split_at_mut(dm.d);
@@ -1551,7 +1558,7 @@ mod tests {
     /// Every function is bitwise reproducible across calls and thread counts.
     #[test]
     fn deterministic() {
-        let dm = dd(2, 300, 4, 2, 16, 4, 16, 20, 8);
+        let dm = DsaDims::new(2, 300, 4, 2, 16, 4, 16, 20, 8);
         let x = inputs(&dm, 99);
         let run = || {
             let sel = select(&dm, &x);
@@ -1574,7 +1581,7 @@ mod tests {
     /// The element-wise loops give bitwise-identical results in their AVX2 and generic builds.
     #[test]
     fn avx2_matches_generic() {
-        let dm = dd(1, 100, 1, 1, 1, 3, 4, 5, 0);
+        let dm = DsaDims::new(1, 100, 1, 1, 1, 3, 4, 5, 0);
         let (nk, tq) = (70, 30);
         let (x, wi) = (rand_vec(tq * 3 * nk, 2.0, 1), rand_vec(dm.wi_len(), 1.0, 2));
         let (mut a, mut b) = (vec![0.0; tq * nk], vec![0.0; tq * nk]);
@@ -1600,7 +1607,7 @@ mod tests {
 
     #[test]
     fn empty_inputs_are_noops() {
-        for dm in [dd(0, 5, 2, 1, 8, 2, 4, 3, 1), dd(2, 0, 2, 1, 8, 2, 4, 3, 1)] {
+        for dm in [DsaDims::new(0, 5, 2, 1, 8, 2, 4, 3, 1), DsaDims::new(2, 0, 2, 1, 8, 2, 4, 3, 1)] {
             indexer_topk(&dm, &[], &[], &[], &mut []);
             dsa_attention_forward(&dm, &[], &[], &[], &[], &mut [], &mut []);
             dsa_attention_backward(&dm, &[], &[], &[], &[], &[], &[], &[], &mut [], &mut [], &mut []);
@@ -1611,7 +1618,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "entries <= 3")]
     fn rejects_non_causal_selection() {
-        let dm = dd(1, 6, 2, 1, 8, 1, 4, 2, 0);
+        let dm = DsaDims::new(1, 6, 2, 1, 8, 1, 4, 2, 0);
         let x = inputs(&dm, 1);
         let mut sel = select(&dm, &x);
         sel[3 * dm.kmax()] = 4;
@@ -1621,7 +1628,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "must be non-empty")]
     fn rejects_empty_selection_row() {
-        let dm = dd(1, 6, 2, 1, 8, 1, 4, 2, 0);
+        let dm = DsaDims::new(1, 6, 2, 1, 8, 1, 4, 2, 0);
         let x = inputs(&dm, 1);
         let mut sel = select(&dm, &x);
         sel[2 * dm.kmax()..3 * dm.kmax()].fill(PAD);
@@ -1632,14 +1639,14 @@ mod tests {
     #[test]
     #[should_panic(expected = "topk + window must be >= 1")]
     fn rejects_empty_selection_rule() {
-        let dm = dd(1, 6, 2, 1, 8, 1, 4, 0, 0);
+        let dm = DsaDims::new(1, 6, 2, 1, 8, 1, 4, 0, 0);
         select(&dm, &inputs(&dm, 1));
     }
 
     #[test]
     #[should_panic(expected = "`dwi` has length")]
     fn rejects_bad_length() {
-        let dm = dd(1, 6, 2, 1, 8, 2, 4, 2, 0);
+        let dm = DsaDims::new(1, 6, 2, 1, 8, 2, 4, 2, 0);
         let x = inputs(&dm, 1);
         let (mut dqi, mut dki, mut dwi) = (vec![0.0; dm.qi_len()], vec![0.0; dm.ki_len()], vec![0.0; 3]);
         indexer_kl(&dm, &x.q, &x.k, &vec![0.0; dm.lse_len()], &x.qi, &x.ki, &x.wi, None, &mut dqi, &mut dki, &mut dwi);
