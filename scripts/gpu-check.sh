@@ -266,7 +266,10 @@ run() {
     # kernels are loaded from embedded SASS on Hopper; for anything JIT-compiled, a writable cache
     export CUDA_CACHE_PATH=${CUDA_CACHE_PATH:-$tmp/nv-cache} CUDA_CACHE_MAXSIZE=4294967296
     # cuBLASLt (the baseline GEMM) is loaded by name; without a system copy, use PyTorch's
-    if ! ldconfig -p 2>/dev/null | grep -q 'libcublasLt\.so' && command -v python3 >/dev/null; then
+    # (the list is read whole first: `grep -q` closing a pipe early would fail it under pipefail)
+    local libs
+    libs=$(ldconfig -p 2>/dev/null || true)
+    if [[ $libs != *libcublasLt.so* ]] && command -v python3 >/dev/null; then
         local lt="" d
         for d in $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null || true); do
             [[ -d "$d" ]] || continue
