@@ -2,8 +2,10 @@
 
 pub mod codec;
 pub mod loader;
+pub mod location;
 pub mod prepare;
 pub mod shard;
+mod sources;
 pub mod synthetic;
 pub mod tasks;
 pub mod tokenizer;
