@@ -3,6 +3,8 @@
 pub mod config;
 pub mod decode;
 pub mod model;
+pub mod overrides;
 
-pub use config::{AttnKind, ConfigOverrides, ModelConfig, MoeConfig};
+pub use config::{AttnKind, ModelConfig, MoeConfig};
 pub use model::{Model, Param, ParamKind};
+pub use overrides::ConfigOverrides;
