@@ -86,7 +86,8 @@ machine_facts() {
 selftest() {
     local group=$1
     shift
-    ./nanoseek selftest --device cuda --only "$group" --output "$out/selftest-$group.json" "$@"
+    # one report per stage (wgmma and wgmma_no_tma run the same group)
+    ./nanoseek selftest --device cuda --only "$group" --output "$out/selftest-${GPU_CHECK_STAGE:-$group}.json" "$@"
 }
 
 cuda_tests() {
@@ -194,7 +195,7 @@ run_stage() {
     fi
     echo "== $name (timeout ${limit}s): $cmd" >>"$out/run.log"
     # its own process group under its own timeout; -k: a stage that ignores TERM is killed
-    timeout -k 5 "$limit" bash -c "cd '$PWD' && source '$self' --functions && $cmd" >"$log" 2>&1 </dev/null || rc=$?
+    GPU_CHECK_STAGE=$name timeout -k 5 "$limit" bash -c "cd '$PWD' && source '$self' --functions && $cmd" >"$log" 2>&1 </dev/null || rc=$?
     secs=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
     case $rc in
     0) status=PASS ;;

@@ -153,7 +153,8 @@ pub fn target_bytes(loader: &Loader, batches: usize, codec: &dyn TextCodec) -> O
     for i in 0..batches {
         let Some(b) = loader.sequential_batch(i) else { break };
         ids.clear();
-        ids.extend(b.targets.iter().map(|&x| x as u32));
+        // scored targets only (a negative target is ignored by the loss)
+        ids.extend(b.targets.iter().filter(|&&x| x >= 0).map(|&x| x as u32));
         bytes += codec.byte_len(&ids) as u64;
         tokens += ids.len();
     }

@@ -379,14 +379,7 @@ fn validation_bytes(run_dir: &Path, run: &RunConfig) -> Result<(usize, u64)> {
     let codec = crate::data::codec::codec_for_run(run_dir)?;
     let (_, val, _) = open_data(&run.train, &run.model)?;
     let val = Loader::new(val, run.train.device_batch_size, run.model.max_seq_len, 0, 1, Rng::new(0))?;
-    let (mut tokens, mut bytes) = (0usize, 0u64);
-    for i in 0..run.train.eval_batches {
-        let Some(b) = val.sequential_batch(i) else { break };
-        let ids: Vec<u32> = b.targets.iter().filter(|&&x| x >= 0).map(|&x| x as u32).collect();
-        tokens += b.targets.len();
-        bytes += codec.byte_len(&ids) as u64;
-    }
-    Ok((tokens, bytes))
+    Ok(crate::eval::target_bytes(&val, run.train.eval_batches, codec.as_ref()).unwrap_or((0, 0)))
 }
 
 #[cfg(test)]
