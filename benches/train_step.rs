@@ -5,26 +5,19 @@
 //! `cargo bench --bench train_step`
 
 use criterion::{Criterion, Throughput};
-use nanoseek::autograd::Tape;
-use nanoseek::backend::cpu::gemm::{gemm, Layout};
+use nanoseek::data::Batch;
+use nanoseek::kernels::slices::gemm::{gemm, Layout};
 use nanoseek::nn::{Model, ModelConfig};
 use nanoseek::optim::{OptimConfig, Optimizer};
 use nanoseek::rng::Rng;
+use nanoseek::train::train_step;
 use std::time::Instant;
 
 const B: usize = 8;
 
 fn step(model: &mut Model, opt: &mut Optimizer, ids: &[u32], targets: &[i32]) -> f32 {
-    let t = model.config.max_seq_len;
-    let mut tape = Tape::new();
-    let pv = model.params_on(&mut tape);
-    let loss = model.loss(&mut tape, &pv, ids, targets, B, t).unwrap();
-    tape.backward(loss, 1.0);
-    let grads: Vec<Vec<f32>> = pv.iter().map(|&v| tape.grad(v).unwrap().to_vec()).collect();
-    let l = tape.value(loss)[0];
-    drop(tape);
-    opt.update(model, &grads, 1.0);
-    l
+    let batch = || Batch { ids: ids.to_vec(), targets: targets.to_vec() };
+    train_step(model, opt, batch, 1, 1.0, 1.0, false).unwrap().loss
 }
 
 fn main() {

@@ -57,11 +57,18 @@ impl Device {
     /// which rule).
     pub fn for_model(self, spec: &str, model: &crate::nn::ModelConfig) -> Device {
         if self != Device::Cpu && spec.trim().eq_ignore_ascii_case("auto") {
-            if let Err(why) = crate::train::step_cuda::check_cuda_shapes(model) {
+            if let Err(why) = crate::backend::check_cuda_shapes(model) {
                 eprintln!("device: {self} found, but {why}; using the CPU");
                 return Device::Cpu;
             }
         }
         self
     }
+}
+
+/// The CUDA backend of device `ordinal` for a model (its kernels' shape rules checked first).
+pub fn cuda_ops(ordinal: usize, config: &crate::nn::ModelConfig) -> anyhow::Result<crate::backend::CudaOps> {
+    crate::backend::check_cuda_shapes(config)?;
+    let be = crate::backend::cuda::CudaBackend::new(ordinal)?;
+    crate::backend::CudaOps::new(be, config)
 }

@@ -127,7 +127,7 @@ pub fn evaluate_windows(
     while tokens < max_tokens {
         let Some(b) = loader.sequential_batch(i) else { break };
         let rows = b.ids.len() / t;
-        let mut tape = Tape::inference();
+        let mut tape = Tape::inference(model.cpu());
         let pv = model.params_on(&mut tape);
         let loss = model.loss(&mut tape, &pv, &b.ids, &b.targets, rows, t)?;
         nats += tape.value(loss)[0] as f64 * b.ids.len() as f64;

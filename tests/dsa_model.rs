@@ -47,7 +47,7 @@ fn randomized(cfg: &ModelConfig, seed: u64) -> Model {
 
 /// (LM loss, indexer KL) of one forward.
 fn losses(model: &Model, ids: &[u32], targets: &[i32]) -> (f64, f64) {
-    let mut tape = Tape::new();
+    let mut tape = Tape::new(model.cpu());
     let pv = model.params_on(&mut tape);
     let l = model.loss(&mut tape, &pv, ids, targets, 2, 8).unwrap();
     (tape.value(l)[0] as f64, tape.aux_loss_total())
@@ -56,13 +56,13 @@ fn losses(model: &Model, ids: &[u32], targets: &[i32]) -> (f64, f64) {
 /// Analytic gradients of LM + KL (the indexer's input is detached, so LM parameters get only
 /// LM gradients and indexer parameters only KL gradients).
 fn gradients(model: &Model, ids: &[u32], targets: &[i32], with_kl: bool) -> Vec<Option<Vec<f32>>> {
-    let mut tape = Tape::new();
+    let mut tape = Tape::new(model.cpu());
     let pv = model.params_on(&mut tape);
     let l = model.loss(&mut tape, &pv, ids, targets, 2, 8).unwrap();
     if with_kl {
-        tape.backward(l, 1.0);
+        tape.backward(l, 1.0).unwrap();
     } else {
-        tape.backward_from(l, vec![1.0]);
+        tape.backward_without_aux(l, 1.0).unwrap();
     }
     pv.iter().map(|&v| tape.grad(v).map(<[f32]>::to_vec)).collect()
 }

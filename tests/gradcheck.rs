@@ -3,9 +3,7 @@
 mod common;
 
 use common::{check_gradients, randn};
-use nanoseek::backend::cpu::attention::AttnDims;
-use nanoseek::backend::cpu::rope::RopeTable;
-use std::sync::Arc;
+use nanoseek::backend::{AttnDims, RopeKind};
 
 #[test]
 fn linear() {
@@ -27,8 +25,7 @@ fn rmsnorm() {
 
 #[test]
 fn rope() {
-    let table = Arc::new(RopeTable::new(8, 16, 10_000.0));
-    check_gradients("rope", &[randn(&[2, 5, 3, 8], 5)], 60, &|t, v| t.rope(v[0], 2, 5, 3, &table));
+    check_gradients("rope", &[randn(&[2, 5, 3, 8], 5)], 60, &|t, v| t.rope(v[0], (2, 5, 3), RopeKind::Attention));
 }
 
 #[test]
@@ -46,7 +43,7 @@ fn attention_dense_and_gqa() {
 
 #[test]
 fn window_attention() {
-    use nanoseek::backend::cpu::window_attention::WindowDims;
+    use nanoseek::backend::WindowDims;
     for (window, n_global, h_kv) in [(3, 0, 2), (4, 2, 1), (20, 1, 2)] {
         let dims = WindowDims { b: 2, t: 11, h: 2, h_kv, d: 8, window, n_global };
         let (q, k, v) = (randn(&[2, 11, 2, 8], 16), randn(&[2, 11, h_kv, 8], 17), randn(&[2, 11, h_kv, 8], 18));
@@ -73,7 +70,7 @@ fn softcapped_cross_entropy() {
     let targets = [2, 10, -1, 0, 7];
     for cap in [0.0, 3.0, 15.0] {
         check_gradients(&format!("cross-entropy cap {cap}"), &[z.clone()], 55, &|t, v| {
-            t.cross_entropy(v[0], &targets, cap).0
+            Ok(t.cross_entropy(v[0], &targets, cap)?.0)
         });
     }
 }
@@ -82,9 +79,28 @@ fn softcapped_cross_entropy() {
 fn composition_shares_inputs() {
     // x feeds two branches: gradients from both must add up
     check_gradients("shared input", &[randn(&[3, 6], 14), randn(&[6, 6], 15)], 30, &|t, v| {
-        let a = t.linear(v[0], v[1]);
-        let b = t.rmsnorm(v[0], 6);
-        let c = t.add(a, b);
+        let a = t.linear(v[0], v[1])?;
+        let b = t.rmsnorm(v[0], 6)?;
+        let c = t.add(a, b)?;
         t.swiglu(c, a)
     });
+}
+
+#[test]
+fn fused_linear_epilogues() {
+    // resid + x·wᵀ, and swiglu(gate, x·wᵀ): the fused ops the blocks use
+    let (x, w, r) = (randn(&[4, 6], 21), randn(&[5, 6], 22), randn(&[4, 5], 23));
+    check_gradients("linear_residual", &[x.clone(), w.clone(), r.clone()], 40, &|t, v| {
+        t.linear_residual(v[0], v[1], v[2])
+    });
+    check_gradients("linear_swiglu", &[x, w, r], 40, &|t, v| t.linear_swiglu(v[0], v[1], v[2]));
+}
+
+#[test]
+fn router_logits_scale_and_indexer_rope() {
+    check_gradients("router_logits", &[randn(&[4, 6], 24), randn(&[3, 6], 25)], 30, &|t, v| {
+        let z = t.router_logits(v[0], v[1])?;
+        t.scale(z, 0.5)
+    });
+    check_gradients("indexer rope", &[randn(&[2, 5, 1, 8], 26)], 40, &|t, v| t.rope(v[0], (2, 5, 1), RopeKind::Indexer));
 }

@@ -27,10 +27,10 @@ fn batch(c: &ModelConfig, rows: usize, seed: u64) -> Batch {
 /// Loss bits and every parameter gradient's bits, with blocks checkpointed every `every`.
 fn loss_and_grads(model: &mut Model, every: usize, b: &Batch) -> (u32, Vec<Vec<u32>>) {
     model.checkpoint_every = every;
-    let mut tape = Tape::new();
+    let mut tape = Tape::new(model.cpu());
     let pv = model.params_on(&mut tape);
     let l = model.loss(&mut tape, &pv, &b.ids, &b.targets, 2, model.config.max_seq_len).unwrap();
-    tape.backward(l, 1.0);
+    tape.backward(l, 1.0).unwrap();
     let grads = pv.iter().map(|&v| tape.grad(v).unwrap().iter().map(|x| x.to_bits()).collect()).collect();
     (tape.value(l)[0].to_bits(), grads)
 }

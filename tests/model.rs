@@ -30,7 +30,7 @@ fn batch(cfg: &ModelConfig, b: usize, t: usize, seed: u64) -> (Vec<u32>, Vec<i32
 }
 
 fn loss_of(model: &Model, ids: &[u32], targets: &[i32], b: usize, t: usize) -> f64 {
-    let mut tape = Tape::new();
+    let mut tape = Tape::new(model.cpu());
     let pv = model.params_on(&mut tape);
     let l = model.loss(&mut tape, &pv, ids, targets, b, t).unwrap();
     tape.value(l)[0] as f64
@@ -55,10 +55,10 @@ fn two_layer_gradcheck(cfg: ModelConfig) {
     }
     let (b, t) = (2, 8);
     let (ids, targets) = batch(&cfg, b, t, 3);
-    let mut tape = Tape::new();
+    let mut tape = Tape::new(model.cpu());
     let pv = model.params_on(&mut tape);
     let l = model.loss(&mut tape, &pv, &ids, &targets, b, t).unwrap();
-    tape.backward(l, 1.0);
+    tape.backward(l, 1.0).unwrap();
     let grads: Vec<Vec<f32>> =
         pv.iter().map(|&v| tape.grad(v).expect("every parameter gets a gradient").to_vec()).collect();
     drop(tape);
@@ -112,7 +112,7 @@ fn initial_loss_is_near_uniform() {
 fn out_of_range_ids_are_rejected_with_a_clear_error() {
     let cfg = small_config();
     let model = Model::new(&cfg, 1).unwrap();
-    let mut tape = Tape::new();
+    let mut tape = Tape::new(model.cpu());
     let pv = model.params_on(&mut tape);
     let ids = vec![1, 2, 17, 3];
     let err = model.loss(&mut tape, &pv, &ids, &[0, 0, 0, 0], 1, 4).unwrap_err().to_string();

@@ -35,7 +35,7 @@ fn batch(vocab: usize, n: usize, seed: u64) -> (Vec<u32>, Vec<i32>) {
 
 /// The training objective: cross-entropy plus the balance losses.
 fn objective(model: &Model, ids: &[u32], targets: &[i32], b: usize, t: usize) -> f64 {
-    let mut tape = Tape::new();
+    let mut tape = Tape::new(model.cpu());
     let pv = model.params_on(&mut tape);
     let l = model.loss(&mut tape, &pv, ids, targets, b, t).unwrap();
     tape.value(l)[0] as f64 + tape.aux_loss_total()
@@ -58,11 +58,11 @@ fn moe_model_gradients_match_finite_differences() {
     model.moe_bias[1] = vec![20.0, 10.0, -10.0, -20.0];
     let (b, t) = (2, 8);
     let (ids, targets) = batch(cfg.vocab_size, b * t, 3);
-    let mut tape = Tape::new();
+    let mut tape = Tape::new(model.cpu());
     let pv = model.params_on(&mut tape);
     let l = model.loss(&mut tape, &pv, &ids, &targets, b, t).unwrap();
     assert!(tape.aux_loss_total() > 0.0, "the balance loss is part of the objective");
-    tape.backward(l, 1.0);
+    tape.backward(l, 1.0).unwrap();
     let grads: Vec<Option<Vec<f32>>> = pv.iter().map(|&v| tape.grad(v).map(<[f32]>::to_vec)).collect();
     drop(tape);
     let eps = common::EPS;
@@ -128,10 +128,10 @@ fn one_expert_top1_equals_the_dense_model() {
     let (b, t) = (2, 8);
     let (ids, targets) = batch(dense_cfg.vocab_size, b * t, 4);
     let run = |m: &Model| {
-        let mut tape = Tape::new();
+        let mut tape = Tape::new(m.cpu());
         let pv = m.params_on(&mut tape);
         let l = m.loss(&mut tape, &pv, &ids, &targets, b, t).unwrap();
-        tape.backward(l, 1.0);
+        tape.backward(l, 1.0).unwrap();
         let grads: Vec<(String, Vec<f32>)> = m
             .params
             .iter()

@@ -1,32 +1,39 @@
-//! A thin reverse-mode tape over coarse, fused ops.
+//! A thin reverse-mode tape over the coarse, fused ops of one [`Backend`].
 //!
-//! Every op computes its forward with a CPU kernel, stores the output as a new
-//! variable and records what its backward needs (`ops::Op`). `backward` walks
-//! the records in reverse, calling the matching backward kernels and summing
-//! gradients into each input. Kernels know nothing about the tape.
+//! Every op computes its forward with the backend, stores the output as a new variable and
+//! records what its backward needs (`ops::Op`). `backward` walks the records in reverse, calling
+//! the backend's backward ops and summing gradients into each input; an op's output and saved
+//! state are freed as soon as its backward has run. Kernels know nothing about the tape, and the
+//! tape knows nothing about devices: the same model code trains on the CPU (`CpuOps`, f32) and on
+//! CUDA (`CudaOps`, bf16 activations and f32 gradients).
 //!
-//! Parameters enter the tape by reference (`Tape::param`), so a forward pass
-//! never copies weights; their gradients are read back with `Tape::grad`.
+//! Parameters enter the tape by reference (`Tape::param_a` for GEMM operands, `Tape::param_f`
+//! for f32 tables), each with a slot: `backward_into` adds their gradients in place into the
+//! caller's f32 buffers (`grads[slot]`), which is how gradients accumulate over micro-batches.
+//! Leaves (parameters and `Tape::leaf` inputs) have f32 gradients; other variables have
+//! activation-precision ones.
 //!
-//! Activation checkpointing is one more kind of node (`Tape::checkpoint`): a
-//! function runs on a sub-tape whose activations are dropped right away, and
-//! runs again during the backward to get its gradients. The kernels are
-//! deterministic, so a checkpointed run is bitwise equal to a plain one.
+//! Activation checkpointing is one more kind of node (`Tape::checkpoint`): a function runs on a
+//! sub-tape whose activations are dropped right away, and runs again during the backward to get
+//! its gradients. The kernels are deterministic, so a checkpointed run is bitwise equal to a
+//! plain one.
 //!
-//! Auxiliary losses (`Tape::add_aux_loss`, e.g. MoE balance losses) are scalars
-//! that join the objective: `backward(out, seed)` differentiates
-//! `seed·(out + Σ aux)`, including the aux losses inside checkpointed blocks.
-//! A `Tape::inference` tape (eval, scoring, sampling) tells models to skip them.
+//! Auxiliary losses (`Tape::add_aux_loss`, e.g. MoE balance losses) are scalars that join the
+//! objective: `backward(out, seed)` differentiates `seed·(out + Σ aux)`, including the aux losses
+//! inside checkpointed blocks. A `Tape::inference` tape (eval, scoring, sampling) tells models
+//! to skip them.
 //!
-//! The tape reports the bytes it holds to `crate::memory`: its values and saved
-//! state as activations, its gradient buffers as workspace.
+//! On a host backend the tape reports the bytes it holds to `crate::memory`: its values and
+//! saved state as activations, its gradient buffers as workspace.
 
+mod cpu;
 mod ops;
 
-pub use ops::{CheckpointFn, Op};
+pub use ops::{CheckpointFn, Op, Selection};
 
+use crate::backend::Backend;
 use crate::memory::{self, Category};
-use crate::tensor::Tensor;
+use anyhow::Result;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Instant;
@@ -71,25 +78,76 @@ impl OpTimes {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Var(pub(crate) usize);
 
-enum Value<'p> {
-    Borrowed(&'p [f32]),
-    Owned(Vec<f32>),
+/// A value on the tape.
+enum Value<'p, B: Backend> {
+    /// A parameter in GEMM precision (borrowed).
+    ParamA(&'p B::A),
+    /// A parameter in f32 (borrowed; the embedding table).
+    ParamF(&'p B::F),
+    /// An op's output or an owned leaf.
+    Owned(B::A),
+    /// An op's f32 output (router logits).
+    Full(B::F),
+    Scalar(f32),
+    /// Freed after its backward ran.
+    Freed,
 }
 
-impl Value<'_> {
-    fn as_slice(&self) -> &[f32] {
-        match self {
-            Value::Borrowed(s) => s,
-            Value::Owned(v) => v,
-        }
+/// The gradient of a non-leaf variable.
+enum Grad<A> {
+    A(A),
+    Scalar(f32),
+}
+
+/// Where the f32 gradients of the leaves go during a backward.
+enum LeafGrads<'g, F> {
+    Own(Vec<Option<F>>),
+    External(&'g mut [F]),
+}
+
+impl<F> LeafGrads<'_, F> {
+    fn get<B: Backend<F = F>>(&mut self, ops: &B, slot: usize, len: usize) -> Result<&mut F> {
+        Ok(match self {
+            LeafGrads::Own(own) => {
+                if own[slot].is_none() {
+                    own[slot] = Some(ops.f_zeros(len)?);
+                }
+                own[slot].as_mut().expect("allocated above")
+            }
+            LeafGrads::External(ext) => &mut ext[slot],
+        })
+    }
+
+    /// Three different slots at once (the expert stacks of a MoE layer).
+    fn get3<B: Backend<F = F>>(&mut self, ops: &B, slots: [usize; 3], lens: [usize; 3]) -> Result<[&mut F; 3]> {
+        Ok(match self {
+            LeafGrads::Own(own) => {
+                for (&s, &n) in slots.iter().zip(&lens) {
+                    if own[s].is_none() {
+                        own[s] = Some(ops.f_zeros(n)?);
+                    }
+                }
+                let [a, b, c] = own.get_disjoint_mut(slots).map_err(|e| anyhow::anyhow!("moe: expert slots: {e:?}"))?;
+                [a, b, c].map(|g| g.as_mut().expect("allocated above"))
+            }
+            LeafGrads::External(ext) => {
+                ext.get_disjoint_mut(slots).map_err(|e| anyhow::anyhow!("moe: expert slots: {e:?}"))?
+            }
+        })
     }
 }
 
-pub struct Tape<'p> {
-    values: Vec<Value<'p>>,
+pub struct Tape<'p, B: Backend> {
+    ops_be: &'p B,
+    values: Vec<Value<'p, B>>,
     shapes: Vec<Vec<usize>>,
-    ops: Vec<(Var, Op<'p>)>,
-    grads: Vec<Option<Vec<f32>>>,
+    /// The gradient slot of each leaf (None for op outputs).
+    slots: Vec<Option<usize>>,
+    ops: Vec<Option<(Var, Op<'p, B>)>>,
+    grads: Vec<Option<Grad<B::A>>>,
+    /// Leaf gradients of the latest `backward` (not `backward_into`), by slot.
+    leaf_grads: Vec<Option<B::F>>,
+    n_slots: usize,
     /// Some when profiling: the per-op times, and when the last op finished.
     profile: Option<(OpTimes, Instant)>,
     /// Bytes reported to `memory` (freed when the tape drops).
@@ -105,26 +163,24 @@ pub struct Tape<'p> {
     aux_enabled: bool,
 }
 
-impl Default for Tape<'_> {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Drop for Tape<'_> {
+impl<B: Backend> Drop for Tape<'_, B> {
     fn drop(&mut self) {
         memory::free(Category::Activations, self.activation_bytes);
         memory::free(Category::Workspace, self.grad_bytes);
     }
 }
 
-impl<'p> Tape<'p> {
-    pub fn new() -> Self {
+impl<'p, B: Backend> Tape<'p, B> {
+    pub fn new(ops: &'p B) -> Self {
         Tape {
+            ops_be: ops,
             values: Vec::new(),
             shapes: Vec::new(),
+            slots: Vec::new(),
             ops: Vec::new(),
             grads: Vec::new(),
+            leaf_grads: Vec::new(),
+            n_slots: 0,
             profile: None,
             activation_bytes: 0,
             grad_bytes: 0,
@@ -136,10 +192,22 @@ impl<'p> Tape<'p> {
     }
 
     /// A tape for forward passes only (eval, scoring, sampling): auxiliary losses are not computed.
-    pub fn inference() -> Self {
-        let mut tape = Self::new();
+    pub fn inference(ops: &'p B) -> Self {
+        let mut tape = Self::new(ops);
         tape.aux_enabled = false;
         tape
+    }
+
+    /// A tape that times every op (forward: from the previous op's end to this op's record).
+    pub fn with_profiling(ops: &'p B) -> Self {
+        let mut tape = Self::new(ops);
+        tape.profile = Some((OpTimes::default(), Instant::now()));
+        tape
+    }
+
+    /// The backend the ops run on.
+    pub fn backend(&self) -> &'p B {
+        self.ops_be
     }
 
     /// Whether auxiliary losses are wanted (false on `Tape::inference`).
@@ -149,21 +217,13 @@ impl<'p> Tape<'p> {
 
     /// Adds the scalar `v` to the objective that `backward` differentiates.
     pub fn add_aux_loss(&mut self, v: Var) {
-        assert_eq!(self.value(v).len(), 1, "add_aux_loss: the loss must be a scalar");
-        self.aux_total += self.value(v)[0] as f64;
+        self.aux_total += self.scalar(v) as f64;
         self.aux.push(v);
     }
 
     /// Sum of the auxiliary losses recorded so far (checkpointed blocks included).
     pub fn aux_loss_total(&self) -> f64 {
         self.aux_total
-    }
-
-    /// A tape that times every op (forward: from the previous op's end to this op's record).
-    pub fn with_profiling() -> Self {
-        let mut tape = Self::new();
-        tape.profile = Some((OpTimes::default(), Instant::now()));
-        tape
     }
 
     pub fn op_times(&self) -> Option<&OpTimes> {
@@ -177,35 +237,78 @@ impl<'p> Tape<'p> {
         }
     }
 
-    fn track_activation(&mut self, bytes: usize) {
-        memory::alloc(Category::Activations, bytes);
-        self.activation_bytes += bytes;
+    fn track(&mut self, cat: Category, bytes: usize) {
+        if B::HOST_MEMORY {
+            memory::alloc(cat, bytes);
+            match cat {
+                Category::Activations => self.activation_bytes += bytes,
+                _ => self.grad_bytes += bytes,
+            }
+        }
     }
 
-    fn push(&mut self, value: Value<'p>, shape: &[usize]) -> Var {
-        debug_assert_eq!(value.as_slice().len(), shape.iter().product::<usize>());
-        if let Value::Owned(d) = &value {
-            self.track_activation(d.len() * 4);
+    fn untrack(&mut self, cat: Category, bytes: usize) {
+        if B::HOST_MEMORY {
+            memory::free(cat, bytes);
+            match cat {
+                Category::Activations => self.activation_bytes -= bytes,
+                _ => self.grad_bytes -= bytes,
+            }
         }
+    }
+
+    fn value_bytes(&self, v: &Value<'p, B>) -> usize {
+        match v {
+            Value::Owned(a) => 4 * self.ops_be.a_len(a),
+            Value::Full(f) => 4 * self.ops_be.f_len(f),
+            _ => 0,
+        }
+    }
+
+    fn push(&mut self, value: Value<'p, B>, shape: &[usize], slot: Option<usize>) -> Var {
+        let bytes = self.value_bytes(&value);
+        self.track(Category::Activations, bytes);
         self.values.push(value);
         self.shapes.push(shape.to_vec());
+        self.slots.push(slot);
         self.grads.push(None);
         Var(self.values.len() - 1)
     }
 
-    /// A parameter, borrowed for the life of the tape.
-    pub fn param(&mut self, t: &'p Tensor) -> Var {
-        self.push(Value::Borrowed(&t.data), &t.shape)
+    fn new_slot(&mut self, slot: Option<usize>) -> usize {
+        let s = slot.unwrap_or(self.n_slots);
+        self.n_slots = self.n_slots.max(s + 1);
+        s
     }
 
-    /// An owned leaf (an input whose gradient a test wants to read).
-    pub fn leaf(&mut self, t: Tensor) -> Var {
-        self.push(Value::Owned(t.data), &t.shape)
+    /// A parameter in GEMM precision, borrowed for the life of the tape; its gradient goes to
+    /// `slot` (None: the next free one).
+    pub fn param_a(&mut self, a: &'p B::A, shape: &[usize], slot: Option<usize>) -> Var {
+        let s = self.new_slot(slot);
+        self.push(Value::ParamA(a), shape, Some(s))
     }
 
-    pub(crate) fn record(&mut self, data: Vec<f32>, shape: &[usize], op: Op<'p>) -> Var {
-        let v = self.push(Value::Owned(data), shape);
-        self.track_activation(op.saved_bytes());
+    /// An f32 parameter (the embedding table), borrowed; see [`Tape::param_a`].
+    pub fn param_f(&mut self, f: &'p B::F, shape: &[usize], slot: Option<usize>) -> Var {
+        let s = self.new_slot(slot);
+        self.push(Value::ParamF(f), shape, Some(s))
+    }
+
+    /// An owned leaf with a gradient slot (an input whose gradient a test wants to read).
+    pub fn leaf_a(&mut self, a: B::A, shape: &[usize]) -> Var {
+        let s = self.new_slot(None);
+        self.push(Value::Owned(a), shape, Some(s))
+    }
+
+    /// An owned input that needs no gradient (e.g. a block's input on a checkpoint sub-tape).
+    fn input_a(&mut self, a: B::A, shape: &[usize]) -> Var {
+        self.push(Value::Owned(a), shape, None)
+    }
+
+    fn record(&mut self, value: Value<'p, B>, shape: &[usize], op: Op<'p, B>) -> Var {
+        let v = self.push(value, shape, None);
+        let saved = op.saved_bytes(self.ops_be);
+        self.track(Category::Activations, saved);
         if let Some((times, last)) = &mut self.profile {
             let (fwd_flops, bwd_flops) = op.flops();
             let e = times.by_op.entry(op.name()).or_default();
@@ -218,138 +321,235 @@ impl<'p> Tape<'p> {
             });
             *last = Instant::now();
         }
-        self.ops.push((v, op));
+        self.ops.push(Some((v, op)));
         v
     }
 
-    pub fn value(&self, v: Var) -> &[f32] {
-        self.values[v.0].as_slice()
+    /// The activation-precision value of v (a parameter, an input or an op's output).
+    pub fn get(&self, v: Var) -> &B::A {
+        match &self.values[v.0] {
+            Value::ParamA(a) => a,
+            Value::Owned(a) => a,
+            Value::ParamF(f) => self.ops_be.f_as_a(f).expect("an f32 value used as an activation"),
+            Value::Full(f) => self.ops_be.f_as_a(f).expect("an f32 value used as an activation"),
+            Value::Scalar(_) => panic!("a scalar used as a tensor"),
+            Value::Freed => panic!("a value used after its backward freed it"),
+        }
+    }
+
+    /// The f32 value of v (a table parameter, router logits).
+    pub fn get_f(&self, v: Var) -> &B::F {
+        match &self.values[v.0] {
+            Value::ParamF(f) => f,
+            Value::Full(f) => f,
+            Value::ParamA(a) => self.ops_be.a_as_f(a).expect("a GEMM-precision parameter used as f32"),
+            Value::Owned(a) => self.ops_be.a_as_f(a).expect("an activation used as f32"),
+            Value::Scalar(_) => panic!("a scalar used as a tensor"),
+            Value::Freed => panic!("a value used after its backward freed it"),
+        }
+    }
+
+    /// The value of a scalar (a loss).
+    pub fn scalar(&self, v: Var) -> f32 {
+        match &self.values[v.0] {
+            Value::Scalar(s) => *s,
+            _ => panic!("scalar: the variable is a tensor"),
+        }
+    }
+
+    /// The value of v on the host (f32), whatever its precision.
+    pub fn to_host(&self, v: Var) -> Result<Vec<f32>> {
+        match &self.values[v.0] {
+            Value::Scalar(s) => Ok(vec![*s]),
+            Value::ParamF(f) => self.ops_be.f_to_host(f),
+            Value::Full(f) => self.ops_be.f_to_host(f),
+            _ => self.ops_be.a_to_host(self.get(v)),
+        }
     }
 
     pub fn shape(&self, v: Var) -> &[usize] {
         &self.shapes[v.0]
     }
 
-    /// The gradient of the last `backward` with respect to v (None if v did not influence the output).
-    pub fn grad(&self, v: Var) -> Option<&[f32]> {
-        self.grads[v.0].as_deref()
+    /// The f32 gradient of a leaf after [`Tape::backward`] (None if it did not influence the
+    /// output).
+    pub fn leaf_grad(&self, v: Var) -> Option<&B::F> {
+        self.slots[v.0].and_then(|s| self.leaf_grads.get(s)?.as_ref())
     }
 
-    fn set_grad(&mut self, v: Var, g: Option<Vec<f32>>) -> Option<Vec<f32>> {
-        let new_bytes = g.as_ref().map_or(0, |g| g.len() * 4);
-        memory::alloc(Category::Workspace, new_bytes);
+    fn set_grad(&mut self, v: Var, g: Option<Grad<B::A>>) -> Option<Grad<B::A>> {
+        let bytes = |g: &Option<Grad<B::A>>| match g {
+            Some(Grad::A(a)) => 4 * self.ops_be.a_len(a),
+            _ => 0,
+        };
+        let new_bytes = bytes(&g);
         let old = std::mem::replace(&mut self.grads[v.0], g);
-        let old_bytes = old.as_ref().map_or(0, |g| g.len() * 4);
-        memory::free(Category::Workspace, old_bytes);
-        self.grad_bytes = self.grad_bytes + new_bytes - old_bytes;
+        let old_bytes = bytes(&old);
+        self.track(Category::Workspace, new_bytes);
+        self.untrack(Category::Workspace, old_bytes);
         old
     }
 
-    /// Moves the gradient of v out of the tape.
-    pub fn take_grad(&mut self, v: Var) -> Option<Vec<f32>> {
-        self.set_grad(v, None)
+    /// Back-propagates from the scalar `out` plus the aux losses, seeded with d(out) = d(aux) =
+    /// seed; the leaves' gradients are then read with [`Tape::leaf_grad`].
+    pub fn backward(&mut self, out: Var, seed: f32) -> Result<()> {
+        let mut leaf = LeafGrads::Own((0..self.n_slots).map(|_| None).collect());
+        self.backward_with_aux(out, Grad::Scalar(seed), seed, &mut leaf)?;
+        if let LeafGrads::Own(own) = leaf {
+            self.leaf_grads = own;
+        }
+        Ok(())
     }
 
-    /// Back-propagates from the scalar `out` plus the aux losses, seeded with d(out) = d(aux) = seed.
-    pub fn backward(&mut self, out: Var, seed: f32) {
-        assert_eq!(self.value(out).len(), 1, "backward: the output must be a scalar");
-        self.backward_with_aux(out, vec![seed], seed);
+    /// [`Tape::backward`] adding the leaves' gradients into `grads[slot]` (f32, in place).
+    pub fn backward_into(&mut self, out: Var, seed: f32, grads: &mut [B::F]) -> Result<()> {
+        assert!(grads.len() >= self.n_slots, "backward_into: {} buffers for {} slots", grads.len(), self.n_slots);
+        self.backward_with_aux(out, Grad::Scalar(seed), seed, &mut LeafGrads::External(grads))
     }
 
-    /// Back-propagates from `out` with the given output gradient (same length as its value);
-    /// aux losses are not differentiated.
-    pub fn backward_from(&mut self, out: Var, seed: Vec<f32>) {
-        self.backward_with_aux(out, seed, 0.0);
+    /// Back-propagates from the scalar `out` alone (the aux losses are not differentiated).
+    pub fn backward_without_aux(&mut self, out: Var, seed: f32) -> Result<()> {
+        let mut leaf = LeafGrads::Own((0..self.n_slots).map(|_| None).collect());
+        self.backward_with_aux(out, Grad::Scalar(seed), 0.0, &mut leaf)?;
+        if let LeafGrads::Own(own) = leaf {
+            self.leaf_grads = own;
+        }
+        Ok(())
     }
 
-    fn backward_with_aux(&mut self, out: Var, seed: Vec<f32>, aux_seed: f32) {
-        assert_eq!(seed.len(), self.value(out).len(), "backward: seed length differs from the output's");
+    /// Back-propagates from the tensor `out` with the given output gradient; aux losses are not
+    /// differentiated.
+    pub fn backward_from(&mut self, out: Var, seed: B::A) -> Result<()> {
+        let mut leaf = LeafGrads::Own((0..self.n_slots).map(|_| None).collect());
+        self.backward_with_aux(out, Grad::A(seed), 0.0, &mut leaf)?;
+        if let LeafGrads::Own(own) = leaf {
+            self.leaf_grads = own;
+        }
+        Ok(())
+    }
+
+    fn backward_with_aux(
+        &mut self,
+        out: Var,
+        seed: Grad<B::A>,
+        aux_seed: f32,
+        leaf: &mut LeafGrads<'_, B::F>,
+    ) -> Result<()> {
         for i in 0..self.grads.len() {
             self.set_grad(Var(i), None);
         }
         self.aux_seed = aux_seed;
         if aux_seed != 0.0 {
             for a in self.aux.clone() {
-                self.accumulate_grad(a, vec![aux_seed]);
+                self.accumulate(a, Grad::Scalar(aux_seed), leaf)?;
             }
         }
-        self.accumulate_grad(out, seed.clone());
+        self.accumulate(out, seed, leaf)?;
         for i in (0..self.ops.len()).rev() {
-            let v = self.ops[i].0;
-            // Gradients of op outputs are dropped once used; leaves (parameters, inputs) keep theirs.
-            let Some(dout) = self.take_grad(v) else {
-                continue;
-            };
-            let input_grads = if let Op::Checkpoint { inputs, f } = &self.ops[i].1 {
-                let (inputs, f) = (inputs.clone(), f.clone());
-                self.checkpoint_backward(&inputs, &f, dout)
-            } else {
-                let t0 = Instant::now();
-                let g = ops::backward(self, &self.ops[i].1, v, &dout);
-                if let Some((times, _)) = &mut self.profile {
-                    times.by_op.entry(self.ops[i].1.name()).or_default().backward_s += t0.elapsed().as_secs_f64();
+            let Some((v, op)) = self.ops[i].take() else { continue };
+            self.untrack(Category::Activations, op.saved_bytes(self.ops_be));
+            // Gradients of op outputs are dropped once used, and so are the outputs themselves.
+            let dout = self.set_grad(v, None);
+            if let Some(dout) = dout {
+                let input_grads = if let Op::Checkpoint { inputs, f } = &op {
+                    self.checkpoint_backward(inputs, f, dout, leaf)?
+                } else {
+                    let (t0, name) = (Instant::now(), op.name());
+                    let g = ops::backward(self, op, v, dout, leaf)?;
+                    if let Some((times, _)) = &mut self.profile {
+                        times.by_op.entry(name).or_default().backward_s += t0.elapsed().as_secs_f64();
+                    }
+                    g
+                };
+                for (input, g) in input_grads {
+                    self.accumulate(input, g, leaf)?;
                 }
-                g
-            };
-            for (input, g) in input_grads {
-                self.accumulate_grad(input, g);
+            }
+            if !matches!(self.values[v.0], Value::Scalar(_)) {
+                let freed = std::mem::replace(&mut self.values[v.0], Value::Freed);
+                let bytes = self.value_bytes(&freed);
+                self.untrack(Category::Activations, bytes);
             }
         }
-        // The output's own gradient is informative for tests; keep it.
-        self.set_grad(out, Some(seed));
+        Ok(())
     }
 
-    fn accumulate_grad(&mut self, v: Var, g: Vec<f32>) {
-        match &mut self.grads[v.0] {
-            Some(acc) => crate::backend::cpu::elementwise::accumulate(acc, &g),
-            None => {
+    /// Adds g into v's gradient: a leaf's f32 buffer, or the variable's own.
+    fn accumulate(&mut self, v: Var, g: Grad<B::A>, leaf: &mut LeafGrads<'_, B::F>) -> Result<()> {
+        if let Some(slot) = self.slots[v.0] {
+            let Grad::A(a) = g else { return Ok(()) }; // a scalar leaf: nothing to keep
+            let n = self.ops_be.a_len(&a);
+            return self.ops_be.f_accumulate(leaf.get(self.ops_be, slot, n)?, &a);
+        }
+        let ops = self.ops_be;
+        match (self.grads[v.0].as_mut(), g) {
+            (Some(Grad::A(acc)), Grad::A(a)) => ops.add(acc, &a)?,
+            (Some(Grad::Scalar(acc)), Grad::Scalar(s)) => *acc += s,
+            (None, g) => {
                 self.set_grad(v, Some(g));
             }
+            _ => panic!("accumulate: a tensor and a scalar gradient for one variable"),
         }
+        Ok(())
     }
 
     /// Runs `f` on `inputs` without keeping its intermediate activations: only the
     /// output stays on this tape, and the backward runs `f` again (activation checkpointing).
-    pub fn checkpoint(&mut self, inputs: &[Var], f: Rc<CheckpointFn<'p>>) -> Var {
-        let (sub, _, out) = self.run_sub(inputs, &f);
-        let (data, shape) = (sub.value(out).to_vec(), sub.shape(out).to_vec());
+    pub fn checkpoint(&mut self, inputs: &[Var], f: Rc<CheckpointFn<'p, B>>) -> Result<Var> {
+        let (sub, _, out) = self.run_sub(inputs, &f)?;
+        let data = self.ops_be.a_copy(sub.get(out))?;
+        let shape = sub.shape(out).to_vec();
         self.aux_total += sub.aux_total;
         self.merge_times(&sub);
         drop(sub);
         self.mark();
-        self.record(data, &shape, Op::Checkpoint { inputs: inputs.to_vec(), f })
+        Ok(self.record(Value::Owned(data), &shape, Op::Checkpoint { inputs: inputs.to_vec(), f }))
     }
 
-    /// A sub-tape whose leaves mirror `inputs` (parameters stay borrowed), with `f` run on it.
-    fn run_sub(&self, inputs: &[Var], f: &Rc<CheckpointFn<'p>>) -> (Tape<'p>, Vec<Var>, Var) {
-        let mut sub = if self.profile.is_some() { Tape::with_profiling() } else { Tape::new() };
+    /// A sub-tape whose variables mirror `inputs` (parameters stay borrowed, with their slots),
+    /// with `f` run on it.
+    fn run_sub(&self, inputs: &[Var], f: &Rc<CheckpointFn<'p, B>>) -> Result<(Tape<'p, B>, Vec<Var>, Var)> {
+        let mut sub = if self.profile.is_some() { Tape::with_profiling(self.ops_be) } else { Tape::new(self.ops_be) };
         sub.aux_enabled = self.aux_enabled;
-        let vars: Vec<Var> = inputs
-            .iter()
-            .map(|&v| match &self.values[v.0] {
-                Value::Borrowed(s) => sub.push(Value::Borrowed(s), &self.shapes[v.0]),
-                Value::Owned(d) => sub.push(Value::Owned(d.clone()), &self.shapes[v.0]),
-            })
-            .collect();
+        sub.n_slots = self.n_slots;
+        let mut vars = Vec::with_capacity(inputs.len());
+        for &v in inputs {
+            let shape = &self.shapes[v.0];
+            let var = match &self.values[v.0] {
+                Value::ParamA(a) => sub.push(Value::ParamA(*a), shape, self.slots[v.0]),
+                Value::ParamF(x) => sub.push(Value::ParamF(*x), shape, self.slots[v.0]),
+                Value::Owned(a) => sub.input_a(self.ops_be.a_copy(a)?, shape),
+                _ => panic!("checkpoint: inputs must be tensors"),
+            };
+            vars.push(var);
+        }
         sub.mark();
-        let out = f(&mut sub, &vars);
-        (sub, vars, out)
+        let out = f(&mut sub, &vars)?;
+        Ok((sub, vars, out))
     }
 
     fn checkpoint_backward(
         &mut self,
         inputs: &[Var],
-        f: &Rc<CheckpointFn<'p>>,
-        dout: Vec<f32>,
-    ) -> Vec<(Var, Vec<f32>)> {
-        let (mut sub, vars, out) = self.run_sub(inputs, f);
-        sub.backward_with_aux(out, dout, self.aux_seed);
-        let grads = inputs.iter().zip(&vars).filter_map(|(&input, &sv)| Some((input, sub.take_grad(sv)?))).collect();
+        f: &Rc<CheckpointFn<'p, B>>,
+        dout: Grad<B::A>,
+        leaf: &mut LeafGrads<'_, B::F>,
+    ) -> Result<Vec<(Var, Grad<B::A>)>> {
+        let (mut sub, vars, out) = self.run_sub(inputs, f)?;
+        // The sub-tape's parameters add their gradients straight into this tape's leaf buffers.
+        sub.backward_with_aux(out, dout, self.aux_seed, leaf)?;
+        // (parameters mirrored on the sub-tape wrote theirs into `leaf` already)
+        let mut grads = Vec::new();
+        for (&input, &sv) in inputs.iter().zip(&vars) {
+            if let Some(g) = sub.set_grad(sv, None) {
+                grads.push((input, g));
+            }
+        }
         self.merge_times(&sub);
-        grads
+        Ok(grads)
     }
 
-    fn merge_times(&mut self, sub: &Tape) {
+    fn merge_times(&mut self, sub: &Tape<'p, B>) {
         if let (Some((times, _)), Some(sub_times)) = (&mut self.profile, sub.op_times()) {
             times.merge(sub_times);
         }

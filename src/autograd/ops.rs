@@ -1,208 +1,92 @@
-//! The ops the tape knows: forward (as `Tape` methods) and backward.
+//! The ops the tape knows: forward (as `Tape` methods, each one backend call) and backward.
 
-use super::{Tape, Var};
-use crate::backend::cpu::{
-    attention::{attention_backward, attention_forward, AttnDims},
-    dsa::{dsa_attention_backward, dsa_attention_forward, indexer_kl, indexer_topk, DsaDims},
-    elementwise, embedding,
-    gemm::{gemm, Layout},
-    loss,
-    moe::{balance_loss, moe_backward, moe_forward, route, router_backward, MoeCache, RouterConfig, Routing},
-    norm,
-    rope::{rope_backward, rope_forward, RopeTable},
-    swiglu,
-    window_attention::{window_attention_backward, window_attention_forward, WindowDims},
-};
+use super::{Grad, LeafGrads, Tape, Value, Var};
+use crate::backend::{AttnDims, Backend, DsaDims, RopeKind, RouterConfig, WindowDims};
+use anyhow::{bail, Result};
 use std::rc::Rc;
-use std::sync::Arc;
 
-/// The keys each query of a DSA layer attends to (`backend::cpu::dsa` layout `[b, t, kmax]`).
-pub type Selection = Rc<Vec<u32>>;
+/// The keys each query of a DSA layer attends to (`[b, t, kmax]` on the backend).
+pub type Selection<B> = Rc<<B as Backend>::Sel>;
 
 /// A function of tape variables that `Tape::checkpoint` can recompute.
-pub type CheckpointFn<'p> = dyn Fn(&mut Tape<'p>, &[Var]) -> Var + 'p;
+pub type CheckpointFn<'p, B> = dyn Fn(&mut Tape<'p, B>, &[Var]) -> Result<Var> + 'p;
 
 /// What each op's backward needs. Inputs are `Var`s; everything else is saved state.
-pub enum Op<'p> {
+pub enum Op<'p, B: Backend> {
     /// y[m,n] = x[m,k] · w[n,k]ᵀ (a bias-free linear layer, w in PyTorch's [out, in] layout).
-    Linear {
-        x: Var,
-        w: Var,
-        m: usize,
-        k: usize,
-        n: usize,
-    },
-    Embedding {
-        table: Var,
-        ids: Vec<u32>,
-        dim: usize,
-    },
-    RmsNorm {
-        x: Var,
-        rstd: Vec<f32>,
-        dim: usize,
-    },
-    Rope {
-        x: Var,
-        b: usize,
-        t: usize,
-        h: usize,
-        table: Arc<RopeTable>,
-    },
+    Linear { x: Var, w: Var, mkn: (usize, usize, usize) },
+    /// resid + x·wᵀ (an output projection and the residual add, one GEMM epilogue).
+    LinearResidual { x: Var, w: Var, resid: Var, mkn: (usize, usize, usize) },
+    /// swiglu(gate, x·wᵀ) (the up projection with the SwiGLU in its epilogue); keeps the product.
+    LinearSwiGlu { x: Var, w: Var, gate: Var, up: B::A, mkn: (usize, usize, usize) },
+    /// Router logits x·wᵀ in f32.
+    RouterLinear { x: Var, w: Var, mkn: (usize, usize, usize) },
+    Embedding { table: Var, ids: B::Ids, n: usize, dim: usize },
+    RmsNorm { x: Var, rstd: B::F, dim: usize },
+    Rope { x: Var, bth: (usize, usize, usize), kind: RopeKind },
     /// Causal attention; the output and the log-sum-exp are all it keeps (O(T) per head).
-    Attention {
-        q: Var,
-        k: Var,
-        v: Var,
-        lse: Vec<f32>,
-        dims: AttnDims,
-    },
+    Attention { q: Var, k: Var, v: Var, lse: B::F, dims: AttnDims },
     /// Sliding-window + global-token attention (same layouts and saved state as `Attention`).
-    WindowAttention {
-        q: Var,
-        k: Var,
-        v: Var,
-        lse: Vec<f32>,
-        dims: WindowDims,
-    },
+    WindowAttention { q: Var, k: Var, v: Var, lse: B::F, dims: WindowDims },
     /// DeepSeek Sparse Attention over the selection `sel` of the lightning indexer (None: dense
     /// causal attention, during the warm-up). Gradients reach q, k, v only.
-    DsaAttention {
-        q: Var,
-        k: Var,
-        v: Var,
-        sel: Option<Selection>,
-        lse: Rc<Vec<f32>>,
-        dims: DsaDims,
-    },
-    /// The indexer's KL distillation loss (a scalar). Its gradients (computed in the forward, for a
-    /// unit output gradient) reach only the indexer inputs qi, ki and wi.
-    IndexerKl {
-        qi: Var,
-        ki: Var,
-        wi: Var,
-        dqi: Vec<f32>,
-        dki: Vec<f32>,
-        dwi: Vec<f32>,
-    },
+    DsaAttention { q: Var, k: Var, v: Var, sel: Option<Selection<B>>, lse: Rc<B::F>, dims: DsaDims },
+    /// The indexer's KL distillation loss (a scalar). Its gradients (computed in the forward, for
+    /// a unit output gradient) reach only the indexer inputs qi, ki and wi.
+    IndexerKl { qi: Var, ki: Var, wi: Var, d: (B::A, B::A, B::A) },
     /// A copy of x that gradients do not flow through.
     Detach,
     /// y = s·x for a constant s.
-    Scale {
-        x: Var,
-        s: f32,
-    },
-    SwiGlu {
-        g: Var,
-        u: Var,
-    },
-    /// Routed experts and their weighted combine (`backend::cpu::moe`): x [n, C], router
-    /// `logits` [n, E], expert stacks w_gate, w_up [E, F, C], w_down [E, C, F]. The routing
-    /// (selection with the bias) is fixed; gradients reach x, the logits (through the gates) and
-    /// the experts.
-    Moe {
-        x: Var,
-        logits: Var,
-        w_gate: Var,
-        w_up: Var,
-        w_down: Var,
-        routing: Rc<Routing>,
-        cache: MoeCache,
-        cfg: RouterConfig,
-        c: usize,
-        f: usize,
-    },
+    Scale { x: Var, s: f32 },
+    SwiGlu { g: Var, u: Var },
+    /// Routed experts and their weighted combine: x [n, C], router `logits` [n, E], expert
+    /// stacks w_gate, w_up [E, F, C], w_down [E, C, F]. The routing (selection with the bias) is
+    /// fixed; gradients reach x, the logits (through the gates) and the experts.
+    Moe { x: Var, logits: Var, w: [Var; 3], routing: Rc<B::Routing>, cache: B::MoeCache, cfg: RouterConfig, n: usize, cf: (usize, usize) },
     /// The sequence-wise balance loss of one MoE layer (a scalar); its gradient reaches the logits.
-    MoeBalance {
-        logits: Var,
-        routing: Rc<Routing>,
-        cfg: RouterConfig,
-        /// d(loss)/d(scores) [n, E].
-        d_scores: Vec<f32>,
-    },
-    Add {
-        a: Var,
-        b: Var,
-    },
+    MoeBalance { logits: Var, routing: Rc<B::Routing>, cfg: RouterConfig, d_scores: B::F },
+    Add { a: Var, b: Var },
     /// Σ x ∘ w for a constant w (a scalar; used to probe gradients in tests).
-    WeightedSum {
-        x: Var,
-        w: Vec<f32>,
-    },
+    WeightedSum { x: Var, w: Vec<f32> },
     /// A recomputed sub-graph: `f(inputs)` runs again in the backward (activation checkpointing).
-    Checkpoint {
-        inputs: Vec<Var>,
-        f: Rc<CheckpointFn<'p>>,
-    },
+    Checkpoint { inputs: Vec<Var>, f: Rc<CheckpointFn<'p, B>> },
     /// Mean softcapped cross-entropy over rows with target ≥ 0.
-    CrossEntropy {
-        logits: Var,
-        targets: Vec<i32>,
-        vocab: usize,
-        cap: f32,
-        n_valid: usize,
-        /// Per-row log-sum-exp of the capped logits, from the forward.
-        lse: Vec<f32>,
-    },
+    CrossEntropy { logits: Var, targets: B::Tgt, vocab: usize, cap: f32, n_valid: usize, lse: B::F },
 }
 
-impl Op<'_> {
+impl<B: Backend> Op<'_, B> {
     /// Bytes of saved state beyond the op's output (counted as activations).
-    pub fn saved_bytes(&self) -> usize {
-        4 * match self {
-            Op::Embedding { ids, .. } => ids.len(),
-            Op::RmsNorm { rstd, .. } => rstd.len(),
-            Op::Attention { lse, .. } | Op::WindowAttention { lse, .. } => lse.len(),
-            Op::WeightedSum { w, .. } => w.len(),
-            Op::Moe { routing, cache, .. } => {
-                let c = cache;
-                routing.scores.len() + c.xg.len() + c.hg.len() + c.hu.len() + c.act.len() + c.y.len()
-            }
-            Op::MoeBalance { d_scores, .. } => d_scores.len(),
-            Op::DsaAttention { sel, lse, .. } => lse.len() + sel.as_ref().map_or(0, |s| s.len()),
-            Op::IndexerKl { dqi, dki, dwi, .. } => dqi.len() + dki.len() + dwi.len(),
-            Op::CrossEntropy { targets, lse, .. } => targets.len() + lse.len(),
-            Op::Linear { .. }
-            | Op::Rope { .. }
-            | Op::SwiGlu { .. }
-            | Op::Add { .. }
-            | Op::Checkpoint { .. }
-            | Op::Detach
-            | Op::Scale { .. } => 0,
+    pub fn saved_bytes(&self, be: &B) -> usize {
+        let (fl, al) = (|f: &B::F| 4 * be.f_len(f), |a: &B::A| 4 * be.a_len(a));
+        match self {
+            Op::Embedding { n, .. } => 4 * n,
+            Op::RmsNorm { rstd, .. } => fl(rstd),
+            Op::Attention { lse, .. } | Op::WindowAttention { lse, .. } => fl(lse),
+            Op::DsaAttention { lse, sel, dims, .. } => fl(lse) + sel.as_ref().map_or(0, |_| 4 * dims.sel_len()),
+            Op::LinearSwiGlu { up, .. } => al(up),
+            Op::WeightedSum { w, .. } => 4 * w.len(),
+            Op::Moe { cache, n, cfg, .. } => 4 * n * cfg.n_experts + be.moe_cache_bytes(cache),
+            Op::MoeBalance { d_scores, .. } => fl(d_scores),
+            Op::IndexerKl { d: (a, b, c), .. } => al(a) + al(b) + al(c),
+            Op::CrossEntropy { lse, n_valid: _, .. } => 2 * fl(lse),
+            _ => 0,
         }
     }
 
     /// (forward, backward) floating-point operations of the op's matrix products.
     pub fn flops(&self) -> (f64, f64) {
         match self {
-            Op::Linear { m, k, n, .. } => {
+            Op::Linear { mkn: (m, k, n), .. }
+            | Op::LinearResidual { mkn: (m, k, n), .. }
+            | Op::LinearSwiGlu { mkn: (m, k, n), .. }
+            | Op::RouterLinear { mkn: (m, k, n), .. } => {
                 let f = 2.0 * (*m * *k * *n) as f64;
                 (f, 2.0 * f) // backward: dX and dW, one product each
             }
-            Op::Attention { dims, .. } => {
-                // causal: T(T+1)/2 scores per head; forward QKᵀ and PV, backward five products
-                let pairs = (dims.b * dims.h) as f64 * (dims.t * (dims.t + 1) / 2) as f64;
-                let f = 4.0 * pairs * dims.d as f64;
-                (f, 2.5 * f)
-            }
-            Op::WindowAttention { dims, .. } => {
-                // visible keys per query: the window (or fewer near the start) plus globals before it
-                let visible: usize = (0..dims.t)
-                    .map(|t: usize| (t + 1).min(dims.window) + dims.n_global.min((t + 1).saturating_sub(dims.window)))
-                    .sum();
-                let f = 4.0 * (dims.b * dims.h) as f64 * visible as f64 * dims.d as f64;
-                (f, 2.5 * f)
-            }
-            Op::DsaAttention { dims, .. } => {
-                // selected keys per query, then as for dense attention
-                let pairs = (dims.b * dims.h) as f64 * (0..dims.t).map(|i| dims.n_selected(i)).sum::<usize>() as f64;
-                let f = 4.0 * pairs * dims.d as f64;
-                (f, 2.5 * f)
-            }
-            Op::Moe { routing, c, f, .. } => {
-                // three expert GEMMs per kept row; the backward does two products per GEMM
-                let fl = 2.0 * 3.0 * (routing.n_kept() * c * f) as f64;
-                (fl, 2.0 * fl)
+            Op::Attention { dims: d, .. } => {
+                // causal: about half of the T×T scores; QKᵀ and PV forward, four products backward
+                let f = 2.0 * (d.b * d.h * d.t * d.t * d.d) as f64;
+                (f, 2.0 * f)
             }
             _ => (0.0, 0.0),
         }
@@ -211,6 +95,9 @@ impl Op<'_> {
     pub fn name(&self) -> &'static str {
         match self {
             Op::Linear { .. } => "linear",
+            Op::LinearResidual { .. } => "linear_residual",
+            Op::LinearSwiGlu { .. } => "linear_swiglu",
+            Op::RouterLinear { .. } => "router_linear",
             Op::Embedding { .. } => "embedding",
             Op::RmsNorm { .. } => "rmsnorm",
             Op::Rope { .. } => "rope",
@@ -231,298 +118,341 @@ impl Op<'_> {
     }
 }
 
-impl<'p> Tape<'p> {
-    pub fn linear(&mut self, x: Var, w: Var) -> Var {
-        let (xs, ws) = (self.shape(x), self.shape(w));
-        let k = *xs.last().expect("linear: x has no dims");
-        let m = self.value(x).len() / k;
-        assert!(ws.len() == 2 && ws[1] == k, "linear: w {ws:?} does not match x's last dim {k}");
-        let n = ws[0];
-        let mut y = vec![0.0; m * n];
-        gemm(m, n, k, self.value(x), Layout::N, self.value(w), Layout::T, &mut y, false);
-        let mut shape = xs[..xs.len() - 1].to_vec();
-        shape.push(n);
-        self.record(y, &shape, Op::Linear { x, w, m, k, n })
+/// (m, k, n) of x [.., k] times w [n, k]ᵀ, and the output shape.
+fn linear_dims<B: Backend>(tape: &Tape<B>, x: Var, w: Var) -> ((usize, usize, usize), Vec<usize>) {
+    let (xs, ws) = (tape.shape(x), tape.shape(w));
+    let k = *xs.last().expect("linear: x has no dims");
+    let m = xs.iter().product::<usize>() / k.max(1);
+    assert!(ws.len() == 2 && ws[1] == k, "linear: w {ws:?} does not match x's last dim {k}");
+    let mut shape = xs[..xs.len() - 1].to_vec();
+    shape.push(ws[0]);
+    ((m, k, ws[0]), shape)
+}
+
+impl<'p, B: Backend> Tape<'p, B> {
+    fn out(&mut self, a: B::A, shape: &[usize], op: Op<'p, B>) -> Var {
+        self.record(Value::Owned(a), shape, op)
     }
 
-    /// Rows of `table` [vocab, dim] for each id. Ids must be < vocab (the model checks and reports).
-    pub fn embedding(&mut self, table: Var, ids: &[u32]) -> Var {
+    pub fn linear(&mut self, x: Var, w: Var) -> Result<Var> {
+        let ((m, k, n), shape) = linear_dims(self, x, w);
+        let y = self.backend().linear(self.get(x), self.get(w), m, k, n)?;
+        Ok(self.out(y, &shape, Op::Linear { x, w, mkn: (m, k, n) }))
+    }
+
+    /// resid + x·wᵀ (resid shaped like the product).
+    pub fn linear_residual(&mut self, x: Var, w: Var, resid: Var) -> Result<Var> {
+        let ((m, k, n), shape) = linear_dims(self, x, w);
+        assert_eq!(self.shape(resid), &shape[..], "linear_residual: resid is not shaped like the product");
+        let y = self.backend().linear_residual(self.get(x), self.get(w), (m, k, n), self.get(resid))?;
+        Ok(self.out(y, &shape, Op::LinearResidual { x, w, resid, mkn: (m, k, n) }))
+    }
+
+    /// swiglu(gate, x·wᵀ): silu(gate) ∘ (x·wᵀ).
+    pub fn linear_swiglu(&mut self, x: Var, w: Var, gate: Var) -> Result<Var> {
+        let ((m, k, n), shape) = linear_dims(self, x, w);
+        let (up, act) = self.backend().linear_swiglu(self.get(x), self.get(w), (m, k, n), self.get(gate))?;
+        Ok(self.out(act, &shape, Op::LinearSwiGlu { x, w, gate, up, mkn: (m, k, n) }))
+    }
+
+    /// Router logits x·wᵀ, kept in f32 (routing decisions read them).
+    pub fn router_logits(&mut self, x: Var, w: Var) -> Result<Var> {
+        let ((m, k, n), shape) = linear_dims(self, x, w);
+        let y = self.backend().router_logits(self.get(x), self.get(w), m, k, n)?;
+        Ok(self.record(Value::Full(y), &shape, Op::RouterLinear { x, w, mkn: (m, k, n) }))
+    }
+
+    /// Rows of `table` [vocab, dim] (an f32 parameter) for each id. Ids must be < vocab (the
+    /// model checks and reports).
+    pub fn embedding(&mut self, table: Var, ids: &[u32]) -> Result<Var> {
         let dim = self.shape(table)[1];
-        let mut y = vec![0.0; ids.len() * dim];
-        embedding::embedding_forward(self.value(table), dim, ids, &mut y);
-        self.record(y, &[ids.len(), dim], Op::Embedding { table, ids: ids.to_vec(), dim })
+        let be = self.backend();
+        let dev_ids = be.ids(ids)?;
+        let y = be.embedding(self.get_f(table), dim, &dev_ids, ids.len())?;
+        Ok(self.out(y, &[ids.len(), dim], Op::Embedding { table, ids: dev_ids, n: ids.len(), dim }))
     }
 
     /// Parameter-free RMSNorm over groups of `dim` consecutive values (the last dim, or a head).
-    pub fn rmsnorm(&mut self, x: Var, dim: usize) -> Var {
-        let n = self.value(x).len();
-        let (mut y, mut rstd) = (vec![0.0; n], vec![0.0; n / dim]);
-        norm::rmsnorm_forward(self.value(x), dim, &mut y, &mut rstd);
+    pub fn rmsnorm(&mut self, x: Var, dim: usize) -> Result<Var> {
+        let (y, rstd) = self.backend().rmsnorm(self.get(x), dim)?;
         let shape = self.shape(x).to_vec();
-        self.record(y, &shape, Op::RmsNorm { x, rstd, dim })
+        Ok(self.out(y, &shape, Op::RmsNorm { x, rstd, dim }))
     }
 
-    /// Rotary embedding on x viewed as [b, t, h, head_dim].
-    pub fn rope(&mut self, x: Var, b: usize, t: usize, h: usize, table: &Arc<RopeTable>) -> Var {
-        let mut y = vec![0.0; self.value(x).len()];
-        rope_forward(table, self.value(x), b, t, h, &mut y);
+    /// Rotary embedding on x viewed as [b, t, h, head_dim] with the `kind` table.
+    pub fn rope(&mut self, x: Var, bth: (usize, usize, usize), kind: RopeKind) -> Result<Var> {
+        let y = self.backend().rope(self.get(x), bth, kind, false)?;
         let shape = self.shape(x).to_vec();
-        self.record(y, &shape, Op::Rope { x, b, t, h, table: table.clone() })
+        Ok(self.out(y, &shape, Op::Rope { x, bth, kind }))
     }
 
-    pub fn attention(&mut self, q: Var, k: Var, v: Var, dims: AttnDims) -> Var {
-        let mut out = vec![0.0; self.value(q).len()];
-        let mut lse = vec![0.0; dims.b * dims.h * dims.t];
-        attention_forward(&dims, self.value(q), self.value(k), self.value(v), &mut out, &mut lse);
+    pub fn attention(&mut self, q: Var, k: Var, v: Var, dims: AttnDims) -> Result<Var> {
+        let (out, lse) = self.backend().attention(&dims, self.get(q), self.get(k), self.get(v))?;
         let shape = self.shape(q).to_vec();
-        self.record(out, &shape, Op::Attention { q, k, v, lse, dims })
+        Ok(self.out(out, &shape, Op::Attention { q, k, v, lse, dims }))
     }
 
-    pub fn window_attention(&mut self, q: Var, k: Var, v: Var, dims: WindowDims) -> Var {
-        let mut out = vec![0.0; self.value(q).len()];
-        let mut lse = vec![0.0; dims.b * dims.h * dims.t];
-        window_attention_forward(&dims, self.value(q), self.value(k), self.value(v), &mut out, &mut lse);
+    pub fn window_attention(&mut self, q: Var, k: Var, v: Var, dims: WindowDims) -> Result<Var> {
+        let (out, lse) = self.backend().window_attention(&dims, self.get(q), self.get(k), self.get(v))?;
         let shape = self.shape(q).to_vec();
-        self.record(out, &shape, Op::WindowAttention { q, k, v, lse, dims })
+        Ok(self.out(out, &shape, Op::WindowAttention { q, k, v, lse, dims }))
     }
 
-    pub fn swiglu(&mut self, g: Var, u: Var) -> Var {
-        let mut y = vec![0.0; self.value(g).len()];
-        swiglu::swiglu_forward(self.value(g), self.value(u), &mut y);
+    pub fn swiglu(&mut self, g: Var, u: Var) -> Result<Var> {
+        let y = self.backend().swiglu(self.get(g), self.get(u))?;
         let shape = self.shape(g).to_vec();
-        self.record(y, &shape, Op::SwiGlu { g, u })
+        Ok(self.out(y, &shape, Op::SwiGlu { g, u }))
     }
 
     /// A copy of x that is a leaf for the backward (no gradient reaches x through it).
-    pub fn detach(&mut self, x: Var) -> Var {
-        let (data, shape) = (self.value(x).to_vec(), self.shape(x).to_vec());
-        self.record(data, &shape, Op::Detach)
+    pub fn detach(&mut self, x: Var) -> Result<Var> {
+        let y = self.backend().a_copy(self.get(x))?;
+        let shape = self.shape(x).to_vec();
+        Ok(self.out(y, &shape, Op::Detach))
     }
 
     /// s·x for a constant s.
-    pub fn scale(&mut self, x: Var, s: f32) -> Var {
-        let (data, shape) = (self.value(x).iter().map(|v| v * s).collect(), self.shape(x).to_vec());
-        self.record(data, &shape, Op::Scale { x, s })
+    pub fn scale(&mut self, x: Var, s: f32) -> Result<Var> {
+        let mut y = self.backend().a_copy(self.get(x))?;
+        self.backend().scale(&mut y, s)?;
+        let shape = self.shape(x).to_vec();
+        Ok(self.out(y, &shape, Op::Scale { x, s }))
     }
 
     /// DSA: selects each query's keys with the indexer (qi, ki, wi: see `backend::cpu::dsa`; wi
     /// already scaled), then attends over them; `dense` skips the selection (warm-up). Returns the
     /// output, the selection (None when dense) and the attention's log-sum-exp, for `indexer_kl`.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::type_complexity)]
     pub fn dsa_attention(
         &mut self,
-        q: Var,
-        k: Var,
-        v: Var,
-        index: (Var, Var, Var),
+        (q, k, v): (Var, Var, Var),
+        (qi, ki, wi): (Var, Var, Var),
         dims: DsaDims,
         dense: bool,
-    ) -> (Var, Option<Selection>, Rc<Vec<f32>>) {
-        let mut out = vec![0.0; self.value(q).len()];
-        let mut lse = vec![0.0; dims.lse_len()];
-        let (qv, kv, vv) = (self.value(q), self.value(k), self.value(v));
-        let sel = if dense {
-            attention_forward(&dims.attn(), qv, kv, vv, &mut out, &mut lse);
-            None
+    ) -> Result<(Var, Option<Selection<B>>, Rc<B::F>)> {
+        let be = self.backend();
+        let (qv, kv, vv) = (self.get(q), self.get(k), self.get(v));
+        let (out, lse, sel) = if dense {
+            let (out, lse) = be.attention(&dims.attn(), qv, kv, vv)?;
+            (out, lse, None)
         } else {
-            let mut sel = vec![0u32; dims.sel_len()];
-            indexer_topk(&dims, self.value(index.0), self.value(index.1), self.value(index.2), &mut sel);
-            dsa_attention_forward(&dims, qv, kv, vv, &sel, &mut out, &mut lse);
-            Some(Rc::new(sel))
+            let sel = be.indexer_topk(&dims, self.get(qi), self.get(ki), self.get(wi))?;
+            let (out, lse) = be.dsa_attention(&dims, (qv, kv, vv), &sel)?;
+            (out, lse, Some(Rc::new(sel)))
         };
         let (lse, shape) = (Rc::new(lse), self.shape(q).to_vec());
         let op = Op::DsaAttention { q, k, v, sel: sel.clone(), lse: lse.clone(), dims };
-        (self.record(out, &shape, op), sel, lse)
+        Ok((self.out(out, &shape, op), sel, lse))
     }
 
-    /// The indexer's KL loss against the attention of q, k (detached) over the same keys
+    /// The indexer's KL loss against the attention of q, k (constants here) over the same keys
     /// (`sel`, or every earlier key when None); see `backend::cpu::dsa::indexer_kl`.
-    #[allow(clippy::too_many_arguments)]
     pub fn indexer_kl(
         &mut self,
-        q: Var,
-        k: Var,
-        lse: &[f32],
+        (q, k): (Var, Var),
+        lse: &B::F,
         (qi, ki, wi): (Var, Var, Var),
-        sel: Option<&[u32]>,
+        sel: Option<&B::Sel>,
         dims: DsaDims,
-    ) -> Var {
-        let (mut dqi, mut dki, mut dwi) =
-            (vec![0.0; dims.qi_len()], vec![0.0; dims.ki_len()], vec![0.0; dims.wi_len()]);
-        let (qv, kv) = (self.value(q), self.value(k));
-        let (qiv, kiv, wiv) = (self.value(qi), self.value(ki), self.value(wi));
-        let loss = indexer_kl(&dims, qv, kv, lse, qiv, kiv, wiv, sel, &mut dqi, &mut dki, &mut dwi);
-        self.record(vec![loss], &[], Op::IndexerKl { qi, ki, wi, dqi, dki, dwi })
+    ) -> Result<Var> {
+        let index = (self.get(qi), self.get(ki), self.get(wi));
+        let (loss, dqi, dki, dwi) = self.backend().indexer_kl(&dims, self.get(q), self.get(k), lse, index, sel)?;
+        Ok(self.record(Value::Scalar(loss), &[], Op::IndexerKl { qi, ki, wi, d: (dqi, dki, dwi) }))
     }
 
-    /// Routes x by `logits` + `bias` and runs the routed experts; returns [n, C] and the routing.
-    #[allow(clippy::too_many_arguments)]
+    /// Routes x by `logits` (f32, from `router_logits`) + `bias` and runs the routed experts;
+    /// returns [n, C] and the routing.
     pub fn moe(
         &mut self,
         x: Var,
         logits: Var,
-        w_gate: Var,
-        w_up: Var,
-        w_down: Var,
+        w: [Var; 3],
         bias: &[f32],
         cfg: RouterConfig,
-    ) -> (Var, Rc<Routing>) {
-        let (ws, xs) = (self.shape(w_gate).to_vec(), self.shape(x).to_vec());
+    ) -> Result<(Var, Rc<B::Routing>)> {
+        let (ws, xs) = (self.shape(w[0]).to_vec(), self.shape(x).to_vec());
         assert!(ws.len() == 3 && ws[0] == cfg.n_experts, "moe: w_gate {ws:?} is not [E, F, C]");
         let (f, c) = (ws[1], ws[2]);
-        let n = self.value(x).len() / c;
-        let routing = Rc::new(route(self.value(logits), bias, &cfg));
-        let (mut out, mut cache) = (vec![0.0; n * c], MoeCache::default());
-        let (wg, wu, wd) = (self.value(w_gate), self.value(w_up), self.value(w_down));
-        moe_forward(self.value(x), n, c, &routing, wg, wu, wd, f, &mut out, &mut cache);
-        let op = Op::Moe { x, logits, w_gate, w_up, w_down, routing: routing.clone(), cache, cfg, c, f };
-        (self.record(out, &xs, op), routing)
+        let n = xs.iter().product::<usize>() / c;
+        let be = self.backend();
+        let routing = Rc::new(be.route(self.get_f(logits), bias, &cfg)?);
+        let (out, cache) = be.moe_forward(self.get(x), (n, c, f), &routing, [self.get(w[0]), self.get(w[1]), self.get(w[2])])?;
+        let op = Op::Moe { x, logits, w, routing: routing.clone(), cache, cfg, n, cf: (c, f) };
+        Ok((self.out(out, &xs, op), routing))
     }
 
     /// α·Σ_i f_i·P_i averaged over the `n_seqs` sequences of `seq_len` tokens (a scalar).
     pub fn moe_balance(
         &mut self,
         logits: Var,
-        routing: Rc<Routing>,
+        routing: Rc<B::Routing>,
         cfg: RouterConfig,
-        n_seqs: usize,
-        seq_len: usize,
+        (n_seqs, seq_len): (usize, usize),
         alpha: f32,
-    ) -> Var {
-        let (loss, d_scores) = balance_loss(&routing.scores, &routing.experts, n_seqs, seq_len, &cfg, alpha);
-        self.record(vec![loss], &[], Op::MoeBalance { logits, routing, cfg, d_scores })
+    ) -> Result<Var> {
+        let (loss, d_scores) = self.backend().balance_loss(&routing, n_seqs, seq_len, &cfg, alpha, 1.0)?;
+        Ok(self.record(Value::Scalar(loss), &[], Op::MoeBalance { logits, routing, cfg, d_scores }))
     }
 
-    pub fn add(&mut self, a: Var, b: Var) -> Var {
+    pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
         assert_eq!(self.shape(a), self.shape(b), "add: shapes differ");
-        let mut y = vec![0.0; self.value(a).len()];
-        elementwise::add(self.value(a), self.value(b), &mut y);
+        let mut y = self.backend().a_copy(self.get(a))?;
+        self.backend().add(&mut y, self.get(b))?;
         let shape = self.shape(a).to_vec();
-        self.record(y, &shape, Op::Add { a, b })
+        Ok(self.out(y, &shape, Op::Add { a, b }))
     }
 
-    /// Σ x ∘ w for a constant w of the same length (accumulated in f64).
-    pub fn weighted_sum(&mut self, x: Var, w: &[f32]) -> Var {
-        assert_eq!(self.value(x).len(), w.len(), "weighted_sum: length mismatch");
-        let s: f64 = self.value(x).iter().zip(w).map(|(&a, &b)| a as f64 * b as f64).sum();
-        self.record(vec![s as f32], &[], Op::WeightedSum { x, w: w.to_vec() })
+    /// Σ x ∘ w for a constant w of the same length (accumulated in f64, on the host).
+    pub fn weighted_sum(&mut self, x: Var, w: &[f32]) -> Result<Var> {
+        let xv = self.to_host(x)?;
+        assert_eq!(xv.len(), w.len(), "weighted_sum: length mismatch");
+        let s: f64 = xv.iter().zip(w).map(|(&a, &b)| a as f64 * b as f64).sum();
+        Ok(self.record(Value::Scalar(s as f32), &[], Op::WeightedSum { x, w: w.to_vec() }))
     }
 
     /// Mean over rows with target ≥ 0 of the softcapped cross-entropy (a scalar).
     /// Also returns the number of rows that counted.
-    pub fn cross_entropy(&mut self, logits: Var, targets: &[i32], cap: f32) -> (Var, usize) {
+    pub fn cross_entropy(&mut self, logits: Var, targets: &[i32], cap: f32) -> Result<(Var, usize)> {
         let vocab = *self.shape(logits).last().expect("cross_entropy: logits have no dims");
-        let (mut losses, mut lse) = (vec![0.0; targets.len()], vec![0.0; targets.len()]);
-        loss::softcap_cross_entropy_forward(self.value(logits), vocab, targets, cap, &mut losses, &mut lse);
+        let be = self.backend();
+        let tgt = be.targets(targets)?;
+        let (total, lse) = be.cross_entropy(self.get(logits), vocab, &tgt, cap)?;
         let n_valid = targets.iter().filter(|&&t| t >= 0).count();
-        let total: f64 = losses.iter().map(|&l| l as f64).sum();
         let mean = if n_valid > 0 { (total / n_valid as f64) as f32 } else { 0.0 };
-        let op = Op::CrossEntropy { logits, targets: targets.to_vec(), vocab, cap, n_valid, lse };
-        (self.record(vec![mean], &[], op), n_valid)
+        let op = Op::CrossEntropy { logits, targets: tgt, vocab, cap, n_valid, lse };
+        Ok((self.record(Value::Scalar(mean), &[], op), n_valid))
     }
 }
 
-/// Gradients of the op's inputs given the gradient `dout` of its output `out`.
-pub(super) fn backward(tape: &Tape, op: &Op, out: Var, dout: &[f32]) -> Vec<(Var, Vec<f32>)> {
-    match op {
-        &Op::Linear { x, w, m, k, n } => {
-            let mut dx = vec![0.0; m * k];
-            gemm(m, k, n, dout, Layout::N, tape.value(w), Layout::N, &mut dx, false); // dX = dY·W
-            let mut dw = vec![0.0; n * k];
-            gemm(n, k, m, dout, Layout::T, tape.value(x), Layout::N, &mut dw, false); // dW = dYᵀ·X
-            vec![(x, dx), (w, dw)]
+/// The gradient of a leaf's f32 buffer, or an error naming the op (its weight is not a parameter).
+fn leaf_slot<B: Backend>(tape: &Tape<B>, v: Var, op: &str) -> Result<usize> {
+    match tape.slots[v.0] {
+        Some(s) => Ok(s),
+        None => bail!("{op}: the weight must be a parameter or a leaf (its gradient is accumulated in f32)"),
+    }
+}
+
+/// Gradients of the op's inputs given the gradient `dout` of its output `out`; gradients of
+/// parameters go straight into their f32 buffers in `leaf`.
+pub(super) fn backward<'p, B: Backend>(
+    tape: &Tape<'p, B>,
+    op: Op<'p, B>,
+    out: Var,
+    dout: Grad<B::A>,
+    leaf: &mut LeafGrads<'_, B::F>,
+) -> Result<Vec<(Var, Grad<B::A>)>> {
+    let be = tape.backend();
+    let a = Grad::A;
+    // The weight gradient dW += doutᵀ·x of a linear op, and dX = dout·W.
+    let linear_back = |leaf: &mut LeafGrads<'_, B::F>, dout: &B::A, x: Var, w: Var, mkn: (usize, usize, usize)| {
+        let (m, k, n) = mkn;
+        let slot = leaf_slot(tape, w, "linear")?;
+        be.linear_dw(dout, tape.get(x), mkn, leaf.get(be, slot, n * k)?)?;
+        let mut dx = be.a_zeros(m * k)?;
+        be.linear_dx(dout, tape.get(w), mkn, &mut dx, false)?;
+        Ok::<_, anyhow::Error>(dx)
+    };
+    let scalar = |g: &Grad<B::A>| match g {
+        Grad::Scalar(s) => *s,
+        Grad::A(_) => panic!("a scalar op got a tensor gradient"),
+    };
+    let tensor = |g: Grad<B::A>| match g {
+        Grad::A(t) => t,
+        Grad::Scalar(_) => panic!("a tensor op got a scalar gradient"),
+    };
+    Ok(match op {
+        Op::Linear { x, w, mkn } | Op::RouterLinear { x, w, mkn } => {
+            let dout = tensor(dout);
+            let dx = linear_back(leaf, &dout, x, w, mkn)?;
+            vec![(x, a(dx))]
         }
-        Op::Embedding { table, ids, dim } => {
-            let mut dt = vec![0.0; tape.value(*table).len()];
-            embedding::embedding_backward(dout, *dim, ids, &mut dt);
-            vec![(*table, dt)]
+        Op::LinearResidual { x, w, resid, mkn } => {
+            let dout = tensor(dout);
+            let dx = linear_back(leaf, &dout, x, w, mkn)?;
+            vec![(resid, a(dout)), (x, a(dx))]
         }
-        Op::RmsNorm { x, rstd, dim } => {
-            let mut dx = vec![0.0; dout.len()];
-            norm::rmsnorm_backward(tape.value(*x), rstd, dout, *dim, &mut dx);
-            vec![(*x, dx)]
+        Op::LinearSwiGlu { x, w, gate, up, mkn } => {
+            let (dg, du) = be.swiglu_backward(tape.get(gate), &up, &tensor(dout))?;
+            drop(up);
+            let dx = linear_back(leaf, &du, x, w, mkn)?;
+            vec![(x, a(dx)), (gate, a(dg))]
         }
-        Op::Rope { x, b, t, h, table } => {
-            let mut dx = vec![0.0; dout.len()];
-            rope_backward(table, dout, *b, *t, *h, &mut dx);
-            vec![(*x, dx)]
+        Op::Embedding { table, ids, dim, .. } => {
+            let slot = leaf_slot(tape, table, "embedding")?;
+            let n = tape.shape(table).iter().product();
+            be.embedding_backward(&tensor(dout), dim, &ids, leaf.get(be, slot, n)?)?;
+            Vec::new()
         }
+        Op::RmsNorm { x, rstd, dim } => vec![(x, a(be.rmsnorm_backward(tape.get(x), &rstd, &tensor(dout), dim)?))],
+        Op::Rope { x, bth, kind } => vec![(x, a(be.rope(&tensor(dout), bth, kind, true)?))],
         Op::Attention { q, k, v, lse, dims } => {
-            let (mut dq, mut dk, mut dv) =
-                (vec![0.0; dout.len()], vec![0.0; tape.value(*k).len()], vec![0.0; tape.value(*v).len()]);
-            let (qv, kv, vv) = (tape.value(*q), tape.value(*k), tape.value(*v));
-            attention_backward(dims, qv, kv, vv, tape.value(out), lse, dout, &mut dq, &mut dk, &mut dv);
-            vec![(*q, dq), (*k, dk), (*v, dv)]
+            let (qv, kv, vv, o) = (tape.get(q), tape.get(k), tape.get(v), tape.get(out));
+            let (dq, dk, dv) = be.attention_backward(&dims, qv, kv, vv, o, &lse, &tensor(dout))?;
+            vec![(q, a(dq)), (k, a(dk)), (v, a(dv))]
         }
         Op::WindowAttention { q, k, v, lse, dims } => {
-            let (mut dq, mut dk, mut dv) =
-                (vec![0.0; dout.len()], vec![0.0; tape.value(*k).len()], vec![0.0; tape.value(*v).len()]);
-            let (qv, kv, vv) = (tape.value(*q), tape.value(*k), tape.value(*v));
-            window_attention_backward(dims, qv, kv, vv, tape.value(out), lse, dout, &mut dq, &mut dk, &mut dv);
-            vec![(*q, dq), (*k, dk), (*v, dv)]
-        }
-        Op::SwiGlu { g, u } => {
-            let (mut dg, mut du) = (vec![0.0; dout.len()], vec![0.0; dout.len()]);
-            swiglu::swiglu_backward(tape.value(*g), tape.value(*u), dout, &mut dg, &mut du);
-            vec![(*g, dg), (*u, du)]
+            let (qv, kv, vv, o) = (tape.get(q), tape.get(k), tape.get(v), tape.get(out));
+            let (dq, dk, dv) = be.window_attention_backward(&dims, qv, kv, vv, o, &lse, &tensor(dout))?;
+            vec![(q, a(dq)), (k, a(dk)), (v, a(dv))]
         }
         Op::DsaAttention { q, k, v, sel, lse, dims } => {
-            let (mut dq, mut dk, mut dv) =
-                (vec![0.0; dout.len()], vec![0.0; tape.value(*k).len()], vec![0.0; tape.value(*v).len()]);
-            let (qv, kv, vv, o) = (tape.value(*q), tape.value(*k), tape.value(*v), tape.value(out));
-            match sel {
-                None => attention_backward(&dims.attn(), qv, kv, vv, o, lse, dout, &mut dq, &mut dk, &mut dv),
-                Some(sel) => dsa_attention_backward(dims, qv, kv, vv, sel, o, lse, dout, &mut dq, &mut dk, &mut dv),
-            }
-            vec![(*q, dq), (*k, dk), (*v, dv)]
+            let (qv, kv, vv, o) = (tape.get(q), tape.get(k), tape.get(v), tape.get(out));
+            let dout = tensor(dout);
+            let (dq, dk, dv) = match sel {
+                None => be.attention_backward(&dims.attn(), qv, kv, vv, o, &lse, &dout)?,
+                Some(sel) => be.dsa_attention_backward(&dims, (qv, kv, vv), &sel, o, &lse, &dout)?,
+            };
+            vec![(q, a(dq)), (k, a(dk)), (v, a(dv))]
         }
-        Op::IndexerKl { qi, ki, wi, dqi, dki, dwi } => {
-            let scaled = |g: &[f32]| g.iter().map(|x| x * dout[0]).collect::<Vec<f32>>();
-            vec![(*qi, scaled(dqi)), (*ki, scaled(dki)), (*wi, scaled(dwi))]
+        Op::IndexerKl { qi, ki, wi, d: (dqi, dki, dwi) } => {
+            let s = scalar(&dout);
+            let mut out = Vec::new();
+            for (var, mut g) in [(qi, dqi), (ki, dki), (wi, dwi)] {
+                be.scale(&mut g, s)?;
+                out.push((var, a(g)));
+            }
+            out
         }
         Op::Detach => Vec::new(),
-        Op::Scale { x, s } => vec![(*x, dout.iter().map(|v| v * s).collect())],
-        Op::Moe { x, logits, w_gate, w_up, w_down, routing, cache, cfg, c, f } => {
-            let (n, c, k) = (routing.n_tokens, *c, cfg.top_k);
-            let (wg, wu, wd) = (tape.value(*w_gate), tape.value(*w_up), tape.value(*w_down));
-            let (mut dx, mut dwg, mut dwu, mut dwd) =
-                (vec![0.0; n * c], vec![0.0; wg.len()], vec![0.0; wu.len()], vec![0.0; wd.len()]);
-            let mut d_gates = vec![0.0; n * k];
-            moe_backward(
-                dout,
-                n,
-                c,
-                routing,
-                wg,
-                wu,
-                wd,
-                *f,
-                cache,
-                &mut dx,
-                &mut dwg,
-                &mut dwu,
-                &mut dwd,
-                &mut d_gates,
-            );
-            let mut d_logits = vec![0.0; n * cfg.n_experts];
-            router_backward(routing, &d_gates, None, cfg, &mut d_logits);
-            vec![(*x, dx), (*logits, d_logits), (*w_gate, dwg), (*w_up, dwu), (*w_down, dwd)]
+        Op::Scale { x, s } => {
+            let mut g = tensor(dout);
+            be.scale(&mut g, s)?;
+            vec![(x, a(g))]
         }
-        Op::MoeBalance { logits, routing, cfg, d_scores } => {
-            let ds: Vec<f32> = d_scores.iter().map(|v| v * dout[0]).collect();
-            let zero_gates = vec![0.0; routing.n_tokens * cfg.top_k];
-            let mut d_logits = vec![0.0; routing.n_tokens * cfg.n_experts];
-            router_backward(routing, &zero_gates, Some(&ds), cfg, &mut d_logits);
-            vec![(*logits, d_logits)]
+        Op::SwiGlu { g, u } => {
+            let (dg, du) = be.swiglu_backward(tape.get(g), tape.get(u), &tensor(dout))?;
+            vec![(g, a(dg)), (u, a(du))]
         }
-        Op::WeightedSum { x, w } => vec![(*x, w.iter().map(|v| v * dout[0]).collect())],
-        Op::Add { a, b } => vec![(*a, dout.to_vec()), (*b, dout.to_vec())],
+        Op::Moe { x, logits, w, routing, cache, cfg, n, cf: (c, f) } => {
+            let slots = [leaf_slot(tape, w[0], "moe")?, leaf_slot(tape, w[1], "moe")?, leaf_slot(tape, w[2], "moe")?];
+            let lens = w.map(|v| tape.shape(v).iter().product::<usize>());
+            let dw = leaf.get3(be, slots, lens)?;
+            let ws = [tape.get(w[0]), tape.get(w[1]), tape.get(w[2])];
+            let (dx, d_gates) = be.moe_backward(&tensor(dout), (n, c, f), &routing, ws, &cache, dw)?;
+            drop(cache);
+            let d_logits = be.router_backward(&routing, Some(&d_gates), None, &cfg)?;
+            vec![(x, a(dx)), (logits, a(d_logits))]
+        }
+        Op::MoeBalance { logits, routing, cfg, mut d_scores } => {
+            be.f_scale(&mut d_scores, scalar(&dout))?;
+            vec![(logits, a(be.router_backward(&routing, None, Some(&d_scores), &cfg)?))]
+        }
+        Op::WeightedSum { x, w } => {
+            let s = scalar(&dout);
+            let g: Vec<f32> = w.iter().map(|v| v * s).collect();
+            match tape.values[x.0] {
+                Value::Scalar(_) => vec![(x, Grad::Scalar(g[0]))],
+                _ => vec![(x, a(be.a_from(&g)?))],
+            }
+        }
+        Op::Add { a: x, b: y } => {
+            let g = tensor(dout);
+            vec![(x, a(be.a_copy(&g)?)), (y, a(g))]
+        }
         Op::Checkpoint { .. } => unreachable!("the tape runs checkpoint backwards itself"),
         Op::CrossEntropy { logits, targets, vocab, cap, n_valid, lse } => {
-            let mut dz = vec![0.0; tape.value(*logits).len()];
-            let scale = if *n_valid > 0 { dout[0] / *n_valid as f32 } else { 0.0 };
-            loss::softcap_cross_entropy_backward(tape.value(*logits), *vocab, targets, *cap, lse, scale, &mut dz);
-            vec![(*logits, dz)]
+            let scale = if n_valid > 0 { scalar(&dout) / n_valid as f32 } else { 0.0 };
+            vec![(logits, a(be.cross_entropy_backward(tape.get(logits), vocab, &targets, cap, &lse, scale)?))]
         }
-    }
+    })
 }

@@ -462,7 +462,7 @@ pub fn predict(model: &Model, samples: &[TaskSample]) -> Result<Vec<Vec<u32>>> {
     for (t, idx) in by_len {
         for chunk in idx.chunks((SCORE_BATCH_TOKENS / t).max(1)) {
             let ids: Vec<u32> = chunk.iter().flat_map(|&i| samples[i].tokens.iter().copied()).collect();
-            let mut tape = Tape::inference();
+            let mut tape = Tape::inference(model.cpu());
             let pv = model.params_on(&mut tape);
             let logits = model.logits(&mut tape, &pv, &ids, chunk.len(), t)?;
             let z = tape.value(logits);

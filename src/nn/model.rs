@@ -9,16 +9,13 @@
 
 use super::config::{AttnKind, ModelConfig};
 use crate::autograd::{Tape, Var};
-use crate::backend::cpu::attention::AttnDims;
-use crate::backend::cpu::dsa::DsaDims;
-use crate::backend::cpu::rope::RopeTable;
-use crate::backend::cpu::window_attention::WindowDims;
+use crate::backend::{AttnDims, Backend, CpuOps, DsaDims, RopeKind, WindowDims};
 use crate::memory::{Category, Tracked};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 /// Which optimizer group a parameter belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,10 +91,10 @@ pub struct Model {
     pub dsa_dense_warmup: bool,
     /// Per layer, the indexer's KL loss in the latest forward (DSA layers).
     indexer_losses: Mutex<Vec<Option<f32>>>,
-    index_rope: Arc<RopeTable>,
     /// Index in `params` of each block's first parameter, plus one past the last block.
     block_start: Vec<usize>,
-    rope: Arc<RopeTable>,
+    /// The CPU backend for this config (its RoPE tables), for forward passes on the host.
+    cpu: CpuOps,
     _memory: Tracked,
 }
 
@@ -134,7 +131,6 @@ impl Model {
     /// Assembles a model from parameters in checkpoint order (shapes are trusted; see `expected_shapes`).
     /// Routing biases start at 0 (a checkpoint loader sets them afterwards).
     pub fn from_params(config: ModelConfig, params: Vec<Param>) -> Model {
-        let rope = Arc::new(RopeTable::new(config.head_dim, config.max_seq_len, config.rope_theta));
         let floats = params.iter().map(|p| p.tensor.numel()).sum();
         let mut block_start = vec![1];
         for l in 0..config.n_layer {
@@ -145,7 +141,7 @@ impl Model {
             .collect();
         let moe_loads = Mutex::new(vec![None; config.n_layer]);
         let indexer_losses = Mutex::new(vec![None; config.n_layer]);
-        let index_rope = Arc::new(RopeTable::new(config.index_head_dim, config.max_seq_len, config.rope_theta));
+        let cpu = CpuOps::new(&config);
         let memory = Tracked::floats(Category::Parameters, floats);
         Model {
             config,
@@ -155,9 +151,8 @@ impl Model {
             moe_loads,
             dsa_dense_warmup: false,
             indexer_losses,
-            index_rope,
             block_start,
-            rope,
+            cpu,
             _memory: memory,
         }
     }
@@ -245,7 +240,7 @@ impl Model {
         let gamma = self.config.moe.bias_update_speed;
         for (bias, load) in self.moe_bias.iter_mut().zip(loads) {
             if let (Some(load), false) = (load, bias.is_empty()) {
-                crate::backend::cpu::moe::update_bias(bias, &load.counts, gamma);
+                crate::backend::update_bias(bias, &load.counts, gamma);
             }
         }
     }
@@ -267,14 +262,33 @@ impl Model {
         Ok(())
     }
 
-    /// Puts every parameter on the tape (in `params` order) and returns their handles.
-    pub fn params_on<'p>(&'p self, tape: &mut Tape<'p>) -> Vec<Var> {
+    /// The CPU backend of this model's config (RoPE tables), for tapes on the host.
+    pub fn cpu(&self) -> &CpuOps {
+        &self.cpu
+    }
+
+    /// Index in `params` of each block's first parameter, plus one past the last block.
+    pub fn block_start(&self) -> &[usize] {
+        &self.block_start
+    }
+
+    /// Puts every parameter on a CPU tape (in `params` order, slot i for parameter i) and
+    /// returns their handles.
+    pub fn params_on<'p>(&'p self, tape: &mut Tape<'p, CpuOps>) -> Vec<Var> {
         self.params.iter().map(|p| tape.param(&p.tensor)).collect()
     }
 
-    /// Raw logits [b·t, vocab] (before the softcap, which the loss applies)
-    /// for `ids` viewed as [b, t]. `pv` are the handles from `params_on`.
-    pub fn logits<'p>(&'p self, tape: &mut Tape<'p>, pv: &[Var], ids: &[u32], b: usize, t: usize) -> Result<Var> {
+    /// Raw logits [b·t, vocab] (before the softcap, which the loss applies) for `ids` viewed as
+    /// [b, t], on any backend. `pv` are the parameters' handles in `params` order (the embedding
+    /// table readable as f32, the rest as GEMM operands).
+    pub fn logits<'p, B: Backend>(
+        &'p self,
+        tape: &mut Tape<'p, B>,
+        pv: &[Var],
+        ids: &[u32],
+        b: usize,
+        t: usize,
+    ) -> Result<Var> {
         let c = &self.config;
         if ids.len() != b * t {
             bail!("forward: {} ids do not form a [{b}, {t}] batch", ids.len());
@@ -283,53 +297,63 @@ impl Model {
             bail!("forward: sequence length {t} exceeds max_seq_len {}", c.max_seq_len);
         }
         self.check_ids(ids)?;
-        let x = tape.embedding(pv[0], ids);
-        let mut x = tape.rmsnorm(x, c.n_embd);
+        let x = tape.embedding(pv[0], ids)?;
+        let mut x = tape.rmsnorm(x, c.n_embd)?;
         for l in 0..c.n_layer {
             let w = &pv[self.block_start[l]..self.block_start[l + 1]];
             x = if self.checkpoint_every > 0 && l % self.checkpoint_every == 0 {
                 let inputs: Vec<Var> = std::iter::once(x).chain(w.iter().copied()).collect();
-                tape.checkpoint(
-                    &inputs,
-                    Rc::new(move |tp: &mut Tape<'p>, v: &[Var]| self.block(tp, l, v[0], &v[1..], b, t)),
-                )
+                let f = move |tp: &mut Tape<'p, B>, v: &[Var]| self.block(tp, l, v[0], &v[1..], b, t);
+                tape.checkpoint(&inputs, Rc::new(f))?
             } else {
-                self.block(tape, l, x, w, b, t)
+                self.block(tape, l, x, w, b, t)?
             };
         }
-        let x = tape.rmsnorm(x, c.n_embd);
-        Ok(tape.linear(x, pv[pv.len() - 1]))
+        let x = tape.rmsnorm(x, c.n_embd)?;
+        tape.linear(x, pv[pv.len() - 1])
     }
 
     /// One block on x [b·t, n_embd] with its parameters `w` (`block_param_specs` order).
-    fn block<'p>(&'p self, tape: &mut Tape<'p>, l: usize, x: Var, w: &[Var], b: usize, t: usize) -> Var {
+    fn block<'p, B: Backend>(
+        &'p self,
+        tape: &mut Tape<'p, B>,
+        l: usize,
+        x: Var,
+        w: &[Var],
+        b: usize,
+        t: usize,
+    ) -> Result<Var> {
         let c = &self.config;
         let dims = AttnDims { b, t, h: c.n_head, h_kv: c.n_kv_head, d: c.head_dim };
-        let h = tape.rmsnorm(x, c.n_embd);
-        let q = tape.linear(h, w[0]);
-        let k = tape.linear(h, w[1]);
-        let v = tape.linear(h, w[2]);
+        let h = tape.rmsnorm(x, c.n_embd)?;
+        let q = tape.linear(h, w[0])?;
+        let k = tape.linear(h, w[1])?;
+        let v = tape.linear(h, w[2])?;
         // QK-norm per head, then RoPE (RoPE preserves the norm, so the order is immaterial).
-        let q = tape.rmsnorm(q, c.head_dim);
-        let k = tape.rmsnorm(k, c.head_dim);
-        let q = tape.rope(q, b, t, c.n_head, &self.rope);
-        let k = tape.rope(k, b, t, c.n_kv_head, &self.rope);
+        let q = tape.rmsnorm(q, c.head_dim)?;
+        let k = tape.rmsnorm(k, c.head_dim)?;
+        let q = tape.rope(q, (b, t, c.n_head), RopeKind::Attention)?;
+        let k = tape.rope(k, (b, t, c.n_kv_head), RopeKind::Attention)?;
         let y = match c.attn_kind(l) {
-            AttnKind::Dense => tape.attention(q, k, v, dims),
+            AttnKind::Dense => tape.attention(q, k, v, dims)?,
             AttnKind::Window => {
                 let (window, n_global) = (c.dsa_window_size, c.n_global);
                 let wd = WindowDims { b, t, h: c.n_head, h_kv: c.n_kv_head, d: c.head_dim, window, n_global };
-                tape.window_attention(q, k, v, wd)
+                tape.window_attention(q, k, v, wd)?
             }
-            AttnKind::Sparse => self.sparse_attention(tape, l, h, (q, k, v), &w[w.len() - 3..], b, t),
+            AttnKind::Sparse => self.sparse_attention(tape, l, h, (q, k, v), &w[w.len() - 3..], b, t)?,
         };
-        let y = tape.linear(y, w[3]);
-        let x = tape.add(x, y);
-        let h = tape.rmsnorm(x, c.n_embd);
+        // x + c_proj(y): the residual add in the projection's epilogue.
+        let x = tape.linear_residual(y, w[3], x)?;
+        let h = tape.rmsnorm(x, c.n_embd)?;
         let n_index = if c.attn_kind(l) == AttnKind::Sparse { 3 } else { 0 };
         let ffn_w = &w[4..w.len() - n_index];
-        let y = if c.is_moe_layer(l) { self.moe_ffn(tape, l, h, ffn_w, b, t) } else { self.dense_ffn(tape, h, ffn_w) };
-        tape.add(x, y)
+        if c.is_moe_layer(l) {
+            let y = self.moe_ffn(tape, l, h, ffn_w, b, t)?;
+            tape.add(x, y)
+        } else {
+            self.dense_ffn(tape, h, ffn_w, x)
+        }
     }
 
     /// The shapes of layer attention calls on a [b, t] batch for DSA.
@@ -353,75 +377,77 @@ impl Model {
     /// indexer learns from the KL to the attention distribution (an aux loss). `w` = the indexer's
     /// wq, wk, w_heads.
     #[allow(clippy::too_many_arguments)]
-    fn sparse_attention<'p>(
+    fn sparse_attention<'p, B: Backend>(
         &'p self,
-        tape: &mut Tape<'p>,
+        tape: &mut Tape<'p, B>,
         l: usize,
         h: Var,
-        (q, k, v): (Var, Var, Var),
+        qkv: (Var, Var, Var),
         w: &[Var],
         b: usize,
         t: usize,
-    ) -> Var {
+    ) -> Result<Var> {
         let c = &self.config;
-        let hd = tape.detach(h);
-        let qi = tape.linear(hd, w[0]);
-        let qi = tape.rope(qi, b, t, c.index_n_heads, &self.index_rope);
-        let ki = tape.linear(hd, w[1]);
-        let ki = tape.rope(ki, b, t, 1, &self.index_rope);
-        let wi = tape.linear(hd, w[2]);
-        let wi = tape.scale(wi, 1.0 / ((c.index_n_heads * c.index_head_dim) as f32).sqrt());
+        let hd = tape.detach(h)?;
+        let qi = tape.linear(hd, w[0])?;
+        let qi = tape.rope(qi, (b, t, c.index_n_heads), RopeKind::Indexer)?;
+        let ki = tape.linear(hd, w[1])?;
+        let ki = tape.rope(ki, (b, t, 1), RopeKind::Indexer)?;
+        let wi = tape.linear(hd, w[2])?;
+        let wi = tape.scale(wi, 1.0 / ((c.index_n_heads * c.index_head_dim) as f32).sqrt())?;
         let dims = self.dsa_dims(b, t);
-        let (y, sel, lse) = tape.dsa_attention(q, k, v, (qi, ki, wi), dims, self.dsa_dense_warmup);
+        let (y, sel, lse) = tape.dsa_attention(qkv, (qi, ki, wi), dims, self.dsa_dense_warmup)?;
         if tape.aux_enabled() {
-            let kl = tape.indexer_kl(q, k, &lse, (qi, ki, wi), sel.as_deref().map(|s| s.as_slice()), dims);
-            self.indexer_losses.lock().unwrap_or_else(|e| e.into_inner())[l] = Some(tape.value(kl)[0]);
+            let kl = tape.indexer_kl((qkv.0, qkv.1), &lse, (qi, ki, wi), sel.as_deref(), dims)?;
+            self.indexer_losses.lock().unwrap_or_else(|e| e.into_inner())[l] = Some(tape.scalar(kl));
             tape.add_aux_loss(kl);
         }
-        y
+        Ok(y)
     }
 
-    /// SwiGLU FFN: w_down(silu(w_gate h) ∘ w_up h).
-    fn dense_ffn<'p>(&'p self, tape: &mut Tape<'p>, h: Var, w: &[Var]) -> Var {
-        let g = tape.linear(h, w[0]);
-        let u = tape.linear(h, w[1]);
-        let a = tape.swiglu(g, u);
-        tape.linear(a, w[2])
+    /// SwiGLU FFN with the residual: resid + w_down(silu(w_gate h) ∘ w_up h).
+    fn dense_ffn<'p, B: Backend>(&'p self, tape: &mut Tape<'p, B>, h: Var, w: &[Var], resid: Var) -> Result<Var> {
+        let g = tape.linear(h, w[0])?;
+        let a = tape.linear_swiglu(h, w[1], g)?;
+        tape.linear_residual(a, w[2], resid)
     }
 
     /// DeepSeekMoE FFN on h [b·t, C]: Σ_k g_k·expert_k(h) over the routed experts plus the shared
     /// experts; `w` = router, expert stacks (w_gate, w_up, w_down), then the shared experts' three
     /// matrices if any. The balance loss (α > 0) joins the objective as an aux loss; the layer's load
     /// is recorded for the bias update and the metrics.
-    fn moe_ffn<'p>(&'p self, tape: &mut Tape<'p>, l: usize, h: Var, w: &[Var], b: usize, t: usize) -> Var {
+    fn moe_ffn<'p, B: Backend>(
+        &'p self,
+        tape: &mut Tape<'p, B>,
+        l: usize,
+        h: Var,
+        w: &[Var],
+        b: usize,
+        t: usize,
+    ) -> Result<Var> {
         let m = &self.config.moe;
         let cfg = m.router();
-        let logits = tape.linear(h, w[0]);
-        let (mut y, routing) = tape.moe(h, logits, w[1], w[2], w[3], &self.moe_bias[l], cfg);
+        let logits = tape.router_logits(h, w[0])?;
+        let (mut y, routing) = tape.moe(h, logits, [w[1], w[2], w[3]], &self.moe_bias[l], cfg)?;
         let mut balance_loss = 0.0;
         if m.seq_aux_alpha > 0.0 && tape.aux_enabled() {
-            let bal = tape.moe_balance(logits, routing.clone(), cfg, b, t, m.seq_aux_alpha);
-            balance_loss = tape.value(bal)[0];
+            let bal = tape.moe_balance(logits, routing.clone(), cfg, (b, t), m.seq_aux_alpha)?;
+            balance_loss = tape.scalar(bal);
             tape.add_aux_loss(bal);
         }
         if w.len() > 4 {
-            let shared = self.dense_ffn(tape, h, &w[4..7]);
-            y = tape.add(y, shared);
+            y = self.dense_ffn(tape, h, &w[4..7], y)?; // routed + shared
         }
-        let load = MoeLoad {
-            counts: routing.counts.clone(),
-            dropped: routing.dropped,
-            assignments: routing.n_tokens * cfg.top_k,
-            balance_loss,
-        };
+        let (counts, dropped) = tape.backend().routing_counts(&routing)?;
+        let load = MoeLoad { counts, dropped, assignments: b * t * cfg.top_k, balance_loss };
         self.moe_loads.lock().unwrap_or_else(|e| e.into_inner())[l] = Some(load);
-        y
+        Ok(y)
     }
 
     /// Mean cross-entropy of predicting `targets` (−1 = ignore) from `ids`, both [b, t].
-    pub fn loss<'p>(
+    pub fn loss<'p, B: Backend>(
         &'p self,
-        tape: &mut Tape<'p>,
+        tape: &mut Tape<'p, B>,
         pv: &[Var],
         ids: &[u32],
         targets: &[i32],
@@ -435,19 +461,19 @@ impl Model {
             bail!("target token id {bad} is out of range for vocab_size {}", self.config.vocab_size);
         }
         let logits = self.logits(tape, pv, ids, b, t)?;
-        Ok(tape.cross_entropy(logits, targets, self.config.logit_softcap).0)
+        Ok(tape.cross_entropy(logits, targets, self.config.logit_softcap)?.0)
     }
 
     /// Softcapped logits of the last position of a single sequence (for sampling).
     pub fn next_token_logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let t = ids.len().min(self.config.max_seq_len);
         let ids = &ids[ids.len() - t..];
-        let mut tape = Tape::inference();
+        let mut tape = Tape::inference(&self.cpu);
         let pv = self.params_on(&mut tape);
         let logits = self.logits(&mut tape, &pv, ids, 1, t)?;
         let v = self.config.vocab_size;
         let cap = self.config.logit_softcap;
         let last = &tape.value(logits)[(t - 1) * v..t * v];
-        Ok(last.iter().map(|&z| if cap > 0.0 { cap * crate::backend::cpu::math::tanh(z / cap) } else { z }).collect())
+        Ok(last.iter().map(|&z| if cap > 0.0 { cap * crate::backend::math::tanh(z / cap) } else { z }).collect())
     }
 }

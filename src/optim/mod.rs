@@ -5,14 +5,9 @@ mod schedule;
 
 pub use schedule::lr_multiplier;
 
-use crate::backend::cpu::{
-    elementwise,
-    optim::{adamw_update, newton_schulz, AdamWStep},
-};
 use crate::nn::{Model, ParamKind};
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -103,11 +98,8 @@ impl OptimConfig {
 }
 
 /// Per-parameter optimizer state.
-#[derive(Clone, Debug, PartialEq)]
-pub enum ParamState {
-    AdamW { m: Vec<f32>, v: Vec<f32> },
-    Muon { momentum: Vec<f32> },
-}
+/// Optimizer state of one parameter on the host (the trainer's `StateBuf` over `Vec<f32>`).
+pub type ParamState = crate::backend::StateBuf<Vec<f32>>;
 
 pub struct Optimizer {
     pub config: OptimConfig,
@@ -116,7 +108,6 @@ pub struct Optimizer {
     pub state: Vec<ParamState>,
     /// AdamW learning rates are scaled by (n_embd/768)^-½ (nanochat's convention), so the
     /// defaults tuned at width 768 transfer to other widths.
-    adam_lr_scale: f32,
     _memory: crate::memory::Tracked,
 }
 
@@ -130,62 +121,13 @@ impl Optimizer {
                 _ => ParamState::AdamW { m: vec![0.0; p.tensor.numel()], v: vec![0.0; p.tensor.numel()] },
             })
             .collect();
-        let adam_lr_scale = (model.config.n_embd as f32 / 768.0).powf(-0.5);
         let floats = model.params.iter().map(|p| if p.kind.uses_muon() { 1 } else { 2 } * p.tensor.numel()).sum();
         let _memory = crate::memory::Tracked::floats(crate::memory::Category::OptimizerState, floats);
-        Optimizer { config, step: 0, state, adam_lr_scale, _memory }
+        Optimizer { config, step: 0, state, _memory }
     }
 
     /// One update of every parameter from `grads` (same order as `model.params`),
     /// with every learning rate multiplied by `lr_mult` (the schedule).
-    pub fn update(&mut self, model: &mut Model, grads: &[Vec<f32>], lr_mult: f32) {
-        assert_eq!(grads.len(), model.params.len(), "one gradient per parameter");
-        self.step += 1;
-        let (c, step, adam_lr_scale) = (&self.config, self.step, self.adam_lr_scale);
-        // Parameters update independently, so they run as parallel tasks (each one's
-        // GEMMs then stay on its thread); the result does not depend on scheduling.
-        let jobs = model.params.par_iter_mut().zip(grads.par_iter()).zip(self.state.par_iter_mut());
-        jobs.for_each(|((p, g), st)| {
-            match st {
-                ParamState::AdamW { m, v } => {
-                    let base = if p.kind == ParamKind::Embedding { c.embedding_lr } else { c.unembedding_lr };
-                    let h = AdamWStep {
-                        lr: base * adam_lr_scale * lr_mult,
-                        beta1: c.adam_beta1,
-                        beta2: c.adam_beta2,
-                        eps: c.adam_eps,
-                        weight_decay: c.weight_decay,
-                        step,
-                    };
-                    adamw_update(&mut p.tensor.data, g, m, v, h);
-                }
-                ParamState::Muon { momentum } => {
-                    // Expert stacks [E, rows, cols] are orthogonalized one expert matrix at a time.
-                    let (rows, cols) = match p.tensor.shape[..] {
-                        [_, r, c] => (r, c),
-                        _ => p.tensor.dims2(),
-                    };
-                    // Nesterov momentum in lerp form: buf ← μ·buf + (1−μ)·g, u = (1−μ)·g + μ·buf.
-                    let mu = c.muon_momentum;
-                    let mut u = vec![0.0f32; g.len()];
-                    for ((b, &gi), ui) in momentum.iter_mut().zip(g).zip(u.iter_mut()) {
-                        *b = mu * *b + (1.0 - mu) * gi;
-                        *ui = (1.0 - mu) * gi + mu * *b;
-                    }
-                    let o: Vec<f32> =
-                        u.chunks_exact(rows * cols).flat_map(|m| newton_schulz(m, rows, cols, c.ns_steps)).collect();
-                    // Tall matrices get a larger step so the update's RMS per entry stays comparable.
-                    let lr = c.matrix_lr * lr_mult * (rows as f32 / cols as f32).max(1.0).sqrt();
-                    let decay = 1.0 - c.matrix_lr * lr_mult * c.weight_decay;
-                    for (w, oi) in p.tensor.data.iter_mut().zip(&o) {
-                        *w = *w * decay - lr * oi;
-                    }
-                }
-            }
-        });
-    }
-
-    /// The state as named tensors for a checkpoint: `<param>.adam_m`, `<param>.adam_v`, `<param>.muon_momentum`.
     pub fn state_tensors(&self, model: &Model) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         for (p, st) in model.params.iter().zip(&self.state) {
@@ -223,17 +165,4 @@ impl Optimizer {
         self.step = step;
         Ok(())
     }
-}
-
-/// Scales all gradients so their global L2 norm is at most `max_norm` (0 = no clipping).
-/// Returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f32) -> f32 {
-    let norm = grads.iter().map(|g| elementwise::sum_sq(g)).sum::<f64>().sqrt() as f32;
-    if max_norm > 0.0 && norm > max_norm {
-        let s = max_norm / (norm + 1e-6);
-        for g in grads.iter_mut() {
-            elementwise::scale(g, s);
-        }
-    }
-    norm
 }

@@ -1,5 +1,6 @@
-//! Whole training steps: the CUDA explicit step (`train::step_cuda`) against the CPU one
-//! (`train::step_cpu`) on the same seeded model and batches.
+//! Whole training steps: the model's one statement on the tape over CUDA (`CudaOps`) against
+//! the same tape over the CPU (`CpuOps`), on the same seeded model and batches, with activation
+//! checkpointing off and on (every block recomputed in the backward).
 //!
 //! Checks: the loss and **every parameter's gradient** of one forward + backward (micro-batch
 //! of 2 × 64 tokens, vocabulary 512), then three optimizer steps of two micro-batches (loss and
@@ -25,7 +26,8 @@ use super::{rand_bf16, Ctx};
 use crate::data::Batch;
 use crate::nn::{Model, ModelConfig};
 use crate::optim::{OptimConfig, Optimizer};
-use crate::train::step::{DenseTrainer, StepOps};
+use crate::backend::{Backend, CpuOps, CudaOps};
+use crate::train::Trainer;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
@@ -86,39 +88,40 @@ type StepStats = (Option<f32>, Vec<Option<(Vec<usize>, usize)>>);
 
 /// One trainer through the sequence the checks compare: the gradient of micro-batch 1, then
 /// three steps of two micro-batches (2, 3), (4, 5), (6, 7).
-fn drive<O: StepOps>(tr: &mut DenseTrainer<O>) -> Result<(TrainReference, Vec<StepStats>)> {
+fn drive<B: Backend>(tr: &mut Trainer<B>, model: &mut Model) -> Result<(TrainReference, Vec<StepStats>)> {
     let b0 = batch(1);
     tr.zero_grads()?;
-    let loss = tr.forward_backward(&b0.ids, &b0.targets, 2, 64, 1.0)?;
+    let loss = tr.forward_backward(model, &b0.ids, &b0.targets, (2, 64), 1.0, false)?.0;
     let grads = tr.grads_to_host()?;
     let clip = OptimConfig::default().grad_clip;
     let (mut steps, mut stats) = (vec![], vec![]);
     for step in 0..3u64 {
         let mut i = 1 + 2 * step;
-        steps.push(tr.train_step(
-            || {
-                i += 1;
-                batch(i)
-            },
-            2,
-            clip,
-            1.0,
-        )?);
-        let loads = tr.last_step.moe_loads.iter().map(|l| l.as_ref().map(|l| (l.counts.clone(), l.assignments)));
-        stats.push((tr.last_step.indexer_loss, loads.collect()));
+        let next = || {
+            i += 1;
+            batch(i)
+        };
+        let st = tr.train_step(model, next, (2, clip, 1.0), false)?;
+        steps.push((st.loss, st.grad_norm));
+        let loads = st.moe_loads.iter().map(|l| l.as_ref().map(|l| (l.counts.clone(), l.assignments)));
+        stats.push((st.indexer_loss, loads.collect()));
     }
     Ok((TrainReference { loss, grads, steps }, stats))
 }
 
-fn cpu_trainer(c: &ModelConfig, model: &Model) -> Result<DenseTrainer<crate::train::step_cpu::CpuOps>> {
-    let opt = Optimizer::new(model, OptimConfig::default());
-    DenseTrainer::new(crate::train::step_cpu::CpuOps::new(c), model, &opt)
+/// A model and its trainer on `ops`, blocks checkpointed every `checkpoint_every` (0 = off).
+fn trainer<B: Backend>(ops: B, c: &ModelConfig, checkpoint_every: usize) -> Result<(Trainer<B>, Model)> {
+    let mut m = model(c)?;
+    m.checkpoint_every = checkpoint_every;
+    let mut opt = Optimizer::new(&m, OptimConfig::default());
+    Ok((Trainer::new(ops, &mut m, &mut opt)?, m))
 }
 
 /// The dense model's CPU reference (what `--write-reference` stores).
 pub fn reference_cpu() -> Result<TrainReference> {
     let c = dense_config()?;
-    Ok(drive(&mut cpu_trainer(&c, &model(&c)?)?)?.0)
+    let (mut tr, mut m) = trainer(CpuOps::new(&c), &c, 0)?;
+    Ok(drive(&mut tr, &mut m)?.0)
 }
 
 /// Writes `r` as safetensors (tensors `loss` [1], `steps` [3, 2], `grad.<name>`), the dense
@@ -167,27 +170,25 @@ pub fn read_reference(path: &Path) -> Result<TrainReference> {
     Ok(TrainReference { loss, grads, steps: steps.chunks_exact(2).map(|p| (p[0], p[1])).collect() })
 }
 
-/// The GPU trainer of `model`, driven through the same sequence, plus the rerun of the first
-/// micro-batch: (result, step stats, rerun loss, rerun gradients, trainer).
-type GpuRun =
-    (TrainReference, Vec<StepStats>, f32, Vec<(String, Vec<f32>)>, DenseTrainer<crate::train::step_cuda::CudaOps>);
+/// The GPU trainer, driven through the same sequence, plus the rerun of the first micro-batch:
+/// (result, step stats, rerun loss, rerun gradients, trainer, its host model).
+type GpuRun = (TrainReference, Vec<StepStats>, f32, Vec<(String, Vec<f32>)>, Trainer<CudaOps>, Model);
 
-fn gpu_run(ctx: &Ctx, c: &ModelConfig, model: &Model) -> Result<GpuRun> {
-    let opt = Optimizer::new(model, OptimConfig::default());
-    let ops = crate::train::step_cuda::CudaOps::new(ctx.open()?, c)?;
-    let mut tr = DenseTrainer::new(ops, model, &opt)?;
+fn gpu_run(ctx: &Ctx, c: &ModelConfig, checkpoint_every: usize) -> Result<GpuRun> {
+    let ops = CudaOps::new(ctx.open()?, c)?;
+    let (mut tr, mut m) = trainer(ops, c, checkpoint_every)?;
     let b0 = batch(1);
     tr.zero_grads()?;
-    let rerun_loss = tr.forward_backward(&b0.ids, &b0.targets, 2, 64, 1.0)?;
+    let rerun_loss = tr.forward_backward(&m, &b0.ids, &b0.targets, (2, 64), 1.0, false)?.0;
     let rerun_grads = tr.grads_to_host()?;
-    let (r, stats) = drive(&mut tr)?;
-    Ok((r, stats, rerun_loss, rerun_grads, tr))
+    let (r, stats) = drive(&mut tr, &mut m)?;
+    Ok((r, stats, rerun_loss, rerun_grads, tr, m))
 }
 
 /// The rows comparing a GPU run with the reference.
 fn compare_runs(ctx: &mut Ctx, label: &str, gpu: &GpuRun, want: &TrainReference, norm: f32) {
     let shape = "b2 t64 V512";
-    let (got, _, rerun_loss, rerun_grads, _) = gpu;
+    let (got, _, rerun_loss, rerun_grads, _, _) = gpu;
     ctx.close(&format!("{label} loss"), shape, &[got.loss], &[want.loss], Tol::new(0.0, 2e-2, 2e-2));
     ctx.repeat(&format!("{label} loss"), shape, &[*rerun_loss], &[got.loss], None);
     ctx.flag(&format!("{label} parameter count"), shape, got.grads.len() == want.grads.len(), "the models differ");
@@ -210,13 +211,13 @@ fn compare_runs(ctx: &mut Ctx, label: &str, gpu: &GpuRun, want: &TrainReference,
 }
 
 /// The trained parameters (and MoE biases) come back to the host after 3 steps, finite.
-fn back_on_host(ctx: &mut Ctx, label: &str, gpu: &GpuRun, c: &ModelConfig, model: &Model) -> Result<()> {
-    let tr = &gpu.4;
+fn back_on_host(ctx: &mut Ctx, label: &str, gpu: &GpuRun, c: &ModelConfig) -> Result<()> {
+    let (tr, trained) = (&gpu.4, &gpu.5);
     let mut m2 = Model::new(c, 5)?;
-    let mut o2 = Optimizer::new(model, OptimConfig::default());
-    tr.to_host(&mut m2, &mut o2)?;
+    let mut o2 = Optimizer::new(&m2, OptimConfig::default());
+    tr.copy_to_host(&mut m2, &mut o2)?;
     let finite = m2.params.iter().all(|p| p.tensor.data.iter().all(|v| v.is_finite()));
-    let ok = o2.step == 3 && m2.moe_bias == tr.moe_bias && finite;
+    let ok = o2.step == 3 && trained.moe_bias.iter().all(|b| b.iter().all(|v| v.is_finite())) && finite;
     ctx.flag(&format!("{label} parameters back on the host"), "-", ok, format!("step {}, finite {finite}", o2.step));
     Ok(())
 }
@@ -224,14 +225,16 @@ fn back_on_host(ctx: &mut Ctx, label: &str, gpu: &GpuRun, c: &ModelConfig, model
 pub fn dense(ctx: &mut Ctx) -> Result<()> {
     ctx.case("train_step", "-", |ctx| {
         let c = dense_config()?;
-        let model = model(&c)?;
         let want = match ctx.reference.clone() {
             Some(path) => read_reference(&path)?,
             None => reference_cpu()?,
         };
-        let gpu = gpu_run(ctx, &c, &model)?;
-        compare_runs(ctx, "dense", &gpu, &want, 5e-2);
-        back_on_host(ctx, "dense", &gpu, &c, &model)
+        for (every, label) in [(0, "dense"), (1, "dense checkpointed")] {
+            let gpu = gpu_run(ctx, &c, every)?;
+            compare_runs(ctx, label, &gpu, &want, 5e-2);
+            back_on_host(ctx, label, &gpu, &c)?;
+        }
+        Ok(())
     });
     Ok(())
 }
@@ -243,23 +246,40 @@ pub fn dense(ctx: &mut Ctx) -> Result<()> {
 pub fn all_kinds(ctx: &mut Ctx) -> Result<()> {
     ctx.case("train_step_all_kinds", "-", |ctx| {
         let c = all_kinds_config()?;
-        let model = model(&c)?;
-        let mut cpu_tr = cpu_trainer(&c, &model)?;
-        let (want, want_stats) = drive(&mut cpu_tr)?;
-        let gpu = gpu_run(ctx, &c, &model)?;
-        compare_runs(ctx, "all kinds", &gpu, &want, 1e-1);
-        for (step, ((kg, lg), (kc, lc))) in gpu.1.iter().zip(&want_stats).enumerate() {
+        let (mut cpu_tr, mut cpu_model) = trainer(CpuOps::new(&c), &c, 0)?;
+        let (want, want_stats) = drive(&mut cpu_tr, &mut cpu_model)?;
+        for (every, label) in [(0, "all kinds"), (1, "all kinds checkpointed")] {
+            let gpu = gpu_run(ctx, &c, every)?;
+            all_kinds_rows(ctx, label, &gpu, (&want, &want_stats), &cpu_model)?;
+        }
+        Ok(())
+    });
+    Ok(())
+}
+
+/// The rows of one all-kinds GPU run against the CPU's.
+fn all_kinds_rows(
+    ctx: &mut Ctx,
+    label: &str,
+    gpu: &GpuRun,
+    (want, want_stats): (&TrainReference, &[StepStats]),
+    cpu_model: &Model,
+) -> Result<()> {
+    let c = all_kinds_config()?;
+    {
+        compare_runs(ctx, label, gpu, want, 1e-1);
+        for (step, ((kg, lg), (kc, lc))) in gpu.1.iter().zip(want_stats).enumerate() {
             let (kg, kc) = (kg.unwrap_or(f32::NAN), kc.unwrap_or(f32::NAN));
-            ctx.close(&format!("all kinds step {step} indexer KL"), "-", &[kg], &[kc], Tol::new(1e-3, 1e-1, 1e-1));
+            ctx.close(&format!("{label} step {step} indexer KL"), "-", &[kg], &[kc], Tol::new(1e-3, 1e-1, 1e-1));
             for (l, (a, b)) in lg.iter().zip(lc).enumerate() {
                 let shape = format!("layer {l}");
                 let present = a.is_some() == (b.is_some() && l >= 1);
-                ctx.flag(&format!("all kinds step {step} MoE loads present"), &shape, present, "MoE layers differ");
+                ctx.flag(&format!("{label} step {step} MoE loads present"), &shape, present, "MoE layers differ");
                 if let (Some((ca, na)), Some((cb, nb))) = (a, b) {
                     let diff: usize = ca.iter().zip(cb).map(|(&x, &y)| x.abs_diff(y)).sum();
                     let why = format!("counts gpu {ca:?} cpu {cb:?}");
                     ctx.flag(
-                        &format!("all kinds step {step} expert counts within 10%"),
+                        &format!("{label} step {step} expert counts within 10%"),
                         &shape,
                         diff * 10 <= *nb && na == nb,
                         why,
@@ -267,14 +287,14 @@ pub fn all_kinds(ctx: &mut Ctx) -> Result<()> {
                 }
             }
         }
-        for (l, (a, b)) in gpu.4.moe_bias.iter().zip(&cpu_tr.moe_bias).enumerate().skip(1) {
+        for (l, (a, b)) in gpu.5.moe_bias.iter().zip(&cpu_model.moe_bias).enumerate().skip(1) {
             let same = a.iter().zip(b).filter(|(x, y)| (*x - *y).abs() <= 1e-6).count();
             let ok = a.iter().any(|&x| x != 0.0) && 2 * same >= a.len();
-            ctx.flag("all kinds MoE bias moved and agrees", &format!("layer {l}"), ok, format!("gpu {a:?} cpu {b:?}"));
+            let why = format!("gpu {a:?} cpu {b:?}");
+            ctx.flag(&format!("{label} MoE bias moved and agrees"), &format!("layer {l}"), ok, why);
         }
-        back_on_host(ctx, "all kinds", &gpu, &c, &model)
-    });
-    Ok(())
+    }
+    back_on_host(ctx, label, gpu, &c)
 }
 
 #[cfg(test)]

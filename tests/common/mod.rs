@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use nanoseek::autograd::{Tape, Var};
+use nanoseek::backend::CpuOps;
 use nanoseek::rng::Rng;
 use nanoseek::Tensor;
 
@@ -25,21 +26,31 @@ pub const ATOL: f64 = 2e-3;
 /// Checks d(objective)/d(inputs[i]) at up to `samples` coordinates of each input.
 /// `build` puts the computation on a tape from the input leaves and returns a
 /// non-scalar output; the objective is Σ out ∘ w for a fixed random w, evaluated in f64.
-pub fn check_gradients(name: &str, inputs: &[Tensor], samples: usize, build: &dyn Fn(&mut Tape, &[Var]) -> Var) {
+/// A computation on a CPU tape from its input leaves.
+pub type Build<'a> = &'a dyn for<'p> Fn(&mut Tape<'p, CpuOps>, &[Var]) -> anyhow::Result<Var>;
+
+/// The CPU backend of the checks: RoPE tables of head dim 8 (attention and indexer) up to 64
+/// positions.
+pub fn cpu_ops() -> CpuOps {
+    CpuOps::with_tables(8, 8, 64, 10_000.0)
+}
+
+pub fn check_gradients(name: &str, inputs: &[Tensor], samples: usize, build: Build) {
+    let ops = cpu_ops();
     let probe = |inputs: &[Tensor]| -> (f64, usize) {
-        let mut tape = Tape::new();
+        let mut tape = Tape::new(&ops);
         let vars: Vec<Var> = inputs.iter().map(|t| tape.leaf(t.clone())).collect();
-        let out = build(&mut tape, &vars);
+        let out = build(&mut tape, &vars).unwrap();
         let w = randn(&[tape.value(out).len()], 999);
         (tape.value(out).iter().zip(&w.data).map(|(&a, &b)| a as f64 * b as f64).sum(), tape.value(out).len())
     };
     // analytic gradients
-    let mut tape = Tape::new();
+    let mut tape = Tape::new(&ops);
     let vars: Vec<Var> = inputs.iter().map(|t| tape.leaf(t.clone())).collect();
-    let out = build(&mut tape, &vars);
+    let out = build(&mut tape, &vars).unwrap();
     let w = randn(&[tape.value(out).len()], 999);
-    let obj = tape.weighted_sum(out, &w.data);
-    tape.backward(obj, 1.0);
+    let obj = tape.weighted_sum(out, &w.data).unwrap();
+    tape.backward(obj, 1.0).unwrap();
     let mut rng = Rng::new(5);
     let mut worst = 0.0f64;
     for (i, x) in inputs.iter().enumerate() {

@@ -13,6 +13,7 @@ pub mod loss;
 pub mod math;
 pub mod moe;
 pub mod norm;
+pub mod ops;
 pub mod optim;
 pub mod rope;
 pub mod swiglu;

@@ -23,6 +23,7 @@ pub mod loss;
 pub mod memory;
 pub mod moe;
 pub mod norm;
+pub mod ops;
 pub mod optim;
 pub mod rope;
 pub mod swiglu;

@@ -72,6 +72,18 @@ pub fn rope_inplace(
     launch(be, table, [q.ptr(), k.ptr(), q.ptr(), k.ptr()], [q.len(), k.len(), q.len(), k.len()], dims, inverse)
 }
 
+/// [`rope`] of one tensor x [b, t, h, d] into `out` (the kernel with no k heads).
+pub fn rope_one(
+    be: &CudaBackend,
+    table: &RopeTableGpu,
+    x: &DeviceBuffer<bf16>,
+    out: &DeviceBuffer<bf16>,
+    (b, t, h): (usize, usize, usize),
+    inverse: bool,
+) -> CudaResult<()> {
+    launch(be, table, [x.ptr(), 0, out.ptr(), 0], [x.len(), 0, out.len(), 0], (b, t, h, 0), inverse)
+}
+
 fn launch(
     be: &CudaBackend,
     table: &RopeTableGpu,

@@ -1,24 +1,27 @@
-//! [`StepOps`] on the CPU: f32 `Vec`s and the `backend::cpu` kernels, the same calls the tape
-//! makes (`autograd::ops`) and the same optimizer arithmetic as `optim::Optimizer::update`.
-//! It proves the explicit step's orchestration (`tests/explicit_step.rs`); CPU training itself
-//! keeps running on the tape.
+//! [`Backend`] on the CPU: f32 `Vec`s and the `backend::cpu` kernels. The reference every
+//! other backend is checked against; the tape over it computes bit for bit what the tape of
+//! the previous design computed with the kernels called directly.
 
-use super::step::StepOps;
-use crate::backend::cpu::{
+use super::{
     attention::{attention_backward, attention_forward, AttnDims},
     dsa::{self, DsaDims},
     elementwise, embedding,
-    gemm::{gemm, gemm_fused, gemm_swiglu_backward, Epilogue, Layout},
+    gemm::{gemm, gemm_fused, Epilogue, Layout},
     loss,
     moe::{self, MoeCache, RouterConfig, Routing},
     norm,
     optim::{adamw_update, newton_schulz, AdamWStep},
-    rope::{rope_backward, rope_forward, rope_qknorm_backward, rope_qknorm_forward, RopeTable},
+    rope::{rope_backward, rope_forward, RopeTable},
+    swiglu,
     window_attention::{window_attention_backward, window_attention_forward, WindowDims},
 };
+use crate::backend::ops::{Backend, RopeKind, UpdateSlot};
+use crate::memory::{Category, Tracked};
 use crate::nn::ModelConfig;
 use anyhow::Result;
+use rayon::prelude::*;
 
+#[derive(Clone)]
 pub struct CpuOps {
     rope: RopeTable,
     /// The DSA indexer's table (`index_head_dim`), as `Model`'s.
@@ -26,6 +29,14 @@ pub struct CpuOps {
 }
 
 impl CpuOps {
+    /// RoPE tables of the given head dims (attention, indexer) for positions below `max_t`.
+    pub fn with_tables(head_dim: usize, index_head_dim: usize, max_t: usize, theta: f64) -> CpuOps {
+        CpuOps {
+            rope: RopeTable::new(head_dim, max_t, theta),
+            index_rope: RopeTable::new(index_head_dim, max_t, theta),
+        }
+    }
+
     pub fn new(c: &ModelConfig) -> CpuOps {
         CpuOps {
             rope: RopeTable::new(c.head_dim, c.max_seq_len, c.rope_theta),
@@ -42,7 +53,7 @@ fn rope_with(table: &RopeTable, x: &[f32], (b, t, h): (usize, usize, usize), inv
     y
 }
 
-impl StepOps for CpuOps {
+impl Backend for CpuOps {
     type F = Vec<f32>;
     type A = Vec<f32>;
     type Ids = Vec<u32>;
@@ -51,8 +62,20 @@ impl StepOps for CpuOps {
     type MoeCache = MoeCache;
     type Sel = Vec<u32>;
 
+    const HOST_MEMORY: bool = true;
+
+    fn account(&self, bufs: &[&Vec<f32>], cat: Category) -> Box<dyn std::any::Any> {
+        Box::new(Tracked::floats(cat, bufs.iter().map(|b| b.len()).sum()))
+    }
+
     fn f_from(&self, v: &[f32]) -> Result<Vec<f32>> {
         Ok(v.to_vec())
+    }
+    fn f_from_vec(&self, v: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(v)
+    }
+    fn f_into_host(&self, x: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x)
     }
     fn f_zeros(&self, n: usize) -> Result<Vec<f32>> {
         Ok(vec![0.0; n])
@@ -64,8 +87,35 @@ impl StepOps for CpuOps {
         x.fill(0.0);
         Ok(())
     }
+    fn f_len(&self, x: &Vec<f32>) -> usize {
+        x.len()
+    }
+    fn f_scale(&self, x: &mut Vec<f32>, s: f32) -> Result<()> {
+        self.scale(x, s)
+    }
+    fn f_accumulate(&self, acc: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
+        self.add(acc, x)
+    }
+    fn a_from(&self, v: &[f32]) -> Result<Vec<f32>> {
+        Ok(v.to_vec())
+    }
+    fn a_to_host(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
     fn a_zeros(&self, n: usize) -> Result<Vec<f32>> {
         Ok(vec![0.0; n])
+    }
+    fn a_copy(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
+    fn a_len(&self, x: &Vec<f32>) -> usize {
+        x.len()
+    }
+    fn f_as_a<'a>(&self, x: &'a Vec<f32>) -> Option<&'a Vec<f32>> {
+        Some(x)
+    }
+    fn a_as_f<'a>(&self, x: &'a Vec<f32>) -> Option<&'a Vec<f32>> {
+        Some(x)
     }
     fn ids(&self, ids: &[u32]) -> Result<Vec<u32>> {
         Ok(ids.to_vec())
@@ -158,27 +208,22 @@ impl StepOps for CpuOps {
         norm::rmsnorm_backward(x, rstd, dy, dim, &mut dx);
         Ok(dx)
     }
-    fn rope_qknorm(
-        &self,
-        q_raw: &Vec<f32>,
-        k_raw: &Vec<f32>,
-        (b, t, h, h_kv): (usize, usize, usize, usize),
-    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> {
-        let (mut q, mut k) = (vec![0.0; q_raw.len()], vec![0.0; k_raw.len()]);
-        let (mut rq, mut rk) = (vec![0.0; b * t * h], vec![0.0; b * t * h_kv]);
-        rope_qknorm_forward(&self.rope, q_raw, k_raw, (b, t, h, h_kv), &mut q, &mut k, &mut rq, &mut rk);
-        Ok((q, k, rq, rk))
+    fn rope(&self, x: &Vec<f32>, bth: (usize, usize, usize), kind: RopeKind, inverse: bool) -> Result<Vec<f32>> {
+        let table = match kind {
+            RopeKind::Attention => &self.rope,
+            RopeKind::Indexer => &self.index_rope,
+        };
+        Ok(rope_with(table, x, bth, inverse))
     }
-    fn rope_qknorm_backward(
-        &self,
-        (q_raw, k_raw): (&Vec<f32>, &Vec<f32>),
-        (rq, rk): (&Vec<f32>, &Vec<f32>),
-        (dq, dk): (&Vec<f32>, &Vec<f32>),
-        bthk: (usize, usize, usize, usize),
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (mut dq_raw, mut dk_raw) = (vec![0.0; q_raw.len()], vec![0.0; k_raw.len()]);
-        rope_qknorm_backward(&self.rope, q_raw, k_raw, rq, rk, dq, dk, bthk, &mut dq_raw, &mut dk_raw);
-        Ok((dq_raw, dk_raw))
+    fn swiglu(&self, g: &Vec<f32>, u: &Vec<f32>) -> Result<Vec<f32>> {
+        let mut y = vec![0.0; g.len()];
+        swiglu::swiglu_forward(g, u, &mut y);
+        Ok(y)
+    }
+    fn swiglu_backward(&self, g: &Vec<f32>, u: &Vec<f32>, dy: &Vec<f32>) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut dg, mut du) = (vec![0.0; g.len()], vec![0.0; g.len()]);
+        swiglu::swiglu_backward(g, u, dy, &mut dg, &mut du);
+        Ok((dg, du))
     }
     fn attention(&self, dims: &AttnDims, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>) -> Result<(Vec<f32>, Vec<f32>)> {
         let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; dims.lse_len()]);
@@ -258,6 +303,9 @@ impl StepOps for CpuOps {
         moe::moe_forward(x, n, c, r, wg, wu, wd, f, &mut out, &mut cache);
         Ok((out, cache))
     }
+    fn moe_cache_bytes(&self, c: &MoeCache) -> usize {
+        4 * (c.xg.len() + c.hg.len() + c.hu.len() + c.act.len() + c.y.len())
+    }
     fn moe_backward(
         &self,
         dout: &Vec<f32>,
@@ -280,26 +328,23 @@ impl StepOps for CpuOps {
     fn router_backward(
         &self,
         r: &Routing,
-        d_gates: &Vec<f32>,
+        d_gates: Option<&Vec<f32>>,
         d_scores: Option<&Vec<f32>>,
         cfg: &RouterConfig,
     ) -> Result<Vec<f32>> {
         let mut d_logits = vec![0.0; r.n_tokens * cfg.n_experts];
+        let zero;
+        let d_gates = match d_gates {
+            Some(d) => d,
+            None => {
+                zero = vec![0.0; r.n_tokens * cfg.top_k];
+                &zero
+            }
+        };
         moe::router_backward(r, d_gates, d_scores.map(|v| v.as_slice()), cfg, &mut d_logits);
         Ok(d_logits)
     }
 
-    fn index_rope(
-        &self,
-        qi: &mut Vec<f32>,
-        ki: &mut Vec<f32>,
-        (b, t, hi): (usize, usize, usize),
-        inverse: bool,
-    ) -> Result<()> {
-        *qi = rope_with(&self.index_rope, qi, (b, t, hi), inverse);
-        *ki = rope_with(&self.index_rope, ki, (b, t, 1), inverse);
-        Ok(())
-    }
     fn scale(&self, x: &mut Vec<f32>, s: f32) -> Result<()> {
         x.iter_mut().for_each(|v| *v *= s);
         Ok(())
@@ -347,17 +392,6 @@ impl StepOps for CpuOps {
         Ok((loss, dqi, dki, dwi))
     }
 
-    fn linear_dx_swiglu(
-        &self,
-        dy: &Vec<f32>,
-        w: &Vec<f32>,
-        (m, k, n): (usize, usize, usize),
-        (g, u): (&Vec<f32>, &Vec<f32>),
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (mut dg, mut du) = (vec![0.0; g.len()], vec![0.0; g.len()]);
-        gemm_swiglu_backward(m, k, n, dy, w, (g, u), (&mut dg, &mut du));
-        Ok((dg, du))
-    }
     fn add(&self, acc: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
         elementwise::accumulate(acc, x);
         Ok(())
@@ -382,19 +416,28 @@ impl StepOps for CpuOps {
     }
 
     fn clip_grad_norm(&self, grads: &mut [Vec<f32>], max_norm: f32) -> Result<f32> {
-        Ok(crate::optim::clip_grad_norm(grads, max_norm))
+        let norm = grads.iter().map(|g| elementwise::sum_sq(g)).sum::<f64>().sqrt() as f32;
+        if max_norm > 0.0 && norm > max_norm {
+            let s = max_norm / (norm + 1e-6);
+            for g in grads.iter_mut() {
+                elementwise::scale(g, s);
+            }
+        }
+        Ok(norm)
     }
     fn adamw(
         &self,
         p: &mut Vec<f32>,
-        pa: &mut Vec<f32>,
+        pa: Option<&mut Vec<f32>>,
         g: &Vec<f32>,
         m: &mut Vec<f32>,
         v: &mut Vec<f32>,
         h: AdamWStep,
     ) -> Result<()> {
         adamw_update(p, g, m, v, h);
-        pa.copy_from_slice(p);
+        if let Some(pa) = pa {
+            pa.copy_from_slice(p);
+        }
         Ok(())
     }
     fn muon_momentum(&self, buf: &mut Vec<f32>, g: &Vec<f32>, mu: f32) -> Result<Vec<f32>> {
@@ -419,11 +462,22 @@ impl StepOps for CpuOps {
         debug_assert_eq!(u.len(), n_mat * rows * cols);
         Ok(u.chunks_exact(rows * cols).flat_map(|m| newton_schulz(m, rows, cols, steps)).collect())
     }
-    fn muon_apply(&self, w: &mut Vec<f32>, wa: &mut Vec<f32>, o: &Vec<f32>, decay: f32, lr: f32) -> Result<()> {
+    fn muon_apply(&self, w: &mut Vec<f32>, wa: Option<&mut Vec<f32>>, o: &Vec<f32>, decay: f32, lr: f32) -> Result<()> {
         for (wi, oi) in w.iter_mut().zip(o) {
             *wi = *wi * decay - lr * oi;
         }
-        wa.copy_from_slice(w);
+        if let Some(wa) = wa {
+            wa.copy_from_slice(w);
+        }
         Ok(())
+    }
+    /// One rayon task per parameter (each one's GEMMs then stay on its thread); the result does
+    /// not depend on scheduling.
+    fn for_each_update(
+        &self,
+        slots: Vec<UpdateSlot<'_, Self>>,
+        update: &(dyn Fn(&Self, UpdateSlot<'_, Self>) -> Result<()> + Sync),
+    ) -> Result<()> {
+        slots.into_par_iter().try_for_each(|s| update(self, s))
     }
 }

@@ -25,21 +25,18 @@
 //! n_routed_experts and moe_inter_dim multiples of 8; DSA: index_n_heads a multiple of 8 and
 //! index_head_dim of 16; and, per batch, b·t a multiple of 8 (the GEMMs' contiguous dimensions).
 
-use super::step::{DenseTrainer, StepOps};
-use crate::backend::cpu::attention::AttnDims;
-use crate::backend::cpu::dsa::DsaDims;
-use crate::backend::cpu::moe::RouterConfig;
-use crate::backend::cpu::optim::AdamWStep;
-use crate::backend::cpu::window_attention::WindowDims;
-use crate::backend::cuda::gemm::{gemm, gemm_fused, gemm_swiglu_backward, Epilogue, Layout};
-use crate::backend::cuda::moe::{DeviceRouting, MoeCacheGpu};
-use crate::backend::cuda::rope::RopeTableGpu;
-use crate::backend::cuda::{
-    attention, dsa, elementwise, embedding, loss, moe, norm, optim, rope, window_attention, CudaBackend, DeviceBuffer,
+use super::gemm::{gemm, gemm_fused, Epilogue, Layout};
+use super::moe::{DeviceRouting, MoeCacheGpu};
+use super::rope::RopeTableGpu;
+use super::{
+    attention, dsa, elementwise, embedding, loss, moe, norm, optim, rope, swiglu, window_attention, CudaBackend,
+    DeviceBuffer,
 };
+use crate::backend::ops::{Backend, RopeKind};
+use crate::backend::{AdamWStep, AttnDims, DsaDims, RouterConfig, WindowDims};
+use crate::memory::Category;
 use crate::nn::config::AttnKind;
-use crate::nn::{Model, ModelConfig};
-use crate::optim::Optimizer;
+use crate::nn::ModelConfig;
 use anyhow::{bail, Result};
 use half::bf16;
 
@@ -48,14 +45,6 @@ type A = DeviceBuffer<bf16>;
 
 /// Quintic Newton–Schulz coefficients (the CPU twin's).
 const NS_COEFFS: (f32, f32, f32) = (3.4445, -4.7750, 2.0315);
-
-/// The CUDA trainer of `model` (and its optimizer state, `opt.step` the step training starts
-/// from) on device `ordinal`; a model the kernels cannot run is refused first, saying why.
-pub fn cuda_trainer(ordinal: usize, model: &Model, opt: &Optimizer) -> Result<DenseTrainer<CudaOps>> {
-    check_cuda_shapes(&model.config)?;
-    let be = CudaBackend::new(ordinal)?;
-    DenseTrainer::new(CudaOps::new(be, &model.config)?, model, opt)
-}
 
 /// The shape rules of the CUDA kernels (module doc).
 pub fn check_cuda_shapes(c: &ModelConfig) -> Result<()> {
@@ -121,7 +110,7 @@ impl CudaOps {
     }
 }
 
-impl StepOps for CudaOps {
+impl Backend for CudaOps {
     type F = F;
     type A = A;
     type Ids = DeviceBuffer<u32>;
@@ -131,8 +120,33 @@ impl StepOps for CudaOps {
     type MoeCache = MoeCacheGpu;
     type Sel = DeviceBuffer<u32>;
 
-    fn memory_scope(&self, cat: crate::memory::Category) -> Box<dyn std::any::Any> {
+    const HOST_MEMORY: bool = false;
+
+    fn memory_scope(&self, cat: Category) -> Box<dyn std::any::Any> {
         Box::new(self.be.scoped(cat))
+    }
+    fn device_name(&self) -> Option<String> {
+        Some(self.be.name().to_string())
+    }
+    fn reset_peak(&self) {
+        self.be.reset_peak();
+    }
+    fn device_peak(&self) -> Option<(usize, [usize; 5])> {
+        let m = self.be.memory_by_category();
+        Some((m.report.peak_total, m.at_peak))
+    }
+    /// Every buffer allocated so far under the default category (workspace) that is not a
+    /// gradient or optimizer state (the trainer attributes those) is a parameter: the f32 master
+    /// weights, their bf16 copies, the RoPE tables.
+    fn prepare_training(&self, predicted: usize, what: &str) -> Result<()> {
+        self.be.recategorize(Category::Workspace, Category::Parameters);
+        Ok(super::check_fits(&self.be, predicted, what)?)
+    }
+    fn account(&self, bufs: &[&F], cat: Category) -> Box<dyn std::any::Any> {
+        for b in bufs {
+            b.set_category(cat);
+        }
+        Box::new(())
     }
 
     fn f_from(&self, v: &[f32]) -> Result<F> {
@@ -147,8 +161,36 @@ impl StepOps for CudaOps {
     fn f_fill_zero(&self, x: &mut F) -> Result<()> {
         Ok(x.fill_zero()?)
     }
+    fn f_len(&self, x: &F) -> usize {
+        x.len()
+    }
+    /// On the host: only the balance loss's score gradient ([n, E]) is scaled this way.
+    fn f_scale(&self, x: &mut F, s: f32) -> Result<()> {
+        let v: Vec<f32> = x.to_host()?.into_iter().map(|v| v * s).collect();
+        *x = DeviceBuffer::from_host(&self.be, &v)?;
+        Ok(())
+    }
+    /// acc ← acc·1 − (−1)·x with `optim::muon_apply` (f32 accumulation of a bf16 value).
+    fn f_accumulate(&self, acc: &mut F, x: &A) -> Result<()> {
+        Ok(optim::muon_apply(&self.be, acc, x, None, 1.0, -1.0)?)
+    }
+    fn a_from(&self, v: &[f32]) -> Result<A> {
+        let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+        Ok(DeviceBuffer::from_host(&self.be, &h)?)
+    }
+    fn a_to_host(&self, x: &A) -> Result<Vec<f32>> {
+        Ok(x.to_host()?.into_iter().map(f32::from).collect())
+    }
     fn a_zeros(&self, n: usize) -> Result<A> {
         Ok(DeviceBuffer::zeros(&self.be, n)?)
+    }
+    fn a_copy(&self, x: &A) -> Result<A> {
+        let y = self.uninit(x.len())?;
+        elementwise::axpby(&self.be, 1.0, x, 0.0, None, &y)?;
+        Ok(y)
+    }
+    fn a_len(&self, x: &A) -> usize {
+        x.len()
     }
     fn ids(&self, ids: &[u32]) -> Result<DeviceBuffer<u32>> {
         if ids.len() % 8 != 0 {
@@ -205,22 +247,27 @@ impl StepOps for CudaOps {
         norm::rmsnorm_backward(&self.be, x, rstd, dy, dim, &dx)?;
         Ok(dx)
     }
-    fn rope_qknorm(&self, q_raw: &A, k_raw: &A, (b, t, h, h_kv): (usize, usize, usize, usize)) -> Result<(A, A, F, F)> {
-        let (q, k) = (self.uninit(q_raw.len())?, self.uninit(k_raw.len())?);
-        let (rq, rk) = (self.uninit(b * t * h)?, self.uninit(b * t * h_kv)?);
-        rope::rope_qknorm_forward(&self.be, &self.rope, q_raw, k_raw, (b, t, h, h_kv), &q, &k, &rq, &rk)?;
-        Ok((q, k, rq, rk))
+    fn rope(&self, x: &A, (b, t, h): (usize, usize, usize), kind: RopeKind, inverse: bool) -> Result<A> {
+        let table = match kind {
+            RopeKind::Attention => &self.rope,
+            RopeKind::Indexer => match &self.index_rope {
+                Some(table) => table,
+                None => bail!("rope: the model has no DSA layers (no indexer table)"),
+            },
+        };
+        let y = self.uninit(x.len())?;
+        rope::rope_one(&self.be, table, x, &y, (b, t, h), inverse)?;
+        Ok(y)
     }
-    fn rope_qknorm_backward(
-        &self,
-        (q_raw, k_raw): (&A, &A),
-        (rq, rk): (&F, &F),
-        (dq, dk): (&A, &A),
-        bthk: (usize, usize, usize, usize),
-    ) -> Result<(A, A)> {
-        let (dq_raw, dk_raw) = (self.uninit(q_raw.len())?, self.uninit(k_raw.len())?);
-        rope::rope_qknorm_backward(&self.be, &self.rope, q_raw, k_raw, rq, rk, dq, dk, bthk, &dq_raw, &dk_raw)?;
-        Ok((dq_raw, dk_raw))
+    fn swiglu(&self, g: &A, u: &A) -> Result<A> {
+        let y = self.uninit(g.len())?;
+        swiglu::swiglu_forward(&self.be, g, u, &y)?;
+        Ok(y)
+    }
+    fn swiglu_backward(&self, g: &A, u: &A, dy: &A) -> Result<(A, A)> {
+        let (dg, du) = (self.uninit(g.len())?, self.uninit(g.len())?);
+        swiglu::swiglu_backward(&self.be, g, u, dy, &dg, &du)?;
+        Ok((dg, du))
     }
     fn attention(&self, dims: &AttnDims, q: &A, k: &A, v: &A) -> Result<(A, F)> {
         let (out, lse) = (self.uninit(dims.q_len())?, self.uninit(dims.lse_len())?);
@@ -304,6 +351,9 @@ impl StepOps for CudaOps {
         let cache = moe::moe_forward(&self.be, x, n, c, r, wg, wu, wd, f, &out)?;
         Ok((out, cache))
     }
+    fn moe_cache_bytes(&self, c: &MoeCacheGpu) -> usize {
+        [&c.xg, &c.hg, &c.hu, &c.act, &c.y].iter().map(|b| b.bytes()).sum()
+    }
     fn moe_backward(
         &self,
         dout: &A,
@@ -325,16 +375,26 @@ impl StepOps for CudaOps {
         }
         Ok((self.to_bf16(&dx)?, d_gates))
     }
-    fn router_backward(&self, r: &DeviceRouting, d_gates: &F, d_scores: Option<&F>, cfg: &RouterConfig) -> Result<A> {
+    fn router_backward(
+        &self,
+        r: &DeviceRouting,
+        d_gates: Option<&F>,
+        d_scores: Option<&F>,
+        cfg: &RouterConfig,
+    ) -> Result<A> {
         let d_logits: F = self.uninit(r.n_tokens * cfg.n_experts)?;
+        let zero: F;
+        let d_gates = match d_gates {
+            Some(d) => d,
+            None => {
+                zero = DeviceBuffer::zeros(&self.be, r.n_tokens * cfg.top_k)?;
+                &zero
+            }
+        };
         moe::router_backward(&self.be, r, d_gates, d_scores, cfg, &d_logits)?;
         self.to_bf16(&d_logits)
     }
 
-    fn index_rope(&self, qi: &mut A, ki: &mut A, (b, t, hi): (usize, usize, usize), inverse: bool) -> Result<()> {
-        let Some(table) = &self.index_rope else { bail!("index_rope: the model has no DSA layers") };
-        Ok(rope::rope_inplace(&self.be, table, qi, ki, (b, t, hi, 1), inverse)?)
-    }
     fn scale(&self, x: &mut A, s: f32) -> Result<()> {
         Ok(elementwise::axpby(&self.be, s, x, 0.0, None, x)?)
     }
@@ -379,11 +439,6 @@ impl StepOps for CudaOps {
         Ok((kl, self.to_bf16(&dqi)?, self.to_bf16(&dki)?, self.to_bf16(&dwi)?))
     }
 
-    fn linear_dx_swiglu(&self, dy: &A, w: &A, (m, k, n): (usize, usize, usize), (g, u): (&A, &A)) -> Result<(A, A)> {
-        let (dg, du) = (self.uninit(g.len())?, self.uninit(g.len())?);
-        gemm_swiglu_backward(&self.be, m, k, n, dy, w, (g, u), (&dg, &du))?;
-        Ok((dg, du))
-    }
     fn add(&self, acc: &mut A, x: &A) -> Result<()> {
         Ok(elementwise::add(&self.be, acc, x, acc)?)
     }
@@ -411,8 +466,8 @@ impl StepOps for CudaOps {
         let refs: Vec<&F> = grads.iter().collect();
         Ok(optim::clip_grad_norm(&self.be, &refs, max_norm)?)
     }
-    fn adamw(&self, p: &mut F, pa: &mut A, g: &F, m: &mut F, v: &mut F, h: AdamWStep) -> Result<()> {
-        Ok(optim::adamw_update(&self.be, p, g, m, v, Some(pa), h)?)
+    fn adamw(&self, p: &mut F, pa: Option<&mut A>, g: &F, m: &mut F, v: &mut F, h: AdamWStep) -> Result<()> {
+        Ok(optim::adamw_update(&self.be, p, g, m, v, pa.map(|a| &*a), h)?)
     }
     fn muon_momentum(&self, buf: &mut F, g: &F, mu: f32) -> Result<F> {
         let u = self.uninit(g.len())?;
@@ -469,7 +524,7 @@ impl StepOps for CudaOps {
         }
         Ok(DeviceBuffer::from_host(&self.be, &out)?)
     }
-    fn muon_apply(&self, w: &mut F, wa: &mut A, o: &A, decay: f32, lr: f32) -> Result<()> {
-        Ok(optim::muon_apply(&self.be, w, o, Some(wa), decay, lr)?)
+    fn muon_apply(&self, w: &mut F, wa: Option<&mut A>, o: &A, decay: f32, lr: f32) -> Result<()> {
+        Ok(optim::muon_apply(&self.be, w, o, wa.map(|a| &*a), decay, lr)?)
     }
 }
