@@ -8,9 +8,9 @@
 //! `cargo bench --bench attention`
 
 use criterion::{BenchmarkId, Criterion};
-use nanoseek::backend::cpu::attention::{attention_backward, attention_forward, AttnDims};
-use nanoseek::backend::cpu::dsa::{dsa_attention_backward, dsa_attention_forward, indexer_topk, DsaDims};
-use nanoseek::backend::cpu::window_attention::{window_attention_backward, window_attention_forward, WindowDims};
+use nanoseek::kernels::slices::attention::{attention_backward, attention_forward, AttnDims};
+use nanoseek::kernels::slices::dsa::{dsa_attention_backward, dsa_attention_forward, indexer_topk, DsaDims};
+use nanoseek::kernels::slices::window_attention::{window_attention_backward, window_attention_forward, WindowDims};
 use nanoseek::rng::Rng;
 use std::time::Instant;
 

@@ -4,7 +4,7 @@
 //! `cargo bench --bench gemm`
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use nanoseek::backend::cpu::gemm::{gemm, Layout};
+use nanoseek::kernels::slices::gemm::{gemm, Layout};
 use nanoseek::rng::Rng;
 use std::hint::black_box;
 use std::time::Instant;

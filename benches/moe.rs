@@ -5,9 +5,9 @@
 //! `cargo bench --bench moe`
 
 use criterion::{BenchmarkId, Criterion};
-use nanoseek::backend::cpu::gemm::{gemm, Layout};
-use nanoseek::backend::cpu::moe::{self, MoeCache, RouterConfig, ScoreFunc};
-use nanoseek::backend::cpu::swiglu;
+use nanoseek::kernels::slices::gemm::{gemm, Layout};
+use nanoseek::kernels::slices::moe::{self, MoeCache, RouterConfig, ScoreFunc};
+use nanoseek::kernels::slices::swiglu;
 use nanoseek::rng::Rng;
 use std::time::Instant;
 

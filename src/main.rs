@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use nanoseek::backend::cuda::gemm::{set_gemm_engine, GemmEngine};
+use nanoseek::kernels::launch::gemm::{set_gemm_engine, GemmEngine};
 use nanoseek::train;
 use std::path::PathBuf;
 use std::process::ExitCode;

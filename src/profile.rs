@@ -3,8 +3,8 @@
 //! tokens/s, MFU against the GEMM rate measured in the same run, and the memory
 //! breakdown at the step's peak.
 
-use crate::backend::cpu::gemm::{gemm, Layout};
 use crate::data::Loader;
+use crate::kernels::slices::gemm::{gemm, Layout};
 use crate::memory::{self, mib, CATEGORIES};
 use crate::nn::{Model, ModelConfig};
 use crate::optim::{OptimConfig, Optimizer};

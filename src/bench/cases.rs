@@ -1,13 +1,13 @@
 //! The timed cases (shapes mirror `scripts/torch_baselines.py`).
 use super::runner::{Output, Runner, Timing::Long, Timing::Short};
 use super::{BenchOptions, Case};
-use crate::backend::cpu::attention::AttnDims;
-use crate::backend::cpu::dsa::DsaDims;
-use crate::backend::cpu::moe::{RouterConfig, ScoreFunc};
-use crate::backend::cpu::window_attention::WindowDims;
-use crate::backend::cuda::{
-    attention, cublaslt, dsa, elementwise, gemm, loss, moe, norm, optim, rope, window_attention, CudaBackend,
-    CudaError, CudaResult, DeviceBuffer,
+use crate::kernels::launch::attention::AttnDims;
+use crate::kernels::launch::dsa::DsaDims;
+use crate::kernels::launch::moe::{RouterConfig, ScoreFunc};
+use crate::kernels::launch::window_attention::WindowDims;
+use crate::kernels::launch::{
+    self, attention, cublaslt, dsa, elementwise, gemm, loss, moe, norm, rope, window_attention, CudaBackend,
+    CudaResult, DeviceBuffer,
 };
 use anyhow::Result;
 use half::bf16;
@@ -38,8 +38,8 @@ fn random_bf16_scaled(be: &CudaBackend, n: usize, seed: u64, scale: f32) -> Cuda
 /// GEMM's FLOPs on both sides, as PyTorch's rows do.
 fn epilogue_cases(r: &mut Runner, lt: bool) -> Result<()> {
     let be = r.be;
-    use crate::backend::cuda::gemm::{gemm_fused_on, gemm_swiglu_backward_on, Epilogue, GemmEngine};
-    use crate::backend::cuda::swiglu;
+    use crate::kernels::launch::gemm::{gemm_fused_on, gemm_swiglu_backward_on, Epilogue, GemmEngine};
+    use crate::kernels::launch::swiglu;
     let (nn_, t_) = (gemm::Layout::N, gemm::Layout::T);
     let (m, f, c) = (16384, 3072, 768);
     let mut engines = vec![GemmEngine::Native];
@@ -108,11 +108,8 @@ pub fn all(r: &mut Runner, o: &BenchOptions) -> Result<()> {
     // Copy ceiling: 256 MiB device to device, bytes read + written.
     let n = 1usize << 28;
     let (src, dst) = (DeviceBuffer::<f32>::zeros(be, n / 4)?, DeviceBuffer::<f32>::zeros(be, n / 4)?);
-    let stream = std::ptr::null_mut(); // the legacy default stream every launch is ordered on
-                                       // SAFETY: both blocks hold n bytes and stay alive until the runner's synchronization.
-    let copy = || unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr(), src.ptr(), n, stream) };
     let spec = Case::spec("copy", "cuMemcpyDtoD", &[n], None, Some(2.0 * n as f64)).vs(&["copy_"]);
-    r.case(spec, Short, &[&dst], || copy().map_err(|e| CudaError(format!("cuMemcpyDtoD: {e:?}"))))?;
+    r.case(spec, Short, &[&dst], || launch::copy(&src, &dst))?;
     drop((src, dst));
 
     // GEMM, bf16 in, bf16 out, fp32 accumulation: C[m,n] = A[m,k]·B[k,n].
@@ -400,7 +397,7 @@ fn sparse(r: &mut Runner, o: &BenchOptions) -> Result<()> {
             &d_gates,
         )?;
         moe::router_backward(be, &routing, &d_gates, None, &cfg, &d_logits)?;
-        optim::cast_f32_bf16(be, &d_logits, &d_logits_bf)?;
+        elementwise::cast_f32_bf16(be, &d_logits, &d_logits_bf)?;
         gemm::gemm(be, n, c, e, &d_logits_bf, nn_, &wr, nn_, &dx, 1.0, 1.0) // dx += dlogits R
     })
 }

@@ -61,7 +61,7 @@ pub struct BenchOptions {
     /// Calls per timed batch.
     pub iters: usize,
     /// The engine set for the engine's GEMM calls (`--gemm`); the GEMM cases time both.
-    pub gemm: crate::backend::cuda::gemm::GemmEngine,
+    pub gemm: crate::kernels::launch::gemm::GemmEngine,
     /// Seconds a case's warm-up call may take before the case is skipped (`--row-budget-s`).
     pub row_budget_s: f64,
     /// Seconds after which every remaining case is skipped (`--budget-s`).
@@ -329,7 +329,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         bail!("--iters must be at least 1");
     }
     let budget = record::Budget::new(opts.row_budget_s, opts.budget_s)?;
-    let be = crate::backend::cuda::CudaBackend::new(opts.ordinal).map_err(|e| {
+    let be = crate::kernels::launch::CudaBackend::new(opts.ordinal).map_err(|e| {
         anyhow::anyhow!(
             "nanoseek bench times the CUDA kernels and needs a CUDA device: {e} (the CPU kernels have criterion benches: cargo bench)"
         )

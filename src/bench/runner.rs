@@ -5,8 +5,7 @@
 
 use super::record::{count_non_finite, Budget, MaybeFinite};
 use super::{Case, Reporter};
-use crate::backend::cuda::memory::DeviceElem;
-use crate::backend::cuda::{CudaBackend, CudaResult, DeviceBuffer};
+use crate::kernels::launch::{CudaBackend, CudaResult, DeviceBuffer, DeviceElem};
 use anyhow::Result;
 use std::time::Instant;
 

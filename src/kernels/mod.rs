@@ -2,6 +2,9 @@
 //! autograd. The functions here run the CPU reference backend on f32 [`Tensor`]s;
 //! [`cuda`] has the same functions, under the same names, on bf16 device tensors
 //! ([`cuda::DeviceTensor`]), and each of them is tested against its twin here.
+//! [`slices`] (CPU, f32 slices) and [`launch`] (CUDA, device buffers) hold the same kernels, and
+//! their backward passes, on buffers the caller allocates once: what the benches time.
+//! Above this layer nothing names `backend::cpu` or `backend::cuda` (`tests/layering.rs`).
 //!
 //! Layouts are row-major; "rows" means every dimension but the last.
 //!
@@ -19,6 +22,8 @@
 
 pub mod checks;
 pub mod cuda;
+pub mod launch;
+pub mod slices;
 
 use crate::backend::cpu::{attention, dsa, embedding, gemm, loss, moe, norm, rope, swiglu, window_attention};
 use crate::tensor::Tensor;

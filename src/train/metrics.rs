@@ -2,8 +2,8 @@
 //! Train lines carry `loss`; evaluation lines carry `val_loss`; both carry `step`.
 //! MoE runs add `moe` to train lines: one object per MoE layer (see [`moe_record`]).
 
-use crate::backend::cpu::moe::load_stats;
 use crate::fsutil::write_atomic;
+use crate::kernels::slices::moe::load_stats;
 use crate::nn::model::MoeLoad;
 use anyhow::{Context, Result};
 use serde_json::Value;
