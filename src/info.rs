@@ -103,19 +103,24 @@ pub fn predict_training_bytes(c: &ModelConfig, batch: usize, seq: usize, checkpo
     // embedding (+ids), its norm, the final norm, the logits, the loss's targets and lse
     let outer = n * (cc + 1) + n * (cc + 1) + n * (cc + 1) + n * v + 2 * n + 1;
     let checkpointed = if checkpoint_every == 0 { 0 } else { c.n_layer.div_ceil(checkpoint_every) };
-    // A checkpointed block keeps only its output; while one is recomputed, its activations
-    // (and a copy of its input) exist once more.
-    let recompute = if checkpointed > 0 { block + n * cc } else { 0 };
     let all_blocks: usize = (0..c.n_layer).map(block_of).sum();
     let plain_blocks = if checkpoint_every == 0 {
         all_blocks
     } else {
         (0..c.n_layer).filter(|l| l % checkpoint_every != 0).map(block_of).sum()
     };
-    let activations = outer + plain_blocks + checkpointed * n * cc + recompute;
-    // Gradient workspace: at the start of the backward the logits' gradient and lm_head's;
-    // by the end every parameter's gradient plus the embedding output's.
-    let workspace = (n * v + v * cc + n * cc).max(params + 2 * n * cc);
+    // At the end of the forward: every kept value (a checkpointed block keeps only its output).
+    let forward = outer + plain_blocks + checkpointed * n * cc;
+    // The peak is the start of the backward: every activation of the forward alive, plus the
+    // logits' gradient and lm_head's weight gradient before it is added into its buffer (the
+    // parameters' gradients accumulate in place, so they are no workspace). From there on each
+    // op's values are freed once its backward ran. With checkpointing, a recomputed block's
+    // activations (and a copy of its input, and the gradient flowing into it) exist once more,
+    // after the head's logits and final norm are gone.
+    let start = (forward, n * v + (v * cc).max(n * cc));
+    let recompute = (forward + block + n * cc - n * v - n * (cc + 1), n * cc);
+    let (activations, workspace) =
+        if checkpointed > 0 && recompute.0 + recompute.1 > start.0 + start.1 { recompute } else { start };
     [params, params, optimizer, activations, workspace].map(|floats| floats * 4)
 }
 

@@ -102,5 +102,7 @@ fn router_logits_scale_and_indexer_rope() {
         let z = t.router_logits(v[0], v[1])?;
         t.scale(z, 0.5)
     });
-    check_gradients("indexer rope", &[randn(&[2, 5, 1, 8], 26)], 40, &|t, v| t.rope(v[0], (2, 5, 1), RopeKind::Indexer));
+    check_gradients("indexer rope", &[randn(&[2, 5, 1, 8], 26)], 40, &|t, v| {
+        t.rope(v[0], (2, 5, 1), RopeKind::Indexer)
+    });
 }

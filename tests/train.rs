@@ -139,18 +139,27 @@ fn init_from_starts_a_new_run_from_a_checkpoints_weights() {
     assert!(!c.path().join("run").exists(), "no run directory is left behind");
 }
 
+/// Activation checkpointing is a tape node, so it runs on CUDA as on the CPU: it is no longer
+/// refused. Without a device the run fails on the device, leaving nothing behind; with one it
+/// trains.
 #[test]
-fn grad_checkpoint_on_cuda_is_refused_before_anything_runs() {
+fn grad_checkpoint_on_cuda_is_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = micro_config();
-    cfg.head_dim = 64; // the CUDA shape rules pass, so the refusal is about checkpointing
+    cfg.head_dim = 64; // the CUDA shape rules pass
     cfg.n_head = 1;
     let mut req = request(cfg, 2, &dir.path().join("run"));
     req.device = Device::Cuda(0);
     req.run.train.grad_checkpoint = 1;
-    let e = format!("{:#}", train(req).err().expect("must be refused"));
-    assert!(e.contains("--grad-checkpoint") && e.contains("CPU-only"), "{e}");
-    assert!(!dir.path().join("run").exists());
+    match train(req) {
+        Ok(_) => assert!(checkpoint::list_steps(&dir.path().join("run")) == vec![2]),
+        Err(e) => {
+            let e = format!("{e:#}");
+            println!("SKIPPED: no CUDA device ({e})");
+            assert!(!e.contains("--grad-checkpoint"), "checkpointing must not be the reason: {e}");
+            assert!(!dir.path().join("run").exists());
+        }
+    }
 }
 
 #[test]

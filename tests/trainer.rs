@@ -76,6 +76,11 @@ fn batch(c: &ModelConfig, seed: u64) -> Batch {
 /// Gradients of the micro-batches `seeds` accumulated on one trainer, each with seed `s`.
 fn accumulated(c: &ModelConfig, seeds: &[u64], s: f32) -> Vec<Vec<f32>> {
     let mut m = Model::new(c, 3).unwrap();
+    // non-zero output projections, so every parameter gets a gradient
+    let mut rng = Rng::new(11);
+    for p in m.params.iter_mut().filter(|p| p.name.contains("c_proj") || p.name.contains("w_down")) {
+        p.tensor.data.iter_mut().for_each(|v| *v = 0.05 * rng.normal() as f32);
+    }
     let mut opt = Optimizer::new(&m, OptimConfig::default());
     let mut tr = Trainer::new(m.cpu().clone(), &mut m, &mut opt).unwrap();
     tr.zero_grads().unwrap();

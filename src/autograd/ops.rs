@@ -14,44 +14,136 @@ pub type CheckpointFn<'p, B> = dyn Fn(&mut Tape<'p, B>, &[Var]) -> Result<Var> +
 /// What each op's backward needs. Inputs are `Var`s; everything else is saved state.
 pub enum Op<'p, B: Backend> {
     /// y[m,n] = x[m,k] · w[n,k]ᵀ (a bias-free linear layer, w in PyTorch's [out, in] layout).
-    Linear { x: Var, w: Var, mkn: (usize, usize, usize) },
+    Linear {
+        x: Var,
+        w: Var,
+        mkn: (usize, usize, usize),
+    },
     /// resid + x·wᵀ (an output projection and the residual add, one GEMM epilogue).
-    LinearResidual { x: Var, w: Var, resid: Var, mkn: (usize, usize, usize) },
+    LinearResidual {
+        x: Var,
+        w: Var,
+        resid: Var,
+        mkn: (usize, usize, usize),
+    },
     /// swiglu(gate, x·wᵀ) (the up projection with the SwiGLU in its epilogue); keeps the product.
-    LinearSwiGlu { x: Var, w: Var, gate: Var, up: B::A, mkn: (usize, usize, usize) },
+    LinearSwiGlu {
+        x: Var,
+        w: Var,
+        gate: Var,
+        up: B::A,
+        mkn: (usize, usize, usize),
+    },
     /// Router logits x·wᵀ in f32.
-    RouterLinear { x: Var, w: Var, mkn: (usize, usize, usize) },
-    Embedding { table: Var, ids: B::Ids, n: usize, dim: usize },
-    RmsNorm { x: Var, rstd: B::F, dim: usize },
-    Rope { x: Var, bth: (usize, usize, usize), kind: RopeKind },
+    RouterLinear {
+        x: Var,
+        w: Var,
+        mkn: (usize, usize, usize),
+    },
+    Embedding {
+        table: Var,
+        ids: B::Ids,
+        n: usize,
+        dim: usize,
+    },
+    RmsNorm {
+        x: Var,
+        rstd: B::F,
+        dim: usize,
+    },
+    Rope {
+        x: Var,
+        bth: (usize, usize, usize),
+        kind: RopeKind,
+    },
     /// Causal attention; the output and the log-sum-exp are all it keeps (O(T) per head).
-    Attention { q: Var, k: Var, v: Var, lse: B::F, dims: AttnDims },
+    Attention {
+        q: Var,
+        k: Var,
+        v: Var,
+        lse: B::F,
+        dims: AttnDims,
+    },
     /// Sliding-window + global-token attention (same layouts and saved state as `Attention`).
-    WindowAttention { q: Var, k: Var, v: Var, lse: B::F, dims: WindowDims },
+    WindowAttention {
+        q: Var,
+        k: Var,
+        v: Var,
+        lse: B::F,
+        dims: WindowDims,
+    },
     /// DeepSeek Sparse Attention over the selection `sel` of the lightning indexer (None: dense
     /// causal attention, during the warm-up). Gradients reach q, k, v only.
-    DsaAttention { q: Var, k: Var, v: Var, sel: Option<Selection<B>>, lse: Rc<B::F>, dims: DsaDims },
+    DsaAttention {
+        q: Var,
+        k: Var,
+        v: Var,
+        sel: Option<Selection<B>>,
+        lse: Rc<B::F>,
+        dims: DsaDims,
+    },
     /// The indexer's KL distillation loss (a scalar). Its gradients (computed in the forward, for
     /// a unit output gradient) reach only the indexer inputs qi, ki and wi.
-    IndexerKl { qi: Var, ki: Var, wi: Var, d: (B::A, B::A, B::A) },
+    IndexerKl {
+        qi: Var,
+        ki: Var,
+        wi: Var,
+        d: (B::A, B::A, B::A),
+    },
     /// A copy of x that gradients do not flow through.
     Detach,
     /// y = s·x for a constant s.
-    Scale { x: Var, s: f32 },
-    SwiGlu { g: Var, u: Var },
+    Scale {
+        x: Var,
+        s: f32,
+    },
+    SwiGlu {
+        g: Var,
+        u: Var,
+    },
     /// Routed experts and their weighted combine: x [n, C], router `logits` [n, E], expert
     /// stacks w_gate, w_up [E, F, C], w_down [E, C, F]. The routing (selection with the bias) is
     /// fixed; gradients reach x, the logits (through the gates) and the experts.
-    Moe { x: Var, logits: Var, w: [Var; 3], routing: Rc<B::Routing>, cache: B::MoeCache, cfg: RouterConfig, n: usize, cf: (usize, usize) },
+    Moe {
+        x: Var,
+        logits: Var,
+        w: [Var; 3],
+        routing: Rc<B::Routing>,
+        cache: B::MoeCache,
+        cfg: RouterConfig,
+        n: usize,
+        cf: (usize, usize),
+    },
     /// The sequence-wise balance loss of one MoE layer (a scalar); its gradient reaches the logits.
-    MoeBalance { logits: Var, routing: Rc<B::Routing>, cfg: RouterConfig, d_scores: B::F },
-    Add { a: Var, b: Var },
+    MoeBalance {
+        logits: Var,
+        routing: Rc<B::Routing>,
+        cfg: RouterConfig,
+        d_scores: B::F,
+    },
+    Add {
+        a: Var,
+        b: Var,
+    },
     /// Σ x ∘ w for a constant w (a scalar; used to probe gradients in tests).
-    WeightedSum { x: Var, w: Vec<f32> },
+    WeightedSum {
+        x: Var,
+        w: Vec<f32>,
+    },
     /// A recomputed sub-graph: `f(inputs)` runs again in the backward (activation checkpointing).
-    Checkpoint { inputs: Vec<Var>, f: Rc<CheckpointFn<'p, B>> },
+    Checkpoint {
+        inputs: Vec<Var>,
+        f: Rc<CheckpointFn<'p, B>>,
+    },
     /// Mean softcapped cross-entropy over rows with target ≥ 0.
-    CrossEntropy { logits: Var, targets: B::Tgt, vocab: usize, cap: f32, n_valid: usize, lse: B::F },
+    CrossEntropy {
+        logits: Var,
+        targets: B::Tgt,
+        vocab: usize,
+        cap: f32,
+        n_valid: usize,
+        lse: B::F,
+    },
 }
 
 impl<B: Backend> Op<'_, B> {
@@ -276,7 +368,8 @@ impl<'p, B: Backend> Tape<'p, B> {
         let n = xs.iter().product::<usize>() / c;
         let be = self.backend();
         let routing = Rc::new(be.route(self.get_f(logits), bias, &cfg)?);
-        let (out, cache) = be.moe_forward(self.get(x), (n, c, f), &routing, [self.get(w[0]), self.get(w[1]), self.get(w[2])])?;
+        let (out, cache) =
+            be.moe_forward(self.get(x), (n, c, f), &routing, [self.get(w[0]), self.get(w[1]), self.get(w[2])])?;
         let op = Op::Moe { x, logits, w, routing: routing.clone(), cache, cfg, n, cf: (c, f) };
         Ok((self.out(out, &xs, op), routing))
     }

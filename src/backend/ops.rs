@@ -103,8 +103,13 @@ pub trait Backend {
     /// y[m,n] = x[m,k]·w[n,k]ᵀ.
     fn linear(&self, x: &Self::A, w: &Self::A, m: usize, k: usize, n: usize) -> Result<Self::A>;
     /// resid[m,n] + x[m,k]·w[n,k]ᵀ (the residual add after c_proj and w_down), a new buffer.
-    fn linear_residual(&self, x: &Self::A, w: &Self::A, dims: (usize, usize, usize), resid: &Self::A)
-        -> Result<Self::A>;
+    fn linear_residual(
+        &self,
+        x: &Self::A,
+        w: &Self::A,
+        dims: (usize, usize, usize),
+        resid: &Self::A,
+    ) -> Result<Self::A>;
     /// (u, swiglu(gate, u)) for u = x[m,k]·w[n,k]ᵀ: the up projection of a feed-forward layer with
     /// the SwiGLU fused into its epilogue (new buffers; the backward needs both).
     fn linear_swiglu(

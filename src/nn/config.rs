@@ -1,6 +1,6 @@
 //! Model configuration: named presets, TOML/JSON files, command-line overrides.
 
-use crate::backend::cpu::moe::{RouterConfig, ScoreFunc};
+use crate::backend::{RouterConfig, ScoreFunc};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;

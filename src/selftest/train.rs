@@ -23,10 +23,10 @@
 
 use super::compare::Tol;
 use super::{rand_bf16, Ctx};
+use crate::backend::{Backend, CpuOps, CudaOps};
 use crate::data::Batch;
 use crate::nn::{Model, ModelConfig};
 use crate::optim::{OptimConfig, Optimizer};
-use crate::backend::{Backend, CpuOps, CudaOps};
 use crate::train::Trainer;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};

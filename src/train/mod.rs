@@ -6,8 +6,8 @@ mod data;
 pub mod events;
 pub mod metrics;
 pub mod plot;
-pub mod run_dir;
 mod run;
+pub mod run_dir;
 pub mod trainer;
 
 pub use data::{held_out_tokens, open_checked_shard, open_data};

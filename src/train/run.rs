@@ -113,12 +113,11 @@ pub(super) fn run<B: Backend>(req: &TrainRequest, ops: B, data: RunData) -> Resu
         let lr = lr_multiplier(step, total, ts.optim.warmup_ratio, ts.optim.warmdown_ratio, ts.optim.final_lr_frac);
         model.dsa_dense_warmup = step < mcfg.dsa_warmup_steps;
         tr.ops.reset_peak(); // the device's peak window is the step, as on the host
-        let stats = tr
-            .train_step(&mut model, || loader.next_batch(), (accum, ts.optim.grad_clip, lr), false)
-            .map_err(|e| {
-            let last = last_ckpt.as_ref().map_or("none".into(), |p| p.display().to_string());
-            e.context(format!("step {} failed; nothing was saved for it (last good checkpoint: {last})", step + 1))
-        })?;
+        let stats =
+            tr.train_step(&mut model, || loader.next_batch(), (accum, ts.optim.grad_clip, lr), false).map_err(|e| {
+                let last = last_ckpt.as_ref().map_or("none".into(), |p| p.display().to_string());
+                e.context(format!("step {} failed; nothing was saved for it (last good checkpoint: {last})", step + 1))
+            })?;
         let (loss, grad_norm) = (stats.loss, stats.grad_norm);
         let done = step + 1;
         losses.push((done, loss));

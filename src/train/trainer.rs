@@ -132,7 +132,9 @@ impl<B: Backend> Trainer<B> {
             .iter()
             .map(|s| {
                 Ok(match s {
-                    StateBuf::AdamW { m, v } => ParamState::AdamW { m: self.ops.f_to_host(m)?, v: self.ops.f_to_host(v)? },
+                    StateBuf::AdamW { m, v } => {
+                        ParamState::AdamW { m: self.ops.f_to_host(m)?, v: self.ops.f_to_host(v)? }
+                    }
                     StateBuf::Muon { momentum } => ParamState::Muon { momentum: self.ops.f_to_host(momentum)? },
                 })
             })

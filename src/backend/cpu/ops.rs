@@ -1,6 +1,7 @@
 //! [`Backend`] on the CPU: f32 `Vec`s and the `backend::cpu` kernels. The reference every
 //! other backend is checked against; the tape over it computes bit for bit what the tape of
-//! the previous design computed with the kernels called directly.
+//! the previous design computed with the kernels called directly. Temporaries of the
+//! gradient ops (a weight gradient before it is added into its f32 buffer) count as workspace.
 
 use super::{
     attention::{attention_backward, attention_forward, AttnDims},
@@ -166,6 +167,7 @@ impl Backend for CpuOps {
     ) -> Result<()> {
         if accumulate {
             // The tape adds each consumer's gradient separately; so does this.
+            let _held = Tracked::floats(Category::Workspace, m * k);
             let mut t = vec![0.0; m * k];
             gemm(m, k, n, dy, Layout::N, w, Layout::N, &mut t, false);
             elementwise::accumulate(dx, &t);
@@ -181,6 +183,7 @@ impl Backend for CpuOps {
         (m, k, n): (usize, usize, usize),
         dw: &mut Vec<f32>,
     ) -> Result<()> {
+        let _held = Tracked::floats(Category::Workspace, n * k);
         let mut t = vec![0.0; n * k];
         gemm(n, k, m, dy, Layout::T, x, Layout::N, &mut t, false);
         elementwise::accumulate(dw, &t);
@@ -193,6 +196,7 @@ impl Backend for CpuOps {
         Ok(y)
     }
     fn embedding_backward(&self, dout: &Vec<f32>, dim: usize, ids: &Vec<u32>, dtable: &mut Vec<f32>) -> Result<()> {
+        let _held = Tracked::floats(Category::Workspace, dtable.len());
         let mut t = vec![0.0; dtable.len()];
         embedding::embedding_backward(dout, dim, ids, &mut t);
         elementwise::accumulate(dtable, &t);
@@ -316,6 +320,7 @@ impl Backend for CpuOps {
         dw: [&mut Vec<f32>; 3],
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let mut dx = vec![0.0; n * c];
+        let _held = Tracked::floats(Category::Workspace, wg.len() + wu.len() + wd.len());
         let mut t = [vec![0.0; wg.len()], vec![0.0; wu.len()], vec![0.0; wd.len()]];
         let mut d_gates = vec![0.0; n * r.top_k];
         let [tg, tu, td] = &mut t;

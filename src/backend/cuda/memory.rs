@@ -202,7 +202,7 @@ pub fn human_bytes(bytes: usize) -> String {
 
 /// What to change when a run does not fit (shared by the pre-flight check and the OOM error).
 pub const OOM_ADVICE: &str =
-    "use a smaller --device-batch-size or a shorter --max-seq-len (activation checkpointing, --grad-checkpoint, is CPU-only so far)";
+    "use a smaller --device-batch-size, a shorter --max-seq-len, or --grad-checkpoint 1 (activation checkpointing: recompute each block in the backward)";
 
 /// The out-of-memory error: the request, what is in use by category, the cache that was
 /// released before the retry, the device's free/total memory when known, and what to change.

@@ -1,8 +1,8 @@
-//! [`StepOps`] on CUDA through the launch wrappers of `backend::cuda`: f32 master weights,
+//! [`Backend`] on CUDA through the launch wrappers of `backend::cuda`: f32 master weights,
 //! gradients (accumulated by the weight-gradient GEMMs with β = 1) and optimizer state; bf16
 //! activations, bf16 weight copies (refreshed by the AdamW and Muon kernels) and bf16 GEMM
-//! operands with fp32 accumulation; f32 rstd, lse and reductions. Muon's Newton–Schulz runs as
-//! bf16 GEMMs (see [`CudaOps::newton_schulz`]).
+//! operands with fp32 accumulation; f32 rstd, lse, router logits and reductions. Muon's
+//! Newton–Schulz runs as bf16 GEMMs (see [`CudaOps::newton_schulz`]).
 //!
 //! Window (`W`) layers run `window_attention.cu`; DSA (`S`) layers the indexer GEMMs, RoPE,
 //! `dsa.cu`'s exact top-k, gathered-KV attention and sparse KL (its f32 gradients cast to bf16
@@ -10,15 +10,16 @@
 //! grouped expert GEMMs, combine and router backward.
 //!
 //! Done on the host, from small tensors: the sequence-wise balance loss and its score gradient
-//! (`cpu::moe::balance_loss` on the downloaded scores `[n, E]` and experts `[n, K]`, α > 0 only),
-//! the expert counts (E values per layer and micro-batch) and the auxiliary-loss-free bias update
-//! (`DenseTrainer::update_moe_bias`, E floats per layer, uploaded to each routing), and Muon's
-//! per-expert split of an expert stack (`newton_schulz_stack`: the stack goes to the host and each
-//! expert matrix back for its Newton–Schulz; correct, but a transfer per stack per step). The
-//! experts' weight gradients (f32, overwritten by `moe_backward`) are added into the f32
-//! gradients through a bf16 copy (`muon_apply` with decay 1 and lr −1), a bf16 rounding of that
-//! micro-batch's contribution. During the DSA dense warm-up the S layers run the dense attention
-//! and `dsa.cu`'s dense indexer KL (every earlier key, the dense attention's lse).
+//! (`cpu::moe::balance_loss` on the downloaded scores `[n, E]` and experts `[n, K]`, α > 0 only,
+//! and its scaling by the backward's seed, [`Backend::f_scale`]), the expert counts (E values per
+//! layer and micro-batch) and the auxiliary-loss-free bias update (E floats per layer, uploaded
+//! to each routing), and Muon's per-expert split of an expert stack (`newton_schulz_stack`: the
+//! stack goes to the host and each expert matrix back for its Newton–Schulz; correct, but a
+//! transfer per stack per step). The experts' weight gradients (f32, overwritten by
+//! `moe_backward`) and every other activation-precision gradient of an f32 leaf are added into
+//! the f32 gradients through a bf16 copy (`muon_apply` with decay 1 and lr −1), a bf16 rounding
+//! of that micro-batch's contribution. During the DSA dense warm-up the S layers run the dense
+//! attention and `dsa.cu`'s dense indexer KL (every earlier key, the dense attention's lse).
 //!
 //! Shape rules of the kernels ([`check_cuda_shapes`], checked once by [`CudaOps::new`]):
 //! head_dim 64 or 128; n_embd, q_dim, kv_dim, ffn_hidden and vocab_size multiples of 8; MoE:
