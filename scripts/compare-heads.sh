@@ -5,6 +5,7 @@
 #
 #   scripts/compare-heads.sh OLD_REV [NEW_REV|--worktree] [--out FILE] [--require-ratio]
 #                            [--rounds N] [--timing-steps N] [--keep]
+#   scripts/compare-heads.sh --clean    removes target/compare-heads/ and its git worktrees
 #
 #   OLD_REV          any git revision; built in a git worktree under target/compare-heads/
 #                    (its own target dir there, seeded once from target/release, so reruns are
@@ -29,11 +30,11 @@
 set -euo pipefail
 
 usage() {
-    sed -n '6,20p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '6,21p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
-OLD_REV="" NEW_REV="--worktree" OUT_FILE="" REQUIRE_RATIO=0 ROUNDS=3 TIMING_STEPS=20 KEEP=0
+OLD_REV="" NEW_REV="--worktree" OUT_FILE="" REQUIRE_RATIO=0 ROUNDS=3 TIMING_STEPS=20 KEEP=0 CLEAN=0
 positional=()
 while (($#)); do
     case "$1" in
@@ -43,11 +44,24 @@ while (($#)); do
     --timing-steps) TIMING_STEPS="${2:?--timing-steps needs a number}"; shift 2 ;;
     --keep) KEEP=1; shift ;;
     --worktree) positional+=("$1"); shift ;;
+    --clean) CLEAN=1; shift ;;
     -h | --help) usage ;;
     -*) echo "unknown option $1" >&2; usage ;;
     *) positional+=("$1"); shift ;;
     esac
 done
+if ((CLEAN)); then
+    cd "$(git rev-parse --show-toplevel)"
+    for side in old new; do
+        if [[ -e "target/compare-heads/src-$side/.git" ]]; then
+            git worktree remove --force "target/compare-heads/src-$side"
+        fi
+    done
+    rm -rf target/compare-heads
+    git worktree prune
+    echo "removed target/compare-heads"
+    exit 0
+fi
 ((${#positional[@]} >= 1 && ${#positional[@]} <= 2)) || usage
 OLD_REV="${positional[0]}"
 [[ ${#positional[@]} -eq 2 ]] && NEW_REV="${positional[1]}"
