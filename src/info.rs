@@ -130,8 +130,8 @@ pub fn predict_training_bytes(c: &ModelConfig, batch: usize, seq: usize, checkpo
 /// CUDA step's transient buffers are smaller than the tape's and are caught by the allocator's
 /// own out-of-memory error. Used by the pre-flight check, which should only refuse a run that
 /// cannot fit.
-pub fn predict_cuda_training_bytes(c: &ModelConfig, batch: usize, seq: usize) -> [usize; 5] {
-    let [params, grads, optimizer, activations, _] = predict_training_bytes(c, batch, seq, 0);
+pub fn predict_cuda_training_bytes(c: &ModelConfig, batch: usize, seq: usize, checkpoint_every: usize) -> [usize; 5] {
+    let [params, grads, optimizer, activations, _] = predict_training_bytes(c, batch, seq, checkpoint_every);
     [params + params / 2, grads, optimizer, activations / 2, 0]
 }
 

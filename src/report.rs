@@ -284,7 +284,7 @@ pub fn render(run_dir: &Path) -> Result<String> {
     });
     let on_cuda = hardware.as_ref().is_some_and(|h| h.device.starts_with("cuda"));
     let predicted = if on_cuda {
-        crate::info::predict_cuda_training_bytes(m, t.device_batch_size, m.max_seq_len)
+        crate::info::predict_cuda_training_bytes(m, t.device_batch_size, m.max_seq_len, t.grad_checkpoint)
     } else {
         crate::info::predict_training_bytes(m, t.device_batch_size, m.max_seq_len, t.grad_checkpoint)
     };

@@ -393,12 +393,7 @@ impl<'p, B: Backend> Tape<'p, B> {
     /// Back-propagates from the scalar `out` plus the aux losses, seeded with d(out) = d(aux) =
     /// seed; the leaves' gradients are then read with [`Tape::leaf_grad`].
     pub fn backward(&mut self, out: Var, seed: f32) -> Result<()> {
-        let mut leaf = LeafGrads::Own((0..self.n_slots).map(|_| None).collect());
-        self.backward_with_aux(out, Grad::Scalar(seed), seed, &mut leaf)?;
-        if let LeafGrads::Own(own) = leaf {
-            self.leaf_grads = own;
-        }
-        Ok(())
+        self.backward_own(out, Grad::Scalar(seed), seed)
     }
 
     /// [`Tape::backward`] adding the leaves' gradients into `grads[slot]` (f32, in place).
@@ -409,19 +404,19 @@ impl<'p, B: Backend> Tape<'p, B> {
 
     /// Back-propagates from the scalar `out` alone (the aux losses are not differentiated).
     pub fn backward_without_aux(&mut self, out: Var, seed: f32) -> Result<()> {
-        let mut leaf = LeafGrads::Own((0..self.n_slots).map(|_| None).collect());
-        self.backward_with_aux(out, Grad::Scalar(seed), 0.0, &mut leaf)?;
-        if let LeafGrads::Own(own) = leaf {
-            self.leaf_grads = own;
-        }
-        Ok(())
+        self.backward_own(out, Grad::Scalar(seed), 0.0)
     }
 
     /// Back-propagates from the tensor `out` with the given output gradient; aux losses are not
     /// differentiated.
     pub fn backward_from(&mut self, out: Var, seed: B::A) -> Result<()> {
+        self.backward_own(out, Grad::A(seed), 0.0)
+    }
+
+    /// A backward whose leaf gradients stay on the tape.
+    fn backward_own(&mut self, out: Var, seed: Grad<B::A>, aux_seed: f32) -> Result<()> {
         let mut leaf = LeafGrads::Own((0..self.n_slots).map(|_| None).collect());
-        self.backward_with_aux(out, Grad::A(seed), 0.0, &mut leaf)?;
+        self.backward_with_aux(out, seed, aux_seed, &mut leaf)?;
         if let LeafGrads::Own(own) = leaf {
             self.leaf_grads = own;
         }

@@ -58,7 +58,8 @@ pub(super) fn run<B: Backend>(req: &TrainRequest, ops: B, data: RunData) -> Resu
         let tr = Trainer::new(ops, &mut model, &mut opt)?;
         if !B::HOST_MEMORY {
             let (batch, seq) = (ts.device_batch_size, mcfg.max_seq_len);
-            let predicted: usize = crate::info::predict_cuda_training_bytes(mcfg, batch, seq).iter().sum();
+            let predicted: usize =
+                crate::info::predict_cuda_training_bytes(mcfg, batch, seq, ts.grad_checkpoint).iter().sum();
             let what = format!("training this model at device_batch_size {batch} × max_seq_len {seq}");
             tr.ops.prepare_training(predicted, &what)?;
         }
