@@ -94,8 +94,8 @@ group_tests! {
     dsa_matches_cpu => "dsa",
     moe_matches_cpu => "moe",
     kernels_api_matches_cpu => "kernels_api",
-    cuda_training_step_tracks_the_cpu_explicit_step => "train_step",
-    cuda_training_step_tracks_the_cpu_explicit_step_on_every_layer_kind => "train_step_all_kinds",
+    cuda_tape_tracks_the_cpu_tape_dense_with_and_without_checkpointing => "train_step",
+    cuda_tape_tracks_the_cpu_tape_on_every_layer_kind_with_and_without_checkpointing => "train_step_all_kinds",
 }
 
 #[test]
