@@ -29,6 +29,11 @@ fn rope() {
 }
 
 #[test]
+fn qk_norm_rope() {
+    check_gradients("qk_norm_rope", &[randn(&[2, 5, 3, 8], 27)], 60, &|t, v| t.qk_norm_rope(v[0], (2, 5, 3)));
+}
+
+#[test]
 fn attention_dense_and_gqa() {
     for (h, h_kv) in [(2, 2), (4, 2), (4, 1)] {
         let dims = AttnDims { b: 2, t: 9, h, h_kv, d: 8 };

@@ -1,6 +1,6 @@
 //! The trainer and the tape's fused ops on the CPU.
 //!
-//! - The fused ops the blocks use (`linear_residual`, `linear_swiglu`) give bitwise the values
+//! - The fused ops the blocks use (`linear_residual`, `linear_swiglu`, `qk_norm_rope`) give bitwise the values
 //!   and gradients of the unfused ops they replace (the product, then the add or the SwiGLU): the
 //!   CPU twins run the same f32 arithmetic, which is what keeps CPU training bitwise equal to the
 //!   design before the one-statement redesign (`scripts/compare-heads.sh` shows it end to end).
@@ -12,7 +12,7 @@ mod common;
 
 use common::{cpu_ops, randn};
 use nanoseek::autograd::{Tape, Var};
-use nanoseek::backend::check_cuda_shapes;
+use nanoseek::backend::{check_cuda_shapes, RopeKind};
 use nanoseek::data::Batch;
 use nanoseek::nn::{Model, ModelConfig};
 use nanoseek::optim::{OptimConfig, Optimizer};
@@ -49,6 +49,14 @@ fn fused_ops_equal_the_unfused_ones_bitwise() {
         t.swiglu(v[2], u)
     });
     assert!(fused == plain, "linear_swiglu differs from linear + swiglu");
+    // QK-norm + RoPE of q or k: [b 2, t 5, h 3, d 8]
+    let x = [randn(&[2, 5, 3, 8], 4)];
+    let fused = bits(&x, &|t, v| t.qk_norm_rope(v[0], (2, 5, 3)));
+    let plain = bits(&x, &|t, v| {
+        let n = t.rmsnorm(v[0], 8)?;
+        t.rope(n, (2, 5, 3), RopeKind::Attention)
+    });
+    assert!(fused == plain, "qk_norm_rope differs from rmsnorm + rope");
 }
 
 fn small_config(pattern: &str, moe: bool) -> ModelConfig {

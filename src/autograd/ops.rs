@@ -56,6 +56,12 @@ pub enum Op<'p, B: Backend> {
         bth: (usize, usize, usize),
         kind: RopeKind,
     },
+    /// QK-norm and RoPE of one of q or k (one kernel on CUDA); keeps the per-head rstd.
+    QkNormRope {
+        x: Var,
+        rstd: B::F,
+        bth: (usize, usize, usize),
+    },
     /// Causal attention; the output and the log-sum-exp are all it keeps (O(T) per head).
     Attention {
         q: Var,
@@ -152,7 +158,7 @@ impl<B: Backend> Op<'_, B> {
         let (fl, al) = (|f: &B::F| 4 * be.f_len(f), |a: &B::A| 4 * be.a_len(a));
         match self {
             Op::Embedding { n, .. } => 4 * n,
-            Op::RmsNorm { rstd, .. } => fl(rstd),
+            Op::RmsNorm { rstd, .. } | Op::QkNormRope { rstd, .. } => fl(rstd),
             Op::Attention { lse, .. } | Op::WindowAttention { lse, .. } => fl(lse),
             Op::DsaAttention { lse, sel, dims, .. } => fl(lse) + sel.as_ref().map_or(0, |_| 4 * dims.sel_len()),
             Op::LinearSwiGlu { up, .. } => al(up),
@@ -193,6 +199,7 @@ impl<B: Backend> Op<'_, B> {
             Op::Embedding { .. } => "embedding",
             Op::RmsNorm { .. } => "rmsnorm",
             Op::Rope { .. } => "rope",
+            Op::QkNormRope { .. } => "qk_norm_rope",
             Op::Attention { .. } => "attention",
             Op::WindowAttention { .. } => "window_attention",
             Op::SwiGlu { .. } => "swiglu",
@@ -276,6 +283,13 @@ impl<'p, B: Backend> Tape<'p, B> {
         let y = self.backend().rope(self.get(x), bth, kind, false)?;
         let shape = self.shape(x).to_vec();
         Ok(self.out(y, &shape, Op::Rope { x, bth, kind }))
+    }
+
+    /// Per-head RMSNorm then RoPE (attention table) of x viewed as [b, t, h, head_dim], fused.
+    pub fn qk_norm_rope(&mut self, x: Var, bth: (usize, usize, usize)) -> Result<Var> {
+        let (y, rstd) = self.backend().qk_norm_rope(self.get(x), bth)?;
+        let shape = self.shape(x).to_vec();
+        Ok(self.out(y, &shape, Op::QkNormRope { x, rstd, bth }))
     }
 
     pub fn attention(&mut self, q: Var, k: Var, v: Var, dims: AttnDims) -> Result<Var> {
@@ -478,6 +492,9 @@ pub(super) fn backward<'p, B: Backend>(
         }
         Op::RmsNorm { x, rstd, dim } => vec![(x, a(be.rmsnorm_backward(tape.get(x), &rstd, &tensor(dout), dim)?))],
         Op::Rope { x, bth, kind } => vec![(x, a(be.rope(&tensor(dout), bth, kind, true)?))],
+        Op::QkNormRope { x, rstd, bth } => {
+            vec![(x, a(be.qk_norm_rope_backward(tape.get(x), &rstd, &tensor(dout), bth)?))]
+        }
         Op::Attention { q, k, v, lse, dims } => {
             let (qv, kv, vv, o) = (tape.get(q), tape.get(k), tape.get(v), tape.get(out));
             let (dq, dk, dv) = be.attention_backward(&dims, qv, kv, vv, o, &lse, &tensor(dout))?;

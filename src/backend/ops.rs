@@ -141,6 +141,18 @@ pub trait Backend {
     /// Rotary embedding of x viewed as [b, t, h, d] with the `kind` table (d its head dim);
     /// `inverse` rotates back (the backward).
     fn rope(&self, x: &Self::A, bth: (usize, usize, usize), kind: RopeKind, inverse: bool) -> Result<Self::A>;
+    /// QK-norm fused with RoPE on one of q or k, x [b, t, h, head_dim]: every head
+    /// RMS-normalized (parameter-free) and rotated with the attention table → (y, rstd [b·t·h]);
+    /// bitwise `rmsnorm` over groups of head_dim, then `rope`, on the CPU.
+    fn qk_norm_rope(&self, x: &Self::A, bth: (usize, usize, usize)) -> Result<(Self::A, Self::F)>;
+    /// Its backward: dx from the raw input, its rstd and dy (the gradient of the rotated output).
+    fn qk_norm_rope_backward(
+        &self,
+        x: &Self::A,
+        rstd: &Self::F,
+        dy: &Self::A,
+        bth: (usize, usize, usize),
+    ) -> Result<Self::A>;
     /// silu(g) ∘ u.
     fn swiglu(&self, g: &Self::A, u: &Self::A) -> Result<Self::A>;
     /// (dg, du).

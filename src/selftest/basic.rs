@@ -94,6 +94,10 @@ pub fn rope(ctx: &mut Ctx) -> Result<()> {
                 ctx.close(&format!("{name} k"), &shape, &down(&ok)?, &wk, Tol::bf16_once());
                 cuda::rope::rope(be, &table, &gq, &gk, &oq, &ok, (b, t, h, h_kv), inverse)?;
                 ctx.repeat(&format!("{name} q"), &shape, &down(&oq)?, &got_q, None);
+                // one tensor (the tape's op: no k heads) gives the same
+                let one = DeviceBuffer::uninit(be, q.len())?;
+                cuda::rope::rope_one(be, &table, &gq, &one, (b, t, h), inverse)?;
+                ctx.repeat(&format!("{name} q alone"), &shape, &down(&one)?, &got_q, None);
                 // in place gives the same
                 cuda::rope::rope_inplace(be, &table, &gq, &gk, (b, t, h, h_kv), inverse)?;
                 ctx.repeat(&format!("{name} q in place"), &shape, &down(&gq)?, &got_q, None);
@@ -139,6 +143,13 @@ fn rope_qknorm_case(ctx: &mut Ctx, shape: &str, (b, t, h, h_kv, d): (usize, usiz
             ctx.repeat("rope_qknorm dq_raw", shape, &gotdq, dq1, None);
             break;
         }
+        // q alone (the tape's op, no k heads) gives the same bits
+        let (oq1, rq1, gdq1) =
+            (DeviceBuffer::uninit(be, nq)?, DeviceBuffer::<f32>::uninit(be, nrq)?, DeviceBuffer::uninit(be, nq)?);
+        cuda::rope::rope_qknorm_one_forward(be, &table, &gq, (b, t, h), &oq1, &rq1)?;
+        cuda::rope::rope_qknorm_one_backward(be, &table, &gq, &rq1, &udq, (b, t, h), &gdq1)?;
+        ctx.repeat("rope_qknorm q alone", shape, &down(&oq1)?, &gotq, None);
+        ctx.repeat("rope_qknorm dq_raw alone", shape, &down(&gdq1)?, &gotdq, None);
         let rstd = Tol::f32_math(1e-5, 1e-4);
         ctx.close("rope_qknorm q", shape, &gotq, &wq, Tol::bf16_once());
         ctx.close("rope_qknorm k", shape, &down(&ok)?, &wk, Tol::bf16_once());

@@ -12,7 +12,7 @@ use super::{
     moe::{self, MoeCache, RouterConfig, Routing},
     norm,
     optim::{adamw_update, newton_schulz, AdamWStep},
-    rope::{rope_backward, rope_forward, RopeTable},
+    rope::{qknorm_backward, qknorm_forward, rope_backward, rope_forward, RopeTable},
     swiglu,
     window_attention::{window_attention_backward, window_attention_forward, WindowDims},
 };
@@ -218,6 +218,22 @@ impl Backend for CpuOps {
             RopeKind::Indexer => &self.index_rope,
         };
         Ok(rope_with(table, x, bth, inverse))
+    }
+    fn qk_norm_rope(&self, x: &Vec<f32>, bth: (usize, usize, usize)) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut y, mut rstd) = (vec![0.0; x.len()], vec![0.0; bth.0 * bth.1 * bth.2]);
+        qknorm_forward(&self.rope, x, bth, &mut y, &mut rstd);
+        Ok((y, rstd))
+    }
+    fn qk_norm_rope_backward(
+        &self,
+        x: &Vec<f32>,
+        rstd: &Vec<f32>,
+        dy: &Vec<f32>,
+        bth: (usize, usize, usize),
+    ) -> Result<Vec<f32>> {
+        let mut dx = vec![0.0; x.len()];
+        qknorm_backward(&self.rope, x, rstd, dy, bth, &mut dx);
+        Ok(dx)
     }
     fn swiglu(&self, g: &Vec<f32>, u: &Vec<f32>) -> Result<Vec<f32>> {
         let mut y = vec![0.0; g.len()];

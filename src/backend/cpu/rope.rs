@@ -89,7 +89,7 @@ pub fn rope_backward(table: &RopeTable, dy: &[f32], b: usize, t: usize, h: usize
 }
 
 /// One of q or k through the fused forward: x, y [b, t, h, d], rstd [b·t·h].
-fn qknorm_forward(table: &RopeTable, x: &[f32], (b, t, h): (usize, usize, usize), y: &mut [f32], rstd: &mut [f32]) {
+pub fn qknorm_forward(table: &RopeTable, x: &[f32], (b, t, h): (usize, usize, usize), y: &mut [f32], rstd: &mut [f32]) {
     let d = table.head_dim;
     let half = d / 2;
     assert!(t <= table.max_t, "rope_qknorm: sequence length {t} exceeds the table's {}", table.max_t);
@@ -121,7 +121,7 @@ fn qknorm_forward(table: &RopeTable, x: &[f32], (b, t, h): (usize, usize, usize)
 }
 
 /// One of q or k through the fused backward: x, dy, dx [b, t, h, d], rstd [b·t·h].
-fn qknorm_backward(
+pub fn qknorm_backward(
     table: &RopeTable,
     x: &[f32],
     rstd: &[f32],

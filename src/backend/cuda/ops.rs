@@ -260,6 +260,16 @@ impl Backend for CudaOps {
         rope::rope_one(&self.be, table, x, &y, (b, t, h), inverse)?;
         Ok(y)
     }
+    fn qk_norm_rope(&self, x: &A, (b, t, h): (usize, usize, usize)) -> Result<(A, F)> {
+        let (y, rstd) = (self.uninit(x.len())?, self.uninit(b * t * h)?);
+        rope::rope_qknorm_one_forward(&self.be, &self.rope, x, (b, t, h), &y, &rstd)?;
+        Ok((y, rstd))
+    }
+    fn qk_norm_rope_backward(&self, x: &A, rstd: &F, dy: &A, bth: (usize, usize, usize)) -> Result<A> {
+        let dx = self.uninit(x.len())?;
+        rope::rope_qknorm_one_backward(&self.be, &self.rope, x, rstd, dy, bth, &dx)?;
+        Ok(dx)
+    }
     fn swiglu(&self, g: &A, u: &A) -> Result<A> {
         let y = self.uninit(g.len())?;
         swiglu::swiglu_forward(&self.be, g, u, &y)?;

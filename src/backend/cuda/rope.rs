@@ -221,3 +221,38 @@ pub fn rope_qknorm_backward(
     }
     be.launch("rope", "rope_qknorm_bwd_bf16", (blocks, 1, 1), (QK_WARPS * 32) as u32, 0, &p)
 }
+
+/// [`rope_qknorm_forward`] of one tensor x [b, t, h, d] (no k heads): y and rstd [b·t·h].
+pub fn rope_qknorm_one_forward(
+    be: &CudaBackend,
+    table: &RopeTableGpu,
+    x: &DeviceBuffer<bf16>,
+    (b, t, h): (usize, usize, usize),
+    y: &DeviceBuffer<bf16>,
+    rstd: &DeviceBuffer<f32>,
+) -> CudaResult<()> {
+    let (mut p, blocks) = qknorm_params(table, (b, t, h, 0), [x.len(), y.len(), x.len()], [0; 3], [rstd.len(), 0])?;
+    (p.q_raw, p.q, p.rstd_q) = (x.ptr(), y.ptr(), rstd.ptr());
+    if blocks == 0 {
+        return Ok(());
+    }
+    be.launch("rope", "rope_qknorm_fwd_bf16", (blocks, 1, 1), (QK_WARPS * 32) as u32, 0, &p)
+}
+
+/// [`rope_qknorm_backward`] of one tensor: dx from x, its rstd and dy.
+pub fn rope_qknorm_one_backward(
+    be: &CudaBackend,
+    table: &RopeTableGpu,
+    x: &DeviceBuffer<bf16>,
+    rstd: &DeviceBuffer<f32>,
+    dy: &DeviceBuffer<bf16>,
+    (b, t, h): (usize, usize, usize),
+    dx: &DeviceBuffer<bf16>,
+) -> CudaResult<()> {
+    let (mut p, blocks) = qknorm_params(table, (b, t, h, 0), [x.len(), dy.len(), dx.len()], [0; 3], [rstd.len(), 0])?;
+    (p.q_raw, p.rstd_q, p.dq, p.dq_raw) = (x.ptr(), rstd.ptr(), dy.ptr(), dx.ptr());
+    if blocks == 0 {
+        return Ok(());
+    }
+    be.launch("rope", "rope_qknorm_bwd_bf16", (blocks, 1, 1), (QK_WARPS * 32) as u32, 0, &p)
+}
