@@ -112,12 +112,13 @@ pub fn predict_training_bytes(c: &ModelConfig, batch: usize, seq: usize, checkpo
     // At the end of the forward: every kept value (a checkpointed block keeps only its output).
     let forward = outer + plain_blocks + checkpointed * n * cc;
     // The peak is the start of the backward: every activation of the forward alive, plus the
-    // logits' gradient and lm_head's weight gradient before it is added into its buffer (the
-    // parameters' gradients accumulate in place, so they are no workspace). From there on each
-    // op's values are freed once its backward ran. With checkpointing, a recomputed block's
+    // logits' gradient, or, once the logits are freed after the loss's backward, lm_head's
+    // weight gradient before it is added into its buffer (the parameters' gradients accumulate
+    // in place, so they are no workspace). From there on each value is freed once the last
+    // backward that reads it ran. With checkpointing, a recomputed block's
     // activations (and a copy of its input, and the gradient flowing into it) exist once more,
     // after the head's logits and final norm are gone.
-    let start = (forward, n * v + (v * cc).max(n * cc));
+    let start = (forward, (n * v).max(v * cc));
     let recompute = (forward + block + n * cc - n * v - n * (cc + 1), n * cc);
     let (activations, workspace) =
         if checkpointed > 0 && recompute.0 + recompute.1 > start.0 + start.1 { recompute } else { start };

@@ -143,6 +143,10 @@ pub struct Tape<'p, B: Backend> {
     shapes: Vec<Vec<usize>>,
     /// The gradient slot of each leaf (None for op outputs).
     slots: Vec<Option<usize>>,
+    /// Per variable, the first op whose backward reads it (usize::MAX: none), and whether its
+    /// producer's backward reads it: after that op's backward the value can go.
+    first_use: Vec<usize>,
+    kept_for_producer: Vec<bool>,
     ops: Vec<Option<(Var, Op<'p, B>)>>,
     grads: Vec<Option<Grad<B::A>>>,
     /// Leaf gradients of the latest `backward` (not `backward_into`), by slot.
@@ -177,6 +181,8 @@ impl<'p, B: Backend> Tape<'p, B> {
             values: Vec::new(),
             shapes: Vec::new(),
             slots: Vec::new(),
+            first_use: Vec::new(),
+            kept_for_producer: Vec::new(),
             ops: Vec::new(),
             grads: Vec::new(),
             leaf_grads: Vec::new(),
@@ -271,6 +277,8 @@ impl<'p, B: Backend> Tape<'p, B> {
         self.values.push(value);
         self.shapes.push(shape.to_vec());
         self.slots.push(slot);
+        self.first_use.push(usize::MAX);
+        self.kept_for_producer.push(false);
         self.grads.push(None);
         Var(self.values.len() - 1)
     }
@@ -307,6 +315,11 @@ impl<'p, B: Backend> Tape<'p, B> {
 
     fn record(&mut self, value: Value<'p, B>, shape: &[usize], op: Op<'p, B>) -> Var {
         let v = self.push(value, shape, None);
+        let index = self.ops.len();
+        for input in op.inputs() {
+            self.first_use[input.0] = self.first_use[input.0].min(index);
+        }
+        self.kept_for_producer[v.0] = op.reads_output();
         let saved = op.saved_bytes(self.ops_be);
         self.track(Category::Activations, saved);
         if let Some((times, last)) = &mut self.profile {
@@ -443,6 +456,7 @@ impl<'p, B: Backend> Tape<'p, B> {
         for i in (0..self.ops.len()).rev() {
             let Some((v, op)) = self.ops[i].take() else { continue };
             self.untrack(Category::Activations, op.saved_bytes(self.ops_be));
+            let inputs = op.inputs();
             // Gradients of op outputs are dropped once used, and so are the outputs themselves.
             let dout = self.set_grad(v, None);
             if let Some(dout) = dout {
@@ -460,13 +474,24 @@ impl<'p, B: Backend> Tape<'p, B> {
                     self.accumulate(input, g, leaf)?;
                 }
             }
-            if !matches!(self.values[v.0], Value::Scalar(_)) {
-                let freed = std::mem::replace(&mut self.values[v.0], Value::Freed);
-                let bytes = self.value_bytes(&freed);
-                self.untrack(Category::Activations, bytes);
+            // The output, and every input no earlier op's backward reads, are no longer needed.
+            self.free(v);
+            for input in inputs {
+                if self.first_use[input.0] == i && self.slots[input.0].is_none() && !self.kept_for_producer[input.0] {
+                    self.free(input);
+                }
             }
         }
         Ok(())
+    }
+
+    /// Drops the tensor value of v (scalars stay: they are the losses callers read).
+    fn free(&mut self, v: Var) {
+        if !matches!(self.values[v.0], Value::Scalar(_)) {
+            let freed = std::mem::replace(&mut self.values[v.0], Value::Freed);
+            let bytes = self.value_bytes(&freed);
+            self.untrack(Category::Activations, bytes);
+        }
     }
 
     /// Adds g into v's gradient: a leaf's f32 buffer, or the variable's own.

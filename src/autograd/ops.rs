@@ -153,6 +153,34 @@ pub enum Op<'p, B: Backend> {
 }
 
 impl<B: Backend> Op<'_, B> {
+    /// The variables the backward reads or sends gradients to.
+    pub fn inputs(&self) -> Vec<Var> {
+        match self {
+            Op::Linear { x, w, .. } | Op::RouterLinear { x, w, .. } => vec![*x, *w],
+            Op::LinearResidual { x, w, resid, .. } => vec![*x, *w, *resid],
+            Op::LinearSwiGlu { x, w, gate, .. } => vec![*x, *w, *gate],
+            Op::Embedding { table, .. } => vec![*table],
+            Op::RmsNorm { x, .. } | Op::Rope { x, .. } | Op::QkNormRope { x, .. } | Op::Scale { x, .. } => vec![*x],
+            Op::WeightedSum { x, .. } => vec![*x],
+            Op::Attention { q, k, v, .. } | Op::WindowAttention { q, k, v, .. } | Op::DsaAttention { q, k, v, .. } => {
+                vec![*q, *k, *v]
+            }
+            Op::IndexerKl { qi, ki, wi, .. } => vec![*qi, *ki, *wi],
+            Op::Detach => Vec::new(),
+            Op::SwiGlu { g, u } => vec![*g, *u],
+            Op::Moe { x, logits, w, .. } => vec![*x, *logits, w[0], w[1], w[2]],
+            Op::MoeBalance { logits, .. } => vec![*logits],
+            Op::Add { a, b } => vec![*a, *b],
+            Op::Checkpoint { inputs, .. } => inputs.clone(),
+            Op::CrossEntropy { logits, .. } => vec![*logits],
+        }
+    }
+
+    /// Whether the backward reads the op's own output (the attention kinds).
+    pub fn reads_output(&self) -> bool {
+        matches!(self, Op::Attention { .. } | Op::WindowAttention { .. } | Op::DsaAttention { .. })
+    }
+
     /// Bytes of saved state beyond the op's output (counted as activations).
     pub fn saved_bytes(&self, be: &B) -> usize {
         let (fl, al) = (|f: &B::F| 4 * be.f_len(f), |a: &B::A| 4 * be.a_len(a));
