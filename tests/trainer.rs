@@ -1,6 +1,6 @@
 //! The trainer and the tape's fused ops on the CPU.
 //!
-//! - The fused ops the blocks use (`linear_residual`, `linear_swiglu`, `qk_norm_rope`) give bitwise the values
+//! - The fused ops the blocks use (`linear_residual`, `linear_swiglu`, `swiglu_ffn`, `qk_norm_rope`) give bitwise the values
 //!   and gradients of the unfused ops they replace (the product, then the add or the SwiGLU): the
 //!   CPU twins run the same f32 arithmetic, which is what keeps CPU training bitwise equal to the
 //!   design before the one-statement redesign (`scripts/compare-heads.sh` shows it end to end).
@@ -49,6 +49,16 @@ fn fused_ops_equal_the_unfused_ones_bitwise() {
         t.swiglu(v[2], u)
     });
     assert!(fused == plain, "linear_swiglu differs from linear + swiglu");
+    // the dense FFN after its gate: resid + swiglu(g, h·w_upᵀ)·w_downᵀ
+    let ffn = [randn(&[6, 16], 5), randn(&[6, 12], 6), randn(&[12, 16], 7), randn(&[16, 12], 8), randn(&[6, 16], 9)];
+    let fused = bits(&ffn, &|t, v| t.swiglu_ffn(v[0], v[1], v[2], v[3], v[4]));
+    let plain = bits(&ffn, &|t, v| {
+        let u = t.linear(v[0], v[2])?;
+        let a = t.swiglu(v[1], u)?;
+        let y = t.linear(a, v[3])?;
+        t.add(v[4], y)
+    });
+    assert!(fused == plain, "swiglu_ffn differs from linear + swiglu + linear + add");
     // QK-norm + RoPE of q or k: [b 2, t 5, h 3, d 8]
     let x = [randn(&[2, 5, 3, 8], 4)];
     let fused = bits(&x, &|t, v| t.qk_norm_rope(v[0], (2, 5, 3)));

@@ -26,6 +26,7 @@
 //! On a host backend the tape reports the bytes it holds to `crate::memory`: its values and
 //! saved state as activations, its gradient buffers as workspace.
 
+mod backward;
 mod cpu;
 mod ops;
 
@@ -464,7 +465,7 @@ impl<'p, B: Backend> Tape<'p, B> {
                     self.checkpoint_backward(inputs, f, dout, leaf)?
                 } else {
                     let (t0, name) = (Instant::now(), op.name());
-                    let g = ops::backward(self, op, v, dout, leaf)?;
+                    let g = backward::backward(self, op, v, dout, leaf)?;
                     if let Some((times, _)) = &mut self.profile {
                         times.by_op.entry(name).or_default().backward_s += t0.elapsed().as_secs_f64();
                     }

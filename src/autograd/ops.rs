@@ -1,8 +1,8 @@
 //! The ops the tape knows: forward (as `Tape` methods, each one backend call) and backward.
 
-use super::{Grad, LeafGrads, Tape, Value, Var};
+use super::{Tape, Value, Var};
 use crate::backend::{AttnDims, Backend, DsaDims, RopeKind, RouterConfig, WindowDims};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::rc::Rc;
 
 /// The keys each query of a DSA layer attends to (`[b, t, kmax]` on the backend).
@@ -33,6 +33,20 @@ pub enum Op<'p, B: Backend> {
         gate: Var,
         up: B::A,
         mkn: (usize, usize, usize),
+    },
+    /// A dense FFN's up and down projections with the residual: resid + swiglu(gate, x·w_upᵀ)·w_downᵀ;
+    /// keeps the up product and the activation. Its backward takes dgate and dup straight from
+    /// dout·w_down (the SwiGLU backward in that GEMM's epilogue on CUDA).
+    SwiGluFfn {
+        x: Var,
+        gate: Var,
+        w_up: Var,
+        w_down: Var,
+        resid: Var,
+        up: B::A,
+        act: B::A,
+        /// (tokens, model width, hidden width)
+        mcf: (usize, usize, usize),
     },
     /// Router logits x·wᵀ in f32.
     RouterLinear {
@@ -159,6 +173,7 @@ impl<B: Backend> Op<'_, B> {
             Op::Linear { x, w, .. } | Op::RouterLinear { x, w, .. } => vec![*x, *w],
             Op::LinearResidual { x, w, resid, .. } => vec![*x, *w, *resid],
             Op::LinearSwiGlu { x, w, gate, .. } => vec![*x, *w, *gate],
+            Op::SwiGluFfn { x, gate, w_up, w_down, resid, .. } => vec![*x, *gate, *w_up, *w_down, *resid],
             Op::Embedding { table, .. } => vec![*table],
             Op::RmsNorm { x, .. } | Op::Rope { x, .. } | Op::QkNormRope { x, .. } | Op::Scale { x, .. } => vec![*x],
             Op::WeightedSum { x, .. } => vec![*x],
@@ -190,6 +205,7 @@ impl<B: Backend> Op<'_, B> {
             Op::Attention { lse, .. } | Op::WindowAttention { lse, .. } => fl(lse),
             Op::DsaAttention { lse, sel, dims, .. } => fl(lse) + sel.as_ref().map_or(0, |_| 4 * dims.sel_len()),
             Op::LinearSwiGlu { up, .. } => al(up),
+            Op::SwiGluFfn { up, act, .. } => al(up) + al(act),
             Op::WeightedSum { w, .. } => 4 * w.len(),
             Op::Moe { cache, n, cfg, .. } => 4 * n * cfg.n_experts + be.moe_cache_bytes(cache),
             Op::MoeBalance { d_scores, .. } => fl(d_scores),
@@ -209,6 +225,10 @@ impl<B: Backend> Op<'_, B> {
                 let f = 2.0 * (*m * *k * *n) as f64;
                 (f, 2.0 * f) // backward: dX and dW, one product each
             }
+            Op::SwiGluFfn { mcf: (m, c, f), .. } => {
+                let fl = 4.0 * (*m * *c * *f) as f64; // two products
+                (fl, 2.0 * fl)
+            }
             Op::Attention { dims: d, .. } => {
                 // causal: about half of the T×T scores; QKᵀ and PV forward, four products backward
                 let f = 2.0 * (d.b * d.h * d.t * d.t * d.d) as f64;
@@ -223,6 +243,7 @@ impl<B: Backend> Op<'_, B> {
             Op::Linear { .. } => "linear",
             Op::LinearResidual { .. } => "linear_residual",
             Op::LinearSwiGlu { .. } => "linear_swiglu",
+            Op::SwiGluFfn { .. } => "swiglu_ffn",
             Op::RouterLinear { .. } => "router_linear",
             Op::Embedding { .. } => "embedding",
             Op::RmsNorm { .. } => "rmsnorm",
@@ -280,6 +301,15 @@ impl<'p, B: Backend> Tape<'p, B> {
         let ((m, k, n), shape) = linear_dims(self, x, w);
         let (up, act) = self.backend().linear_swiglu(self.get(x), self.get(w), (m, k, n), self.get(gate))?;
         Ok(self.out(act, &shape, Op::LinearSwiGlu { x, w, gate, up, mkn: (m, k, n) }))
+    }
+
+    /// resid + swiglu(gate, x·w_upᵀ)·w_downᵀ: a dense FFN after its gate projection, fused.
+    pub fn swiglu_ffn(&mut self, x: Var, gate: Var, w_up: Var, w_down: Var, resid: Var) -> Result<Var> {
+        let ((m, c, f), _) = linear_dims(self, x, w_up);
+        let (up, act) = self.backend().linear_swiglu(self.get(x), self.get(w_up), (m, c, f), self.get(gate))?;
+        let shape = self.shape(resid).to_vec();
+        let y = self.backend().linear_residual(&act, self.get(w_down), (m, f, c), self.get(resid))?;
+        Ok(self.out(y, &shape, Op::SwiGluFfn { x, gate, w_up, w_down, resid, up, act, mcf: (m, c, f) }))
     }
 
     /// Router logits x·wᵀ, kept in f32 (routing decisions read them).
@@ -457,140 +487,4 @@ impl<'p, B: Backend> Tape<'p, B> {
         let op = Op::CrossEntropy { logits, targets: tgt, vocab, cap, n_valid, lse };
         Ok((self.record(Value::Scalar(mean), &[], op), n_valid))
     }
-}
-
-/// The gradient of a leaf's f32 buffer, or an error naming the op (its weight is not a parameter).
-fn leaf_slot<B: Backend>(tape: &Tape<B>, v: Var, op: &str) -> Result<usize> {
-    match tape.slots[v.0] {
-        Some(s) => Ok(s),
-        None => bail!("{op}: the weight must be a parameter or a leaf (its gradient is accumulated in f32)"),
-    }
-}
-
-/// Gradients of the op's inputs given the gradient `dout` of its output `out`; gradients of
-/// parameters go straight into their f32 buffers in `leaf`.
-pub(super) fn backward<'p, B: Backend>(
-    tape: &Tape<'p, B>,
-    op: Op<'p, B>,
-    out: Var,
-    dout: Grad<B::A>,
-    leaf: &mut LeafGrads<'_, B::F>,
-) -> Result<Vec<(Var, Grad<B::A>)>> {
-    let be = tape.backend();
-    let a = Grad::A;
-    // The weight gradient dW += doutᵀ·x of a linear op, and dX = dout·W.
-    let linear_back = |leaf: &mut LeafGrads<'_, B::F>, dout: &B::A, x: Var, w: Var, mkn: (usize, usize, usize)| {
-        let (m, k, n) = mkn;
-        let slot = leaf_slot(tape, w, "linear")?;
-        be.linear_dw(dout, tape.get(x), mkn, leaf.get(be, slot, n * k)?)?;
-        let mut dx = be.a_zeros(m * k)?;
-        be.linear_dx(dout, tape.get(w), mkn, &mut dx, false)?;
-        Ok::<_, anyhow::Error>(dx)
-    };
-    let scalar = |g: &Grad<B::A>| match g {
-        Grad::Scalar(s) => *s,
-        Grad::A(_) => panic!("a scalar op got a tensor gradient"),
-    };
-    let tensor = |g: Grad<B::A>| match g {
-        Grad::A(t) => t,
-        Grad::Scalar(_) => panic!("a tensor op got a scalar gradient"),
-    };
-    Ok(match op {
-        Op::Linear { x, w, mkn } | Op::RouterLinear { x, w, mkn } => {
-            let dout = tensor(dout);
-            let dx = linear_back(leaf, &dout, x, w, mkn)?;
-            vec![(x, a(dx))]
-        }
-        Op::LinearResidual { x, w, resid, mkn } => {
-            let dout = tensor(dout);
-            let dx = linear_back(leaf, &dout, x, w, mkn)?;
-            vec![(resid, a(dout)), (x, a(dx))]
-        }
-        Op::LinearSwiGlu { x, w, gate, up, mkn } => {
-            let (dg, du) = be.swiglu_backward(tape.get(gate), &up, &tensor(dout))?;
-            drop(up);
-            let dx = linear_back(leaf, &du, x, w, mkn)?;
-            vec![(x, a(dx)), (gate, a(dg))]
-        }
-        Op::Embedding { table, ids, dim, .. } => {
-            let slot = leaf_slot(tape, table, "embedding")?;
-            let n = tape.shape(table).iter().product();
-            be.embedding_backward(&tensor(dout), dim, &ids, leaf.get(be, slot, n)?)?;
-            Vec::new()
-        }
-        Op::RmsNorm { x, rstd, dim } => vec![(x, a(be.rmsnorm_backward(tape.get(x), &rstd, &tensor(dout), dim)?))],
-        Op::Rope { x, bth, kind } => vec![(x, a(be.rope(&tensor(dout), bth, kind, true)?))],
-        Op::QkNormRope { x, rstd, bth } => {
-            vec![(x, a(be.qk_norm_rope_backward(tape.get(x), &rstd, &tensor(dout), bth)?))]
-        }
-        Op::Attention { q, k, v, lse, dims } => {
-            let (qv, kv, vv, o) = (tape.get(q), tape.get(k), tape.get(v), tape.get(out));
-            let (dq, dk, dv) = be.attention_backward(&dims, qv, kv, vv, o, &lse, &tensor(dout))?;
-            vec![(q, a(dq)), (k, a(dk)), (v, a(dv))]
-        }
-        Op::WindowAttention { q, k, v, lse, dims } => {
-            let (qv, kv, vv, o) = (tape.get(q), tape.get(k), tape.get(v), tape.get(out));
-            let (dq, dk, dv) = be.window_attention_backward(&dims, qv, kv, vv, o, &lse, &tensor(dout))?;
-            vec![(q, a(dq)), (k, a(dk)), (v, a(dv))]
-        }
-        Op::DsaAttention { q, k, v, sel, lse, dims } => {
-            let (qv, kv, vv, o) = (tape.get(q), tape.get(k), tape.get(v), tape.get(out));
-            let dout = tensor(dout);
-            let (dq, dk, dv) = match sel {
-                None => be.attention_backward(&dims.attn(), qv, kv, vv, o, &lse, &dout)?,
-                Some(sel) => be.dsa_attention_backward(&dims, (qv, kv, vv), &sel, o, &lse, &dout)?,
-            };
-            vec![(q, a(dq)), (k, a(dk)), (v, a(dv))]
-        }
-        Op::IndexerKl { qi, ki, wi, d: (dqi, dki, dwi) } => {
-            let s = scalar(&dout);
-            let mut out = Vec::new();
-            for (var, mut g) in [(qi, dqi), (ki, dki), (wi, dwi)] {
-                be.scale(&mut g, s)?;
-                out.push((var, a(g)));
-            }
-            out
-        }
-        Op::Detach => Vec::new(),
-        Op::Scale { x, s } => {
-            let mut g = tensor(dout);
-            be.scale(&mut g, s)?;
-            vec![(x, a(g))]
-        }
-        Op::SwiGlu { g, u } => {
-            let (dg, du) = be.swiglu_backward(tape.get(g), tape.get(u), &tensor(dout))?;
-            vec![(g, a(dg)), (u, a(du))]
-        }
-        Op::Moe { x, logits, w, routing, cache, cfg, n, cf: (c, f) } => {
-            let slots = [leaf_slot(tape, w[0], "moe")?, leaf_slot(tape, w[1], "moe")?, leaf_slot(tape, w[2], "moe")?];
-            let lens = w.map(|v| tape.shape(v).iter().product::<usize>());
-            let dw = leaf.get3(be, slots, lens)?;
-            let ws = [tape.get(w[0]), tape.get(w[1]), tape.get(w[2])];
-            let (dx, d_gates) = be.moe_backward(&tensor(dout), (n, c, f), &routing, ws, &cache, dw)?;
-            drop(cache);
-            let d_logits = be.router_backward(&routing, Some(&d_gates), None, &cfg)?;
-            vec![(x, a(dx)), (logits, a(d_logits))]
-        }
-        Op::MoeBalance { logits, routing, cfg, mut d_scores } => {
-            be.f_scale(&mut d_scores, scalar(&dout))?;
-            vec![(logits, a(be.router_backward(&routing, None, Some(&d_scores), &cfg)?))]
-        }
-        Op::WeightedSum { x, w } => {
-            let s = scalar(&dout);
-            let g: Vec<f32> = w.iter().map(|v| v * s).collect();
-            match tape.values[x.0] {
-                Value::Scalar(_) => vec![(x, Grad::Scalar(g[0]))],
-                _ => vec![(x, a(be.a_from(&g)?))],
-            }
-        }
-        Op::Add { a: x, b: y } => {
-            let g = tensor(dout);
-            vec![(x, a(be.a_copy(&g)?)), (y, a(g))]
-        }
-        Op::Checkpoint { .. } => unreachable!("the tape runs checkpoint backwards itself"),
-        Op::CrossEntropy { logits, targets, vocab, cap, n_valid, lse } => {
-            let scale = if n_valid > 0 { scalar(&dout) / n_valid as f32 } else { 0.0 };
-            vec![(logits, a(be.cross_entropy_backward(tape.get(logits), vocab, &targets, cap, &lse, scale)?))]
-        }
-    })
 }

@@ -128,6 +128,15 @@ pub trait Backend {
         dx: &mut Self::A,
         accumulate: bool,
     ) -> Result<()>;
+    /// (dg, du) of a = swiglu(g, u) given da = dy[m,n]·w[n,k] (the down projection's `linear_dx`,
+    /// dims as there), with the SwiGLU backward fused into that GEMM's epilogue (da is not kept).
+    fn linear_dx_swiglu(
+        &self,
+        dy: &Self::A,
+        w: &Self::A,
+        dims: (usize, usize, usize),
+        gu: (&Self::A, &Self::A),
+    ) -> Result<(Self::A, Self::A)>;
     /// dw[n,k] += dy[m,n]ᵀ·x[m,k] (f32 accumulation over micro-batches).
     fn linear_dw(&self, dy: &Self::A, x: &Self::A, dims: (usize, usize, usize), dw: &mut Self::F) -> Result<()>;
 

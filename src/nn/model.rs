@@ -408,8 +408,7 @@ impl Model {
     /// SwiGLU FFN with the residual: resid + w_down(silu(w_gate h) ∘ w_up h).
     fn dense_ffn<'p, B: Backend>(&'p self, tape: &mut Tape<'p, B>, h: Var, w: &[Var], resid: Var) -> Result<Var> {
         let g = tape.linear(h, w[0])?;
-        let a = tape.linear_swiglu(h, w[1], g)?;
-        tape.linear_residual(a, w[2], resid)
+        tape.swiglu_ffn(h, g, w[1], w[2], resid)
     }
 
     /// DeepSeekMoE FFN on h [b·t, C]: Σ_k g_k·expert_k(h) over the routed experts plus the shared

@@ -7,7 +7,7 @@ use super::{
     attention::{attention_backward, attention_forward, AttnDims},
     dsa::{self, DsaDims},
     elementwise, embedding,
-    gemm::{gemm, gemm_fused, Epilogue, Layout},
+    gemm::{gemm, gemm_fused, gemm_swiglu_backward, Epilogue, Layout},
     loss,
     moe::{self, MoeCache, RouterConfig, Routing},
     norm,
@@ -175,6 +175,17 @@ impl Backend for CpuOps {
             gemm(m, k, n, dy, Layout::N, w, Layout::N, dx, false);
         }
         Ok(())
+    }
+    fn linear_dx_swiglu(
+        &self,
+        dy: &Vec<f32>,
+        w: &Vec<f32>,
+        (m, k, n): (usize, usize, usize),
+        (g, u): (&Vec<f32>, &Vec<f32>),
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut dg, mut du) = (vec![0.0; g.len()], vec![0.0; g.len()]);
+        gemm_swiglu_backward(m, k, n, dy, w, (g, u), (&mut dg, &mut du));
+        Ok((dg, du))
     }
     fn linear_dw(
         &self,

@@ -26,7 +26,7 @@
 //! n_routed_experts and moe_inter_dim multiples of 8; DSA: index_n_heads a multiple of 8 and
 //! index_head_dim of 16; and, per batch, b·t a multiple of 8 (the GEMMs' contiguous dimensions).
 
-use super::gemm::{gemm, gemm_fused, Epilogue, Layout};
+use super::gemm::{gemm, gemm_fused, gemm_swiglu_backward, Epilogue, Layout};
 use super::moe::{DeviceRouting, MoeCacheGpu};
 use super::rope::RopeTableGpu;
 use super::{
@@ -224,6 +224,11 @@ impl Backend for CudaOps {
     fn linear_dx(&self, dy: &A, w: &A, (m, k, n): (usize, usize, usize), dx: &mut A, accumulate: bool) -> Result<()> {
         let beta = if accumulate { 1.0 } else { 0.0 };
         Ok(gemm(&self.be, m, k, n, dy, Layout::N, w, Layout::N, dx, 1.0, beta)?)
+    }
+    fn linear_dx_swiglu(&self, dy: &A, w: &A, (m, k, n): (usize, usize, usize), (g, u): (&A, &A)) -> Result<(A, A)> {
+        let (dg, du) = (self.uninit(g.len())?, self.uninit(g.len())?);
+        gemm_swiglu_backward(&self.be, m, k, n, dy, w, (g, u), (&dg, &du))?;
+        Ok((dg, du))
     }
     fn linear_dw(&self, dy: &A, x: &A, (m, k, n): (usize, usize, usize), dw: &mut F) -> Result<()> {
         // dW[n,k] += dYᵀ X: A operand dY stored [m, n] (T), B operand X stored [m, k] (N), f32 C.
