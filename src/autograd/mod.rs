@@ -27,6 +27,7 @@
 //! saved state as activations, its gradient buffers as workspace.
 
 mod backward;
+mod cached;
 mod cpu;
 mod ops;
 

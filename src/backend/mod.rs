@@ -13,6 +13,7 @@ pub mod cuda;
 pub mod ops;
 
 pub use cpu::attention::AttnDims;
+pub use cpu::decode::{CacheKind, LayerCache};
 pub use cpu::dsa::DsaDims;
 pub use cpu::math;
 pub use cpu::moe::{update_bias, MoeCache, RouterConfig, Routing, ScoreFunc};

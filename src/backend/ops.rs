@@ -9,6 +9,7 @@
 //! row-major `[tokens, features]`, weights `[out, in]`. Every op returns new buffers unless it
 //! says it works in place, so the tape decides what lives and what is freed.
 
+use super::LayerCache;
 use super::{AdamWStep, AttnDims, DsaDims, RouterConfig, WindowDims};
 use crate::memory::Category;
 use anyhow::Result;
@@ -277,6 +278,33 @@ pub trait Backend {
         index: (&Self::A, &Self::A, &Self::A),
         sel: Option<&Self::Sel>,
     ) -> Result<(f32, Self::A, Self::A, Self::A)>;
+
+    // Inference with a key/value cache (`cpu::decode`): one sequence whose new rows are positions
+    // `cache.len()..`; forward only. The cache lives in host memory.
+
+    /// [`Backend::rope`] of x `[n, h, d]` (`nh` = (n, h)) whose row `i` is position `p0 + i` (any position: the
+    /// angles are computed as the table's, so they equal it below `max_seq_len`).
+    fn rope_at(&self, x: &Self::A, nh: (usize, usize), p0: usize, kind: RopeKind) -> Result<Self::A>;
+    /// Dense or window attention (the cache's kind) of the `dims.t` new rows over the cached and
+    /// new keys; appends k and v to the cache.
+    fn attention_cached(
+        &self,
+        dims: &AttnDims,
+        q: &Self::A,
+        k: &Self::A,
+        v: &Self::A,
+        cache: &mut LayerCache,
+    ) -> Result<Self::A>;
+    /// DSA attention of the new rows: each query's top-k by the indexer over the cached and new
+    /// indexer keys plus the local window (every earlier key when `dense`); appends k, v and ki.
+    fn dsa_attention_cached(
+        &self,
+        dims: &DsaDims,
+        qkv: (&Self::A, &Self::A, &Self::A),
+        index: (&Self::A, &Self::A, &Self::A),
+        dense: bool,
+        cache: &mut LayerCache,
+    ) -> Result<Self::A>;
 
     /// acc += x.
     fn add(&self, acc: &mut Self::A, x: &Self::A) -> Result<()>;

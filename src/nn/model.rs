@@ -8,12 +8,13 @@
 //! Every norm is the parameter-free RMSNorm; q and k are normalized per head (QK-norm).
 
 use super::config::{AttnKind, ModelConfig};
+use super::decode::{context_limit, KvCache};
 use crate::autograd::{Tape, Var};
-use crate::backend::{AttnDims, Backend, CpuOps, DsaDims, RopeKind, WindowDims};
+use crate::backend::{AttnDims, Backend, CpuOps, DsaDims, LayerCache, RopeKind, WindowDims};
 use crate::memory::{Category, Tracked};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use std::rc::Rc;
 use std::sync::Mutex;
 
@@ -303,17 +304,57 @@ impl Model {
             let w = &pv[self.block_start[l]..self.block_start[l + 1]];
             x = if self.checkpoint_every > 0 && l % self.checkpoint_every == 0 {
                 let inputs: Vec<Var> = std::iter::once(x).chain(w.iter().copied()).collect();
-                let f = move |tp: &mut Tape<'p, B>, v: &[Var]| self.block(tp, l, v[0], &v[1..], b, t);
+                let f = move |tp: &mut Tape<'p, B>, v: &[Var]| self.block(tp, l, v[0], &v[1..], b, t, None);
                 tape.checkpoint(&inputs, Rc::new(f))?
             } else {
-                self.block(tape, l, x, w, b, t)?
+                self.block(tape, l, x, w, b, t, None)?
             };
         }
         let x = tape.rmsnorm(x, c.n_embd)?;
         tape.linear(x, pv[pv.len() - 1])
     }
 
-    /// One block on x [b·t, n_embd] with its parameters `w` (`block_param_specs` order).
+    /// Raw logits (before the softcap) of `ids`, one sequence continuing the one `cache` holds:
+    /// the same layers as [`Model::logits`], the rows at positions `cache.len()..`, attention over
+    /// the cached keys too; appends every layer's new keys and values (`nn::decode`). All rows'
+    /// logits `[n, vocab]`, or the last row's `[1, vocab]`. Runs on a `Tape::inference` tape.
+    pub fn logits_cached<'p, B: Backend>(
+        &'p self,
+        tape: &mut Tape<'p, B>,
+        pv: &[Var],
+        ids: &[u32],
+        cache: &mut KvCache,
+        all_rows: bool,
+    ) -> Result<Var> {
+        let (c, n, p0) = (&self.config, ids.len(), cache.len());
+        ensure!(n > 0, "decode: no tokens to process");
+        self.check_ids(ids)?;
+        if let Some(limit) = context_limit(c) {
+            if p0 + n > limit {
+                bail!(
+                    "context full: {p0} cached + {n} new positions exceed max_seq_len {limit} (a model with dense \
+                     layers cannot attend beyond its training context; shift the context and prefill again)"
+                );
+            }
+        }
+        let x = tape.embedding(pv[0], ids)?;
+        let mut x = tape.rmsnorm(x, c.n_embd)?;
+        for (l, layer) in cache.layers.iter_mut().enumerate() {
+            let w = &pv[self.block_start[l]..self.block_start[l + 1]];
+            x = self.block(tape, l, x, w, 1, n, Some(layer))?;
+        }
+        cache.advance(n);
+        if !all_rows {
+            x = tape.last_rows(x, 1)?;
+        }
+        let x = tape.rmsnorm(x, c.n_embd)?;
+        tape.linear(x, pv[pv.len() - 1])
+    }
+
+    /// One block on x [b·t, n_embd] with its parameters `w` (`block_param_specs` order). With a
+    /// `cache` (one sequence, b = 1), the rows are positions `cache.len()..` and attention also
+    /// sees the cached keys; the new keys and values are appended (inference only).
+    #[allow(clippy::too_many_arguments)]
     fn block<'p, B: Backend>(
         &'p self,
         tape: &mut Tape<'p, B>,
@@ -322,9 +363,11 @@ impl Model {
         w: &[Var],
         b: usize,
         t: usize,
+        mut cache: Option<&mut LayerCache>,
     ) -> Result<Var> {
         let c = &self.config;
         let dims = AttnDims { b, t, h: c.n_head, h_kv: c.n_kv_head, d: c.head_dim };
+        let p0 = cache.as_ref().map(|c| c.len());
         let h = tape.rmsnorm(x, c.n_embd)?;
         let q = tape.linear(h, w[0])?;
         let k = tape.linear(h, w[1])?;
@@ -332,16 +375,19 @@ impl Model {
         // QK-norm per head, then RoPE (RoPE preserves the norm, so the order is immaterial).
         let q = tape.rmsnorm(q, c.head_dim)?;
         let k = tape.rmsnorm(k, c.head_dim)?;
-        let q = tape.rope(q, (b, t, c.n_head), RopeKind::Attention)?;
-        let k = tape.rope(k, (b, t, c.n_kv_head), RopeKind::Attention)?;
+        let q = tape.rope_at(q, (b, t, c.n_head), RopeKind::Attention, p0)?;
+        let k = tape.rope_at(k, (b, t, c.n_kv_head), RopeKind::Attention, p0)?;
         let y = match c.attn_kind(l) {
+            AttnKind::Dense | AttnKind::Window if cache.is_some() => {
+                tape.attention_cached(q, k, v, dims, cache.as_deref_mut().expect("checked"))?
+            }
             AttnKind::Dense => tape.attention(q, k, v, dims)?,
             AttnKind::Window => {
                 let (window, n_global) = (c.dsa_window_size, c.n_global);
                 let wd = WindowDims { b, t, h: c.n_head, h_kv: c.n_kv_head, d: c.head_dim, window, n_global };
                 tape.window_attention(q, k, v, wd)?
             }
-            AttnKind::Sparse => self.sparse_attention(tape, l, h, (q, k, v), &w[w.len() - 3..], b, t)?,
+            AttnKind::Sparse => self.sparse_attention(tape, l, h, (q, k, v), &w[w.len() - 3..], (b, t), cache)?,
         };
         // x + c_proj(y): the residual add in the projection's epilogue.
         let x = tape.linear_residual(y, w[3], x)?;
@@ -375,7 +421,7 @@ impl Model {
     /// DeepSeek Sparse Attention: the lightning indexer reads a detached copy of h (so the language
     /// model loss never reaches it), scores earlier keys, and each query attends to its top-k; the
     /// indexer learns from the KL to the attention distribution (an aux loss). `w` = the indexer's
-    /// wq, wk, w_heads.
+    /// wq, wk, w_heads. With a `cache`, the indexer scores the cached keys too (no KL loss).
     #[allow(clippy::too_many_arguments)]
     fn sparse_attention<'p, B: Backend>(
         &'p self,
@@ -384,18 +430,22 @@ impl Model {
         h: Var,
         qkv: (Var, Var, Var),
         w: &[Var],
-        b: usize,
-        t: usize,
+        (b, t): (usize, usize),
+        cache: Option<&mut LayerCache>,
     ) -> Result<Var> {
         let c = &self.config;
+        let p0 = cache.as_ref().map(|c| c.len());
         let hd = tape.detach(h)?;
         let qi = tape.linear(hd, w[0])?;
-        let qi = tape.rope(qi, (b, t, c.index_n_heads), RopeKind::Indexer)?;
+        let qi = tape.rope_at(qi, (b, t, c.index_n_heads), RopeKind::Indexer, p0)?;
         let ki = tape.linear(hd, w[1])?;
-        let ki = tape.rope(ki, (b, t, 1), RopeKind::Indexer)?;
+        let ki = tape.rope_at(ki, (b, t, 1), RopeKind::Indexer, p0)?;
         let wi = tape.linear(hd, w[2])?;
         let wi = tape.scale(wi, 1.0 / ((c.index_n_heads * c.index_head_dim) as f32).sqrt())?;
         let dims = self.dsa_dims(b, t);
+        if let Some(cache) = cache {
+            return tape.dsa_attention_cached(qkv, (qi, ki, wi), dims, self.dsa_dense_warmup, cache);
+        }
         let (y, sel, lse) = tape.dsa_attention(qkv, (qi, ki, wi), dims, self.dsa_dense_warmup)?;
         if tape.aux_enabled() {
             let kl = tape.indexer_kl((qkv.0, qkv.1), &lse, (qi, ki, wi), sel.as_deref(), dims)?;

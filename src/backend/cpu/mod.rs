@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub(crate) mod blocks;
+pub mod decode;
 pub mod dsa;
 pub mod elementwise;
 pub mod embedding;

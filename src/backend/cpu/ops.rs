@@ -5,6 +5,7 @@
 
 use super::{
     attention::{attention_backward, attention_forward, AttnDims},
+    decode::{self, CacheKind, LayerCache},
     dsa::{self, DsaDims},
     elementwise, embedding,
     gemm::{gemm, gemm_fused, gemm_swiglu_backward, Epilogue, Layout},
@@ -19,7 +20,7 @@ use super::{
 use crate::backend::ops::{Backend, RopeKind, UpdateSlot};
 use crate::memory::{Category, Tracked};
 use crate::nn::ModelConfig;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 #[derive(Clone)]
@@ -27,6 +28,8 @@ pub struct CpuOps {
     rope: RopeTable,
     /// The DSA indexer's table (`index_head_dim`), as `Model`'s.
     index_rope: RopeTable,
+    /// θ of both tables (`rope_at` computes angles past their length).
+    rope_theta: f64,
 }
 
 impl CpuOps {
@@ -35,6 +38,7 @@ impl CpuOps {
         CpuOps {
             rope: RopeTable::new(head_dim, max_t, theta),
             index_rope: RopeTable::new(index_head_dim, max_t, theta),
+            rope_theta: theta,
         }
     }
 
@@ -42,6 +46,7 @@ impl CpuOps {
         CpuOps {
             rope: RopeTable::new(c.head_dim, c.max_seq_len, c.rope_theta),
             index_rope: RopeTable::new(c.index_head_dim, c.max_seq_len, c.rope_theta),
+            rope_theta: c.rope_theta,
         }
     }
 }
@@ -422,6 +427,40 @@ impl Backend for CpuOps {
         let sel = sel.map(|s| s.as_slice());
         let loss = dsa::indexer_kl(dims, q, k, lse, qi, ki, wi, sel, &mut dqi, &mut dki, &mut dwi);
         Ok((loss, dqi, dki, dwi))
+    }
+
+    fn rope_at(&self, x: &Vec<f32>, (_, h): (usize, usize), p0: usize, kind: RopeKind) -> Result<Vec<f32>> {
+        let d = match kind {
+            RopeKind::Attention => self.rope.head_dim,
+            RopeKind::Indexer => self.index_rope.head_dim,
+        };
+        Ok(decode::rope_at(x, h, d, p0, self.rope_theta))
+    }
+    fn attention_cached(
+        &self,
+        dims: &AttnDims,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        cache: &mut LayerCache,
+    ) -> Result<Vec<f32>> {
+        if matches!(cache.kind(), CacheKind::Sparse { .. }) {
+            bail!("attention_cached: a DSA layer's cache is filled by dsa_attention_cached");
+        }
+        Ok(decode::attention_cached(dims, q, k, v, cache))
+    }
+    fn dsa_attention_cached(
+        &self,
+        dims: &DsaDims,
+        (q, k, v): (&Vec<f32>, &Vec<f32>, &Vec<f32>),
+        (qi, ki, wi): (&Vec<f32>, &Vec<f32>, &Vec<f32>),
+        dense: bool,
+        cache: &mut LayerCache,
+    ) -> Result<Vec<f32>> {
+        if !matches!(cache.kind(), CacheKind::Sparse { .. }) {
+            bail!("dsa_attention_cached: the layer's cache is not a DSA cache");
+        }
+        Ok(decode::dsa_attention_cached(dims, (q, k, v), (qi, ki, wi), dense, cache))
     }
 
     fn add(&self, acc: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {

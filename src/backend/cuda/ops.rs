@@ -34,7 +34,7 @@ use super::{
     DeviceBuffer,
 };
 use crate::backend::ops::{Backend, RopeKind};
-use crate::backend::{AdamWStep, AttnDims, DsaDims, RouterConfig, WindowDims};
+use crate::backend::{AdamWStep, AttnDims, DsaDims, LayerCache, RouterConfig, WindowDims};
 use crate::memory::Category;
 use crate::nn::config::AttnKind;
 use crate::nn::ModelConfig;
@@ -453,6 +453,23 @@ impl Backend for CudaOps {
         dsa::indexer_kl(&self.be, dims, q, k, lse, qi, ki, wi, sel, [&dqi, &dki, &dwi], &loss)?;
         let kl = loss.to_host()?[0];
         Ok((kl, self.to_bf16(&dqi)?, self.to_bf16(&dki)?, self.to_bf16(&dwi)?))
+    }
+
+    fn rope_at(&self, _: &A, _: (usize, usize), _: usize, _: RopeKind) -> Result<A> {
+        bail!("cached decoding runs on the CPU backend")
+    }
+    fn attention_cached(&self, _: &AttnDims, _: &A, _: &A, _: &A, _: &mut LayerCache) -> Result<A> {
+        bail!("cached decoding runs on the CPU backend")
+    }
+    fn dsa_attention_cached(
+        &self,
+        _: &DsaDims,
+        _: (&A, &A, &A),
+        _: (&A, &A, &A),
+        _: bool,
+        _: &mut LayerCache,
+    ) -> Result<A> {
+        bail!("cached decoding runs on the CPU backend")
     }
 
     fn add(&self, acc: &mut A, x: &A) -> Result<()> {
