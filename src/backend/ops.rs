@@ -282,8 +282,8 @@ pub trait Backend {
     // Inference with a key/value cache (`cpu::decode`): one sequence whose new rows are positions
     // `cache.len()..`; forward only. The cache lives in host memory.
 
-    /// [`Backend::rope`] of x `[n, h, d]` (`nh` = (n, h)) whose row `i` is position `p0 + i` (any position: the
-    /// angles are computed as the table's, so they equal it below `max_seq_len`).
+    /// [`Backend::rope`] of x `[n, h, d]` (`nh` = (n, h)) whose row `i` is position `p0 + i` (any
+    /// position: the angles are computed as the table's, so they equal it below `max_seq_len`).
     fn rope_at(&self, x: &Self::A, nh: (usize, usize), p0: usize, kind: RopeKind) -> Result<Self::A>;
     /// Dense or window attention (the cache's kind) of the `dims.t` new rows over the cached and
     /// new keys; appends k and v to the cache.
