@@ -34,9 +34,11 @@
 //! distances exceed anything seen in training, so quality there is untested.
 //!
 //! **Numerics.** A prefill into an empty cache runs the training forward's ops (the tiled
-//! attention kernels), so its logits are those of [`Model::next_token_logits`]. Later calls attend
-//! with per-query loops over the cached rows (other summation orders): logits agree to about 1e-6
-//! relative (the tests allow 1e-4).
+//! attention kernels, RoPE angles equal to the table's), so [`Decoder::prefill_all`] of `ids`
+//! ends with bitwise the logits of [`Model::next_token_logits`] of `ids` (a test checks it;
+//! [`Decoder::prefill`] runs the head on the last row only, a GEMM of another shape). Later calls attend with per-query loops
+//! over the cached rows (other summation orders): logits agree to about 1e-6 relative (the tests
+//! allow 1e-4).
 //!
 //! **Adding a layer kind.** A new attention variant adds a `backend::CacheKind`, its branch in
 //! the backend's cached attention and in [`kv_bytes_per_layer`]; the model states the layer once.
@@ -206,7 +208,16 @@ impl<'m> Decoder<'m> {
         let model = self.model;
         let mut tape: Tape<'m, CpuOps> = Tape::inference(model.cpu());
         let pv = model.params_on(&mut tape);
-        let out = model.logits_cached(&mut tape, &pv, ids, &mut self.cache, all_rows)?;
+        let out = match model.logits_cached(&mut tape, &pv, ids, &mut self.cache, all_rows) {
+            Ok(out) => out,
+            Err(e) => {
+                // a kernel error after some layers appended leaves the caches out of step
+                if self.cache.layers.iter().any(|l| l.len() != self.cache.len()) {
+                    self.reset();
+                }
+                return Err(e);
+            }
+        };
         let cap = model.config.logit_softcap;
         let logits: Vec<f32> =
             tape.value(out).iter().map(|&z| if cap > 0.0 { cap * math::tanh(z / cap) } else { z }).collect();
@@ -298,6 +309,41 @@ mod tests {
             }
             assert_eq!(a.cache().bytes(), b.cache().bytes());
         }
+    }
+
+    #[test]
+    fn decode_prefill_is_the_training_forward_bitwise() {
+        // the same layers, the same ops: a prefill's rows equal the uncached forward's exactly
+        for (pattern, moe) in [("D", false), ("W", false), ("WD", false), ("SD", false), ("WD", true)] {
+            let mut m = model(pattern, 5, 2, 64);
+            if moe {
+                let mut cfg = m.config.clone();
+                cfg.moe =
+                    crate::nn::MoeConfig { n_routed_experts: 4, top_k: 2, moe_inter_dim: 16, ..Default::default() };
+                m = Model::new(&cfg, 3).unwrap();
+                let mut rng = Rng::new(9);
+                for p in &mut m.params {
+                    let std = 1.0 / (*p.tensor.shape.last().unwrap() as f32).sqrt();
+                    p.tensor = Tensor::randn(&p.tensor.shape.clone(), std, &mut rng);
+                }
+            }
+            let ids: Vec<u32> = (0..19).map(|i| (i * 5 % 61) as u32).collect();
+            let v = m.config.vocab_size;
+            for t in [2, 7, 19] {
+                let all = Decoder::new(&m).unwrap().prefill_all(&ids[..t]).unwrap();
+                assert_eq!(&all[(t - 1) * v..], &m.next_token_logits(&ids[..t]).unwrap()[..], "{pattern} at {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn cached_forward_refuses_a_training_tape() {
+        let m = model("D", 5, 2, 64);
+        let mut tape = Tape::new(m.cpu());
+        let pv = m.params_on(&mut tape);
+        let mut cache = KvCache::new(&m.config);
+        let e = m.logits_cached(&mut tape, &pv, &[1, 2], &mut cache, false).unwrap_err().to_string();
+        assert!(e.contains("Tape::inference"), "{e}");
     }
 
     #[test]
