@@ -299,7 +299,7 @@ fn attention_cached_rows(dims: &AttnDims, (q, k, v): (&[f32], &[f32], &[f32]), c
         return fresh_attention(dims, CacheKind::Dense, q, k, v);
     }
     let work = n * dims.h * (p0 + n) * dims.d;
-    attend(q, k, v, dims, cache, work, &|t| (0..0).chain(0..t + 1))
+    attend(q, k, v, dims, cache, work, &|t| 0..t + 1)
 }
 
 /// Softmax attention of the new queries `q` (`[n, h, d]`, positions `p0..p0 + n` with
