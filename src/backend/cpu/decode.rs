@@ -264,26 +264,26 @@ pub fn dsa_attention_cached(
     } else {
         let ik = &cache.ik;
         let key = |s: usize| if s >= p0 { &ki[(s - p0) * di..(s - p0 + 1) * di] } else { &ik[s * di..(s + 1) * di] };
-        let sels: Vec<Vec<usize>> = (0..n)
-            .into_par_iter()
-            .map(|i| {
-                let t = p0 + i;
-                let (qr, wr) = (&qi[i * hi * di..(i + 1) * hi * di], &wi[i * hi..(i + 1) * hi]);
-                let old = (t + 1).saturating_sub(dims.window); // keys s < old compete; s ≥ old are the window
-                let mut scored: Vec<(f32, usize)> = (0..old)
-                    .map(|s| {
-                        let kr = key(s);
-                        let score = (0..hi).map(|j| wr[j] * math::dot(&qr[j * di..(j + 1) * di], kr).max(0.0));
-                        (score.fold(0.0f32, |a, b| a + b), s)
-                    })
-                    .collect();
-                // larger score first, then the more recent key
-                scored.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
-                let mut sel: Vec<usize> = scored.iter().take(dims.topk).map(|&(_, s)| s).chain(old..=t).collect();
-                sel.sort_unstable();
-                sel
-            })
-            .collect();
+        let select = |i: usize| {
+            let t = p0 + i;
+            let (qr, wr) = (&qi[i * hi * di..(i + 1) * hi * di], &wi[i * hi..(i + 1) * hi]);
+            let old = (t + 1).saturating_sub(dims.window); // keys s < old compete; s ≥ old are the window
+            let mut scored: Vec<(f32, usize)> = (0..old)
+                .map(|s| {
+                    let kr = key(s);
+                    let score = (0..hi).map(|j| wr[j] * math::dot(&qr[j * di..(j + 1) * di], kr).max(0.0));
+                    (score.fold(0.0f32, |a, b| a + b), s)
+                })
+                .collect();
+            // larger score first, then the more recent key
+            scored.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
+            let mut sel: Vec<usize> = scored.iter().take(dims.topk).map(|&(_, s)| s).chain(old..=t).collect();
+            sel.sort_unstable();
+            sel
+        };
+        // a step (one row) stays on this thread; rows of a longer call are scored in parallel
+        let sels: Vec<Vec<usize>> =
+            if n > 1 { (0..n).into_par_iter().map(select).collect() } else { (0..n).map(select).collect() };
         let work = sels.iter().map(Vec::len).sum::<usize>() * dims.h * dims.d;
         attend(q, k, v, &ad, cache, work, &|t| sels[t - p0].iter().copied())
     };
