@@ -20,6 +20,7 @@
 use super::attention::{attention_forward, AttnDims};
 use super::dsa::{dsa_attention_forward, indexer_topk, DsaDims};
 use super::math;
+use super::rope::RopeTable;
 use super::window_attention::{window_attention_forward, WindowDims};
 use rayon::prelude::*;
 
@@ -158,22 +159,28 @@ impl LayerCache {
     }
 }
 
-/// NeoX RoPE of x = `[n, heads, d]` whose row `i` is position `p0 + i`, with the angles computed
-/// as `RopeTable` computes them (`t · θ^(−2j/d)` in f64, rounded to f32), so the values equal the
-/// training table's below its length and continue past it.
-pub fn rope_at(x: &[f32], heads: usize, d: usize, p0: usize, theta: f64) -> Vec<f32> {
+/// NeoX RoPE of x = `[n, heads, d]` whose row `i` is position `p0 + i`: the training `table`'s
+/// angles below its length, and past it the angles computed as `RopeTable` computes them
+/// (`t · θ^(−2j/d)` in f64, rounded to f32), so decoding can continue beyond `max_seq_len`.
+pub fn rope_at(table: &RopeTable, x: &[f32], heads: usize, p0: usize, theta: f64) -> Vec<f32> {
+    let d = table.head_dim;
     let half = d / 2;
-    assert!(d % 2 == 0 && x.len() % (heads * d) == 0, "rope_at: x must be [n, {heads}, {d}] with d even");
+    assert!(x.len() % (heads * d) == 0, "rope_at: x must be [n, {heads}, {d}]");
     let inv_freq: Vec<f64> = (0..half).map(|j| theta.powf(-2.0 * j as f64 / d as f64)).collect();
     let (mut cs, mut sn) = (vec![0.0f32; half], vec![0.0f32; half]);
     let mut y = vec![0.0f32; x.len()];
     for (i, (xt, yt)) in x.chunks_exact(heads * d).zip(y.chunks_exact_mut(heads * d)).enumerate() {
-        let t = (p0 + i) as f64;
-        for (j, &f) in inv_freq.iter().enumerate() {
-            let angle = t * f;
-            cs[j] = angle.cos() as f32;
-            sn[j] = angle.sin() as f32;
-        }
+        let t = p0 + i;
+        let (cs, sn) = if t < table.max_t {
+            table.angles(t)
+        } else {
+            for (j, &f) in inv_freq.iter().enumerate() {
+                let angle = t as f64 * f;
+                cs[j] = angle.cos() as f32;
+                sn[j] = angle.sin() as f32;
+            }
+            (&cs[..], &sn[..])
+        };
         for (xh, yh) in xt.chunks_exact(d).zip(yt.chunks_exact_mut(d)) {
             let ((x1, x2), (y1, y2)) = (xh.split_at(half), yh.split_at_mut(half));
             for j in 0..half {
@@ -363,7 +370,7 @@ fn softmax_attend<'a>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::rope::{rope_forward, RopeTable};
+    use super::super::rope::rope_forward;
     use super::*;
 
     #[test]
@@ -372,9 +379,12 @@ mod tests {
         let x: Vec<f32> = (0..t * heads * d).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
         let mut want = vec![0.0; x.len()];
         rope_forward(&RopeTable::new(d, t, theta), &x, 1, t, heads, &mut want);
-        assert_eq!(rope_at(&x, heads, d, 0, theta), want);
-        // a suffix rotated from its own start position
-        let row = heads * d;
-        assert_eq!(rope_at(&x[4 * row..], heads, d, 4, theta), want[4 * row..]);
+        // from the table, and past a shorter table's end (angles computed)
+        for table in [RopeTable::new(d, t, theta), RopeTable::new(d, 3, theta)] {
+            assert_eq!(rope_at(&table, &x, heads, 0, theta), want);
+            // a suffix rotated from its own start position
+            let row = heads * d;
+            assert_eq!(rope_at(&table, &x[4 * row..], heads, 4, theta), want[4 * row..]);
+        }
     }
 }

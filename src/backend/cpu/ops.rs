@@ -430,11 +430,11 @@ impl Backend for CpuOps {
     }
 
     fn rope_at(&self, x: &Vec<f32>, (_, h): (usize, usize), p0: usize, kind: RopeKind) -> Result<Vec<f32>> {
-        let d = match kind {
-            RopeKind::Attention => self.rope.head_dim,
-            RopeKind::Indexer => self.index_rope.head_dim,
+        let table = match kind {
+            RopeKind::Attention => &self.rope,
+            RopeKind::Indexer => &self.index_rope,
         };
-        Ok(decode::rope_at(x, h, d, p0, self.rope_theta))
+        Ok(decode::rope_at(table, x, h, p0, self.rope_theta))
     }
     fn attention_cached(
         &self,

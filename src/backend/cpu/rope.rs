@@ -42,6 +42,12 @@ impl RopeTable {
         }
         RopeTable { head_dim, max_t, cos, sin }
     }
+
+    /// cos and sin of position `t < max_t` (`head_dim / 2` values each).
+    pub fn angles(&self, t: usize) -> (&[f32], &[f32]) {
+        let half = self.head_dim / 2;
+        (&self.cos[t * half..(t + 1) * half], &self.sin[t * half..(t + 1) * half])
+    }
 }
 
 /// Rotates one head vector x (width d = 2·cs.len()) into y; `sign` −1 is the inverse rotation.
