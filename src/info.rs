@@ -80,7 +80,7 @@ pub fn predict_training_bytes(c: &ModelConfig, batch: usize, seq: usize, checkpo
     let matrices = c.block_params_total().0 - routers;
     let optimizer = matrices + 2 * (params - matrices);
     // Values and saved state the tape keeps for one block (see Model::block): six [n, C]
-    // tensors, four of the query width, four of the kv width, the FFN's, plus RMSNorm's
+    // tensors, three of the query width, three of the kv width, the FFN's, plus RMSNorm's
     // 1/rms per row and per head, and attention's log-sum-exp. A dense FFN keeps three
     // [n, ffn_hidden] tensors; a MoE FFN its router logits and scores [n, E] (and the balance
     // loss's score gradient), per kept assignment the gathered input, three hidden rows and the
@@ -97,7 +97,7 @@ pub fn predict_training_bytes(c: &ModelConfig, batch: usize, seq: usize, checkpo
     let block_of = |l: usize| {
         let ffn = if c.is_moe_layer(l) { moe_ffn } else { 3 * f };
         let index = if c.attn_kind(l) == crate::nn::AttnKind::Sparse { dsa } else { 0 };
-        n * (6 * cc + 4 * hd + 4 * kvd + ffn + index + 2 + h + hkv + h)
+        n * (6 * cc + 3 * hd + 3 * kvd + ffn + index + 2 + h + hkv + h)
     };
     let block = (0..c.n_layer).map(block_of).max().unwrap_or(0);
     // embedding (+ids), its norm, the final norm, the logits, the loss's targets and lse

@@ -129,13 +129,24 @@ impl<F> LeafGrads<'_, F> {
                         own[s] = Some(ops.f_zeros(n)?);
                     }
                 }
-                let [a, b, c] = own.get_disjoint_mut(slots).map_err(|e| anyhow::anyhow!("moe: expert slots: {e:?}"))?;
-                [a, b, c].map(|g| g.as_mut().expect("allocated above"))
+                pick3(own, slots)?.map(|g| g.as_mut().expect("allocated above"))
             }
-            LeafGrads::External(ext) => {
-                ext.get_disjoint_mut(slots).map_err(|e| anyhow::anyhow!("moe: expert slots: {e:?}"))?
-            }
+            LeafGrads::External(ext) => pick3(ext, slots)?,
         })
+    }
+}
+
+/// Three distinct elements of `v`, mutably (`get_disjoint_mut` is newer than the crate's MSRV).
+fn pick3<T>(v: &mut [T], idx: [usize; 3]) -> Result<[&mut T; 3]> {
+    let mut out: [Option<&mut T>; 3] = [None, None, None];
+    for (i, x) in v.iter_mut().enumerate() {
+        if let Some(k) = idx.iter().position(|&j| j == i) {
+            out[k] = Some(x);
+        }
+    }
+    match out {
+        [Some(a), Some(b), Some(c)] => Ok([a, b, c]),
+        _ => anyhow::bail!("moe: the expert stacks' gradient slots {idx:?} are not three distinct slots"),
     }
 }
 

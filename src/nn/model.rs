@@ -372,11 +372,16 @@ impl Model {
         let q = tape.linear(h, w[0])?;
         let k = tape.linear(h, w[1])?;
         let v = tape.linear(h, w[2])?;
-        // QK-norm per head, then RoPE (RoPE preserves the norm, so the order is immaterial).
-        let q = tape.rmsnorm(q, c.head_dim)?;
-        let k = tape.rmsnorm(k, c.head_dim)?;
-        let q = tape.rope_at(q, (b, t, c.n_head), RopeKind::Attention, p0)?;
-        let k = tape.rope_at(k, (b, t, c.n_kv_head), RopeKind::Attention, p0)?;
+        // QK-norm per head, then RoPE (RoPE preserves the norm, so the order is immaterial): one
+        // fused op each for training; a cached forward rotates at the cached positions instead.
+        let (q, k) = match p0 {
+            None => (tape.qk_norm_rope(q, (b, t, c.n_head))?, tape.qk_norm_rope(k, (b, t, c.n_kv_head))?),
+            Some(_) => {
+                let (q, k) = (tape.rmsnorm(q, c.head_dim)?, tape.rmsnorm(k, c.head_dim)?);
+                let q = tape.rope_at(q, (b, t, c.n_head), RopeKind::Attention, p0)?;
+                (q, tape.rope_at(k, (b, t, c.n_kv_head), RopeKind::Attention, p0)?)
+            }
+        };
         let y = match c.attn_kind(l) {
             AttnKind::Dense | AttnKind::Window if cache.is_some() => {
                 tape.attention_cached(q, k, v, dims, cache.as_deref_mut().expect("checked"))?
