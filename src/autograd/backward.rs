@@ -62,12 +62,6 @@ pub(super) fn backward<'p, B: Backend>(
             let dx = linear_back(leaf, &du, x, w_up, (m, c, f))?;
             vec![(resid, a(dout)), (x, a(dx)), (gate, a(dg))]
         }
-        Op::LinearSwiGlu { x, w, gate, up, mkn } => {
-            let (dg, du) = be.swiglu_backward(tape.get(gate), &up, &tensor(dout))?;
-            drop(up);
-            let dx = linear_back(leaf, &du, x, w, mkn)?;
-            vec![(x, a(dx)), (gate, a(dg))]
-        }
         Op::Embedding { table, ids, dim, .. } => {
             let slot = leaf_slot(tape, table, "embedding")?;
             let n = tape.shape(table).iter().product();

@@ -26,14 +26,6 @@ pub enum Op<'p, B: Backend> {
         resid: Var,
         mkn: (usize, usize, usize),
     },
-    /// swiglu(gate, x·wᵀ) (the up projection with the SwiGLU in its epilogue); keeps the product.
-    LinearSwiGlu {
-        x: Var,
-        w: Var,
-        gate: Var,
-        up: B::A,
-        mkn: (usize, usize, usize),
-    },
     /// A dense FFN's up and down projections with the residual: resid + swiglu(gate, x·w_upᵀ)·w_downᵀ;
     /// keeps the up product and the activation. Its backward takes dgate and dup straight from
     /// dout·w_down (the SwiGLU backward in that GEMM's epilogue on CUDA).
@@ -172,7 +164,6 @@ impl<B: Backend> Op<'_, B> {
         match self {
             Op::Linear { x, w, .. } | Op::RouterLinear { x, w, .. } => vec![*x, *w],
             Op::LinearResidual { x, w, resid, .. } => vec![*x, *w, *resid],
-            Op::LinearSwiGlu { x, w, gate, .. } => vec![*x, *w, *gate],
             Op::SwiGluFfn { x, gate, w_up, w_down, resid, .. } => vec![*x, *gate, *w_up, *w_down, *resid],
             Op::Embedding { table, .. } => vec![*table],
             Op::RmsNorm { x, .. } | Op::Rope { x, .. } | Op::QkNormRope { x, .. } | Op::Scale { x, .. } => vec![*x],
@@ -204,7 +195,6 @@ impl<B: Backend> Op<'_, B> {
             Op::RmsNorm { rstd, .. } | Op::QkNormRope { rstd, .. } => fl(rstd),
             Op::Attention { lse, .. } | Op::WindowAttention { lse, .. } => fl(lse),
             Op::DsaAttention { lse, sel, dims, .. } => fl(lse) + sel.as_ref().map_or(0, |_| 4 * dims.sel_len()),
-            Op::LinearSwiGlu { up, .. } => al(up),
             Op::SwiGluFfn { up, act, .. } => al(up) + al(act),
             Op::WeightedSum { w, .. } => 4 * w.len(),
             Op::Moe { cache, n, cfg, .. } => 4 * n * cfg.n_experts + be.moe_cache_bytes(cache),
@@ -220,7 +210,6 @@ impl<B: Backend> Op<'_, B> {
         match self {
             Op::Linear { mkn: (m, k, n), .. }
             | Op::LinearResidual { mkn: (m, k, n), .. }
-            | Op::LinearSwiGlu { mkn: (m, k, n), .. }
             | Op::RouterLinear { mkn: (m, k, n), .. } => {
                 let f = 2.0 * (*m * *k * *n) as f64;
                 (f, 2.0 * f) // backward: dX and dW, one product each
@@ -242,7 +231,6 @@ impl<B: Backend> Op<'_, B> {
         match self {
             Op::Linear { .. } => "linear",
             Op::LinearResidual { .. } => "linear_residual",
-            Op::LinearSwiGlu { .. } => "linear_swiglu",
             Op::SwiGluFfn { .. } => "swiglu_ffn",
             Op::RouterLinear { .. } => "router_linear",
             Op::Embedding { .. } => "embedding",
@@ -294,13 +282,6 @@ impl<'p, B: Backend> Tape<'p, B> {
         assert_eq!(self.shape(resid), &shape[..], "linear_residual: resid is not shaped like the product");
         let y = self.backend().linear_residual(self.get(x), self.get(w), (m, k, n), self.get(resid))?;
         Ok(self.out(y, &shape, Op::LinearResidual { x, w, resid, mkn: (m, k, n) }))
-    }
-
-    /// swiglu(gate, x·wᵀ): silu(gate) ∘ (x·wᵀ).
-    pub fn linear_swiglu(&mut self, x: Var, w: Var, gate: Var) -> Result<Var> {
-        let ((m, k, n), shape) = linear_dims(self, x, w);
-        let (up, act) = self.backend().linear_swiglu(self.get(x), self.get(w), (m, k, n), self.get(gate))?;
-        Ok(self.out(act, &shape, Op::LinearSwiGlu { x, w, gate, up, mkn: (m, k, n) }))
     }
 
     /// resid + swiglu(gate, x·w_upᵀ)·w_downᵀ: a dense FFN after its gate projection, fused.
