@@ -142,17 +142,25 @@ pub(crate) fn forward(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
+    par_query_blocks(dims, out, lse, |bi, qb, out_blk, lse| forward_block(dims, keys, [q, k, v], bi, qb, out_blk, lse));
+}
+
+/// The forward's parallel split (both cores): runs `f(bi, qb, out_blk, lse)` for every (batch
+/// `bi`, query block `qb`) as one rayon task, `out_blk` being the block's rows (`[tq, h, d_v]`,
+/// all heads) of `out`; the task writes them and the block's entries of `lse`.
+pub(crate) fn par_query_blocks(
+    dims: &FlashDims,
+    out: &mut [f32],
+    lse: &mut [f32],
+    f: impl Fn(usize, usize, &mut [f32], SharedOut) + Sync,
+) {
     let FlashDims { b, t, h, d_v, .. } = *dims;
     if b == 0 || t == 0 {
         return;
     }
-    // One task per (batch, query block): it writes the block's rows of `out` (all heads) and of
-    // `lse`.
     let lse = SharedOut::new(lse);
     out.par_chunks_mut(t * h * d_v).enumerate().for_each(|(bi, out_b)| {
-        out_b.par_chunks_mut(BLOCK_Q * h * d_v).enumerate().for_each(|(qb, out_blk)| {
-            forward_block(dims, keys, [q, k, v], bi, qb, out_blk, lse);
-        })
+        out_b.par_chunks_mut(BLOCK_Q * h * d_v).enumerate().for_each(|(qb, out_blk)| f(bi, qb, out_blk, lse))
     });
 }
 
@@ -207,17 +215,25 @@ pub(crate) fn backward(
     keys: &impl KeySet,
     inputs: [&[f32]; 5],
     dout: &[f32],
+    grads: [&mut [f32]; 3],
+) {
+    par_kv_groups(dims, grads, |bi, g, grads| backward_group(dims, keys, inputs, dout, bi, g, grads));
+}
+
+/// The backward's parallel split (both cores): runs `f(bi, g, [dq, dk, dv])` for every (batch
+/// `bi`, kv head `g`) as one rayon task, which writes `dk`, `dv` of that kv head and `dq` of its
+/// query heads.
+pub(crate) fn par_kv_groups(
+    dims: &FlashDims,
     [dq, dk, dv]: [&mut [f32]; 3],
+    f: impl Fn(usize, usize, [SharedOut; 3]) + Sync,
 ) {
     let FlashDims { b, t, h_kv, .. } = *dims;
     if b == 0 || t == 0 {
         return;
     }
-    // One task per (batch, kv head); it writes dk/dv of that kv head and dq of its query heads.
     let grads = [SharedOut::new(dq), SharedOut::new(dk), SharedOut::new(dv)];
-    (0..b * h_kv).into_par_iter().for_each(|task| {
-        backward_group(dims, keys, inputs, dout, task / h_kv, task % h_kv, grads);
-    });
+    (0..b * h_kv).into_par_iter().for_each(|task| f(task / h_kv, task % h_kv, grads));
 }
 
 /// Backward for one (batch `bi`, kv head `g`): writes the `dq` rows of the group's query heads

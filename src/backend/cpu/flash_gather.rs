@@ -11,17 +11,16 @@
 //! - the softmax is per row: maximum, `exp` base 2 with the scale folded in, [`math::sum`];
 //! - `dK`, `dV` are scatter-added row by row (`axpy`, queries in increasing order, then heads).
 //!
-//! **Parallelism and determinism.** Forward: one rayon task per (batch, block of [`BLOCK_Q`]
-//! queries), all heads. Backward: one task per (batch, kv head), accumulating `dK`, `dV` in
-//! `[t, d]` buffers. Every output element is written by one task, GEMMs are single-threaded
+//! **Parallelism and determinism.** The split of [`super::flash`]: forward, one rayon task per
+//! (batch, block of [`BLOCK_Q`] queries), all heads; backward, one task per (batch, kv head),
+//! accumulating `dK`, `dV` in `[t, d]` buffers. Every output element is written by one task, GEMMs are single-threaded
 //! inside tasks and all sums have a fixed order: bitwise reproducible for any thread count. Each
 //! task's loops are compiled for AVX2 where available, with identical results.
 
 use super::blocks::{with_avx2, with_scratch, SharedOut};
-use super::flash::{FlashDims, BLOCK_Q};
+use super::flash::{par_kv_groups, par_query_blocks, FlashDims, BLOCK_Q};
 use super::gemm::{gemm_strided, Strided};
 use super::math;
-use rayon::prelude::*;
 use std::f32::consts::{LN_2, LOG2_E};
 
 /// The keys each query attends to, listed explicitly.
@@ -95,18 +94,11 @@ pub(crate) fn forward(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    let FlashDims { b, t, h, d_v, .. } = *dims;
-    if b == 0 || t == 0 {
-        return;
-    }
-    let lse = SharedOut::new(lse);
-    out.par_chunks_mut(t * h * d_v).enumerate().for_each(|(bi, out_b)| {
-        out_b.par_chunks_mut(BLOCK_Q * h * d_v).enumerate().for_each(|(qb, out_blk)| {
-            with_avx2(
-                #[inline(always)]
-                || forward_block(dims, keys, [q, k, v], bi, qb, out_blk, lse),
-            )
-        })
+    par_query_blocks(dims, out, lse, |bi, qb, out_blk, lse| {
+        with_avx2(
+            #[inline(always)]
+            || forward_block(dims, keys, [q, k, v], bi, qb, out_blk, lse),
+        )
     });
 }
 
@@ -173,17 +165,12 @@ pub(crate) fn backward(
     keys: &impl KeyList,
     inputs: [&[f32]; 5],
     dout: &[f32],
-    [dq, dk, dv]: [&mut [f32]; 3],
+    grads: [&mut [f32]; 3],
 ) {
-    let FlashDims { b, t, h_kv, .. } = *dims;
-    if b == 0 || t == 0 {
-        return;
-    }
-    let grads = [SharedOut::new(dq), SharedOut::new(dk), SharedOut::new(dv)];
-    (0..b * h_kv).into_par_iter().for_each(|task| {
+    par_kv_groups(dims, grads, |bi, g, grads| {
         with_avx2(
             #[inline(always)]
-            || backward_group(dims, keys, inputs, dout, task / h_kv, task % h_kv, grads),
+            || backward_group(dims, keys, inputs, dout, bi, g, grads),
         )
     });
 }

@@ -96,16 +96,15 @@ fn max_abs_err(got: &[f32], want: &[f64]) -> f64 {
     got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).abs()).fold(0.0, f64::max)
 }
 
+/// A core's forward on `[q, k, v, dout]`, writing `out` and `lse`.
+type Forward<'a> = dyn Fn(&[Vec<f32>; 4], &mut [f32], &mut [f32]) + 'a;
+/// A core's backward on `[q, k, v, dout]` and `[out, lse]`, writing `[dq, dk, dv]`.
+type Backward<'a> = dyn Fn(&[Vec<f32>; 4], [&[f32]; 2], [&mut [f32]; 3]) + 'a;
+
 /// Runs `fwd` and `bwd` (one of the cores with its key set) on random inputs and checks them
 /// against [`naive`] over `allowed`: out, lse within 1e-5, gradients within 5e-5 (the kernels'
 /// own tolerances).
-fn check(
-    dims: &FlashDims,
-    seed: u64,
-    allowed: &dyn Fn(usize) -> Vec<usize>,
-    fwd: &dyn Fn(&[Vec<f32>; 4], &mut [f32], &mut [f32]),
-    bwd: &dyn Fn(&[Vec<f32>; 4], [&[f32]; 2], [&mut [f32]; 3]),
-) {
+fn check(dims: &FlashDims, seed: u64, allowed: &dyn Fn(usize) -> Vec<usize>, fwd: &Forward, bwd: &Backward) {
     let FlashDims { b, t, h, h_kv, d_qk, d_v } = *dims;
     let mut s = seed;
     let x = [
