@@ -59,11 +59,13 @@ impl FlashDims {
     }
 
     /// Offset of row `i` of (batch `bi`, query head `hq`) in tensors `[b, t, h, width]`.
+    #[inline(always)]
     pub(crate) fn q_off(&self, bi: usize, i: usize, hq: usize, width: usize) -> usize {
         ((bi * self.t + i) * self.h + hq) * width
     }
 
     /// Offset of key row `s` of (batch `bi`, kv head `g`) in tensors `[b, t, h_kv, width]`.
+    #[inline(always)]
     pub(crate) fn kv_off(&self, bi: usize, s: usize, g: usize, width: usize) -> usize {
         ((bi * self.t + s) * self.h_kv + g) * width
     }

@@ -59,15 +59,19 @@ fn gather_kv(
     v_sel: &mut [f32],
 ) {
     let FlashDims { d_qk, d_v, .. } = *dims;
+    // Row `s` of kv head `g` is row `kv_off(bi, s, g, 1)` of k (width d_qk) and of v (width d_v).
+    let row = |s: u32| dims.kv_off(bi, s as usize, g, 1);
     for (m, (&s, (k_row, v_row))) in
         keys.iter().zip(k_sel.chunks_exact_mut(d_qk).zip(v_sel.chunks_exact_mut(d_v))).enumerate()
     {
         if let Some(&ahead) = keys.get(m + PREFETCH_AHEAD) {
-            prefetch(&k[dims.kv_off(bi, ahead as usize, g, d_qk)..][..d_qk]);
-            prefetch(&v[dims.kv_off(bi, ahead as usize, g, d_v)..][..d_v]);
+            let r = row(ahead);
+            prefetch(&k[r * d_qk..][..d_qk]);
+            prefetch(&v[r * d_v..][..d_v]);
         }
-        k_row.copy_from_slice(&k[dims.kv_off(bi, s as usize, g, d_qk)..][..d_qk]);
-        v_row.copy_from_slice(&v[dims.kv_off(bi, s as usize, g, d_v)..][..d_v]);
+        let r = row(s);
+        k_row.copy_from_slice(&k[r * d_qk..][..d_qk]);
+        v_row.copy_from_slice(&v[r * d_v..][..d_v]);
     }
 }
 
