@@ -2,7 +2,7 @@
 //! tests removed, `super::` paths of the shared helpers made absolute): the oracle of the
 //! bitwise-preservation tests in [`super`].
 
-use crate::backend::cpu::blocks::{self, with_avx2, with_scratch, SharedOut};
+use super::blocks::{self, with_avx2, with_scratch, SharedOut};
 use crate::backend::cpu::gemm::{gemm_strided, Strided};
 use rayon::prelude::*;
 

@@ -3,7 +3,7 @@
 //! bitwise-preservation tests in [`super`].
 
 use super::attention::AttnDims;
-use crate::backend::cpu::blocks::{with_avx2, with_scratch, SharedOut};
+use super::blocks::{with_avx2, with_scratch, SharedOut};
 use crate::backend::cpu::gemm::{gemm_strided, Strided};
 use crate::backend::cpu::math;
 use rayon::prelude::*;

@@ -4,12 +4,15 @@
 //! versions (the submodules here, test-only), compared as f32 bits on randomised shapes (several
 //! b, t, h, h_kv, d, window, n_global, topk; t = 1, t not a multiple of the block, GQA).
 //!
-//! The copies are kept rather than golden hashes because the GEMM crate picks its kernels by CPU
-//! model: golden bits would not travel between machines, the comparison on the same machine does.
+//! The copies include the block softmax (`blocks.rs`), so a change to the live one is caught too;
+//! only `gemm` and `math` are shared. They are kept rather than golden hashes because the GEMM
+//! crate picks its kernels by CPU model: golden bits would not travel between machines, the
+//! comparison on the same machine does.
 
 #![allow(dead_code)]
 
 mod attention;
+mod blocks;
 mod dsa;
 mod window_attention;
 

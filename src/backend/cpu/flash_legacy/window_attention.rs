@@ -3,7 +3,7 @@
 //! bitwise-preservation tests in [`super`].
 
 use super::attention::AttnDims;
-use crate::backend::cpu::blocks::{self, with_avx2, with_scratch, SharedOut};
+use super::blocks::{self, with_avx2, with_scratch, SharedOut};
 use crate::backend::cpu::gemm::{gemm_strided, Strided};
 use rayon::prelude::*;
 use std::ops::Range;
