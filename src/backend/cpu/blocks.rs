@@ -1,9 +1,9 @@
-//! Building blocks shared by the blocked CPU kernels ([`super::attention`],
-//! [`super::window_attention`], [`super::moe`]): AVX2 dispatch, a per-thread scratch buffer,
+//! Building blocks shared by the blocked CPU kernels ([`super::flash`], [`super::dsa`],
+//! [`super::moe`]): AVX2 dispatch, a per-thread scratch buffer,
 //! disjoint-range output writes from rayon tasks, and the exact block softmax (forward and
 //! gradient) on transposed score blocks.
 
-use super::attention::{BLOCK_K, BLOCK_Q};
+use super::flash::{BLOCK_K, BLOCK_Q};
 use super::math;
 use std::cell::Cell;
 use std::f32::consts::{LN_2, LOG2_E};

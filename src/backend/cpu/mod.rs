@@ -9,6 +9,10 @@ pub mod decode;
 pub mod dsa;
 pub mod elementwise;
 pub mod embedding;
+pub(crate) mod flash;
+pub(crate) mod flash_gather;
+#[cfg(test)]
+mod flash_legacy;
 pub mod gemm;
 pub mod loss;
 pub mod math;

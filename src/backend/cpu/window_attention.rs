@@ -29,11 +29,12 @@
 //! task, GEMMs are single-threaded inside tasks, so results are bitwise reproducible for any
 //! thread count. Per thread: at most two `[W + G + BLOCK_Q, BLOCK_Q]` score blocks (plus the
 //! backward's `dK`/`dV` accumulators) in a reused scratch buffer; nothing `T × T`.
+//!
+//! The loops live in [`super::flash`], the tiled core shared with the dense kernel; this file
+//! holds the shapes, their checks and the window + global key set ([`key_segments`]).
 
 use super::attention::AttnDims;
-use super::blocks::{self, with_avx2, with_scratch, SharedOut};
-use super::gemm::{gemm_strided, Strided};
-use rayon::prelude::*;
+use super::flash::{self, FlashDims, KeySet};
 use std::ops::Range;
 
 /// Query rows per block (the dense kernel's: the block softmax of [`super::blocks`] is shared).
@@ -75,8 +76,8 @@ impl WindowDims {
         self.attn().lse_len()
     }
 
-    fn group(&self) -> usize {
-        self.h / self.h_kv
+    fn flash(&self) -> FlashDims {
+        self.attn().flash()
     }
 
     fn validate(&self) {
@@ -87,6 +88,7 @@ impl WindowDims {
     }
 
     /// Query block `qb`: (first row `i0`, rows `tq`, [`key_segments`] of its rows).
+    #[cfg(test)]
     fn block(&self, qb: usize) -> (usize, usize, [Range<usize>; 2]) {
         let i0 = qb * BLOCK_Q;
         let i1 = (i0 + BLOCK_Q).min(self.t);
@@ -101,13 +103,28 @@ impl WindowDims {
         (lo, hi.max(lo))
     }
 
+    #[cfg(test)]
     fn q_off(&self, bi: usize, i: usize, hq: usize) -> usize {
         ((bi * self.t + i) * self.h + hq) * self.d
     }
 
     /// Offset of key row `s` of (batch `bi`, kv head `g`) in k-shaped tensors.
+    #[cfg(test)]
     fn kv_off(&self, bi: usize, s: usize, g: usize) -> usize {
         ((bi * self.t + s) * self.h_kv + g) * self.d
+    }
+}
+
+/// The window + global key set: [`key_segments`] and [`WindowDims::visible`].
+impl KeySet for WindowDims {
+    #[inline(always)]
+    fn segments(&self, i0: usize, i1: usize) -> [Range<usize>; 2] {
+        key_segments(self, i0, i1)
+    }
+
+    #[inline(always)]
+    fn visible(&self, s: usize, i0: usize, tq: usize) -> (usize, usize) {
+        WindowDims::visible(self, s, i0, tq)
     }
 }
 
@@ -124,52 +141,6 @@ pub fn key_segments(dims: &WindowDims, i0: usize, i1: usize) -> [Range<usize>; 2
     }
 }
 
-/// Key position of row `r` of a block's score matrix `Sᵀ`.
-#[inline(always)]
-fn key_at(segs: &[Range<usize>; 2], r: usize) -> usize {
-    let n0 = segs[0].len();
-    if r < n0 {
-        r
-    } else {
-        segs[1].start + r - n0
-    }
-}
-
-/// Non-empty segments with the row of `Sᵀ` where each starts.
-fn seg_rows(segs: &[Range<usize>; 2]) -> impl Iterator<Item = (usize, Range<usize>)> {
-    [(0, segs[0].clone()), (segs[0].len(), segs[1].clone())].into_iter().filter(|(_, s)| !s.is_empty())
-}
-
-/// [`blocks::softmax_t`] on a query block's `Sᵀ` (`[nk, tq]`, the rows of its key segments).
-#[inline(always)]
-fn softmax_t(
-    dims: &WindowDims,
-    st: &mut [f32],
-    segs: &[Range<usize>; 2],
-    i0: usize,
-    tq: usize,
-    scale: f32,
-) -> ([f32; BLOCK_Q], [f32; BLOCK_Q]) {
-    blocks::softmax_t(st, tq, scale, |r| dims.visible(key_at(segs, r), i0, tq))
-}
-
-/// [`blocks::grad_t`] on a query block's transposed blocks (`[nk, tq]`, rows as in [`softmax_t`]).
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn grad_t(
-    dims: &WindowDims,
-    p: &mut [f32],
-    ds: &mut [f32],
-    segs: &[Range<usize>; 2],
-    i0: usize,
-    tq: usize,
-    scale: f32,
-    lse: &[f32],
-    delta: &[f32],
-) {
-    blocks::grad_t(p, ds, tq, scale, lse, delta, |r| dims.visible(key_at(segs, r), i0, tq))
-}
-
 fn check_lens(dims: &WindowDims, tensors: &[(&str, usize, usize)]) {
     for &(name, got, want) in tensors {
         assert_eq!(got, want, "window_attention: `{name}` has length {got}, expected {want} for {dims:?}");
@@ -184,60 +155,7 @@ pub fn window_attention_forward(dims: &WindowDims, q: &[f32], k: &[f32], v: &[f3
     let lens = [("q", q.len(), ql), ("k", k.len(), kvl), ("v", v.len(), kvl), ("out", out.len(), ql)];
     check_lens(dims, &lens);
     check_lens(dims, &[("lse", lse.len(), dims.lse_len())]);
-    let WindowDims { b, t, h, d, .. } = *dims;
-    if b == 0 || t == 0 {
-        return;
-    }
-    let lse = SharedOut::new(lse);
-    out.par_chunks_mut(t * h * d).enumerate().for_each(|(bi, out_b)| {
-        out_b.par_chunks_mut(BLOCK_Q * h * d).enumerate().for_each(|(qb, out_blk)| {
-            forward_block(dims, q, k, v, bi, qb, out_blk, lse);
-        })
-    });
-}
-
-/// Forward for one (batch `bi`, query block `qb`), all heads: writes `out_blk` (`[tq, h, d]`)
-/// and the block's entries of `lse`.
-#[allow(clippy::too_many_arguments)]
-fn forward_block(
-    dims: &WindowDims,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    bi: usize,
-    qb: usize,
-    out_blk: &mut [f32],
-    lse: SharedOut,
-) {
-    let WindowDims { t, h, h_kv, d, .. } = *dims;
-    let scale = 1.0 / (d as f32).sqrt();
-    let (i0, tq, segs) = dims.block(qb);
-    let nk = segs[0].len() + segs[1].len();
-    with_scratch(nk * tq, |st| {
-        for hq in 0..h {
-            let g = hq / dims.group();
-            let q_t = Strided::new(&q[dims.q_off(bi, i0, hq)..], 1, h * d);
-            for (r, seg) in seg_rows(&segs) {
-                let k_seg = Strided::new(&k[dims.kv_off(bi, seg.start, g)..], h_kv * d, 1);
-                gemm_strided(seg.len(), tq, d, k_seg, q_t, &mut st[r * tq..], tq, false);
-            }
-            let (l, lse_blk) = with_avx2(
-                #[inline(always)]
-                || softmax_t(dims, st, &segs, i0, tq, scale),
-            );
-            let o = &mut out_blk[hq * d..];
-            for (n, (r, seg)) in seg_rows(&segs).enumerate() {
-                let v_seg = Strided::new(&v[dims.kv_off(bi, seg.start, g)..], h_kv * d, 1);
-                gemm_strided(tq, d, seg.len(), Strided::new(&st[r * tq..], 1, tq), v_seg, o, h * d, n > 0);
-            }
-            for (o_row, &li) in o.chunks_mut(h * d).zip(&l) {
-                let inv_l = 1.0 / li;
-                o_row[..d].iter_mut().for_each(|x| *x *= inv_l);
-            }
-            // SAFETY: only this task writes the lse entries of (bi, hq, block qb).
-            unsafe { lse.write((bi * h + hq) * t + i0, &lse_blk[..tq]) };
-        }
-    });
+    flash::forward(&dims.flash(), dims, q, k, v, out, lse);
 }
 
 /// Gradients of [`window_attention_forward`] given `dout`; overwrites `dq`, `dk`, `dv`. Uses only
@@ -262,110 +180,42 @@ pub fn window_attention_backward(
     let lens = [("lse", lse.len(), dims.lse_len()), ("dout", dout.len(), ql), ("dq", dq.len(), ql)];
     check_lens(dims, &lens);
     check_lens(dims, &[("dk", dk.len(), kvl), ("dv", dv.len(), kvl)]);
-    let WindowDims { b, t, h_kv, .. } = *dims;
-    if b == 0 || t == 0 {
-        return;
-    }
-    let grads = [SharedOut::new(dq), SharedOut::new(dk), SharedOut::new(dv)];
-    (0..b * h_kv).into_par_iter().for_each(|task| {
-        backward_group(dims, q, k, v, out, lse, dout, task / h_kv, task % h_kv, grads);
-    });
-}
-
-/// Backward for one (batch `bi`, kv head `g`): writes `dq` rows of the group's query heads and
-/// `dk`, `dv` rows of the kv head (`grads = [dq, dk, dv]`).
-#[allow(clippy::too_many_arguments)]
-fn backward_group(
-    dims: &WindowDims,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &[f32],
-    lse: &[f32],
-    dout: &[f32],
-    bi: usize,
-    g: usize,
-    [dq, dk, dv]: [SharedOut; 3],
-) {
-    let WindowDims { t, h, h_kv, d, .. } = *dims;
-    let scale = 1.0 / (d as f32).sqrt();
-    let n_blocks = t.div_ceil(BLOCK_Q);
-    let blk = (0..n_blocks).map(|qb| dims.block(qb)).map(|(_, tq, s)| (s[0].len() + s[1].len()) * tq).max().unwrap();
-    with_scratch(2 * blk + 2 * t * d + BLOCK_Q * d, |scratch| {
-        let (p_buf, rest) = scratch.split_at_mut(blk);
-        let (ds_buf, rest) = rest.split_at_mut(blk);
-        let (dk_acc, rest) = rest.split_at_mut(t * d);
-        let (dv_acc, dq_blk) = rest.split_at_mut(t * d);
-        dk_acc.fill(0.0);
-        dv_acc.fill(0.0);
-        for hq in g * dims.group()..(g + 1) * dims.group() {
-            for qb in 0..n_blocks {
-                let (i0, tq, segs) = dims.block(qb);
-                let nk = segs[0].len() + segs[1].len();
-                let q_off = dims.q_off(bi, i0, hq);
-                let (q_blk, do_blk) = (Strided::rows(q, q_off, h * d), Strided::rows(dout, q_off, h * d));
-                let (p, ds) = (&mut p_buf[..nk * tq], &mut ds_buf[..nk * tq]);
-                for (r, seg) in seg_rows(&segs) {
-                    let off = dims.kv_off(bi, seg.start, g);
-                    gemm_strided(
-                        seg.len(),
-                        tq,
-                        d,
-                        Strided::rows(k, off, h_kv * d),
-                        q_blk.t(),
-                        &mut p[r * tq..],
-                        tq,
-                        false,
-                    );
-                    gemm_strided(
-                        seg.len(),
-                        tq,
-                        d,
-                        Strided::rows(v, off, h_kv * d),
-                        do_blk.t(),
-                        &mut ds[r * tq..],
-                        tq,
-                        false,
-                    );
-                }
-                let lse_blk = &lse[(bi * h + hq) * t + i0..][..tq];
-                let delta = blocks::row_dots(dout, out, q_off, h * d, d, tq);
-                with_avx2(
-                    #[inline(always)]
-                    || grad_t(dims, p, ds, &segs, i0, tq, scale, lse_blk, &delta[..tq]),
-                );
-                for (n, (r, seg)) in seg_rows(&segs).enumerate() {
-                    let (ns, off) = (seg.len(), dims.kv_off(bi, seg.start, g));
-                    let (p_seg, ds_seg) = (&p[r * tq..(r + ns) * tq], &ds[r * tq..(r + ns) * tq]);
-                    gemm_strided(
-                        tq,
-                        d,
-                        ns,
-                        Strided::new(ds_seg, 1, tq),
-                        Strided::rows(k, off, h_kv * d),
-                        dq_blk,
-                        d,
-                        n > 0,
-                    );
-                    gemm_strided(ns, d, tq, Strided::rows(ds_seg, 0, tq), q_blk, &mut dk_acc[seg.start * d..], d, true);
-                    gemm_strided(ns, d, tq, Strided::rows(p_seg, 0, tq), do_blk, &mut dv_acc[seg.start * d..], d, true);
-                }
-                // SAFETY: only this task writes the dq rows of query head hq of batch bi.
-                unsafe { dq.write_rows(q_off, h * d, &dq_blk[..tq * d], d) };
-            }
-        }
-        // SAFETY: only this task writes the dk, dv rows of kv head g of batch bi.
-        unsafe {
-            dk.write_rows(dims.kv_off(bi, 0, g), h_kv * d, dk_acc, d);
-            dv.write_rows(dims.kv_off(bi, 0, g), h_kv * d, dv_acc, d);
-        }
-    });
+    flash::backward(&dims.flash(), dims, [q, k, v, out, lse], dout, [dq, dk, dv]);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::cpu::attention::{attention_backward, attention_forward};
+    use crate::backend::cpu::blocks::with_avx2;
+
+    #[inline(always)]
+    fn softmax_t(
+        dims: &WindowDims,
+        st: &mut [f32],
+        segs: &[Range<usize>; 2],
+        i0: usize,
+        tq: usize,
+        scale: f32,
+    ) -> ([f32; BLOCK_Q], [f32; BLOCK_Q]) {
+        flash::softmax_t(dims, st, segs, i0, tq, scale)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn grad_t(
+        dims: &WindowDims,
+        p: &mut [f32],
+        ds: &mut [f32],
+        segs: &[Range<usize>; 2],
+        i0: usize,
+        tq: usize,
+        scale: f32,
+        lse: &[f32],
+        delta: &[f32],
+    ) {
+        flash::grad_t(dims, p, ds, segs, i0, tq, scale, lse, delta)
+    }
 
     /// SplitMix64 step.
     fn splitmix64(state: &mut u64) -> u64 {
