@@ -11,8 +11,6 @@ pub mod elementwise;
 pub mod embedding;
 pub(crate) mod flash;
 pub(crate) mod flash_gather;
-#[cfg(test)]
-mod flash_legacy;
 pub mod gemm;
 pub mod loss;
 pub mod math;
