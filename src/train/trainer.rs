@@ -153,7 +153,22 @@ impl<B: Backend> Trainer<B> {
 
     /// Moves everything back into the host model and optimizer, ending the trainer.
     pub fn restore(self, model: &mut Model, opt: &mut Optimizer) -> Result<()> {
-        self.copy_to_host(model, opt)
+        let ops = &self.ops;
+        for (p, f) in model.params.iter_mut().zip(self.params) {
+            p.tensor.data = ops.f_into_host(f)?;
+        }
+        opt.state = self
+            .state
+            .into_iter()
+            .map(|s| {
+                Ok(match s {
+                    StateBuf::AdamW { m, v } => ParamState::AdamW { m: ops.f_into_host(m)?, v: ops.f_into_host(v)? },
+                    StateBuf::Muon { momentum } => ParamState::Muon { momentum: ops.f_into_host(momentum)? },
+                })
+            })
+            .collect::<Result<_>>()?;
+        opt.step = self.step;
+        Ok(())
     }
 
     /// Every parameter's gradient on the host, as (name, values) in `specs` order.
