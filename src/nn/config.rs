@@ -476,7 +476,8 @@ impl ModelConfig {
                 bail!("config: {name} = {v} is above the supported maximum {max}");
             }
         }
-        if self.n_head % self.n_kv_head != 0 {
+        // (MLA has a key and a value per head and ignores n_kv_head)
+        if self.n_head % self.n_kv_head != 0 && !self.is_mla() {
             bail!("config: n_head ({}) must be a multiple of n_kv_head ({})", self.n_head, self.n_kv_head);
         }
         if self.head_dim % 2 != 0 {
