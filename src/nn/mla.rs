@@ -116,6 +116,25 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Floats per token the tape keeps for an MLA projection and its attention (`Model::mla_qkv`
+    /// op by op, then the attention's output and log-sum-exp and the reshaped output), in place
+    /// of GQA's q, k, v, their QK-norm and the attention (`info::predict_training_bytes`).
+    pub fn mla_activations_per_token(&self) -> usize {
+        let h = self.n_head;
+        let (dn, dr, dv, rq, rkv) =
+            (self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim, self.q_lora_rank, self.kv_lora_rank);
+        let dqk = dn + dr;
+        // q: the query latent and its norm (+ rstd); q, its reshape, the two slices, RoPE, concat
+        let q = if rq > 0 { 2 * rq + 1 } else { 0 } + 3 * h * dqk + h * dn + 2 * h * dr;
+        // [c_kv ; k_pe], c_kv's slice and norm (+ rstd), k_pe's slice and RoPE
+        let kv_a = (rkv + dr) + 2 * rkv + 1 + 2 * dr;
+        // wkv_b's product and reshape, k_nope, v, the repeated k_pe, the concatenated k
+        let kv = 2 * h * (dn + dv) + h * dn + h * dv + h * dr + h * dqk;
+        // the attention's output (+ lse) and its reshape for c_proj
+        let attn = 2 * h * dv + h;
+        q + kv_a + kv + attn
+    }
+
     /// Attention parameters of one MLA block (see [`Model::mla_param_specs`]).
     pub fn mla_attn_params(&self) -> usize {
         let (c, h) = (self.n_embd, self.n_head);
