@@ -41,8 +41,8 @@ pub fn report(name: &str, c: &ModelConfig) -> String {
     }
     let attn_name = match (c.is_mla(), c.q_lora_rank > 0) {
         (false, _) => "attention (c_q, c_k, c_v, c_proj) per layer",
-        (true, true) => "MLA attention (wq_a, wq_b, wkv_a, wkv_b, c_proj) per layer",
-        (true, false) => "MLA attention (wq, wkv_a, wkv_b, c_proj) per layer",
+        (true, true) => "attention (MLA: wq_a, wq_b, wkv_a, wkv_b, c_proj)",
+        (true, false) => "attention (MLA: wq, wkv_a, wkv_b, c_proj)/layer",
     };
     let mut rows = vec![
         ("wte (embedding)".to_string(), emb),

@@ -397,13 +397,20 @@ pub(crate) fn run_train(a: TrainArgs) -> Result<()> {
             run_dir.display()
         );
     }
+    // The closing sample decodes with the KV cache, which MLA layers do not have yet.
+    let sample_tokens = if run.model.is_mla() && a.sample_tokens > 0 {
+        eprintln!("note: no closing sample: {}", nanoseek::nn::mla::NO_LATENT_CACHE);
+        0
+    } else {
+        a.sample_tokens
+    };
     let summary = train::train(TrainRequest {
         run,
         run_dir: run_dir.clone(),
         resume_from_step: a.resume_from_step,
         device,
         verbose: !a.quiet,
-        sample_tokens: a.sample_tokens,
+        sample_tokens,
     })?;
     let first = summary.losses.first().map(|l| l.1).unwrap_or(f32::NAN);
     let last = summary.losses.last().map(|l| l.1).unwrap_or(f32::NAN);
