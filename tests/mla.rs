@@ -402,3 +402,39 @@ fn mla_trains_and_resumes_bitwise() {
     let wb = std::fs::read(train::checkpoint::checkpoint_dir(&part, 24).join("model.safetensors")).unwrap();
     assert!(wa == wb, "final weights are bitwise equal");
 }
+
+/// CUDA training refuses MLA before any kernel runs, naming the head widths it cannot take (the
+/// attention kernels need d_qk = d_v in {64, 128}); the check needs no GPU.
+#[test]
+fn cuda_shape_check_refuses_mla() {
+    let err = nanoseek::backend::check_cuda_shapes(&small_mla("D", 0)).unwrap_err().to_string();
+    assert!(err.contains("MLA") && err.contains("d_qk 8") && err.contains("d_v 6"), "{err}");
+    assert!(nanoseek::backend::check_cuda_shapes(&ModelConfig::preset("tiny").unwrap()).is_ok());
+}
+
+/// Config validation names the field; old configs (no MLA keys) load as GQA; derived widths.
+#[test]
+fn mla_config_validation_and_defaults() {
+    let bad = |f: &dyn Fn(&mut ModelConfig)| {
+        let mut c = small_mla("D", 0);
+        f(&mut c);
+        c.validate().unwrap_err().to_string()
+    };
+    assert!(bad(&|c| c.qk_rope_head_dim = 3).contains("qk_rope_head_dim"));
+    assert!(bad(&|c| c.kv_lora_rank = 0).contains("kv_lora_rank"));
+    assert!(bad(&|c| c.v_head_dim = 0).contains("v_head_dim"));
+    assert!(bad(&|c| c.attention = "mqa".into()).contains("attention"));
+    let json = serde_json::to_value(ModelConfig::preset("tiny").unwrap()).unwrap();
+    let mut old = json.as_object().unwrap().clone();
+    for k in ["attention", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"] {
+        old.remove(k);
+    }
+    let c: ModelConfig = serde_json::from_value(serde_json::Value::Object(old)).unwrap();
+    assert!(!c.is_mla());
+    let mut c = ModelConfig::preset("tiny").unwrap();
+    nanoseek::nn::ConfigOverrides { attention: Some("mla".into()), ..Default::default() }.apply(&mut c).unwrap();
+    assert_eq!(
+        (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank, c.q_lora_rank),
+        (64, 32, 64, 256, 0)
+    );
+}
