@@ -7,6 +7,7 @@
 //! (+ λ/D · Σ_k CE_k of the multi-token prediction modules, `nn::mtp`)
 //!
 //! Every norm is the parameter-free RMSNorm; q and k are normalized per head (QK-norm).
+//! With `attention = "mla"` the q, k, v projection is Multi-head Latent Attention (`nn::mla`).
 
 use super::config::{AttnKind, ModelConfig};
 use super::decode::{context_limit, KvCache};
@@ -398,24 +399,12 @@ impl Model {
         let p0 = cache.as_ref().map(|c| c.len());
         let na = c.n_attn_params(); // the attention's parameters, c_proj last
         let h = tape.rmsnorm(x, c.n_embd)?;
+        // the projection: GQA's, or MLA's (`nn::mla`; training and uncached forwards only)
         let (q, k, v) = if c.is_mla() {
             ensure!(cache.is_none(), "{}", super::mla::NO_LATENT_CACHE);
             self.mla_qkv(tape, h, &w[..na - 1], (b, t))?
         } else {
-            let q = tape.linear(h, w[0])?;
-            let k = tape.linear(h, w[1])?;
-            let v = tape.linear(h, w[2])?;
-            // QK-norm per head, then RoPE (RoPE preserves the norm, so the order is immaterial): one
-            // fused op each for training; a cached forward rotates at the cached positions instead.
-            let (q, k) = match p0 {
-                None => (tape.qk_norm_rope(q, (b, t, c.n_head))?, tape.qk_norm_rope(k, (b, t, c.n_kv_head))?),
-                Some(_) => {
-                    let (q, k) = (tape.rmsnorm(q, c.head_dim)?, tape.rmsnorm(k, c.head_dim)?);
-                    let q = tape.rope_at(q, (b, t, c.n_head), RopeKind::Attention, p0)?;
-                    (q, tape.rope_at(k, (b, t, c.n_kv_head), RopeKind::Attention, p0)?)
-                }
-            };
-            (q, k, v)
+            self.gqa_qkv(tape, h, &w[..3], (b, t), p0)?
         };
         let y = match c.attn_kind(l) {
             AttnKind::Dense | AttnKind::Window if cache.is_some() => {
@@ -442,6 +431,33 @@ impl Model {
         } else {
             self.dense_ffn(tape, h, ffn_w, x)
         }
+    }
+
+    /// Grouped-query attention's q [n, H·d], k, v [n, Hkv·d] from h = norm(x) with c_q, c_k, c_v:
+    /// QK-norm per head, then RoPE (RoPE preserves the norm, so the order is immaterial), one fused
+    /// op each for training; a cached forward (`p0`: the cached length) rotates at the cached
+    /// positions instead.
+    fn gqa_qkv<'p, B: Backend>(
+        &'p self,
+        tape: &mut Tape<'p, B>,
+        h: Var,
+        w: &[Var],
+        (b, t): (usize, usize),
+        p0: Option<usize>,
+    ) -> Result<(Var, Var, Var)> {
+        let c = &self.config;
+        let q = tape.linear(h, w[0])?;
+        let k = tape.linear(h, w[1])?;
+        let v = tape.linear(h, w[2])?;
+        let (q, k) = match p0 {
+            None => (tape.qk_norm_rope(q, (b, t, c.n_head))?, tape.qk_norm_rope(k, (b, t, c.n_kv_head))?),
+            Some(_) => {
+                let (q, k) = (tape.rmsnorm(q, c.head_dim)?, tape.rmsnorm(k, c.head_dim)?);
+                let q = tape.rope_at(q, (b, t, c.n_head), RopeKind::Attention, p0)?;
+                (q, tape.rope_at(k, (b, t, c.n_kv_head), RopeKind::Attention, p0)?)
+            }
+        };
+        Ok((q, k, v))
     }
 
     /// The shapes of layer attention calls on a [b, t] batch for DSA.
