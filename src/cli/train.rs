@@ -239,6 +239,10 @@ pub(crate) struct TrainArgs {
     /// On CUDA, start without the quick kernel selftest of the model's kernel families.
     #[arg(long)]
     pub(crate) skip_selftest: bool,
+    /// Data-parallel jobs (torchrun, mpirun, srun): seconds a collective may take before the
+    /// job ends with an error (a rank died or stalled); default NANOSEEK_COLLECTIVE_TIMEOUT or 300.
+    #[arg(long)]
+    pub(crate) collective_timeout: Option<f64>,
     /// Weights & Biases project, as the original scripts' flag: stored in config.json, and a hint
     /// is printed for `wandb sync` of the run's TensorBoard events (no network is used).
     #[arg(long)]
@@ -365,6 +369,9 @@ pub(crate) fn run_train(a: TrainArgs) -> Result<()> {
             run_dir.display()
         );
     }
+    if let Some(t) = a.collective_timeout {
+        nanoseek::dist::set_collective_timeout(t)?;
+    }
     let summary = train::train(TrainRequest {
         run,
         run_dir: run_dir.clone(),
@@ -373,6 +380,9 @@ pub(crate) fn run_train(a: TrainArgs) -> Result<()> {
         verbose: !a.quiet,
         sample_tokens: a.sample_tokens,
     })?;
+    if summary.rank != 0 {
+        return Ok(()); // rank 0 reports for the job
+    }
     let first = summary.losses.first().map(|l| l.1).unwrap_or(f32::NAN);
     let last = summary.losses.last().map(|l| l.1).unwrap_or(f32::NAN);
     println!(
