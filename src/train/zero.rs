@@ -58,6 +58,22 @@ pub fn state_floats_per_rank(specs: &[(String, ParamKind, Vec<usize>)], world: u
     floats
 }
 
+/// `nanoseek info --world-size N`: the optimizer state each rank keeps.
+pub fn optimizer_report(c: &crate::nn::ModelConfig, world: usize) -> String {
+    let specs = crate::nn::Model::expected_shapes(c);
+    let per_rank = state_floats_per_rank(&specs, world);
+    let bytes: Vec<String> = per_rank.iter().map(|f| (f * 4).to_string()).collect();
+    let largest = per_rank.iter().max().copied().unwrap_or(0) * 4;
+    let total: usize = per_rank.iter().sum::<usize>() * 4;
+    format!(
+        "data parallelism at world size {world} (ZeRO-1: each rank keeps the optimizer state of the parameters it owns)\n  \
+         optimizer state per rank: {} bytes\n  largest rank: {:.2} MiB of {:.2} MiB in one process\n",
+        bytes.join(" "),
+        crate::memory::mib(largest),
+        crate::memory::mib(total)
+    )
+}
+
 impl<F> DataParallel<F> {
     pub fn new(comm: Box<dyn Collectives<F>>, specs: &[(String, ParamKind, Vec<usize>)]) -> DataParallel<F> {
         let owner = assign_owners(specs, comm.world());
