@@ -49,6 +49,7 @@ mod dsa;
 mod gemm;
 mod kernels_api;
 mod moe;
+mod nccl;
 pub mod train;
 
 use crate::backend::cuda::{CudaBackend, DeviceBuffer};
@@ -103,6 +104,11 @@ pub const GROUPS: &[Group] = &[
         name: "train_step_all_kinds",
         about: "WSD + MoE model: every gradient, 3 steps, loads, biases",
         run: train::all_kinds,
+    },
+    Group {
+        name: "nccl_world1",
+        about: "data-parallel (ZeRO-1) step over NCCL at world size 1 vs the single-process step",
+        run: nccl::world1,
     },
 ];
 
