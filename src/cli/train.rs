@@ -360,7 +360,10 @@ pub(crate) fn run_train(a: TrainArgs) -> Result<()> {
     }
     let device = device.for_model(&a.device, &run.model);
     if let (Device::Cuda(ordinal), false) = (device, a.skip_selftest) {
-        nanoseek::selftest::preflight(ordinal, &run.model)?;
+        // a rank of a launched job checks the GPU it trains on, LOCAL_RANK
+        let launch = nanoseek::dist::Launch::from_env()?;
+        let launched = launch.launcher != nanoseek::dist::Launcher::Single;
+        nanoseek::selftest::preflight(if launched { launch.local_rank } else { ordinal }, &run.model)?;
     }
     let run_dir = a.runs_dir.join(&run_name);
     if let Some(project) = &run.train.wandb_project {

@@ -337,3 +337,62 @@ impl RankTotals {
         crate::fsutil::write_atomic(&run_dir.join("dist.json"), serde_json::to_string_pretty(&summary)?.as_bytes())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::{Model, ModelConfig};
+
+    fn config() -> ModelConfig {
+        let mut c = ModelConfig::preset("tiny").unwrap();
+        c.attn_pattern = "WSD".into();
+        (c.moe.n_routed_experts, c.moe.top_k, c.moe.first_k_dense) = (4, 2, 1);
+        c
+    }
+
+    #[test]
+    fn owners_are_deterministic_balanced_and_cover_the_state() {
+        let c = config();
+        let specs = Model::expected_shapes(&c);
+        let predicted = crate::info::predict_training_bytes(&c, 1, c.max_seq_len, 0)[2];
+        for world in [1, 2, 3, 4, 8] {
+            let owners = assign_owners(&specs, world);
+            assert_eq!(owners, assign_owners(&specs, world), "deterministic");
+            assert!(owners.iter().all(|&r| r < world));
+            // the state the ranks keep adds up to one process's, as info predicts it
+            assert_eq!(state_floats_per_rank(&specs, world).iter().sum::<usize>() * 4, predicted);
+            // greedy balance: no rank exceeds the mean by more than the costliest parameter
+            let mut load = vec![0u128; world];
+            for ((_, kind, shape), &r) in specs.iter().zip(&owners) {
+                load[r] += update_cost(*kind, shape);
+            }
+            let max_one = specs.iter().map(|(_, k, s)| update_cost(*k, s)).max().unwrap();
+            let mean = load.iter().sum::<u128>() / world as u128;
+            assert!(load.iter().all(|&l| l <= mean + max_one), "world {world}: {load:?}");
+        }
+    }
+
+    #[test]
+    fn micro_figures_round_trip_exactly() {
+        let s = PassStats {
+            moe_loads: vec![
+                None,
+                Some(MoeLoad { counts: vec![3, 0, 7], dropped: 1, assignments: 10, balance_loss: 0.1234567 }),
+            ],
+            indexer_losses: vec![Some(1.0e-7), None],
+        };
+        let mut flat = Vec::new();
+        encode_micro(2.5, &s, &mut flat);
+        encode_micro(3.5, &PassStats::default(), &mut flat);
+        let mut it = flat.into_iter();
+        let (l, back) = decode_micro(&mut it).unwrap().unwrap();
+        assert_eq!(l, 2.5);
+        assert_eq!(back.indexer_losses, s.indexer_losses);
+        let (a, b) = (back.moe_loads[1].as_ref().unwrap(), s.moe_loads[1].as_ref().unwrap());
+        assert_eq!((&a.counts, a.dropped, a.assignments), (&b.counts, b.dropped, b.assignments));
+        assert_eq!(a.balance_loss.to_bits(), b.balance_loss.to_bits());
+        assert!(back.moe_loads[0].is_none());
+        assert_eq!(decode_micro(&mut it).unwrap().unwrap().0, 3.5);
+        assert!(decode_micro(&mut it).unwrap().is_none());
+    }
+}
