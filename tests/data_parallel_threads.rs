@@ -15,12 +15,18 @@ use nanoseek::train::Trainer;
 use std::collections::HashMap;
 use std::sync::{Arc, Barrier, Condvar, Mutex};
 
+/// (from, to) → messages of `send_to`, oldest first.
+type Mailboxes = HashMap<(usize, usize), Vec<Vec<f32>>>;
+
+/// What one rank ends with: its figures, weights, (rank 0) the whole optimizer state, and the
+/// state floats it keeps.
+type RankResult = (Figures, Vec<Vec<f32>>, Vec<Vec<f32>>, usize);
+
 struct Shared {
     barrier: Barrier,
     slots: Mutex<Vec<Vec<f32>>>,
     slots64: Mutex<Vec<Vec<f64>>>,
-    /// (from, to) → messages of `send_to`
-    mail: Mutex<HashMap<(usize, usize), Vec<Vec<f32>>>>,
+    mail: Mutex<Mailboxes>,
     posted: Condvar,
 }
 
@@ -117,12 +123,7 @@ type Figures = Vec<(u32, u32, Option<u32>, Vec<Option<Vec<usize>>>)>;
 /// `steps` steps of `per_rank` micro-batches on rank `rank` of `world` (`comm` None: one process);
 /// returns the figures, the weights and (rank 0) the whole optimizer state, and the state floats
 /// this rank keeps.
-fn run(
-    world: usize,
-    rank: usize,
-    per_rank: usize,
-    comm: Option<Box<dyn Collectives<Vec<f32>>>>,
-) -> (Figures, Vec<Vec<f32>>, Vec<Vec<f32>>, usize) {
+fn run(world: usize, rank: usize, per_rank: usize, comm: Option<Box<dyn Collectives<Vec<f32>>>>) -> RankResult {
     let c = config();
     let mut m = Model::new(&c, 7).unwrap();
     let mut opt = Optimizer::new(&m, OptimConfig::default());
@@ -154,7 +155,7 @@ fn run(
     (figures, weights, state, kept)
 }
 
-fn job(world: usize) -> Vec<(Figures, Vec<Vec<f32>>, Vec<Vec<f32>>, usize)> {
+fn job(world: usize) -> Vec<RankResult> {
     let sh = Arc::new(Shared {
         barrier: Barrier::new(world),
         slots: Mutex::new(vec![Vec::new(); world]),
