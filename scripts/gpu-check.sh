@@ -46,7 +46,7 @@ FIRST_STAGES=(
     "dsa|60|selftest dsa"
     "moe|45|selftest moe"
     "train_step_all_kinds|60|selftest train_step_all_kinds"
-    "nccl_world1|60|selftest nccl_world1"
+    "nccl_world1|45|selftest nccl_world1"
     "kernels_api|30|selftest kernels_api"
     "wgmma|45|selftest wgmma"
     "wgmma_no_tma|45|NANOSEEK_WGMMA_NO_TMA=1 selftest wgmma"

@@ -1,7 +1,8 @@
 //! Several processes training one model (data parallelism): where a process learns its place
 //! in the job ([`Launch`], from the launcher's environment), the collectives the trainer needs
 //! ([`Collectives`], over MPI on the CPU and NCCL on CUDA), and the collective timeout that ends
-//! a job whose rank died or stalled instead of letting it hang.
+//! a job whose rank died or stalled instead of letting it hang. (The NCCL collectives work on
+//! device buffers, so they live with the CUDA backend: `backend::NcclComm`.)
 //!
 //! Launchers and the variables read (the first present family wins; two families that disagree
 //! are refused):
@@ -12,7 +13,6 @@
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
-pub mod nccl;
 mod watchdog;
 
 pub use watchdog::{

@@ -14,8 +14,9 @@
 use super::compare::Tol;
 use super::train::{dense_config, drive, model};
 use super::Ctx;
+use crate::backend::cuda::nccl::NcclComm;
 use crate::backend::CudaOps;
-use crate::dist::{nccl::NcclComm, Launch, Launcher};
+use crate::dist::{Launch, Launcher};
 use crate::optim::{OptimConfig, Optimizer};
 use crate::train::Trainer;
 use anyhow::Result;

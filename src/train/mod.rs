@@ -263,7 +263,7 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
             // each rank of a job uses GPU LOCAL_RANK
             let i = if launch.launcher == crate::dist::Launcher::Single { i } else { launch.local_rank };
             crate::device::cuda_ops(i, mcfg).and_then(|ops| {
-                let comm = crate::dist::nccl::collectives(&launch, &ops)?;
+                let comm = crate::backend::nccl_collectives(&launch, &ops)?;
                 run::run(&req, ops, data, comm)
             })
         }

@@ -4,12 +4,12 @@
 //! collective runs on the backend's stream (the legacy default stream, so the kernels before and
 //! after are ordered with it) and is waited for inside the collective timeout's watch.
 //!
-//! Written against NCCL's documented API; it has run at world size 1 only (the GPU check's
-//! `nccl_world1` stage), never across several GPUs.
+//! Written against NCCL's documented API and compiled, not run yet: the GPU check's
+//! `nccl_world1` stage runs it at world size 1; no machine with several GPUs is available.
 
-use super::{CollectiveGuard, Collectives, Launch, Launcher};
-use crate::backend::cuda::{CudaBackend, DeviceBuffer};
-use crate::backend::CudaOps;
+use super::ops::CudaOps;
+use super::{CudaBackend, DeviceBuffer};
+use crate::dist::{CollectiveGuard, Collectives, Launch, Launcher};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::nccl::{result as nccl, sys};
 use std::cell::Cell;
@@ -186,7 +186,7 @@ fn join_f64(w: [f32; 2]) -> f64 {
 /// (retrying until the collective timeout) and read it.
 fn exchange_id(launch: &Launch) -> Result<sys::ncclUniqueId> {
     let (addr, port) = launch.rendezvous()?;
-    let timeout = super::collective_timeout()?;
+    let timeout = crate::dist::collective_timeout()?;
     if launch.rank == 0 {
         let id = nccl::get_uniqueid().map_err(|e| anyhow!("ncclGetUniqueId: {e:?}"))?;
         let bytes: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
