@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 
 const ID_BYTES: usize = 128;
 
+/// The start of the error when the library is missing (the GPU check's stage skips on it).
+pub const NO_NCCL: &str = "cannot load NCCL (libnccl.so.2)";
+
 pub struct NcclComm {
     comm: sys::ncclComm_t,
     rank: usize,
@@ -41,6 +44,13 @@ impl NcclComm {
     /// Joins the job's NCCL communicator on `ops`' device.
     pub fn init(launch: &Launch, ops: &CudaOps) -> Result<NcclComm> {
         ops.be.synchronize().map_err(|e| anyhow!("{e}"))?; // (binds the device's context to this thread)
+                                                           // SAFETY: only tries to open the library (cudarc panics on a call when it is missing).
+        if !unsafe { sys::is_culib_present() } {
+            bail!(
+                "{NO_NCCL} for world size {} (install NCCL, e.g. the nvidia-nccl-cu12 wheel's lib on LD_LIBRARY_PATH)",
+                launch.world
+            );
+        }
         let version = nccl::get_nccl_version()
             .map_err(|e| anyhow!("cannot load NCCL (libnccl.so.2) for world size {}: {e:?}", launch.world))?;
         let id = if launch.world == 1 {
