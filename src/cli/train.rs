@@ -241,6 +241,7 @@ pub(crate) struct TrainArgs {
     pub(crate) skip_selftest: bool,
     /// Data-parallel jobs (torchrun, mpirun, srun): seconds a collective may take before the
     /// job ends with an error (a rank died or stalled); default NANOSEEK_COLLECTIVE_TIMEOUT or 300.
+    /// Keep it above rank 0's evaluation and checkpoint writing, which the other ranks wait for.
     #[arg(long)]
     pub(crate) collective_timeout: Option<f64>,
     /// Weights & Biases project, as the original scripts' flag: stored in config.json, and a hint
