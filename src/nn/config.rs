@@ -52,6 +52,19 @@ pub struct ModelConfig {
     /// Mixture of experts (DeepSeekMoE); `n_routed_experts = 0` keeps every FFN dense.
     #[serde(default)]
     pub moe: MoeConfig,
+    /// Multi-token prediction (DeepSeek-V3): D modules, module k predicting token i+k+1 from
+    /// position i (0 = off; `nn::mtp`).
+    #[serde(default)]
+    pub mtp_depth: usize,
+    /// λ: the MTP losses join the objective as λ/D · Σ_k CE_k.
+    #[serde(default = "super::mtp::default_lambda")]
+    pub mtp_lambda: f32,
+    /// λ from `mtp_lambda_switch` (a fraction of the steps) on; None keeps λ (DeepSeek-V3: 0.3,
+    /// then 0.1 for the last third).
+    #[serde(default)]
+    pub mtp_lambda_final: Option<f32>,
+    #[serde(default = "super::mtp::default_switch")]
+    pub mtp_lambda_switch: f32,
 }
 
 /// DeepSeekMoE settings (docs/model.md, "Mixture of experts"): the `moe` table of a config file,
@@ -250,6 +263,10 @@ impl ModelConfig {
             index_local_window: 0,
             dsa_warmup_steps: 0,
             moe: MoeConfig::default(),
+            mtp_depth: 0,
+            mtp_lambda: super::mtp::default_lambda(),
+            mtp_lambda_final: None,
+            mtp_lambda_switch: super::mtp::default_switch(),
         }
     }
 
@@ -470,6 +487,7 @@ impl ModelConfig {
         if self.dsa_window_size == 0 {
             bail!("config: dsa_window_size must be positive");
         }
+        self.validate_mtp()?;
         self.moe.validate()
     }
 
@@ -501,67 +519,6 @@ impl ModelConfig {
 
     pub fn kv_dim(&self) -> usize {
         self.n_kv_head * self.head_dim
-    }
-
-    /// Parameters of a dense block, by component: (attention, ffn).
-    pub fn block_params(&self) -> (usize, usize) {
-        let c = self.n_embd;
-        let attn = c * self.q_dim() * 2 + c * self.kv_dim() * 2; // c_q, c_proj, c_k, c_v
-        let ffn = 3 * c * self.ffn_hidden;
-        (attn, ffn)
-    }
-
-    /// FFN parameters of layer `l`: (total, active per token). A MoE layer holds the router
-    /// [E, C], E routed experts and the shared experts; a token uses the shared experts, K
-    /// routed experts and the router.
-    pub fn ffn_params(&self, l: usize) -> (usize, usize) {
-        if !self.is_moe_layer(l) {
-            let f = 3 * self.n_embd * self.ffn_hidden;
-            return (f, f);
-        }
-        let m = &self.moe;
-        let expert = 3 * self.n_embd * m.moe_inter_dim;
-        let router = m.n_routed_experts * self.n_embd;
-        let shared = m.n_shared_experts * expert;
-        (router + shared + m.n_routed_experts * expert, router + shared + m.top_k * expert)
-    }
-
-    /// Lightning-indexer parameters of layer `l` (DSA layers: wq [H_I·d_I, C], wk [d_I, C],
-    /// w_heads [H_I, C]; 0 otherwise).
-    pub fn indexer_params(&self, l: usize) -> usize {
-        match self.attn_kind(l) {
-            AttnKind::Sparse => {
-                self.n_embd * (self.index_n_heads * self.index_head_dim + self.index_head_dim + self.index_n_heads)
-            }
-            _ => 0,
-        }
-    }
-
-    /// Non-embedding parameters of all blocks: (total, active per token).
-    pub fn block_params_total(&self) -> (usize, usize) {
-        let (a, _) = self.block_params();
-        (0..self.n_layer).fold((0, 0), |(t, ac), l| {
-            let ((ft, fa), i) = (self.ffn_params(l), self.indexer_params(l));
-            (t + a + i + ft, ac + a + i + fa)
-        })
-    }
-
-    /// Total parameters: embedding + blocks + lm_head.
-    pub fn num_params(&self) -> usize {
-        2 * self.vocab_size * self.n_embd + self.block_params_total().0
-    }
-
-    /// Parameters a token uses (MoE layers count K routed experts); equals num_params for dense models.
-    pub fn active_params(&self) -> usize {
-        2 * self.vocab_size * self.n_embd + self.block_params_total().1
-    }
-
-    /// Approximate training FLOPs per token: 6·(active non-embedding matmul params + lm_head) + attention.
-    pub fn flops_per_token(&self, seq_len: usize) -> f64 {
-        let matmul = (self.block_params_total().1 + self.vocab_size * self.n_embd) as f64;
-        // causal attention: QKᵀ and PV, forward 2·2·(T/2)·head_dim per head, ×3 for fwd+bwd
-        let attn = 6.0 * self.n_layer as f64 * self.n_head as f64 * self.head_dim as f64 * seq_len as f64;
-        6.0 * matmul + attn
     }
 }
 

@@ -3,7 +3,9 @@
 pub mod config;
 pub mod decode;
 pub mod model;
+pub mod mtp;
 pub mod overrides;
+mod params;
 
 pub use config::{AttnKind, ModelConfig, MoeConfig};
 pub use model::{Model, Param, ParamKind};

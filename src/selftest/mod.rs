@@ -106,6 +106,11 @@ pub const GROUPS: &[Group] = &[
         run: train::all_kinds,
     },
     Group {
+        name: "train_step_mtp",
+        about: "dense model with 2 MTP modules: depth losses, every gradient, 3 steps",
+        run: train::mtp,
+    },
+    Group {
         name: "nccl_world1",
         about: "data-parallel (ZeRO-1) step over NCCL at world size 1 vs the single-process step",
         run: nccl::world1,

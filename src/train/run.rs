@@ -137,6 +137,7 @@ pub(super) fn run<B: Backend>(
         let ts_step = Instant::now();
         let lr = lr_multiplier(step, total, ts.optim.warmup_ratio, ts.optim.warmdown_ratio, ts.optim.final_lr_frac);
         model.dsa_dense_warmup = step < mcfg.dsa_warmup_steps;
+        model.mtp_lambda_now = mcfg.mtp_lambda_at(step, total);
         tr.ops.reset_peak(); // the device's peak window is the step, as on the host
         let stats =
             tr.train_step(&mut model, || loader.next_batch(), (accum, ts.optim.grad_clip, lr), false).map_err(|e| {
@@ -170,6 +171,13 @@ pub(super) fn run<B: Backend>(
             record["indexer_loss"] = json!(kl);
             record["dsa_dense_warmup"] = json!(model.dsa_dense_warmup);
         }
+        if !stats.mtp_losses.is_empty() {
+            // each depth's cross-entropy (unweighted), beside the model's own loss
+            for (k, l) in stats.mtp_losses.iter().enumerate() {
+                record[format!("mtp_loss_{}", k + 1)] = json!(l);
+            }
+            record["mtp_lambda"] = json!(model.mtp_lambda_now);
+        }
         if let (Some(c), true) = (stats.comm_s, world > 1) {
             record["comm_s"] = json!(c); // rank 0's seconds in collectives during the step
         }
@@ -201,7 +209,9 @@ pub(super) fn run<B: Backend>(
                     .collect();
                 format!(" on the device ({})", parts.join(", "))
             });
-            say(format!("step {done:>5}/{total} | loss {loss:.4}{vl} | lr ×{lr:.3} | grad norm {grad_norm:.3} | {tok_s:.0} tok/s | peak mem {peak_mib:.0} MiB{by_cat}"));
+            let mtp: String =
+                stats.mtp_losses.iter().enumerate().map(|(k, l)| format!(" | mtp{} {l:.4}", k + 1)).collect();
+            say(format!("step {done:>5}/{total} | loss {loss:.4}{mtp}{vl} | lr ×{lr:.3} | grad norm {grad_norm:.3} | {tok_s:.0} tok/s | peak mem {peak_mib:.0} MiB{by_cat}"));
         }
         if (ts.save_every > 0 && done % ts.save_every == 0) || is_last {
             tr.copy_to_host(&mut model, &mut opt)?; // (every rank: the state is gathered to rank 0)

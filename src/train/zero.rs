@@ -117,7 +117,8 @@ impl<F> DataParallel<F> {
 }
 
 /// One micro-batch's figures as f64s: loss, then per layer (MoE load: present, E, counts,
-/// dropped, assignments, balance loss) and (indexer KL: present, value). Every value is exact.
+/// dropped, assignments, balance loss), per layer (indexer KL: present, value) and per MTP depth
+/// (its loss: present, value). Every value is exact.
 fn encode_micro(loss: f32, s: &PassStats, out: &mut Vec<f64>) {
     out.push(loss as f64);
     out.push(s.moe_loads.len() as f64);
@@ -131,9 +132,11 @@ fn encode_micro(loss: f32, s: &PassStats, out: &mut Vec<f64>) {
             }
         }
     }
-    out.push(s.indexer_losses.len() as f64);
-    for kl in &s.indexer_losses {
-        out.extend(kl.map_or([0.0, 0.0], |v| [1.0, v as f64]));
+    for losses in [&s.indexer_losses, &s.mtp_losses] {
+        out.push(losses.len() as f64);
+        for v in losses {
+            out.extend(v.map_or([0.0, 0.0], |v| [1.0, v as f64]));
+        }
     }
 }
 
@@ -153,9 +156,11 @@ fn decode_micro(it: &mut impl Iterator<Item = f64>) -> Result<Option<(f32, PassS
             Some(MoeLoad { counts, dropped, assignments, balance_loss })
         });
     }
-    for _ in 0..next()? as usize {
-        let (present, v) = (next()?, next()?);
-        s.indexer_losses.push((present != 0.0).then_some(v as f32));
+    for losses in [&mut s.indexer_losses, &mut s.mtp_losses] {
+        for _ in 0..next()? as usize {
+            let (present, v) = (next()?, next()?);
+            losses.push((present != 0.0).then_some(v as f32));
+        }
     }
     Ok(Some((loss as f32, s)))
 }
@@ -380,6 +385,7 @@ mod tests {
                 Some(MoeLoad { counts: vec![3, 0, 7], dropped: 1, assignments: 10, balance_loss: 0.1234567 }),
             ],
             indexer_losses: vec![Some(1.0e-7), None],
+            mtp_losses: vec![None, Some(2.75)],
         };
         let mut flat = Vec::new();
         encode_micro(2.5, &s, &mut flat);
@@ -388,6 +394,7 @@ mod tests {
         let (l, back) = decode_micro(&mut it).unwrap().unwrap();
         assert_eq!(l, 2.5);
         assert_eq!(back.indexer_losses, s.indexer_losses);
+        assert_eq!(back.mtp_losses, s.mtp_losses);
         let (a, b) = (back.moe_loads[1].as_ref().unwrap(), s.moe_loads[1].as_ref().unwrap());
         assert_eq!((&a.counts, a.dropped, a.assignments), (&b.counts, b.dropped, b.assignments));
         assert_eq!(a.balance_loss.to_bits(), b.balance_loss.to_bits());
