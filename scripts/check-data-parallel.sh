@@ -6,7 +6,8 @@
 #      on their owner in rank order, ((g0 + g1) + g2) + g3, the order one process accumulates in)
 #   3. a run saved at -np 2 resumes at -np 1 and at -np 4 and ends bitwise where the
 #      uninterrupted -np 2 run ends
-# then, once: per-rank optimizer memory at 1, 2, 4 ranks == `nanoseek info --world-size N`;
+# then MTP (depth 1) at -np 2 within a tolerance (its shared embedding and head take two gradient
+# contributions per micro-batch); then, once: per-rank optimizer memory at 1, 2, 4 ranks == `nanoseek info --world-size N`;
 # a rank killed with SIGKILL ends the job non-zero with no partial checkpoint; a stalled rank
 # (SIGSTOP) ends the job through the collective timeout.
 # Needs Open MPI (mpirun) and builds `--features mpi`. Usage: scripts/check-data-parallel.sh
@@ -125,6 +126,13 @@ for kind in D W S MoE; do
         fi
     done
 done
+
+# MTP modules share the embedding and the head, which so get two gradient contributions per
+# micro-batch, each added in place: one process's ((a0 + b0) + a1) + b1 is not the ranks'
+# (a0 + b0) + (a1 + b1), so here the tolerance above applies
+train 0 MTP-a2 3 2 --mtp-depth 1
+train 2 MTP-np2 3 2 --mtp-depth 1
+close_run MTP-a2 MTP-np2 3 "MTP (depth 1): mpirun -np 2 vs 2 micro-batches"
 
 # comm_s is logged at several ranks only
 grep -q '"comm_s"' "$work/D-np2/metrics.jsonl" || { echo "FAIL: no comm_s in a 2-rank run's metrics" >&2; exit 1; }
