@@ -10,6 +10,7 @@ pub mod bench;
 pub mod data;
 pub mod demo;
 pub mod device;
+pub mod dist;
 pub mod eval;
 pub mod fsutil;
 pub mod generate;

@@ -177,6 +177,9 @@ struct InfoArgs {
     /// Recompute every N-th block in the backward (0 = off), for the memory prediction.
     #[arg(long, default_value_t = 0)]
     grad_checkpoint: usize,
+    /// Data-parallel ranks: also predict each rank's optimizer state (ZeRO-1 shards it).
+    #[arg(long)]
+    world_size: Option<usize>,
     /// Training precision; the CPU engine trains in f32 (bf16 arrives with the CUDA backend).
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -288,7 +291,12 @@ fn run_info(i: &InfoArgs) -> Result<()> {
     let cfg = i.model.resolve()?;
     train::micro_batch_tokens(i.device_batch_size, cfg.max_seq_len).context("--device-batch-size")?;
     write_stdout(&nanoseek::info::report(&i.model.model_size, &cfg))?;
-    write_stdout(&nanoseek::info::memory_report(&cfg, i.device_batch_size, cfg.max_seq_len, i.grad_checkpoint))
+    write_stdout(&nanoseek::info::memory_report(&cfg, i.device_batch_size, cfg.max_seq_len, i.grad_checkpoint))?;
+    match i.world_size {
+        Some(0) => anyhow::bail!("--world-size must be at least 1"),
+        Some(n) => write_stdout(&train::zero::optimizer_report(&cfg, n)),
+        None => Ok(()),
+    }
 }
 
 /// Prints to stdout, reporting a failed write (a full disk, a closed pipe) as an error, not a panic.

@@ -20,5 +20,6 @@ pub use cpu::moe::{update_bias, MoeCache, RouterConfig, Routing, ScoreFunc};
 pub use cpu::ops::CpuOps;
 pub use cpu::optim::AdamWStep;
 pub use cpu::window_attention::WindowDims;
+pub use cuda::nccl::{collectives as nccl_collectives, NcclComm};
 pub use cuda::ops::{check_cuda_shapes, CudaOps};
 pub use ops::{Backend, RopeKind, StateBuf, UpdateSlot};

@@ -356,6 +356,11 @@ pub trait Backend {
     /// Scales the gradients so their global norm is at most `max_norm` (0 = off); returns the
     /// norm before clipping (`optim::clip_grad_norm`).
     fn clip_grad_norm(&self, grads: &mut [Self::F], max_norm: f32) -> Result<f32>;
+    /// Σx² of one gradient in f64, as the CPU's `clip_grad_norm` sums each parameter (a
+    /// data-parallel rank's share of the global norm); by default through the host.
+    fn f_sum_sq(&self, x: &Self::F) -> Result<f64> {
+        Ok(super::cpu::elementwise::sum_sq(&self.f_to_host(x)?))
+    }
     /// AdamW on p (and its copy `pa`, when kept), `cpu::optim::adamw_update`.
     fn adamw(
         &self,

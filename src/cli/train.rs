@@ -271,6 +271,11 @@ pub(crate) struct TrainArgs {
     /// On CUDA, start without the quick kernel selftest of the model's kernel families.
     #[arg(long)]
     pub(crate) skip_selftest: bool,
+    /// Data-parallel jobs (torchrun, mpirun, srun): seconds a collective may take before the
+    /// job ends with an error (a rank died or stalled); default NANOSEEK_COLLECTIVE_TIMEOUT or 300.
+    /// Keep it above rank 0's evaluation and checkpoint writing, which the other ranks wait for.
+    #[arg(long)]
+    pub(crate) collective_timeout: Option<f64>,
     /// Weights & Biases project, as the original scripts' flag: stored in config.json, and a hint
     /// is printed for `wandb sync` of the run's TensorBoard events (no network is used).
     #[arg(long)]
@@ -388,7 +393,10 @@ pub(crate) fn run_train(a: TrainArgs) -> Result<()> {
     }
     let device = device.for_model(&a.device, &run.model);
     if let (Device::Cuda(ordinal), false) = (device, a.skip_selftest) {
-        nanoseek::selftest::preflight(ordinal, &run.model)?;
+        // a rank of a launched job checks the GPU it trains on, LOCAL_RANK
+        let launch = nanoseek::dist::Launch::from_env()?;
+        let launched = launch.launcher != nanoseek::dist::Launcher::Single;
+        nanoseek::selftest::preflight(if launched { launch.local_rank } else { ordinal }, &run.model)?;
     }
     let run_dir = a.runs_dir.join(&run_name);
     if let Some(project) = &run.train.wandb_project {
@@ -404,6 +412,9 @@ pub(crate) fn run_train(a: TrainArgs) -> Result<()> {
     } else {
         a.sample_tokens
     };
+    if let Some(t) = a.collective_timeout {
+        nanoseek::dist::set_collective_timeout(t)?;
+    }
     let summary = train::train(TrainRequest {
         run,
         run_dir: run_dir.clone(),
@@ -412,6 +423,9 @@ pub(crate) fn run_train(a: TrainArgs) -> Result<()> {
         verbose: !a.quiet,
         sample_tokens,
     })?;
+    if summary.rank != 0 {
+        return Ok(()); // rank 0 reports for the job
+    }
     let first = summary.losses.first().map(|l| l.1).unwrap_or(f32::NAN);
     let last = summary.losses.last().map(|l| l.1).unwrap_or(f32::NAN);
     println!(

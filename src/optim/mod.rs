@@ -126,6 +126,12 @@ impl Optimizer {
         Optimizer { config, step: 0, state, _memory }
     }
 
+    /// Counts `floats` values of state in host memory from now on, instead of every parameter's
+    /// (a data-parallel rank keeps only the state of the parameters it owns).
+    pub fn track_state_floats(&mut self, floats: usize) {
+        self._memory = crate::memory::Tracked::floats(crate::memory::Category::OptimizerState, floats);
+    }
+
     /// One update of every parameter from `grads` (same order as `model.params`),
     /// with every learning rate multiplied by `lr_mult` (the schedule).
     pub fn state_tensors(&self, model: &Model) -> Vec<(String, Tensor)> {

@@ -49,6 +49,7 @@ mod dsa;
 mod gemm;
 mod kernels_api;
 mod moe;
+mod nccl;
 pub mod train;
 
 use crate::backend::cuda::{CudaBackend, DeviceBuffer};
@@ -108,6 +109,11 @@ pub const GROUPS: &[Group] = &[
         name: "train_step_mtp",
         about: "dense model with 2 MTP modules: depth losses, every gradient, 3 steps",
         run: train::mtp,
+    },
+    Group {
+        name: "nccl_world1",
+        about: "data-parallel (ZeRO-1) step over NCCL at world size 1 vs the single-process step",
+        run: nccl::world1,
     },
 ];
 

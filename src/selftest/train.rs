@@ -66,7 +66,7 @@ fn all_kinds_config() -> Result<ModelConfig> {
 }
 
 /// The seeded model, with non-zero c_proj / w_down so every path carries gradient from the start.
-fn model(c: &ModelConfig) -> Result<Model> {
+pub(super) fn model(c: &ModelConfig) -> Result<Model> {
     let mut model = Model::new(c, 5)?;
     let mut s = 1u64;
     for p in model.params.iter_mut().filter(|p| p.name.contains("c_proj") || p.name.contains("w_down")) {
@@ -88,7 +88,7 @@ type StepStats = (Option<f32>, Vec<Option<(Vec<usize>, usize)>>);
 
 /// One trainer through the sequence the checks compare: the gradient of micro-batch 1, then
 /// three steps of two micro-batches (2, 3), (4, 5), (6, 7).
-fn drive<B: Backend>(tr: &mut Trainer<B>, model: &mut Model) -> Result<(TrainReference, Vec<StepStats>)> {
+pub(super) fn drive<B: Backend>(tr: &mut Trainer<B>, model: &mut Model) -> Result<(TrainReference, Vec<StepStats>)> {
     let b0 = batch(1);
     tr.zero_grads()?;
     let loss = tr.forward_backward(model, &b0.ids, &b0.targets, (2, 64), 1.0, false)?.0;

@@ -9,6 +9,7 @@ pub mod plot;
 mod run;
 pub mod run_dir;
 pub mod trainer;
+pub mod zero;
 
 pub use data::{held_out_tokens, open_checked_shard, open_data};
 pub use trainer::{PassStats, StepStats, Trainer};
@@ -139,28 +140,14 @@ pub struct TrainRequest {
 }
 
 pub struct TrainSummary {
+    /// This process's rank in a data-parallel job (0 for one process).
+    pub rank: usize,
     /// (step, loss) of every step this invocation ran.
     pub losses: Vec<(u64, f32)>,
     pub val_loss: Option<f32>,
     pub tokens_per_s: f64,
     pub checkpoint: PathBuf,
     pub sample: Option<String>,
-}
-
-/// Data-parallel rank and world size from torchrun-style variables (a single process today).
-fn rank_and_world() -> Result<(usize, usize)> {
-    let get = |k: &str| {
-        std::env::var(k)
-            .ok()
-            .map(|v| v.parse::<usize>().with_context(|| format!("{k}={v} is not a number")))
-            .transpose()
-    };
-    let world = get("WORLD_SIZE")?.unwrap_or(1);
-    let rank = get("RANK")?.unwrap_or(0);
-    if world != 1 {
-        bail!("WORLD_SIZE={world}: multi-process data-parallel training is not built yet; run one process");
-    }
-    Ok((rank, world))
 }
 
 /// Mean loss over the first `batches` sequential validation batches.
@@ -236,7 +223,8 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
         // The kernels' shape rules.
         check_cuda_shapes(mcfg).with_context(|| format!("--device {}", req.device))?;
     }
-    let (rank, world) = rank_and_world()?;
+    let launch = crate::dist::Launch::from_env()?;
+    let (rank, world) = (launch.rank, launch.world);
     let seq = mcfg.max_seq_len;
     let accum = ts.grad_accum_steps(seq, world)?;
     if ts.num_iterations == 0 {
@@ -256,7 +244,8 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     }
     let (train_src, val_src, lang) = open_data(ts, mcfg)?;
     let loader = Loader::new(train_src, ts.device_batch_size, seq, rank, world, Rng::derive(ts.seed, "data"))?;
-    let val = Loader::new(val_src, ts.device_batch_size, seq, rank, world, Rng::new(0))?;
+    // (rank 0 alone evaluates, the whole validation set as one process does)
+    let val = Loader::new(val_src, ts.device_batch_size, seq, 0, 1, Rng::new(0))?;
     // Bits per byte of validation: the scored targets' tokens and text bytes (when a codec is known).
     let val_codec: Option<Box<dyn crate::data::TextCodec>> = match (&lang, &ts.data) {
         (Some(l), _) => Some(Box::new(l.clone())),
@@ -273,10 +262,20 @@ pub fn train(req: TrainRequest) -> Result<TrainSummary> {
     }
     crate::data::prepare::check_data_tokenizer(ts.data.as_deref(), mcfg.vocab_size)?;
     let data = RunData { loader, val, lang, val_bytes, accum };
-    match req.device {
-        Device::Cpu => run::run(&req, CpuOps::new(mcfg), data),
-        Device::Cuda(i) => run::run(&req, crate::device::cuda_ops(i, mcfg)?, data),
-    }
+    let result = match req.device {
+        Device::Cpu => {
+            crate::dist::cpu_collectives(&launch).and_then(|comm| run::run(&req, CpuOps::new(mcfg), data, comm))
+        }
+        Device::Cuda(i) => {
+            // each rank of a job uses GPU LOCAL_RANK
+            let i = if launch.launcher == crate::dist::Launcher::Single { i } else { launch.local_rank };
+            crate::device::cuda_ops(i, mcfg).and_then(|ops| {
+                let comm = crate::backend::nccl_collectives(&launch, &ops)?;
+                run::run(&req, ops, data, comm)
+            })
+        }
+    };
+    crate::dist::end_rank(&launch, result)
 }
 
 /// What `train` prepared before the run directory exists: the data and the micro-batch count.

@@ -5,6 +5,7 @@ use super::checkpoint::{self, CheckpointState};
 use super::{events, metrics, run_dir, write_plot, RunData, TrainRequest, TrainSummary, Trainer};
 use crate::backend::Backend;
 use crate::data::synthetic::{BOS, EOT};
+use crate::dist::Collectives;
 use crate::fsutil::write_atomic;
 use crate::generate::{generate, SampleOptions};
 use crate::memory;
@@ -15,16 +16,27 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::time::Instant;
 
-/// Runs (or resumes) the requested training on `ops`.
-pub(super) fn run<B: Backend>(req: &TrainRequest, ops: B, data: RunData) -> Result<TrainSummary> {
+/// Runs (or resumes) the requested training on `ops`; with `comm`, as one rank of a
+/// data-parallel job, where rank 0 alone writes the run directory.
+pub(super) fn run<B: Backend>(
+    req: &TrainRequest,
+    ops: B,
+    data: RunData,
+    comm: Option<Box<dyn Collectives<B::F>>>,
+) -> Result<TrainSummary> {
     let super::RunConfig { model: mcfg, train: ts } = &req.run;
     let RunData { mut loader, val, lang, val_bytes, accum } = data;
     let seq = mcfg.max_seq_len;
-    // From here on this process is the run's only writer; if the setup fails, a run directory it
-    // created is removed again.
-    let run_lock = run_dir::RunLock::acquire(&req.run_dir)?;
-    let setup = (|| {
-        let (mut model, mut opt, start) = match req.resume_from_step {
+    let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world()));
+    let root = rank == 0;
+    // From here on this process (rank 0) is the run's only writer; if the setup fails (on any
+    // rank: they agree before going on), a run directory it created is removed again.
+    let run_lock = root.then(|| run_dir::RunLock::acquire(&req.run_dir));
+    let loaded = (|| {
+        if let Some(Err(e)) = &run_lock {
+            bail!("{e:#}");
+        }
+        let (mut model, opt, start) = match req.resume_from_step {
             // Step 0: the saved run again from scratch (e.g. its first checkpoint never completed).
             Some(step) if step > 0 => {
                 let dir = checkpoint::checkpoint_dir(&req.run_dir, step);
@@ -52,10 +64,15 @@ pub(super) fn run<B: Backend>(req: &TrainRequest, ops: B, data: RunData) -> Resu
             }
         };
         model.checkpoint_every = ts.grad_checkpoint;
+        Ok((model, opt, start))
+    })();
+    let loaded = super::zero::agree_on_setup(comm.as_deref(), loaded);
+    let run_lock = run_lock.transpose()?;
+    let setup = loaded.and_then(|(mut model, mut opt, start)| {
         // The parameters and the optimizer state move onto the backend; the host model keeps
         // the config, the MoE biases and the statistics, and gets its tensors back for
         // checkpoints and sampling.
-        let tr = Trainer::new(ops, &mut model, &mut opt)?;
+        let tr = Trainer::new_sharded(ops, &mut model, &mut opt, comm)?;
         if !B::HOST_MEMORY {
             let (batch, seq) = (ts.device_batch_size, mcfg.max_seq_len);
             let predicted: usize =
@@ -63,24 +80,31 @@ pub(super) fn run<B: Backend>(req: &TrainRequest, ops: B, data: RunData) -> Resu
             let what = format!("training this model at device_batch_size {batch} × max_seq_len {seq}");
             tr.ops.prepare_training(predicted, &what)?;
         }
+        if !root {
+            return Ok((model, opt, start, tr, None));
+        }
         write_atomic(&req.run_dir.join("config.json"), serde_json::to_string_pretty(&req.run)?.as_bytes())?;
         crate::data::prepare::copy_tokenizer_to_run(ts.data.as_deref(), &req.run_dir)?;
         crate::report::Hardware::detect(req.device, tr.ops.device_name()).write(&req.run_dir)?;
         let events = events::EventWriter::create(&req.run_dir, &ts.optim, req.resume_from_step)?;
         let log = metrics::MetricsLog::open(&req.run_dir.join("metrics.jsonl"), Some(start))?.with_events(events);
-        Ok((model, opt, start, tr, log))
-    })();
-    let (mut model, mut opt, start, mut tr, mut log) = run_lock.undo_if_failed(setup)?;
+        Ok((model, opt, start, tr, Some(log)))
+    });
+    let (mut model, mut opt, start, mut tr, mut log) = match &run_lock {
+        Some(lock) => lock.undo_if_failed(setup)?,
+        None => setup?,
+    };
+    let mut ranks = super::zero::RankTotals::default();
 
     let total = ts.num_iterations;
-    let pb = if req.verbose { ProgressBar::new(total) } else { ProgressBar::hidden() };
+    let pb = if req.verbose && root { ProgressBar::new(total) } else { ProgressBar::hidden() };
     pb.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} {msg} ETA {eta}")
             .unwrap(),
     );
     pb.set_position(start);
     let say = |s: String| {
-        if req.verbose {
+        if req.verbose && root {
             if pb.is_hidden() {
                 eprintln!("{s}");
             } else {
@@ -126,6 +150,7 @@ pub(super) fn run<B: Backend>(req: &TrainRequest, ops: B, data: RunData) -> Resu
         tokens_done += ts.total_batch_size;
         let dt = ts_step.elapsed().as_secs_f64();
         let tok_s = ts.total_batch_size as f64 / dt;
+        ranks.add_step(stats.comm_s, dt);
         // On CUDA the peak is the device allocator's (live blocks, by category at the peak).
         let (peak_mib, device_at_peak) = match tr.ops.device_peak() {
             Some((peak, at_peak)) => (memory::mib(peak), Some(at_peak)),
@@ -153,11 +178,17 @@ pub(super) fn run<B: Backend>(req: &TrainRequest, ops: B, data: RunData) -> Resu
             }
             record["mtp_lambda"] = json!(model.mtp_lambda_now);
         }
-        log.log(record)?;
+        if let (Some(c), true) = (stats.comm_s, world > 1) {
+            record["comm_s"] = json!(c); // rank 0's seconds in collectives during the step
+        }
+        if let Some(log) = &mut log {
+            log.log(record)?;
+        }
         pb.set_position(done);
         pb.set_message(format!("loss {loss:.4} | {tok_s:.0} tok/s | peak {peak_mib:.0} MiB"));
         let is_last = done == total;
-        if (ts.eval_every > 0 && done % ts.eval_every == 0) || is_last {
+        if root && ((ts.eval_every > 0 && done % ts.eval_every == 0) || is_last) {
+            // (rank 0 alone evaluates the whole validation set, exactly as one process does)
             let v = tr.evaluate(&model, &val, ts.eval_batches)?;
             val_loss = Some(v);
             let mut record = json!({"step": done, "val_loss": v});
@@ -165,7 +196,9 @@ pub(super) fn run<B: Backend>(req: &TrainRequest, ops: B, data: RunData) -> Resu
                 // evaluate() averages equal-sized batches, so v × tokens is the total nats
                 record["val_bpb"] = json!(crate::eval::bits_per_byte(v as f64 * tokens as f64, bytes));
             }
-            log.log(record)?;
+            if let Some(log) = &mut log {
+                log.log(record)?;
+            }
         }
         if done % log_every == 0 || is_last {
             let vl = val_loss.map_or(String::new(), |v| format!(" | val {v:.4}"));
@@ -181,7 +214,14 @@ pub(super) fn run<B: Backend>(req: &TrainRequest, ops: B, data: RunData) -> Resu
             say(format!("step {done:>5}/{total} | loss {loss:.4}{mtp}{vl} | lr ×{lr:.3} | grad norm {grad_norm:.3} | {tok_s:.0} tok/s | peak mem {peak_mib:.0} MiB{by_cat}"));
         }
         if (ts.save_every > 0 && done % ts.save_every == 0) || is_last {
-            tr.copy_to_host(&mut model, &mut opt)?;
+            tr.copy_to_host(&mut model, &mut opt)?; // (every rank: the state is gathered to rank 0)
+            if !root {
+                last_ckpt = Some(checkpoint::checkpoint_dir(&req.run_dir, done));
+                if !is_last {
+                    tr.release_host(&mut model, &mut opt);
+                }
+                continue;
+            }
             let state = CheckpointState {
                 format_version: checkpoint::FORMAT_VERSION,
                 step: done,
@@ -203,7 +243,11 @@ pub(super) fn run<B: Backend>(req: &TrainRequest, ops: B, data: RunData) -> Resu
     pb.finish_and_clear();
     let elapsed = t0.elapsed().as_secs_f64();
     let tokens_per_s = tokens_done as f64 / elapsed.max(1e-9);
+    if let Some(dp) = &tr.dp {
+        ranks.write_job_summary(dp.comm.as_ref(), &req.run_dir, mcfg, (tokens_done, elapsed))?;
+    }
     let sample = match (req.sample_tokens, &lang) {
+        _ if !root => None,
         (0, _) => None,
         (n, lang) => {
             let opts = SampleOptions {
@@ -222,8 +266,11 @@ pub(super) fn run<B: Backend>(req: &TrainRequest, ops: B, data: RunData) -> Resu
             })
         }
     };
-    crate::report::finish_run(&req.run_dir, sample.as_deref())?;
+    if root {
+        crate::report::finish_run(&req.run_dir, sample.as_deref())?;
+    }
     Ok(TrainSummary {
+        rank,
         losses,
         val_loss,
         tokens_per_s,

@@ -15,6 +15,7 @@ use crate::memory::{self, Category};
 use crate::nn::model::MoeLoad;
 use crate::nn::{Model, ParamKind};
 use crate::optim::{OptimConfig, Optimizer, ParamState};
+use crate::train::zero::DataParallel;
 use anyhow::{bail, Result};
 use std::time::Instant;
 
@@ -34,6 +35,8 @@ pub struct StepStats {
     pub indexer_loss: Option<f32>,
     /// Per MTP depth, its cross-entropy averaged over the micro-batches (empty without MTP).
     pub mtp_losses: Vec<f32>,
+    /// Seconds this rank spent in collectives during the step (None for one process).
+    pub comm_s: Option<f64>,
 }
 
 /// Per-layer statistics of one pass: the MoE loads and the indexer KL.
@@ -51,19 +54,32 @@ pub struct Trainer<B: Backend> {
     pub specs: Vec<(String, ParamKind, Vec<usize>)>,
     pub params: Vec<B::F>,
     /// The GEMM-precision copy of each parameter, where the backend keeps one.
-    copies: Vec<Option<B::A>>,
+    pub(super) copies: Vec<Option<B::A>>,
     pub grads: Vec<B::F>,
     pub state: Vec<StateBuf<B::F>>,
     /// Optimizer steps taken so far.
     pub step: u64,
     adam_lr_scale: f32,
     _accounting: Vec<Box<dyn std::any::Any>>,
+    /// The other ranks of a data-parallel job (`train::zero`); None for one process.
+    pub(super) dp: Option<DataParallel<B::F>>,
 }
 
 impl<B: Backend> Trainer<B> {
     /// Moves `model`'s parameters and `opt`'s state onto the backend (a fresh or a resumed run);
     /// the host tensors are left empty until [`Trainer::copy_to_host`] or [`Trainer::restore`].
     pub fn new(ops: B, model: &mut Model, opt: &mut Optimizer) -> Result<Self> {
+        Self::new_sharded(ops, model, opt, None)
+    }
+
+    /// [`Trainer::new`] for one rank of a data-parallel job (`dp`), which keeps only the
+    /// optimizer state of the parameters it owns.
+    pub fn new_sharded(
+        ops: B,
+        model: &mut Model,
+        opt: &mut Optimizer,
+        dp: Option<Box<dyn crate::dist::Collectives<B::F>>>,
+    ) -> Result<Self> {
         let c = &model.config;
         let specs: Vec<_> = model.params.iter().map(|p| (p.name.clone(), p.kind, p.tensor.shape.clone())).collect();
         if Model::expected_shapes(c).len() != specs.len() {
@@ -97,6 +113,26 @@ impl<B: Backend> Trainer<B> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let adam_lr_scale = (c.n_embd as f32 / 768.0).powf(-0.5);
+        let dp = dp.map(|comm| DataParallel::new(comm, &specs));
+        let mut tr = Trainer {
+            ops,
+            optim: opt.config.clone(),
+            specs,
+            params,
+            copies,
+            grads,
+            state,
+            step: opt.step,
+            adam_lr_scale,
+            _accounting: Vec::new(),
+            dp,
+        };
+        if tr.dp.is_some() {
+            let kept = tr.shard_state()?;
+            opt.track_state_floats(kept); // the host's count, where the state lives on the host
+        }
+        let (ops, grads, state) = (&tr.ops, &tr.grads, &tr.state);
         let grad_refs: Vec<&B::F> = grads.iter().collect();
         let state_refs: Vec<&B::F> = state
             .iter()
@@ -111,26 +147,21 @@ impl<B: Backend> Trainer<B> {
             _accounting.push(ops.account(&state_refs, Category::OptimizerState));
         }
         drop((grad_refs, state_refs));
-        let adam_lr_scale = (c.n_embd as f32 / 768.0).powf(-0.5);
-        Ok(Trainer {
-            ops,
-            optim: opt.config.clone(),
-            specs,
-            params,
-            copies,
-            grads,
-            state,
-            step: opt.step,
-            adam_lr_scale,
-            _accounting,
-        })
+        tr._accounting = _accounting;
+        Ok(tr)
     }
 
     /// Copies the parameters and the optimizer state into the host model and optimizer (for
     /// checkpoints, evaluation on the host, sampling).
+    /// In a data-parallel job every rank calls it; only rank 0 receives the whole state.
     pub fn copy_to_host(&self, model: &mut Model, opt: &mut Optimizer) -> Result<()> {
         for (p, f) in model.params.iter_mut().zip(&self.params) {
             p.tensor.data = self.ops.f_to_host(f)?;
+        }
+        if self.dp.is_some() {
+            opt.state = self.gather_state_to_root()?.unwrap_or_default();
+            opt.step = self.step;
+            return Ok(());
         }
         opt.state = self
             .state
@@ -264,6 +295,7 @@ impl<B: Backend> Trainer<B> {
             .zip(&self.grads)
             .zip(self.state.iter_mut())
             .enumerate()
+            .filter(|(index, _)| self.dp.as_ref().is_none_or(|dp| dp.owns(*index)))
             .map(|(index, (((p, copy), g), state))| UpdateSlot { index, p, copy: copy.as_mut(), g, state })
             .collect();
         let specs = &self.specs;
@@ -273,8 +305,8 @@ impl<B: Backend> Trainer<B> {
         })
     }
 
-    /// One optimizer step as `train::train` runs it: `accum` micro-batches (seed 1/accum,
-    /// gradients summed), the NaN checks, clipping, the update and the MoE bias update. The
+    /// One optimizer step as `train::train` runs it: `accum` micro-batches per rank (seed
+    /// 1/(accum·world), gradients summed), the NaN checks, clipping, the update and the MoE bias update. The
     /// memory peak window restarts at the step's start.
     pub fn train_step(
         &mut self,
@@ -286,21 +318,33 @@ impl<B: Backend> Trainer<B> {
         memory::reset_peak();
         self.zero_grads()?;
         let t = model.config.max_seq_len;
-        let mut loss_sum = 0.0f64;
+        let world = self.dp.as_ref().map_or(1, |dp| dp.comm.world());
+        // every micro-batch of every rank counts 1/(accum·world) of the step's loss
+        let n_micro = accum * world;
         let mut op_times: Option<OpTimes> = profile.then(Default::default);
-        let mut moe_loads: Vec<Option<MoeLoad>> = vec![None; model.n_layers_all()];
-        let (mut kl_sum, mut kl_n) = (0.0f64, 0usize);
-        let mut mtp_sums = vec![(0.0f64, 0usize); model.config.mtp_depth];
+        let mut micros = Vec::with_capacity(accum);
         for micro in 0..accum {
             let batch = next_batch();
             let rows = batch.ids.len() / t;
             let (lv, stats, times) = self
-                .forward_backward(model, &batch.ids, &batch.targets, (rows, t), 1.0 / accum as f32, profile)
+                .forward_backward(model, &batch.ids, &batch.targets, (rows, t), 1.0 / n_micro as f32, profile)
                 .map_err(|e| e.context(format!("micro-batch {micro}. Try a lower learning rate.")))?;
-            loss_sum += lv as f64;
             if let (Some(all), Some(these)) = (&mut op_times, &times) {
                 all.merge(these);
             }
+            micros.push((lv, stats));
+        }
+        // Data parallelism: every rank's figures in one process's order, the gradients summed
+        // onto their owners, the norm from the owners' sums.
+        if let Some(dp) = &self.dp {
+            micros = dp.gather_micro_stats(micros)?;
+        }
+        let mut loss_sum = 0.0f64;
+        let mut moe_loads: Vec<Option<MoeLoad>> = vec![None; model.n_layers_all()];
+        let (mut kl_sum, mut kl_n) = (0.0f64, 0usize);
+        let mut mtp_sums = vec![(0.0f64, 0usize); model.config.mtp_depth];
+        for (lv, stats) in micros {
+            loss_sum += lv as f64;
             for kl in stats.indexer_losses.into_iter().flatten() {
                 (kl_sum, kl_n) = (kl_sum + kl as f64, kl_n + 1);
             }
@@ -315,22 +359,27 @@ impl<B: Backend> Trainer<B> {
                 }
             }
         }
-        // Data parallelism would reduce `grads` here (the one place they are complete).
-        let grad_norm = self.ops.clip_grad_norm(&mut self.grads, grad_clip)?;
+        self.reduce_grads()?;
+        let grad_norm = match &self.dp {
+            Some(dp) if dp.comm.world() > 1 => self.clip_sharded(grad_clip)?,
+            _ => self.ops.clip_grad_norm(&mut self.grads, grad_clip)?,
+        };
         if !grad_norm.is_finite() {
             bail!("gradient norm became {grad_norm}");
         }
         let t0 = Instant::now();
         self.update(lr)?;
+        self.broadcast_params()?;
         model.update_moe_bias(&moe_loads);
         let update_s = t0.elapsed().as_secs_f64();
         for load in moe_loads.iter_mut().flatten() {
-            load.balance_loss /= accum as f32;
+            load.balance_loss /= n_micro as f32;
         }
         let indexer_loss = (kl_n > 0).then(|| (kl_sum / kl_n as f64) as f32);
         let mtp_losses = mtp_sums.iter().map(|&(s, n)| if n > 0 { (s / n as f64) as f32 } else { f32::NAN }).collect();
-        let loss = (loss_sum / accum as f64) as f32;
-        Ok(StepStats { loss, grad_norm, update_s, op_times, moe_loads, indexer_loss, mtp_losses })
+        let loss = (loss_sum / n_micro as f64) as f32;
+        let comm_s = self.dp.as_ref().map(|dp| dp.comm.take_comm_seconds());
+        Ok(StepStats { loss, grad_norm, update_s, op_times, moe_loads, indexer_loss, mtp_losses, comm_s })
     }
 }
 

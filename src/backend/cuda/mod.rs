@@ -22,6 +22,7 @@ pub mod gemm;
 pub mod loss;
 pub mod memory;
 pub mod moe;
+pub mod nccl;
 pub mod norm;
 pub mod ops;
 pub mod optim;
