@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Data-parallel training over MPI on the CPU (ZeRO-1), for every layer kind (D, W, S, MoE):
+# Data-parallel training over MPI on the CPU (ZeRO-1), for every layer kind (D, W, S, MoE, and MLA projections):
 #   1. mpirun -np 2, one micro-batch per rank == one process with 2 micro-batches: bitwise
 #      (every logged figure of every step, the final weights and optimizer state files)
 #   2. mpirun -np 4 == one process with 4 micro-batches: bitwise as well (gradients are summed
@@ -32,6 +32,7 @@ declare -A KIND=(
     [W]="--attn-pattern W --dsa-window-size 16 --n-global 2"
     [S]="--attn-pattern SD --index-topk 16 --index-local-window 4 --dsa-warmup-steps 1"
     [MoE]="--attn-pattern D --n-routed-experts 4 --moe-top-k 2 --n-shared-experts 1 --first-k-dense 0 --seq-aux-alpha 0.001"
+    [MLA]="--attn-pattern WD --dsa-window-size 16 --n-global 2 --attention mla --q-lora-rank 32"
 )
 
 train() { # ranks (0: no mpirun) run-name steps micro-batches-per-step-over-all-ranks [flags...]
@@ -103,7 +104,7 @@ print(f"ok   {what}: loss rel. diff {worst_loss:.2e} ≤ 1e-5, weights and state
 EOF
 }
 
-for kind in D W S MoE; do
+for kind in D W S MoE MLA; do
     read -r -a flags <<<"${KIND[$kind]}"
     train 0 "$kind-a2" 4 2 --save-every 2 "${flags[@]}"
     train 2 "$kind-np2" 4 2 --save-every 2 "${flags[@]}"
