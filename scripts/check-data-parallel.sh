@@ -4,8 +4,8 @@
 #      (every logged figure of every step, the final weights and optimizer state files)
 #   2. mpirun -np 4 == one process with 4 micro-batches: bitwise as well (gradients are summed
 #      on their owner in rank order, ((g0 + g1) + g2) + g3, the order one process accumulates in)
-#   3. a run saved at -np 2 resumes at -np 1 and at -np 4 and ends bitwise where the
-#      uninterrupted -np 2 run ends
+#   3. a run saved at -np 2 resumes at -np 1 and ends bitwise where the uninterrupted -np 2 run
+#      ends; resumed at -np 4 (1 sequence per rank: sums reordered) it ends within a tolerance
 # then MTP (depth 1) at -np 2 within a tolerance (its shared embedding and head take two gradient
 # contributions per micro-batch); then, once: per-rank optimizer memory at 1, 2, 4 ranks == `nanoseek info --world-size N`;
 # a rank killed with SIGKILL ends the job non-zero with no partial checkpoint; a stalled rank
