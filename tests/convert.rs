@@ -57,3 +57,36 @@ fn a_dense_checkpoint_converts_to_sparse_with_mtp() {
     let err = load_model_converting(&ckpt, &wider, Some(&fresh_wide)).err().expect("refused").to_string();
     assert!(err.contains("has shape"), "{err}");
 }
+
+/// DeepSeek-V3.2's recipe: from a dense checkpoint, a DSA model whose warm-up trains only the
+/// new indexers (every other tensor stays bitwise the parent's, the MoE biases too), then sparse
+/// training of everything.
+#[test]
+fn the_indexer_warm_up_freezes_the_main_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (parent, child) = (tmp.path().join("parent"), tmp.path().join("child"));
+    train::train(request(micro("DD"), 3, &parent)).unwrap();
+    let dense = load_model(&checkpoint_dir(&parent, 3), &micro("DD")).unwrap();
+    let cfg = ModelConfig { dsa_warmup_steps: 2, ..micro("SD") };
+    let mut req = request(cfg.clone(), 4, &child);
+    req.run.train.init_from = Some(checkpoint_dir(&parent, 3));
+    req.run.train.save_every = 2;
+    assert!(req.run.train.freezes_main_during_warmup(), "on by default for a conversion");
+    train::train(req).unwrap();
+    let warm = load_model(&checkpoint_dir(&child, 2), &cfg).unwrap();
+    let done = load_model(&checkpoint_dir(&child, 4), &cfg).unwrap();
+    for p in &warm.params {
+        let moved =
+            |m: &Model| m.param(&p.name).unwrap().data != Model::new(&cfg, 42).unwrap().param(&p.name).unwrap().data;
+        match dense.param(&p.name) {
+            Some(t) => {
+                assert_eq!(p.tensor.data, t.data, "{} moved during the warm-up", p.name);
+                assert_ne!(done.param(&p.name).unwrap().data, t.data, "{} did not train after it", p.name);
+            }
+            None => assert!(moved(&warm), "the indexer tensor {} did not train in the warm-up", p.name),
+        }
+    }
+    let recs = train::metrics::read(&child.join("metrics.jsonl")).unwrap();
+    let frozen: Vec<bool> = recs.iter().filter(|r| r["loss"].is_number()).map(|r| r["main_frozen"] == true).collect();
+    assert_eq!(frozen, [true, true, false, false]);
+}

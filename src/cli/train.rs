@@ -219,6 +219,10 @@ pub(crate) struct TrainArgs {
     /// optimizer and schedule (fine-tuning, curriculum, context extension); shapes must match.
     #[arg(long)]
     pub(crate) init_from: Option<PathBuf>,
+    /// During the DSA warm-up (--dsa-warmup-steps) train only the lightning indexers, every other
+    /// parameter frozen (DeepSeek-V3.2's recipe; default: true with --init-from, else false).
+    #[arg(long)]
+    pub(crate) freeze_main_during_warmup: Option<bool>,
     /// Seed for initialization and data order (default 42).
     #[arg(long)]
     pub(crate) seed: Option<u64>,
@@ -371,6 +375,7 @@ pub(crate) fn run_train(a: TrainArgs) -> Result<()> {
             t.eval_batches = a.eval_batches.unwrap_or(t.eval_batches);
             t.init_from =
                 a.init_from.as_deref().map(nanoseek::demo::resolve_checkpoint).transpose().context("--init-from")?;
+            t.freeze_main_during_warmup = a.freeze_main_during_warmup.or(t.freeze_main_during_warmup);
             t.save_every = a.save_every.unwrap_or(t.save_every);
             t.eval_every = a.eval_every.unwrap_or(t.eval_every);
             t.keep_checkpoints = a.keep_checkpoints.unwrap_or(t.keep_checkpoints);

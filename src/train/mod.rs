@@ -55,9 +55,16 @@ pub struct TrainSettings {
     pub grad_checkpoint: usize,
     /// Start from these weights (a checkpoint directory) instead of a fresh initialization, with a
     /// fresh optimizer and schedule: fine-tuning, a curriculum, or context extension (the config
-    /// may differ in anything that does not change a weight's shape, e.g. max_seq_len or data).
+    /// may differ in anything that does not change a weight's shape, e.g. max_seq_len or data),
+    /// or a conversion: layers turned into DSA (`S`) get fresh lightning indexers and MTP modules
+    /// start fresh (`checkpoint::load_model_converting`).
     #[serde(default)]
     pub init_from: Option<PathBuf>,
+    /// During the DSA dense warm-up (`dsa_warmup_steps`) only the lightning indexers train; every
+    /// other parameter and the MoE biases stay as they are (DeepSeek-V3.2's recipe). None: on
+    /// when training starts from `init_from` (a conversion), off otherwise.
+    #[serde(default)]
+    pub freeze_main_during_warmup: Option<bool>,
     /// `--wandb-project`: kept for `wandb sync` later (training itself never uses the network).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wandb_project: Option<String>,
@@ -74,6 +81,7 @@ impl TrainSettings {
             seed: 42,
             data: None,
             init_from: None,
+            freeze_main_during_warmup: None,
             save_every: 0,
             eval_every: 50,
             eval_batches: 4,
@@ -82,6 +90,11 @@ impl TrainSettings {
             wandb_project: None,
             optim: OptimConfig::default(),
         }
+    }
+
+    /// Whether the main model is frozen during the DSA warm-up (see `freeze_main_during_warmup`).
+    pub fn freezes_main_during_warmup(&self) -> bool {
+        self.freeze_main_during_warmup.unwrap_or(self.init_from.is_some())
     }
 
     /// Micro-batches per optimizer step; a total that does not divide is an error.

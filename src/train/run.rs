@@ -55,8 +55,21 @@ pub(super) fn run<B: Backend>(
                     );
                 }
                 let model = match &ts.init_from {
-                    Some(dir) => checkpoint::load_model(dir, mcfg)
-                        .with_context(|| format!("--init-from {}: its weights do not fit this model", dir.display()))?,
+                    Some(dir) => {
+                        // a conversion: new indexers and MTP modules start as a fresh model's
+                        let fresh = Model::new(mcfg, ts.seed)?;
+                        let (model, added) =
+                            checkpoint::load_model_converting(dir, mcfg, Some(&fresh)).with_context(|| {
+                                format!("--init-from {}: its weights do not fit this model", dir.display())
+                            })?;
+                        if !added.is_empty() && req.verbose && rank == 0 {
+                            eprintln!(
+                                "--init-from: {} tensor(s) start fresh (new indexers or MTP modules)",
+                                added.len()
+                            );
+                        }
+                        model
+                    }
                     None => Model::new(mcfg, ts.seed)?,
                 };
                 let opt = Optimizer::new(&model, ts.optim.clone());
@@ -138,6 +151,11 @@ pub(super) fn run<B: Backend>(
         let lr = lr_multiplier(step, total, ts.optim.warmup_ratio, ts.optim.warmdown_ratio, ts.optim.final_lr_frac);
         model.dsa_dense_warmup = step < mcfg.dsa_warmup_steps;
         model.mtp_lambda_now = mcfg.mtp_lambda_at(step, total);
+        // V3.2's indexer warm-up: only the lightning indexers train
+        let freeze = model.dsa_dense_warmup && ts.freezes_main_during_warmup();
+        for (f, (name, ..)) in tr.frozen.iter_mut().zip(&tr.specs) {
+            *f = freeze && !name.contains(".attn.indexer.");
+        }
         tr.ops.reset_peak(); // the device's peak window is the step, as on the host
         let stats =
             tr.train_step(&mut model, || loader.next_batch(), (accum, ts.optim.grad_clip, lr), false).map_err(|e| {
@@ -170,6 +188,9 @@ pub(super) fn run<B: Backend>(
         if let Some(kl) = stats.indexer_loss {
             record["indexer_loss"] = json!(kl);
             record["dsa_dense_warmup"] = json!(model.dsa_dense_warmup);
+            if tr.frozen.contains(&true) {
+                record["main_frozen"] = json!(true);
+            }
         }
         if !stats.mtp_losses.is_empty() {
             // each depth's cross-entropy (unweighted), beside the model's own loss

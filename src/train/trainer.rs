@@ -61,6 +61,9 @@ pub struct Trainer<B: Backend> {
     pub step: u64,
     adam_lr_scale: f32,
     _accounting: Vec<Box<dyn std::any::Any>>,
+    /// Parameters that do not train this step (their gradients are zeroed before clipping and
+    /// they get no update; the MoE biases stay too while any is frozen).
+    pub frozen: Vec<bool>,
     /// The other ranks of a data-parallel job (`train::zero`); None for one process.
     pub(super) dp: Option<DataParallel<B::F>>,
 }
@@ -114,6 +117,7 @@ impl<B: Backend> Trainer<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         let adam_lr_scale = (c.n_embd as f32 / 768.0).powf(-0.5);
+        let n_params = params.len();
         let dp = dp.map(|comm| DataParallel::new(comm, &specs));
         let mut tr = Trainer {
             ops,
@@ -126,6 +130,7 @@ impl<B: Backend> Trainer<B> {
             step: opt.step,
             adam_lr_scale,
             _accounting: Vec::new(),
+            frozen: vec![false; n_params],
             dp,
         };
         if tr.dp.is_some() {
@@ -295,7 +300,7 @@ impl<B: Backend> Trainer<B> {
             .zip(&self.grads)
             .zip(self.state.iter_mut())
             .enumerate()
-            .filter(|(index, _)| self.dp.as_ref().is_none_or(|dp| dp.owns(*index)))
+            .filter(|(index, _)| self.dp.as_ref().is_none_or(|dp| dp.owns(*index)) && !self.frozen[*index])
             .map(|(index, (((p, copy), g), state))| UpdateSlot { index, p, copy: copy.as_mut(), g, state })
             .collect();
         let specs = &self.specs;
@@ -360,6 +365,9 @@ impl<B: Backend> Trainer<B> {
             }
         }
         self.reduce_grads()?;
+        for (g, _) in self.grads.iter_mut().zip(&self.frozen).filter(|(_, &f)| f) {
+            self.ops.f_fill_zero(g)?;
+        }
         let grad_norm = match &self.dp {
             Some(dp) if dp.comm.world() > 1 => self.clip_sharded(grad_clip)?,
             _ => self.ops.clip_grad_norm(&mut self.grads, grad_clip)?,
@@ -370,7 +378,9 @@ impl<B: Backend> Trainer<B> {
         let t0 = Instant::now();
         self.update(lr)?;
         self.broadcast_params()?;
-        model.update_moe_bias(&moe_loads);
+        if !self.frozen.contains(&true) {
+            model.update_moe_bias(&moe_loads);
+        }
         let update_s = t0.elapsed().as_secs_f64();
         for load in moe_loads.iter_mut().flatten() {
             load.balance_loss /= n_micro as f32;
