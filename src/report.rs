@@ -167,6 +167,12 @@ pub fn render(run_dir: &Path) -> Result<String> {
             ),
         )?;
     }
+    if m.mtp_depth > 0 {
+        let last = m
+            .mtp_lambda_final
+            .map_or(String::new(), |f| format!(", then {f} from {} of the steps", m.mtp_lambda_switch));
+        row("multi-token prediction", format!("{} module(s), λ {}{last}", m.mtp_depth, m.mtp_lambda))?;
+    }
     row("rope_theta, logit_softcap", format!("{}, {}", m.rope_theta, m.logit_softcap))?;
     let accum = t.total_batch_size / (t.device_batch_size * m.max_seq_len).max(1);
     row(
@@ -207,6 +213,10 @@ pub fn render(run_dir: &Path) -> Result<String> {
     writeln!(w, "| non-embedding (blocks) | {blocks} ({}) |", human(blocks as f64))?;
     writeln!(w, "| active per token | {} ({}) |", m.active_params(), human(m.active_params() as f64))?;
     writeln!(w, "| active per token, non-embedding | {active_blocks} ({}) |", human(active_blocks as f64))?;
+    if m.mtp_depth > 0 {
+        let mtp = m.mtp_params().0;
+        writeln!(w, "| of the total: MTP modules (training and drafting only) | {mtp} ({}) |", human(mtp as f64))?;
+    }
     let flops_per_token = m.flops_per_token(m.max_seq_len);
     writeln!(w, "| training FLOPs per token at max_seq_len | {flops_per_token:.3e} |")?;
 
@@ -363,12 +373,16 @@ fn write_loss_table(w: &mut String, train: &[&Value], vals: &[&Value]) -> std::f
     if steps.is_empty() {
         return writeln!(w, "No losses logged.");
     }
-    writeln!(w, "| step | train loss | validation loss |\n|---|---|---|")?;
+    // MTP runs: each depth's loss beside the model's own
+    let depths = (1..).take_while(|k| train.iter().any(|r| r[format!("mtp_loss_{k}")].is_number())).count();
+    let mtp_head: String = (1..=depths).map(|k| format!(" MTP depth {k} loss |")).collect();
+    writeln!(w, "| step | train loss | validation loss |{mtp_head}\n|---|---|---|{}", "---|".repeat(depths))?;
     for s in steps {
         let find = |rs: &[&Value], k: &str| {
             rs.iter().rev().find(|r| step(r) == s).and_then(|r| r[k].as_f64()).map_or("-".into(), |x| format!("{x:.4}"))
         };
-        writeln!(w, "| {s} | {} | {} |", find(train, "loss"), find(vals, "val_loss"))?;
+        let mtp: String = (1..=depths).map(|k| format!(" {} |", find(train, &format!("mtp_loss_{k}")))).collect();
+        writeln!(w, "| {s} | {} | {} |{mtp}", find(train, "loss"), find(vals, "val_loss"))?;
     }
     Ok(())
 }

@@ -92,8 +92,8 @@ pub(super) fn backward<'p, B: Backend>(
             };
             vec![(q, a(dq)), (k, a(dk)), (v, a(dv))]
         }
-        Op::IndexerKl { qi, ki, wi, d: (dqi, dki, dwi) } => {
-            let s = scalar(&dout);
+        Op::IndexerKl { qi, ki, wi, weight, d: (dqi, dki, dwi) } => {
+            let s = if weight == 1.0 { scalar(&dout) } else { weight * scalar(&dout) };
             let mut out = Vec::new();
             for (var, mut g) in [(qi, dqi), (ki, dki), (wi, dwi)] {
                 be.scale(&mut g, s)?;
@@ -138,8 +138,15 @@ pub(super) fn backward<'p, B: Backend>(
             vec![(x, a(be.a_copy(&g)?)), (y, a(g))]
         }
         Op::Checkpoint { .. } => unreachable!("the tape runs checkpoint backwards itself"),
-        Op::CrossEntropy { logits, targets, vocab, cap, n_valid, lse } => {
-            let scale = if n_valid > 0 { scalar(&dout) / n_valid as f32 } else { 0.0 };
+        Op::ConcatCols { a: xa, b: xb, n, ca, cb } => {
+            let d = tensor(dout);
+            let (mut da, mut db) = (be.a_zeros(n * ca)?, be.a_zeros(n * cb)?);
+            be.copy_cols(&d, (ca + cb, 0), &mut da, (ca, 0), n, ca)?;
+            be.copy_cols(&d, (ca + cb, ca), &mut db, (cb, 0), n, cb)?;
+            vec![(xa, a(da)), (xb, a(db))]
+        }
+        Op::CrossEntropy { logits, targets, vocab, cap, n_valid, weight, lse } => {
+            let scale = if n_valid > 0 { weight * scalar(&dout) / n_valid as f32 } else { 0.0 };
             vec![(logits, a(be.cross_entropy_backward(tape.get(logits), vocab, &targets, cap, &lse, scale)?))]
         }
     })

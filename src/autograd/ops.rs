@@ -100,6 +100,7 @@ pub enum Op<'p, B: Backend> {
         qi: Var,
         ki: Var,
         wi: Var,
+        weight: f32,
         d: (B::A, B::A, B::A),
     },
     /// A copy of x that gradients do not flow through.
@@ -137,6 +138,14 @@ pub enum Op<'p, B: Backend> {
         a: Var,
         b: Var,
     },
+    /// [a | b]: the columns of a [n, ca] then those of b [n, cb].
+    ConcatCols {
+        a: Var,
+        b: Var,
+        n: usize,
+        ca: usize,
+        cb: usize,
+    },
     /// Σ x ∘ w for a constant w (a scalar; used to probe gradients in tests).
     WeightedSum {
         x: Var,
@@ -147,13 +156,14 @@ pub enum Op<'p, B: Backend> {
         inputs: Vec<Var>,
         f: Rc<CheckpointFn<'p, B>>,
     },
-    /// Mean softcapped cross-entropy over rows with target ≥ 0.
+    /// `weight` times the mean softcapped cross-entropy over rows with target ≥ 0.
     CrossEntropy {
         logits: Var,
         targets: B::Tgt,
         vocab: usize,
         cap: f32,
         n_valid: usize,
+        weight: f32,
         lse: B::F,
     },
 }
@@ -176,7 +186,7 @@ impl<B: Backend> Op<'_, B> {
             Op::SwiGlu { g, u } => vec![*g, *u],
             Op::Moe { x, logits, w, .. } => vec![*x, *logits, w[0], w[1], w[2]],
             Op::MoeBalance { logits, .. } => vec![*logits],
-            Op::Add { a, b } => vec![*a, *b],
+            Op::Add { a, b } | Op::ConcatCols { a, b, .. } => vec![*a, *b],
             Op::Checkpoint { inputs, .. } => inputs.clone(),
             Op::CrossEntropy { logits, .. } => vec![*logits],
         }
@@ -247,6 +257,7 @@ impl<B: Backend> Op<'_, B> {
             Op::Scale { .. } => "scale",
             Op::MoeBalance { .. } => "moe_balance",
             Op::Add { .. } => "add",
+            Op::ConcatCols { .. } => "concat_cols",
             Op::WeightedSum { .. } => "weighted_sum",
             Op::CrossEntropy { .. } => "cross_entropy",
             Op::Checkpoint { .. } => "checkpoint",
@@ -399,10 +410,13 @@ impl<'p, B: Backend> Tape<'p, B> {
         (qi, ki, wi): (Var, Var, Var),
         sel: Option<&B::Sel>,
         dims: DsaDims,
-    ) -> Result<Var> {
+        weight: f32,
+    ) -> Result<(Var, f32)> {
         let index = (self.get(qi), self.get(ki), self.get(wi));
         let (loss, dqi, dki, dwi) = self.backend().indexer_kl(&dims, self.get(q), self.get(k), lse, index, sel)?;
-        Ok(self.record(Value::Scalar(loss), &[], Op::IndexerKl { qi, ki, wi, d: (dqi, dki, dwi) }))
+        let value = if weight == 1.0 { loss } else { weight * loss };
+        let op = Op::IndexerKl { qi, ki, wi, weight, d: (dqi, dki, dwi) };
+        Ok((self.record(Value::Scalar(value), &[], op), loss))
     }
 
     /// Routes x by `logits` (f32, from `router_logits`) + `bias` and runs the routed experts;
@@ -459,13 +473,43 @@ impl<'p, B: Backend> Tape<'p, B> {
     /// Mean over rows with target ≥ 0 of the softcapped cross-entropy (a scalar).
     /// Also returns the number of rows that counted.
     pub fn cross_entropy(&mut self, logits: Var, targets: &[i32], cap: f32) -> Result<(Var, usize)> {
+        let (loss, n_valid, _) = self.cross_entropy_weighted(logits, targets, cap, 1.0)?;
+        Ok((loss, n_valid))
+    }
+
+    /// `weight` × the mean cross-entropy (a scalar whose backward is scaled by `weight`, e.g. an
+    /// MTP depth's λ/D), the number of rows that counted and the unweighted mean.
+    pub fn cross_entropy_weighted(
+        &mut self,
+        logits: Var,
+        targets: &[i32],
+        cap: f32,
+        weight: f32,
+    ) -> Result<(Var, usize, f32)> {
         let vocab = *self.shape(logits).last().expect("cross_entropy: logits have no dims");
         let be = self.backend();
         let tgt = be.targets(targets)?;
         let (total, lse) = be.cross_entropy(self.get(logits), vocab, &tgt, cap)?;
         let n_valid = targets.iter().filter(|&&t| t >= 0).count();
         let mean = if n_valid > 0 { (total / n_valid as f64) as f32 } else { 0.0 };
-        let op = Op::CrossEntropy { logits, targets: tgt, vocab, cap, n_valid, lse };
-        Ok((self.record(Value::Scalar(mean), &[], op), n_valid))
+        let value = if weight == 1.0 { mean } else { weight * mean };
+        let op = Op::CrossEntropy { logits, targets: tgt, vocab, cap, n_valid, weight, lse };
+        Ok((self.record(Value::Scalar(value), &[], op), n_valid, mean))
+    }
+
+    /// [a | b] of a [n, ca] and b [n, cb] (rows side by side): [n, ca + cb].
+    pub fn concat_cols(&mut self, a: Var, b: Var) -> Result<Var> {
+        let (sa, sb) = (self.shape(a).to_vec(), self.shape(b).to_vec());
+        let (ca, cb) =
+            (*sa.last().expect("concat_cols: a has no dims"), *sb.last().expect("concat_cols: b has no dims"));
+        assert_eq!(sa[..sa.len() - 1], sb[..sb.len() - 1], "concat_cols: leading dims differ");
+        let n = sa.iter().product::<usize>() / ca.max(1);
+        let be = self.backend();
+        let mut y = be.a_zeros(n * (ca + cb))?;
+        be.copy_cols(self.get(a), (ca, 0), &mut y, (ca + cb, 0), n, ca)?;
+        be.copy_cols(self.get(b), (cb, 0), &mut y, (ca + cb, ca), n, cb)?;
+        let mut shape = sa;
+        *shape.last_mut().expect("checked") = ca + cb;
+        Ok(self.out(y, &shape, Op::ConcatCols { a, b, n, ca, cb }))
     }
 }

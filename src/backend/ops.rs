@@ -308,6 +308,17 @@ pub trait Backend {
 
     /// acc += x.
     fn add(&self, acc: &mut Self::A, x: &Self::A) -> Result<()>;
+    /// `dst[r, dst_off + c] = src[r, src_off + c]` for `rows × width` values of row-major
+    /// matrices `src [rows, src_cols]` and `dst [rows, dst_cols]` (column concatenation and split).
+    fn copy_cols(
+        &self,
+        src: &Self::A,
+        src_cols_off: (usize, usize),
+        dst: &mut Self::A,
+        dst_cols_off: (usize, usize),
+        rows: usize,
+        width: usize,
+    ) -> Result<()>;
     /// Softcapped cross-entropy: (Σ of the per-row losses over rows that count, in f64, and the
     /// per-row lse).
     fn cross_entropy(&self, logits: &Self::A, vocab: usize, tgt: &Self::Tgt, cap: f32) -> Result<(f64, Self::F)>;

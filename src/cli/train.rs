@@ -103,6 +103,12 @@ pub(crate) struct ModelArgs {
     /// MoE: expert capacity factor (0 = dropless, the default).
     #[arg(long)]
     pub(crate) expert_capacity_factor: Option<f32>,
+    /// Multi-token prediction: D extra modules, module k predicting the token k+1 ahead (0 = off).
+    #[arg(long)]
+    pub(crate) mtp_depth: Option<usize>,
+    /// Multi-token prediction: λ, the weight of the mean MTP loss (λ/D · Σ_k CE_k).
+    #[arg(long)]
+    pub(crate) mtp_lambda: Option<f32>,
 }
 
 impl ModelArgs {
@@ -146,6 +152,8 @@ impl ModelArgs {
             bias_update_speed: self.bias_update_speed,
             seq_aux_alpha: self.seq_aux_alpha,
             expert_capacity_factor: self.expert_capacity_factor,
+            mtp_depth: self.mtp_depth,
+            mtp_lambda: self.mtp_lambda,
         };
         o.apply_keeping(&mut cfg, &file_set)?;
         Ok((cfg, file_set))

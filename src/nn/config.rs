@@ -52,6 +52,19 @@ pub struct ModelConfig {
     /// Mixture of experts (DeepSeekMoE); `n_routed_experts = 0` keeps every FFN dense.
     #[serde(default)]
     pub moe: MoeConfig,
+    /// Multi-token prediction (DeepSeek-V3): D modules, module k predicting token i+k+1 from
+    /// position i (0 = off; `nn::mtp`).
+    #[serde(default)]
+    pub mtp_depth: usize,
+    /// λ: the MTP losses join the objective as λ/D · Σ_k CE_k.
+    #[serde(default = "super::mtp::default_lambda")]
+    pub mtp_lambda: f32,
+    /// λ from `mtp_lambda_switch` (a fraction of the steps) on; None keeps λ (DeepSeek-V3: 0.3,
+    /// then 0.1 for the last third).
+    #[serde(default)]
+    pub mtp_lambda_final: Option<f32>,
+    #[serde(default = "super::mtp::default_switch")]
+    pub mtp_lambda_switch: f32,
 }
 
 /// DeepSeekMoE settings (docs/model.md, "Mixture of experts"): the `moe` table of a config file,
@@ -250,6 +263,10 @@ impl ModelConfig {
             index_local_window: 0,
             dsa_warmup_steps: 0,
             moe: MoeConfig::default(),
+            mtp_depth: 0,
+            mtp_lambda: super::mtp::default_lambda(),
+            mtp_lambda_final: None,
+            mtp_lambda_switch: super::mtp::default_switch(),
         }
     }
 
@@ -470,6 +487,7 @@ impl ModelConfig {
         if self.dsa_window_size == 0 {
             bail!("config: dsa_window_size must be positive");
         }
+        self.validate_mtp()?;
         self.moe.validate()
     }
 
@@ -546,21 +564,25 @@ impl ModelConfig {
         })
     }
 
-    /// Total parameters: embedding + blocks + lm_head.
+    /// Total parameters: embedding + blocks + lm_head + the MTP modules (`mtp_params`).
     pub fn num_params(&self) -> usize {
-        2 * self.vocab_size * self.n_embd + self.block_params_total().0
+        2 * self.vocab_size * self.n_embd + self.block_params_total().0 + self.mtp_params().0
     }
 
-    /// Parameters a token uses (MoE layers count K routed experts); equals num_params for dense models.
+    /// Parameters a token uses in training (MoE layers count K routed experts; the MTP modules
+    /// count); equals num_params for dense models.
     pub fn active_params(&self) -> usize {
-        2 * self.vocab_size * self.n_embd + self.block_params_total().1
+        2 * self.vocab_size * self.n_embd + self.block_params_total().1 + self.mtp_params().1
     }
 
-    /// Approximate training FLOPs per token: 6·(active non-embedding matmul params + lm_head) + attention.
+    /// Approximate training FLOPs per token: 6·(active non-embedding matmul params + lm_head, once
+    /// per MTP depth too) + attention (the MTP blocks' included).
     pub fn flops_per_token(&self, seq_len: usize) -> f64 {
-        let matmul = (self.block_params_total().1 + self.vocab_size * self.n_embd) as f64;
+        let heads = (1 + self.mtp_depth) * self.vocab_size * self.n_embd;
+        let matmul = (self.block_params_total().1 + self.mtp_params().1 + heads) as f64;
         // causal attention: QKᵀ and PV, forward 2·2·(T/2)·head_dim per head, ×3 for fwd+bwd
-        let attn = 6.0 * self.n_layer as f64 * self.n_head as f64 * self.head_dim as f64 * seq_len as f64;
+        let layers = (self.n_layer + self.mtp_depth) as f64;
+        let attn = 6.0 * layers * self.n_head as f64 * self.head_dim as f64 * seq_len as f64;
         6.0 * matmul + attn
     }
 }

@@ -4,6 +4,7 @@
 //! per block: x += c_proj(attn(rope(norm(q)), rope(norm(k)), v)),  q,k,v = c_q,c_k,c_v(norm(x))
 //!            x += w_down(silu(w_gate(norm(x))) ∘ w_up(norm(x)))
 //! logits = softcap(lm_head(norm(x))),  loss = mean cross-entropy
+//! (+ λ/D · Σ_k CE_k of the multi-token prediction modules, `nn::mtp`)
 //!
 //! Every norm is the parameter-free RMSNorm; q and k are normalized per head (QK-norm).
 
@@ -79,12 +80,14 @@ impl MoeLoad {
 
 pub struct Model {
     pub config: ModelConfig,
-    /// wte, then each block's parameters (`block_param_specs` order), then lm_head.
+    /// wte, then each block's parameters (`block_param_specs` order), then lm_head, then each
+    /// MTP module's projection and block.
     pub params: Vec<Param>,
     /// Activation checkpointing: recompute every n-th block in the backward (0 = off, 1 = all).
     pub checkpoint_every: usize,
-    /// Per layer, the MoE router's selection bias b [E] (empty for dense FFNs). Not a trained
-    /// parameter: the training loop updates it after each step (auxiliary-loss-free balancing).
+    /// Per layer (the MTP modules' blocks after the model's, see [`ModelConfig::mtp_layer`]), the
+    /// MoE router's selection bias b [E] (empty for dense FFNs). Not a trained parameter: the
+    /// training loop updates it after each step (auxiliary-loss-free balancing).
     pub moe_bias: Vec<Vec<f32>>,
     /// Per layer, the routed load of the latest forward (a recomputed block overwrites its own).
     moe_loads: Mutex<Vec<Option<MoeLoad>>>,
@@ -92,7 +95,12 @@ pub struct Model {
     pub dsa_dense_warmup: bool,
     /// Per layer, the indexer's KL loss in the latest forward (DSA layers).
     indexer_losses: Mutex<Vec<Option<f32>>>,
-    /// Index in `params` of each block's first parameter, plus one past the last block.
+    /// λ of the MTP losses for the current step (the training loop follows the schedule).
+    pub mtp_lambda_now: f32,
+    /// Per MTP depth, its cross-entropy in the latest training forward.
+    pub(super) mtp_losses: Mutex<Vec<Option<f32>>>,
+    /// Index in `params` of each block's first parameter, plus one past the last block; then,
+    /// per MTP module, the index of its projection (its block's parameters follow), plus the end.
     block_start: Vec<usize>,
     /// The CPU backend for this config (its RoPE tables), for forward passes on the host.
     cpu: CpuOps,
@@ -100,7 +108,7 @@ pub struct Model {
 }
 
 /// One parameter of a block: name suffix, kind, shape, and whether it starts at zero.
-struct ParamSpec {
+pub(super) struct ParamSpec {
     name: &'static str,
     kind: ParamKind,
     shape: Vec<usize>,
@@ -126,6 +134,19 @@ impl Model {
             }
         }
         add("lm_head.weight".into(), ParamKind::Head, Tensor::randn(&[c.vocab_size, c.n_embd], 0.001, &mut rng));
+        // MTP modules last, so the main model's draws do not depend on mtp_depth.
+        for k in 1..=c.mtp_depth {
+            let proj_std = 1.0 / ((2 * c.n_embd) as f32).sqrt();
+            add(
+                format!("mtp.{k}.proj.weight"),
+                ParamKind::Matrix,
+                Tensor::randn(&[c.n_embd, 2 * c.n_embd], proj_std, &mut rng),
+            );
+            for p in Self::block_param_specs(c, c.mtp_layer(k)) {
+                let t = if p.zero { Tensor::zeros(&p.shape) } else { Tensor::randn(&p.shape, std, &mut rng) };
+                add(format!("mtp.{k}.block.{}.weight", p.name), p.kind, t);
+            }
+        }
         Ok(Model::from_params(config.clone(), params))
     }
 
@@ -137,11 +158,24 @@ impl Model {
         for l in 0..config.n_layer {
             block_start.push(block_start[l] + Self::block_param_specs(&config, l).len());
         }
-        let moe_bias = (0..config.n_layer)
+        // lm_head, then per MTP module its projection and block
+        for k in 1..=config.mtp_depth {
+            let start = block_start[block_start.len() - 1];
+            let n = if k == 1 { 1 } else { 1 + Self::block_param_specs(&config, config.mtp_layer(k - 1)).len() };
+            block_start.push(start + n);
+        }
+        if config.mtp_depth > 0 {
+            let start = block_start[block_start.len() - 1];
+            block_start.push(start + 1 + Self::block_param_specs(&config, config.mtp_layer(config.mtp_depth)).len());
+        }
+        let layers = config.n_layer + config.mtp_depth;
+        let moe_bias = (0..layers)
             .map(|l| if config.is_moe_layer(l) { vec![0.0; config.moe.n_routed_experts] } else { Vec::new() })
             .collect();
-        let moe_loads = Mutex::new(vec![None; config.n_layer]);
-        let indexer_losses = Mutex::new(vec![None; config.n_layer]);
+        let moe_loads = Mutex::new(vec![None; layers]);
+        let indexer_losses = Mutex::new(vec![None; layers]);
+        let mtp_losses = Mutex::new(vec![None; config.mtp_depth]);
+        let mtp_lambda_now = config.mtp_lambda;
         let cpu = CpuOps::new(&config);
         let memory = Tracked::floats(Category::Parameters, floats);
         Model {
@@ -152,6 +186,8 @@ impl Model {
             moe_loads,
             dsa_dense_warmup: false,
             indexer_losses,
+            mtp_lambda_now,
+            mtp_losses,
             block_start,
             cpu,
             _memory: memory,
@@ -162,7 +198,7 @@ impl Model {
     /// the dense FFN (w_gate, w_up, w_down) or the MoE FFN (router, routed expert stacks, shared
     /// experts), then for DSA layers the lightning indexer (wq, wk, w_heads). Shapes are
     /// [out, in]; expert stacks [E, out, in].
-    fn block_param_specs(c: &ModelConfig, l: usize) -> Vec<ParamSpec> {
+    pub(super) fn block_param_specs(c: &ModelConfig, l: usize) -> Vec<ParamSpec> {
         let mx = ParamKind::Matrix;
         let spec = |name, kind, shape: Vec<usize>, zero| ParamSpec { name, kind, shape, zero };
         let ce = c.n_embd;
@@ -215,24 +251,56 @@ impl Model {
             }
         }
         v.push(("lm_head.weight".to_string(), ParamKind::Head, vec![c.vocab_size, c.n_embd]));
+        for k in 1..=c.mtp_depth {
+            v.push((format!("mtp.{k}.proj.weight"), ParamKind::Matrix, vec![c.n_embd, 2 * c.n_embd]));
+            for p in Self::block_param_specs(c, c.mtp_layer(k)) {
+                v.push((format!("mtp.{k}.block.{}.weight", p.name), p.kind, p.shape));
+            }
+        }
         v
     }
 
+    /// Checkpoint name prefix of layer `l`: `blocks.{l}`, or `mtp.{k}.block` for the block of
+    /// MTP module k (layer `n_layer + k − 1`).
+    pub fn layer_name(c: &ModelConfig, l: usize) -> String {
+        if l < c.n_layer {
+            format!("blocks.{l}")
+        } else {
+            format!("mtp.{}.block", l - c.n_layer + 1)
+        }
+    }
+
     /// Checkpoint name of layer `l`'s routing bias (a buffer saved beside the weights).
-    pub fn moe_bias_name(l: usize) -> String {
-        format!("blocks.{l}.mlp.router.bias")
+    pub fn moe_bias_name(c: &ModelConfig, l: usize) -> String {
+        format!("{}.mlp.router.bias", Self::layer_name(c, l))
     }
 
     /// The routed load of each MoE layer in the latest forward (None for dense layers), clearing it.
     pub fn take_moe_loads(&self) -> Vec<Option<MoeLoad>> {
         let mut loads = self.moe_loads.lock().unwrap_or_else(|e| e.into_inner());
-        std::mem::replace(&mut *loads, vec![None; self.config.n_layer])
+        std::mem::replace(&mut *loads, vec![None; self.n_layers_all()])
+    }
+
+    /// Layers including the MTP modules' blocks.
+    pub fn n_layers_all(&self) -> usize {
+        self.config.n_layer + self.config.mtp_depth
+    }
+
+    /// Index in `params` of lm_head.
+    pub fn head_index(&self) -> usize {
+        self.block_start[self.config.n_layer]
+    }
+
+    /// The parameters of MTP module k (1-based): its projection, then its block's.
+    pub(super) fn mtp_params<'a>(&self, pv: &'a [Var], k: usize) -> (Var, &'a [Var]) {
+        let (start, end) = (self.block_start[self.config.n_layer + k], self.block_start[self.config.n_layer + k + 1]);
+        (pv[start], &pv[start + 1..end])
     }
 
     /// The indexer KL loss of each DSA layer in the latest forward (None elsewhere), clearing it.
     pub fn take_indexer_losses(&self) -> Vec<Option<f32>> {
         let mut losses = self.indexer_losses.lock().unwrap_or_else(|e| e.into_inner());
-        std::mem::replace(&mut *losses, vec![None; self.config.n_layer])
+        std::mem::replace(&mut *losses, vec![None; self.n_layers_all()])
     }
 
     /// Auxiliary-loss-free balancing after an optimizer step: each MoE layer's bias moves by
@@ -268,9 +336,10 @@ impl Model {
         &self.cpu
     }
 
-    /// Index in `params` of each block's first parameter, plus one past the last block.
+    /// Index in `params` of each block's first parameter, plus one past the last block (the
+    /// index of lm_head).
     pub fn block_start(&self) -> &[usize] {
-        &self.block_start
+        &self.block_start[..=self.config.n_layer]
     }
 
     /// Puts every parameter on a CPU tape (in `params` order, slot i for parameter i) and
@@ -290,6 +359,26 @@ impl Model {
         b: usize,
         t: usize,
     ) -> Result<Var> {
+        let x = self.hidden(tape, pv, ids, b, t)?;
+        self.head(tape, pv, x)
+    }
+
+    /// Raw logits lm_head(norm(x)) of hidden rows x [n, n_embd] (the softcap is the loss's).
+    pub fn head<'p, B: Backend>(&'p self, tape: &mut Tape<'p, B>, pv: &[Var], x: Var) -> Result<Var> {
+        let x = tape.rmsnorm(x, self.config.n_embd)?;
+        tape.linear(x, pv[self.head_index()])
+    }
+
+    /// The last block's output rows [b·t, n_embd] (before the final norm) for `ids` viewed as
+    /// [b, t]: what the head and the first MTP module read.
+    pub fn hidden<'p, B: Backend>(
+        &'p self,
+        tape: &mut Tape<'p, B>,
+        pv: &[Var],
+        ids: &[u32],
+        b: usize,
+        t: usize,
+    ) -> Result<Var> {
         let c = &self.config;
         if ids.len() != b * t {
             bail!("forward: {} ids do not form a [{b}, {t}] batch", ids.len());
@@ -302,16 +391,30 @@ impl Model {
         let mut x = tape.rmsnorm(x, c.n_embd)?;
         for l in 0..c.n_layer {
             let w = &pv[self.block_start[l]..self.block_start[l + 1]];
-            x = if self.checkpoint_every > 0 && l % self.checkpoint_every == 0 {
-                let inputs: Vec<Var> = std::iter::once(x).chain(w.iter().copied()).collect();
-                let f = move |tp: &mut Tape<'p, B>, v: &[Var]| self.block(tp, l, v[0], &v[1..], b, t, None);
-                tape.checkpoint(&inputs, Rc::new(f))?
-            } else {
-                self.block(tape, l, x, w, b, t, None)?
-            };
+            x = self.block_or_checkpoint(tape, l, x, w, b, t)?;
         }
-        let x = tape.rmsnorm(x, c.n_embd)?;
-        tape.linear(x, pv[pv.len() - 1])
+        Ok(x)
+    }
+
+    /// [`Self::block`] on a training forward, recomputed in the backward when activation
+    /// checkpointing covers layer `l` (every `checkpoint_every`-th layer, counting the MTP blocks).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn block_or_checkpoint<'p, B: Backend>(
+        &'p self,
+        tape: &mut Tape<'p, B>,
+        l: usize,
+        x: Var,
+        w: &[Var],
+        b: usize,
+        t: usize,
+    ) -> Result<Var> {
+        if self.checkpoint_every > 0 && l % self.checkpoint_every == 0 {
+            let inputs: Vec<Var> = std::iter::once(x).chain(w.iter().copied()).collect();
+            let f = move |tp: &mut Tape<'p, B>, v: &[Var]| self.block(tp, l, v[0], &v[1..], b, t, None);
+            tape.checkpoint(&inputs, Rc::new(f))
+        } else {
+            self.block(tape, l, x, w, b, t, None)
+        }
     }
 
     /// Raw logits (before the softcap) of `ids`, one sequence continuing the one `cache` holds:
@@ -325,6 +428,20 @@ impl Model {
         ids: &[u32],
         cache: &mut KvCache,
         all_rows: bool,
+    ) -> Result<Var> {
+        let x = self.hidden_cached(tape, pv, ids, cache)?;
+        let x = if all_rows { x } else { tape.last_rows(x, 1)? };
+        self.head(tape, pv, x)
+    }
+
+    /// The last block's output rows [n, n_embd] (before the final norm) of `ids`, one sequence
+    /// continuing the one `cache` holds (as [`Self::logits_cached`], which applies the head).
+    pub fn hidden_cached<'p, B: Backend>(
+        &'p self,
+        tape: &mut Tape<'p, B>,
+        pv: &[Var],
+        ids: &[u32],
+        cache: &mut KvCache,
     ) -> Result<Var> {
         let (c, n, p0) = (&self.config, ids.len(), cache.len());
         ensure!(n > 0, "decode: no tokens to process");
@@ -344,18 +461,14 @@ impl Model {
             x = self.block(tape, l, x, w, 1, n, Some(layer))?;
         }
         cache.advance(n);
-        if !all_rows {
-            x = tape.last_rows(x, 1)?;
-        }
-        let x = tape.rmsnorm(x, c.n_embd)?;
-        tape.linear(x, pv[pv.len() - 1])
+        Ok(x)
     }
 
     /// One block on x [b·t, n_embd] with its parameters `w` (`block_param_specs` order). With a
     /// `cache` (one sequence, b = 1), the rows are positions `cache.len()..` and attention also
     /// sees the cached keys; the new keys and values are appended (inference only).
     #[allow(clippy::too_many_arguments)]
-    fn block<'p, B: Backend>(
+    pub(super) fn block<'p, B: Backend>(
         &'p self,
         tape: &mut Tape<'p, B>,
         l: usize,
@@ -453,8 +566,10 @@ impl Model {
         }
         let (y, sel, lse) = tape.dsa_attention(qkv, (qi, ki, wi), dims, self.dsa_dense_warmup)?;
         if tape.aux_enabled() {
-            let kl = tape.indexer_kl((qkv.0, qkv.1), &lse, (qi, ki, wi), sel.as_deref(), dims)?;
-            self.indexer_losses.lock().unwrap_or_else(|e| e.into_inner())[l] = Some(tape.scalar(kl));
+            // an MTP module's indexer loss is weighted as its cross-entropy (λ/D)
+            let weight = if l < c.n_layer { 1.0 } else { self.mtp_weight() };
+            let (kl, value) = tape.indexer_kl((qkv.0, qkv.1), &lse, (qi, ki, wi), sel.as_deref(), dims, weight)?;
+            self.indexer_losses.lock().unwrap_or_else(|e| e.into_inner())[l] = Some(value);
             tape.add_aux_loss(kl);
         }
         Ok(y)
@@ -484,8 +599,10 @@ impl Model {
         let logits = tape.router_logits(h, w[0])?;
         let (mut y, routing) = tape.moe(h, logits, [w[1], w[2], w[3]], &self.moe_bias[l], cfg)?;
         let mut balance_loss = 0.0;
-        if m.seq_aux_alpha > 0.0 && tape.aux_enabled() {
-            let bal = tape.moe_balance(logits, routing.clone(), cfg, (b, t), m.seq_aux_alpha)?;
+        // an MTP module's balance loss is weighted as its cross-entropy (λ/D)
+        let alpha = if l < self.config.n_layer { m.seq_aux_alpha } else { m.seq_aux_alpha * self.mtp_weight() };
+        if alpha > 0.0 && tape.aux_enabled() {
+            let bal = tape.moe_balance(logits, routing.clone(), cfg, (b, t), alpha)?;
             balance_loss = tape.scalar(bal);
             tape.add_aux_loss(bal);
         }
@@ -514,8 +631,13 @@ impl Model {
         if let Some(&bad) = targets.iter().find(|&&y| y >= 0 && y as usize >= self.config.vocab_size) {
             bail!("target token id {bad} is out of range for vocab_size {}", self.config.vocab_size);
         }
-        let logits = self.logits(tape, pv, ids, b, t)?;
-        Ok(tape.cross_entropy(logits, targets, self.config.logit_softcap)?.0)
+        let h = self.hidden(tape, pv, ids, b, t)?;
+        let logits = self.head(tape, pv, h)?;
+        let loss = tape.cross_entropy(logits, targets, self.config.logit_softcap)?.0;
+        if self.config.mtp_depth > 0 && tape.aux_enabled() {
+            self.mtp_losses(tape, pv, h, ids, targets, (b, t))?;
+        }
+        Ok(loss)
     }
 
     /// Softcapped logits of the last position of a single sequence (for sampling).

@@ -36,6 +36,8 @@ pub struct ConfigOverrides {
     pub bias_update_speed: Option<f32>,
     pub seq_aux_alpha: Option<f32>,
     pub expert_capacity_factor: Option<f32>,
+    pub mtp_depth: Option<usize>,
+    pub mtp_lambda: Option<f32>,
 }
 
 impl ConfigOverrides {
@@ -145,6 +147,12 @@ impl ConfigOverrides {
         if let Some(v) = self.expert_capacity_factor {
             // 0 = dropless; anything else (NaN or a negative included) goes to validate().
             m.expert_capacity_factor = if v == 0.0 { None } else { Some(v) };
+        }
+        if let Some(v) = self.mtp_depth {
+            cfg.mtp_depth = v;
+        }
+        if let Some(v) = self.mtp_lambda {
+            cfg.mtp_lambda = v;
         }
         cfg.derive_moe_inter_dim();
         cfg.validate()

@@ -135,7 +135,7 @@ fn install(tmp: &Path, final_dir: &Path) -> Result<()> {
 pub fn save(run_dir: &Path, model: &Model, opt: &Optimizer, state: &CheckpointState, keep: usize) -> Result<PathBuf> {
     let mut weights: Vec<(String, Tensor)> = model.params.iter().map(|p| (p.name.clone(), p.tensor.clone())).collect();
     for (l, bias) in model.moe_bias.iter().enumerate().filter(|(_, b)| !b.is_empty()) {
-        weights.push((Model::moe_bias_name(l), Tensor::from_vec(&[bias.len()], bias.clone())));
+        weights.push((Model::moe_bias_name(&model.config, l), Tensor::from_vec(&[bias.len()], bias.clone())));
     }
     let optim = opt.state_tensors(model);
     for (what, tensors) in [("weights", &weights), ("optimizer state", &optim)] {
@@ -286,7 +286,7 @@ pub fn load_model(ckpt_dir: &Path, config: &ModelConfig) -> Result<Model> {
         bail!("checkpoint {} holds non-finite values in '{}'", ckpt_dir.display(), p.name);
     }
     for (l, bias) in model.moe_bias.iter_mut().enumerate().filter(|(_, b)| !b.is_empty()) {
-        let name = Model::moe_bias_name(l);
+        let name = Model::moe_bias_name(config, l);
         *bias = file.get(&name, &[bias.len()])?;
         if bias.iter().any(|v| !v.is_finite()) {
             bail!("checkpoint {} holds non-finite values in '{name}'", ckpt_dir.display());

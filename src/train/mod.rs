@@ -188,6 +188,13 @@ pub fn write_plot(run_dir: &Path) -> Result<()> {
         plot::Series { name: "train loss".into(), points: metrics::series(&records, "loss") },
         plot::Series { name: "val loss".into(), points: metrics::series(&records, "val_loss") },
     ];
+    for k in 1.. {
+        let mtp = metrics::series(&records, &format!("mtp_loss_{k}"));
+        if mtp.is_empty() {
+            break;
+        }
+        series.push(plot::Series { name: format!("MTP depth {k} loss"), points: mtp });
+    }
     let kl = metrics::series(&records, "indexer_loss");
     if !kl.is_empty() {
         series.push(plot::Series { name: "DSA indexer KL".into(), points: kl });

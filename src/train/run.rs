@@ -113,6 +113,7 @@ pub(super) fn run<B: Backend>(req: &TrainRequest, ops: B, data: RunData) -> Resu
         let ts_step = Instant::now();
         let lr = lr_multiplier(step, total, ts.optim.warmup_ratio, ts.optim.warmdown_ratio, ts.optim.final_lr_frac);
         model.dsa_dense_warmup = step < mcfg.dsa_warmup_steps;
+        model.mtp_lambda_now = mcfg.mtp_lambda_at(step, total);
         tr.ops.reset_peak(); // the device's peak window is the step, as on the host
         let stats =
             tr.train_step(&mut model, || loader.next_batch(), (accum, ts.optim.grad_clip, lr), false).map_err(|e| {
@@ -145,6 +146,13 @@ pub(super) fn run<B: Backend>(req: &TrainRequest, ops: B, data: RunData) -> Resu
             record["indexer_loss"] = json!(kl);
             record["dsa_dense_warmup"] = json!(model.dsa_dense_warmup);
         }
+        if !stats.mtp_losses.is_empty() {
+            // each depth's cross-entropy (unweighted), beside the model's own loss
+            for (k, l) in stats.mtp_losses.iter().enumerate() {
+                record[format!("mtp_loss_{}", k + 1)] = json!(l);
+            }
+            record["mtp_lambda"] = json!(model.mtp_lambda_now);
+        }
         log.log(record)?;
         pb.set_position(done);
         pb.set_message(format!("loss {loss:.4} | {tok_s:.0} tok/s | peak {peak_mib:.0} MiB"));
@@ -168,7 +176,9 @@ pub(super) fn run<B: Backend>(req: &TrainRequest, ops: B, data: RunData) -> Resu
                     .collect();
                 format!(" on the device ({})", parts.join(", "))
             });
-            say(format!("step {done:>5}/{total} | loss {loss:.4}{vl} | lr ×{lr:.3} | grad norm {grad_norm:.3} | {tok_s:.0} tok/s | peak mem {peak_mib:.0} MiB{by_cat}"));
+            let mtp: String =
+                stats.mtp_losses.iter().enumerate().map(|(k, l)| format!(" | mtp{} {l:.4}", k + 1)).collect();
+            say(format!("step {done:>5}/{total} | loss {loss:.4}{mtp}{vl} | lr ×{lr:.3} | grad norm {grad_norm:.3} | {tok_s:.0} tok/s | peak mem {peak_mib:.0} MiB{by_cat}"));
         }
         if (ts.save_every > 0 && done % ts.save_every == 0) || is_last {
             tr.copy_to_host(&mut model, &mut opt)?;

@@ -32,6 +32,8 @@ pub struct StepStats {
     pub moe_loads: Vec<Option<MoeLoad>>,
     /// The DSA indexers' KL loss, averaged over DSA layers and micro-batches (None without DSA).
     pub indexer_loss: Option<f32>,
+    /// Per MTP depth, its cross-entropy averaged over the micro-batches (empty without MTP).
+    pub mtp_losses: Vec<f32>,
 }
 
 /// Per-layer statistics of one pass: the MoE loads and the indexer KL.
@@ -39,6 +41,7 @@ pub struct StepStats {
 pub struct PassStats {
     pub moe_loads: Vec<Option<MoeLoad>>,
     pub indexer_losses: Vec<Option<f32>>,
+    pub mtp_losses: Vec<Option<f32>>,
 }
 
 pub struct Trainer<B: Backend> {
@@ -63,8 +66,10 @@ impl<B: Backend> Trainer<B> {
     pub fn new(ops: B, model: &mut Model, opt: &mut Optimizer) -> Result<Self> {
         let c = &model.config;
         let specs: Vec<_> = model.params.iter().map(|p| (p.name.clone(), p.kind, p.tensor.shape.clone())).collect();
-        if model.block_start()[c.n_layer] + 1 != specs.len() {
-            bail!("the model's parameters are not wte, the blocks, lm_head (as Model::new makes them)");
+        if Model::expected_shapes(c).len() != specs.len() {
+            bail!(
+                "the model's parameters are not wte, the blocks, lm_head, the MTP modules (as Model::new makes them)"
+            );
         }
         let (mut params, mut copies, mut grads) = (Vec::new(), Vec::new(), Vec::new());
         for p in model.params.iter_mut() {
@@ -214,13 +219,17 @@ impl<B: Backend> Trainer<B> {
         let pv = view.bind(&mut tape);
         let loss = model.loss(&mut tape, &pv, ids, targets, b, t)?;
         let lv = tape.scalar(loss);
-        let stats = PassStats { moe_loads: model.take_moe_loads(), indexer_losses: model.take_indexer_losses() };
+        let stats = PassStats {
+            moe_loads: model.take_moe_loads(),
+            indexer_losses: model.take_indexer_losses(),
+            mtp_losses: model.take_mtp_losses(),
+        };
         if !lv.is_finite() {
             bail!("loss became {lv}");
         }
         let aux = tape.aux_loss_total();
         if !aux.is_finite() {
-            bail!("an auxiliary loss (MoE balance or DSA indexer) became {aux}");
+            bail!("an auxiliary loss (MoE balance, DSA indexer or MTP) became {aux}");
         }
         tape.backward_into(loss, seed, grads)?;
         let times = tape.op_times().cloned();
@@ -279,8 +288,9 @@ impl<B: Backend> Trainer<B> {
         let t = model.config.max_seq_len;
         let mut loss_sum = 0.0f64;
         let mut op_times: Option<OpTimes> = profile.then(Default::default);
-        let mut moe_loads: Vec<Option<MoeLoad>> = vec![None; model.config.n_layer];
+        let mut moe_loads: Vec<Option<MoeLoad>> = vec![None; model.n_layers_all()];
         let (mut kl_sum, mut kl_n) = (0.0f64, 0usize);
+        let mut mtp_sums = vec![(0.0f64, 0usize); model.config.mtp_depth];
         for micro in 0..accum {
             let batch = next_batch();
             let rows = batch.ids.len() / t;
@@ -293,6 +303,11 @@ impl<B: Backend> Trainer<B> {
             }
             for kl in stats.indexer_losses.into_iter().flatten() {
                 (kl_sum, kl_n) = (kl_sum + kl as f64, kl_n + 1);
+            }
+            for ((sum, n), loss) in mtp_sums.iter_mut().zip(stats.mtp_losses) {
+                if let Some(loss) = loss {
+                    (*sum, *n) = (*sum + loss as f64, *n + 1);
+                }
             }
             for (sum, load) in moe_loads.iter_mut().zip(stats.moe_loads) {
                 if let Some(load) = load {
@@ -313,7 +328,9 @@ impl<B: Backend> Trainer<B> {
             load.balance_loss /= accum as f32;
         }
         let indexer_loss = (kl_n > 0).then(|| (kl_sum / kl_n as f64) as f32);
-        Ok(StepStats { loss: (loss_sum / accum as f64) as f32, grad_norm, update_s, op_times, moe_loads, indexer_loss })
+        let mtp_losses = mtp_sums.iter().map(|&(s, n)| if n > 0 { (s / n as f64) as f32 } else { f32::NAN }).collect();
+        let loss = (loss_sum / accum as f64) as f32;
+        Ok(StepStats { loss, grad_norm, update_s, op_times, moe_loads, indexer_loss, mtp_losses })
     }
 }
 

@@ -382,6 +382,18 @@ impl Backend for CpuOps {
         Ok(d_logits)
     }
 
+    fn copy_cols(
+        &self,
+        src: &Vec<f32>,
+        src_cols_off: (usize, usize),
+        dst: &mut Vec<f32>,
+        dst_cols_off: (usize, usize),
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        elementwise::copy_cols(src, src_cols_off, dst, dst_cols_off, rows, width);
+        Ok(())
+    }
     fn scale(&self, x: &mut Vec<f32>, s: f32) -> Result<()> {
         x.iter_mut().for_each(|v| *v *= s);
         Ok(())

@@ -475,6 +475,17 @@ impl Backend for CudaOps {
     fn add(&self, acc: &mut A, x: &A) -> Result<()> {
         Ok(elementwise::add(&self.be, acc, x, acc)?)
     }
+    fn copy_cols(
+        &self,
+        src: &A,
+        src_cols_off: (usize, usize),
+        dst: &mut A,
+        dst_cols_off: (usize, usize),
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        Ok(elementwise::copy_cols(&self.be, src, src_cols_off, dst, dst_cols_off, rows, width)?)
+    }
     fn cross_entropy(&self, logits: &A, vocab: usize, (tgt, host): &Self::Tgt, cap: f32) -> Result<(f64, F)> {
         let (losses, lse): (F, F) = (self.uninit(tgt.len())?, self.uninit(tgt.len())?);
         loss::softcap_cross_entropy_forward(&self.be, logits, vocab, tgt, cap, &losses, &lse)?;
