@@ -77,12 +77,17 @@ impl SpecStats {
 
     /// Per depth, the fraction of judged drafts accepted (DeepSeek-V3's "acceptance rate").
     pub fn acceptance(&self) -> Vec<f64> {
-        self.accepted.iter().zip(&self.verified).map(|(&a, &v)| if v == 0 { 0.0 } else { a as f64 / v as f64 }).collect()
+        self.accepted
+            .iter()
+            .zip(&self.verified)
+            .map(|(&a, &v)| if v == 0 { 0.0 } else { a as f64 / v as f64 })
+            .collect()
     }
 
     pub fn merge(&mut self, o: &SpecStats) {
         self.rounds += o.rounds;
-        for (a, b) in [(&mut self.drafted, &o.drafted), (&mut self.verified, &o.verified), (&mut self.accepted, &o.accepted)]
+        for (a, b) in
+            [(&mut self.drafted, &o.drafted), (&mut self.verified, &o.verified), (&mut self.accepted, &o.accepted)]
         {
             a.resize(a.len().max(b.len()), 0);
             a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
@@ -195,6 +200,7 @@ impl<'m> SpecDecoder<'m> {
         let (model, c) = (self.model, self.model.config.n_embd);
         let dist = |logits: &[f32]| candidates(logits, opts.temperature, opts.top_k, opts.top_p);
         let q = self.cache.len() - 1;
+        debug_assert_eq!(self.hidden[0].end(c), q + 1, "depth 0's rows reach the main cache's end");
         let (mut tape, pv) = self.tape();
         let (mut drafts, mut qs): (Vec<u32>, Vec<Vec<(u32, f64)>>) = (Vec::new(), Vec::new());
         // depth k − 1's rows computed this round from drafts (positions past its true ones)

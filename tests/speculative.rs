@@ -1,0 +1,170 @@
+//! Speculative decoding with the MTP modules as the draft model: greedy speculative output is
+//! plain greedy output token for token (dense, window, DSA and MoE layers; depths 1 and 2; across
+//! a context shift), on models whose drafts are mostly rejected (random weights) and on models
+//! whose drafts are mostly or always accepted, counting both paths. (The sampling rule's
+//! distribution test is `speculative::sampling`'s unit test; the caches' rollback is
+//! `nn::decode`'s.)
+
+use nanoseek::generate::{generate, generate_stream, SampleOptions};
+use nanoseek::nn::{Model, ModelConfig, MoeConfig};
+use nanoseek::rng::Rng;
+use nanoseek::speculative::{generate_speculative, generate_speculative_stream, SpecDecoder};
+use nanoseek::Tensor;
+
+/// A small model with `depth` MTP modules and every weight random (std 1/√fan_in). `blend`
+/// makes the MTP modules agree with the main model: every block's output projections (attn
+/// c_proj, every w_down) are scaled by `blend` and each module's projection reads only the
+/// token's embedding, so at `blend = 0` the main model and every module compute
+/// `lm_head(norm(norm(wte[x])))` of their input token x, a bigram model whose drafts the main
+/// model always accepts; small `blend` > 0 lets context change some predictions.
+fn model(pattern: &str, depth: usize, max_seq_len: usize, seed: u64, edit: Edit) -> Model {
+    let mut cfg = ModelConfig::preset("tiny").unwrap();
+    (cfg.vocab_size, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head) = (53, 2, 32, 4, 2);
+    (cfg.head_dim, cfg.ffn_hidden, cfg.max_seq_len) = (8, 64, max_seq_len);
+    (cfg.attn_pattern, cfg.dsa_window_size, cfg.n_global) = (pattern.into(), 6, 2);
+    (cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, cfg.index_local_window) = (2, 8, 5, 2);
+    cfg.mtp_depth = depth;
+    edit(&mut cfg);
+    let mut m = Model::new(&cfg, seed).unwrap();
+    let mut rng = Rng::new(seed + 100);
+    for p in &mut m.params {
+        let fan_in = *p.tensor.shape.last().unwrap() as f32;
+        p.tensor = Tensor::randn(&p.tensor.shape.clone(), 1.0 / fan_in.sqrt(), &mut rng);
+    }
+    for b in &mut m.moe_bias {
+        b.iter_mut().for_each(|x| *x = rng.normal() as f32 * 0.1);
+    }
+    m
+}
+
+/// A config edit (e.g. [`moe`]).
+type Edit<'a> = &'a dyn Fn(&mut ModelConfig);
+
+fn moe(c: &mut ModelConfig) {
+    c.moe = MoeConfig { n_routed_experts: 4, top_k: 2, moe_inter_dim: 16, ..Default::default() };
+}
+
+/// Scales the output projections by `blend` and makes each MTP projection [0 | I] (see `model`).
+fn agree(m: &mut Model, blend: f32) {
+    let c = m.config.n_embd;
+    for p in &mut m.params {
+        if p.name.contains("c_proj") || p.name.contains("w_down") {
+            p.tensor.data.iter_mut().for_each(|x| *x *= blend);
+        }
+        if p.name.starts_with("mtp.") && p.name.ends_with(".proj.weight") {
+            let mut w = vec![0.0f32; c * 2 * c];
+            (0..c).for_each(|j| w[j * 2 * c + c + j] = 1.0);
+            p.tensor = Tensor::from_vec(&[c, 2 * c], w);
+        }
+    }
+}
+
+fn ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut rng = Rng::new(seed);
+    (0..n).map(|_| rng.below(vocab) as u32).collect()
+}
+
+/// Greedy speculative tokens (depth = mtp_depth) equal plain greedy tokens; returns
+/// (drafts judged, drafts accepted) over all depths.
+fn check_greedy(m: &Model, prompt: &[u32], n: usize, what: &str) -> (usize, usize) {
+    let opts = SampleOptions { max_new_tokens: n, temperature: 0.0, ..Default::default() };
+    let plain = generate(m, prompt, &opts).unwrap();
+    let spec = generate_speculative_stream(m, prompt, &opts, m.config.mtp_depth, &mut |_| {}).unwrap();
+    assert_eq!(spec.generation.tokens, plain, "{what}: speculative greedy tokens differ from plain greedy");
+    let s = &spec.stats;
+    assert!(s.rounds < n, "{what}: {} rounds for {n} tokens", s.rounds);
+    (s.verified.iter().sum(), s.accepted.iter().sum())
+}
+
+#[test]
+fn greedy_speculative_equals_greedy_on_random_models() {
+    // random weights: the modules guess badly, most drafts are rejected and rolled back
+    let cases: [(&str, Edit); 5] = [("D", &|_| {}), ("W", &|_| {}), ("S", &|_| {}), ("WD", &moe), ("SDW", &moe)];
+    for (pattern, edit) in cases {
+        for depth in [1, 2] {
+            let m = model(pattern, depth, 64, 3 + depth as u64, edit);
+            let what = format!("{pattern}, depth {depth}");
+            let (verified, accepted) = check_greedy(&m, &ids(7, 53, 1), 40, &what);
+            assert!(verified > accepted, "{what}: no draft was rejected ({accepted} of {verified})");
+            eprintln!("{what}: {accepted} of {verified} drafts accepted");
+        }
+    }
+}
+
+#[test]
+fn greedy_speculative_equals_greedy_when_drafts_are_accepted() {
+    let cases: [(&str, Edit); 4] = [("D", &|_| {}), ("W", &|_| {}), ("S", &|_| {}), ("WD", &moe)];
+    for (pattern, edit) in cases {
+        for depth in [1, 2] {
+            // blend 0: the modules are the main model's bigram, every draft is accepted
+            let mut m = model(pattern, depth, 64, 20 + depth as u64, edit);
+            agree(&mut m, 0.0);
+            let what = format!("{pattern}, depth {depth}, blend 0");
+            let (verified, accepted) = check_greedy(&m, &ids(5, 53, 2), 40, &what);
+            assert!(verified > 0 && accepted == verified, "{what}: {accepted} of {verified} accepted");
+            // blend 0.3: context changes some predictions, both paths run within one generation
+            let mut m = model(pattern, depth, 64, 20 + depth as u64, edit);
+            agree(&mut m, 0.3);
+            let what = format!("{pattern}, depth {depth}, blend 0.3");
+            let (verified, accepted) = check_greedy(&m, &ids(5, 53, 2), 40, &what);
+            assert!(accepted > 0 && accepted < verified, "{what}: {accepted} of {verified} accepted");
+            eprintln!("{what}: {accepted} of {verified} drafts accepted");
+        }
+    }
+}
+
+#[test]
+fn greedy_speculative_shifts_the_context_as_plain_decoding() {
+    // max_seq_len 20: the prompt is cut and the context shifts several times in 50 tokens;
+    // drafts are limited by the room left, and the shifts happen where plain decoding's do
+    for (pattern, blend) in [("D", 0.0), ("WD", 0.5), ("S", 1.0)] {
+        let mut m = model(pattern, 2, 20, 31, &|_| {});
+        agree(&mut m, blend);
+        let opts = SampleOptions { max_new_tokens: 50, temperature: 0.0, ..Default::default() };
+        let prompt = ids(25, 53, 3);
+        let plain = generate_stream(&m, &prompt, &opts, &mut |_| {}).unwrap();
+        let spec = generate_speculative_stream(&m, &prompt, &opts, 2, &mut |_| {}).unwrap();
+        assert_eq!(spec.generation.tokens, plain.tokens, "{pattern}: tokens");
+        assert_eq!(spec.generation.context_shifts, plain.context_shifts, "{pattern}: shifts");
+        assert_eq!(spec.generation.prefill_tokens, plain.prefill_tokens, "{pattern}: the prompt cut");
+        assert!(plain.context_shifts >= 2, "{pattern}: {plain:?}");
+    }
+}
+
+#[test]
+fn speculative_generation_stops_and_samples() {
+    let mut m = model("WD", 2, 64, 41, &|_| {});
+    agree(&mut m, 0.3);
+    let prompt = ids(6, 53, 4);
+    let greedy = SampleOptions { max_new_tokens: 30, temperature: 0.0, ..Default::default() };
+    let plain = generate(&m, &prompt, &greedy).unwrap();
+    // a stop token ends generation where plain decoding ends it, even inside accepted drafts
+    let stop = plain[10];
+    let first = plain.iter().position(|&t| t == stop).unwrap();
+    let opts = SampleOptions { stop_token: Some(stop), ..greedy.clone() };
+    let mut streamed = Vec::new();
+    let s = generate_speculative_stream(&m, &prompt, &opts, 2, &mut |t| streamed.push(t)).unwrap();
+    assert_eq!(s.generation.tokens, plain[..=first], "stop token");
+    assert!(s.generation.stopped);
+    assert_eq!(streamed, s.generation.tokens, "the callback sees every token, in order");
+    // depth 1 on a depth-2 model; every budget is met exactly
+    for n in [1, 2, 3, 7] {
+        let o = SampleOptions { max_new_tokens: n, ..greedy.clone() };
+        assert_eq!(generate_speculative(&m, &prompt, &o, 1).unwrap(), plain[..n], "budget {n}");
+    }
+    // sampling: reproducible for a seed, and within the top-k
+    let sample = SampleOptions { max_new_tokens: 30, temperature: 0.9, top_k: 5, top_p: 0.95, seed: 7, ..greedy };
+    let a = generate_speculative(&m, &prompt, &sample, 2).unwrap();
+    assert_eq!(a.len(), 30);
+    assert_eq!(a, generate_speculative(&m, &prompt, &sample, 2).unwrap());
+}
+
+#[test]
+fn speculative_decoding_needs_mtp_modules() {
+    let m = model("D", 0, 32, 5, &|_| {});
+    let e = SpecDecoder::new(&m, 1).err().unwrap().to_string();
+    assert!(e.contains("mtp_depth > 0"), "{e}");
+    let m = model("D", 1, 32, 5, &|_| {});
+    let e = SpecDecoder::new(&m, 2).err().unwrap().to_string();
+    assert!(e.contains("depth 2"), "{e}");
+}
