@@ -190,6 +190,10 @@ impl<'m> Decoder<'m> {
         Ok(Decoder { model, cache, history: Vec::new(), last_logits: None })
     }
 
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.model.config
     }

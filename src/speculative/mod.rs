@@ -9,6 +9,7 @@
 //!   same context shifts, same stop token and budget) with rounds instead of single steps.
 
 pub mod decoder;
+pub mod demo;
 pub mod sampling;
 
 use crate::generate::{sample_token, Generation, SampleOptions};
