@@ -270,3 +270,55 @@ fn demo_speculative_mtp() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("error: --speculative mtp needs a model trained with mtp_depth > 0"), "{err}");
 }
+
+/// Each round's drafts come from the logits a non-speculative MTP forward computes: the main
+/// model's hidden rows of the whole history, then module 1, …, k over every position from
+/// scratch (fresh caches), on the true tokens followed by the round's pending token and
+/// earlier drafts. Tolerance as the decoder's tests: 1e-4 · max(1, max |logit|).
+#[test]
+fn drafts_are_the_mtp_forward_of_the_true_sequence() {
+    use nanoseek::autograd::Tape;
+    use nanoseek::nn::decode::{layer_cache, KvCache};
+    let cases: [(&str, Edit); 4] = [("D", &|_| {}), ("W", &|_| {}), ("S", &|_| {}), ("SDW", &moe)];
+    for (pattern, edit) in cases {
+        let mut m = model(pattern, 2, 64, 51, edit);
+        agree(&mut m, 0.3);
+        let v = m.config.vocab_size;
+        let opts = SampleOptions { temperature: 0.0, ..Default::default() };
+        let mut rng = Rng::new(1);
+        let mut dec = SpecDecoder::new(&m, 2).unwrap();
+        let logits = dec.prefill(&ids(5, 53, 9)).unwrap();
+        let mut pending = nanoseek::generate::argmax(&logits);
+        let mut checked = 0;
+        while dec.len() < 40 {
+            let before = dec.history().to_vec();
+            let (accepted, next) = dec.round(pending, 2, &opts, &mut rng).unwrap();
+            let (drafts, draft_logits) = dec.last_drafts();
+            let seq: Vec<u32> = before.iter().copied().chain([pending]).chain(drafts.iter().copied()).collect();
+            let q = before.len() - 1;
+            // the reference: one pass of everything over positions 0..=q
+            let mut tape = Tape::inference(m.cpu());
+            let pv = m.params_on(&mut tape);
+            let mut h = m.hidden_cached(&mut tape, &pv, &before, &mut KvCache::new(&m.config)).unwrap();
+            for k in 1..=2 {
+                let mut cache = layer_cache(&m.config, m.config.mtp_layer(k));
+                let toks: Vec<u32> = (0..=q).map(|i| seq[i + k]).collect();
+                h = m.mtp_cached(&mut tape, &pv, k, h, &toks, &mut cache).unwrap();
+                let last = tape.last_rows(h, 1).unwrap();
+                let raw = m.head(&mut tape, &pv, last).unwrap();
+                let cap = m.config.logit_softcap;
+                let want: Vec<f32> =
+                    tape.value(raw).iter().map(|&z| if cap > 0.0 { cap * (z / cap).tanh() } else { z }).collect();
+                let got = &draft_logits[k - 1];
+                assert_eq!(got.len(), v);
+                let scale = want.iter().fold(1.0f32, |a, x| a.max(x.abs()));
+                let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                assert!(worst <= 1e-4 * scale, "{pattern}: depth {k} at position {q}: {worst} > 1e-4·{scale}");
+                checked += 1;
+            }
+            assert_eq!(dec.history().len(), before.len() + 1 + accepted.len());
+            pending = next;
+        }
+        assert!(checked >= 20, "{pattern}: {checked}");
+    }
+}

@@ -54,7 +54,7 @@ pub use crate::backend::LayerCache;
 const F32_BYTES: usize = std::mem::size_of::<f32>();
 
 /// An empty cache for layer `l` of `config` (`l ≥ n_layer`: an MTP module's virtual layer).
-pub(crate) fn layer_cache(config: &ModelConfig, l: usize) -> LayerCache {
+pub fn layer_cache(config: &ModelConfig, l: usize) -> LayerCache {
     let kind = match config.attn_kind(l) {
         AttnKind::Dense => CacheKind::Dense,
         AttnKind::Window => CacheKind::Window { window: config.dsa_window_size, n_global: config.n_global },

@@ -107,6 +107,8 @@ pub struct SpecDecoder<'m> {
     /// Depth j's true hidden rows (0: the main model) that module j + 1 has not cached yet:
     /// positions `modules[j].len()..`.
     hidden: Vec<Rows>,
+    /// The last round's drafts and, per depth, the softcapped logits they were drawn from.
+    drafts: (Vec<u32>, Vec<Vec<f32>>),
     pub stats: SpecStats,
 }
 
@@ -132,6 +134,7 @@ impl<'m> SpecDecoder<'m> {
             history: Vec::new(),
             modules,
             hidden: vec![Rows::default(); depth],
+            drafts: Default::default(),
             stats: SpecStats::new(depth),
         })
     }
@@ -152,6 +155,11 @@ impl<'m> SpecDecoder<'m> {
     /// The ids in the main cache, in order.
     pub fn history(&self) -> &[u32] {
         &self.history
+    }
+
+    /// The last round's drafts and the softcapped logits each was drawn from (diagnostics).
+    pub fn last_drafts(&self) -> (&[u32], &[Vec<f32>]) {
+        (&self.drafts.0, &self.drafts.1)
     }
 
     pub fn reset(&mut self) {
@@ -203,6 +211,7 @@ impl<'m> SpecDecoder<'m> {
         debug_assert_eq!(self.hidden[0].end(c), q + 1, "depth 0's rows reach the main cache's end");
         let (mut tape, pv) = self.tape();
         let (mut drafts, mut qs): (Vec<u32>, Vec<Vec<(u32, f64)>>) = (Vec::new(), Vec::new());
+        self.drafts.1.clear();
         // depth k − 1's rows computed this round from drafts (positions past its true ones)
         let mut temporary: Vec<f32> = Vec::new();
         for k in 1..=n {
@@ -222,7 +231,9 @@ impl<'m> SpecDecoder<'m> {
             let out = model.mtp_cached(&mut tape, &pv, k, hv, &ids, &mut self.modules[k - 1])?;
             let last = tape.last_rows(out, 1)?;
             let logits = model.head(&mut tape, &pv, last)?;
-            let qk = dist(&softcap(model, tape.value(logits)));
+            let logits = softcap(model, tape.value(logits));
+            let qk = dist(&logits);
+            self.drafts.1.push(logits);
             drafts.push(draw(&qk, rng));
             qs.push(qk);
             // positions i < q + 2 − k used true tokens only: keep them, roll back the rest
@@ -256,6 +267,7 @@ impl<'m> SpecDecoder<'m> {
             s.verified[k] += usize::from(k <= a);
             s.accepted[k] += usize::from(k < a);
         }
+        self.drafts.0 = drafts.clone();
         drafts.truncate(a);
         Ok((drafts, verdict.token))
     }
