@@ -132,6 +132,22 @@ fn greedy_speculative_shifts_the_context_as_plain_decoding() {
 }
 
 #[test]
+fn window_model_decodes_past_max_seq_len_with_bounded_modules() {
+    // main model: one window layer (no context limit); module 1 is a dense layer (stops at
+    // max_seq_len 16 positions), module 2 a window layer (never stops)
+    let mut m = model("WD", 2, 16, 61, &|c| c.n_layer = 1);
+    agree(&mut m, 0.3);
+    let opts = SampleOptions { max_new_tokens: 40, temperature: 0.0, ..Default::default() };
+    let prompt = ids(5, 53, 6);
+    let plain = generate_stream(&m, &prompt, &opts, &mut |_| {}).unwrap();
+    let spec = generate_speculative_stream(&m, &prompt, &opts, 2, &mut |_| {}).unwrap();
+    assert_eq!(spec.generation.tokens, plain.tokens);
+    assert_eq!((plain.context_shifts, spec.generation.context_shifts), (0, 0));
+    let s = &spec.stats;
+    assert!(s.drafted[0] > 0 && s.rounds > s.drafted[0], "drafting stopped at the limit: {s:?}");
+}
+
+#[test]
 fn speculative_generation_stops_and_samples() {
     let mut m = model("WD", 2, 64, 41, &|_| {});
     agree(&mut m, 0.3);

@@ -16,13 +16,20 @@
 //! sequence computes (up to summation order), the drafts only decide what gets verified, and
 //! the output is the main model's (exactly: [`super::sampling`]). The caches are made with
 //! `slack = depth`, so window layers can roll back a whole round.
+//!
+//! **Limits.** A module whose layer is dense or DSA caches at most `max_seq_len` positions; on
+//! a main model of window layers only (no context limit) it stops drafting there, and decoding
+//! goes on with the modules before it (or none: one token per forward). With an expert capacity
+//! limit (`expert_capacity_factor`) the rows of a verify call compete for capacity as a
+//! prefill's rows do, so outputs can differ from one-token steps; dropless routing (the
+//! default) routes every row as alone.
 
 use super::sampling::{draw, verify};
 use crate::autograd::Tape;
 use crate::backend::{math, CpuOps, LayerCache};
 use crate::generate::{candidates, SampleOptions};
 use crate::nn::decode::{layer_cache, Decoder, KvCache};
-use crate::nn::Model;
+use crate::nn::{AttnKind, Model};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
@@ -157,6 +164,14 @@ impl<'m> SpecDecoder<'m> {
         &self.history
     }
 
+    /// How many modules can draft now: module k caches the main cache's positions, so one with
+    /// a bounded (dense or DSA) cache stops at `max_seq_len` positions (see the module doc).
+    pub fn draftable(&self) -> usize {
+        let c = &self.model.config;
+        let fits = |k: &usize| c.attn_kind(c.mtp_layer(*k)) == AttnKind::Window || self.len() <= c.max_seq_len;
+        (1..=self.depth).take_while(fits).count()
+    }
+
     /// The last round's drafts and the softcapped logits each was drawn from (diagnostics).
     pub fn last_drafts(&self) -> (&[u32], &[Vec<f32>]) {
         (&self.drafts.0, &self.drafts.1)
@@ -196,7 +211,7 @@ impl<'m> SpecDecoder<'m> {
     /// main cache must have room for `n + 1` more positions.
     pub fn round(&mut self, pending: u32, n: usize, opts: &SampleOptions, rng: &mut Rng) -> Result<(Vec<u32>, u32)> {
         ensure!(!self.history.is_empty(), "speculative: prefill before the first round");
-        ensure!(n <= self.depth, "speculative: {n} drafts from {} modules", self.depth);
+        ensure!(n <= self.draftable(), "speculative: {n} drafts from {} usable modules", self.draftable());
         let out = self.try_round(pending, n, opts, rng);
         if out.is_err() {
             self.reset(); // a failed kernel may leave the caches out of step
@@ -268,6 +283,11 @@ impl<'m> SpecDecoder<'m> {
             s.accepted[k] += usize::from(k < a);
         }
         self.drafts.0 = drafts.clone();
+        // a module whose cache is full never drafts again (only a reset shortens the main
+        // cache): stop keeping its inputs
+        for k in self.draftable() + 1..=self.depth {
+            self.hidden[k - 1].clear();
+        }
         drafts.truncate(a);
         Ok((drafts, verdict.token))
     }

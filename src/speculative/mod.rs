@@ -88,7 +88,7 @@ pub fn generate_speculative_stream(
             }
             let left = opts.max_new_tokens - g.tokens.len();
             let room = cap.map_or(usize::MAX, |c| c - len - 1);
-            let n = depth.min(left - 1).min(room);
+            let n = depth.min(left - 1).min(room).min(dec.draftable());
             let (accepted, next) = dec.round(pending, n, opts, &mut rng)?;
             for t in accepted.into_iter().chain([next]) {
                 if emit(&mut g, t) {
