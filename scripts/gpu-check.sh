@@ -46,6 +46,7 @@ FIRST_STAGES=(
     "dsa|60|selftest dsa"
     "moe|45|selftest moe"
     "train_step_all_kinds|60|selftest train_step_all_kinds"
+    "train_step_mtp|60|selftest train_step_mtp"
     "kernels_api|30|selftest kernels_api"
     "wgmma|45|selftest wgmma"
     "wgmma_no_tma|45|NANOSEEK_WGMMA_NO_TMA=1 selftest wgmma"

@@ -45,6 +45,21 @@ pub fn report(name: &str, c: &ModelConfig) -> String {
     }
     rows.push(("all blocks".into(), blocks));
     rows.push(("lm_head".into(), emb));
+    if c.mtp_depth > 0 {
+        // not read by plain decoding: training and speculative drafting only
+        let (mtp, mtp_active) = c.mtp_params();
+        s += &format!(
+            "  multi-token prediction: {} module(s) (projection [C, 2C] + one block each; layers {}..{}), λ {}\n",
+            c.mtp_depth,
+            c.n_layer,
+            c.n_layer + c.mtp_depth - 1,
+            c.mtp_lambda
+        );
+        rows.push(("MTP modules (training and drafting only)".into(), mtp));
+        if mtp_active != mtp {
+            rows.push(("  of which active per token".into(), mtp_active));
+        }
+    }
     rows.push(("total".into(), total));
     rows.push(("non-embedding (blocks)".into(), blocks));
     if m.enabled() {
@@ -75,9 +90,11 @@ pub fn predict_training_bytes(c: &ModelConfig, batch: usize, seq: usize, checkpo
     let (n, cc, f, v) = (batch * seq, c.n_embd, c.ffn_hidden, c.vocab_size);
     let (hd, kvd, h, hkv) = (c.q_dim(), c.kv_dim(), c.n_head, c.n_kv_head);
     let params = c.num_params();
+    // the model's layers, then the MTP modules' blocks
+    let layers = c.n_layer + c.mtp_depth;
     // Muon keeps one value per block matrix entry (routers are AdamW: two per entry).
-    let routers = (0..c.n_layer).filter(|&l| c.is_moe_layer(l)).count() * c.moe.n_routed_experts * cc;
-    let matrices = c.block_params_total().0 - routers;
+    let routers = (0..layers).filter(|&l| c.is_moe_layer(l)).count() * c.moe.n_routed_experts * cc;
+    let matrices = c.block_params_total().0 + c.mtp_params().0 - routers;
     let optimizer = matrices + 2 * (params - matrices);
     // Values and saved state the tape keeps for one block (see Model::block): six [n, C]
     // tensors, three of the query width, three of the kv width, the FFN's, plus RMSNorm's
@@ -99,18 +116,22 @@ pub fn predict_training_bytes(c: &ModelConfig, batch: usize, seq: usize, checkpo
         let index = if c.attn_kind(l) == crate::nn::AttnKind::Sparse { dsa } else { 0 };
         n * (6 * cc + 3 * hd + 3 * kvd + ffn + index + 2 + h + hkv + h)
     };
-    let block = (0..c.n_layer).map(block_of).max().unwrap_or(0);
+    let block = (0..layers).map(block_of).max().unwrap_or(0);
     // embedding (+ids), its norm, the final norm, the logits, the loss's targets and lse
-    let outer = n * (cc + 1) + n * (cc + 1) + n * (cc + 1) + n * v + 2 * n + 1;
-    let checkpointed = if checkpoint_every == 0 { 0 } else { c.n_layer.div_ceil(checkpoint_every) };
-    let all_blocks: usize = (0..c.n_layer).map(block_of).sum();
+    let head = n * (cc + 1) + n * v + 2 * n + 1;
+    let outer = n * (cc + 1) + n * (cc + 1) + head;
+    // each MTP depth: the norm of its input rows, the shifted embedding (+ids) and its norm, the
+    // concatenation [n, 2C] and the projection, then a head of its own (nn::mtp)
+    let mtp = c.mtp_depth * (n * (cc + 1) + 2 * n * (cc + 1) + 2 * n * cc + n * cc + head);
+    let checkpointed = if checkpoint_every == 0 { 0 } else { layers.div_ceil(checkpoint_every) };
+    let all_blocks: usize = (0..layers).map(block_of).sum();
     let plain_blocks = if checkpoint_every == 0 {
         all_blocks
     } else {
-        (0..c.n_layer).filter(|l| l % checkpoint_every != 0).map(block_of).sum()
+        (0..layers).filter(|l| l % checkpoint_every != 0).map(block_of).sum()
     };
     // At the end of the forward: every kept value (a checkpointed block keeps only its output).
-    let forward = outer + plain_blocks + checkpointed * n * cc;
+    let forward = outer + mtp + plain_blocks + checkpointed * n * cc;
     // The peak is the start of the backward: every activation of the forward alive, plus the
     // logits' gradient, or, once the logits are freed after the loss's backward, lm_head's
     // weight gradient before it is added into its buffer (the parameters' gradients accumulate

@@ -96,6 +96,7 @@ group_tests! {
     kernels_api_matches_cpu => "kernels_api",
     cuda_tape_tracks_the_cpu_tape_dense_with_and_without_checkpointing => "train_step",
     cuda_tape_tracks_the_cpu_tape_on_every_layer_kind_with_and_without_checkpointing => "train_step_all_kinds",
+    cuda_tape_tracks_the_cpu_tape_with_mtp_modules => "train_step_mtp",
 }
 
 #[test]

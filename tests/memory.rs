@@ -130,6 +130,14 @@ fn info_predicts_the_measured_peak_within_ten_percent() {
         c.moe = MoeConfig { n_routed_experts: 8, top_k: 2, moe_inter_dim: 176, ..MoeConfig::default() };
         cases.push(("tiny+moe", 128, 8, every, c));
     }
+    for every in [0, 1] {
+        // two MTP modules (their blocks dense, then MoE)
+        let mut c = ModelConfig::preset("tiny").unwrap();
+        (c.max_seq_len, c.mtp_depth, c.n_layer) = (128, 2, 3);
+        c.moe =
+            MoeConfig { n_routed_experts: 8, top_k: 2, moe_inter_dim: 176, first_k_dense: 4, ..MoeConfig::default() };
+        cases.push(("tiny+mtp2", 128, 8, every, c));
+    }
     for (preset, seq, rows, every, c) in cases {
         let (m, p) = measured_vs_predicted(&c, rows, every);
         let err = (p as f64 - m as f64) / m as f64;

@@ -5,6 +5,7 @@ pub mod decode;
 pub mod model;
 pub mod mtp;
 pub mod overrides;
+mod params;
 
 pub use config::{AttnKind, ModelConfig, MoeConfig};
 pub use model::{Model, Param, ParamKind};

@@ -107,14 +107,6 @@ pub struct Model {
     _memory: Tracked,
 }
 
-/// One parameter of a block: name suffix, kind, shape, and whether it starts at zero.
-pub(super) struct ParamSpec {
-    name: &'static str,
-    kind: ParamKind,
-    shape: Vec<usize>,
-    zero: bool,
-}
-
 impl Model {
     /// Initialization (docs/model.md): wte ~ N(0, 1); c_q, c_k, c_v, w_gate, w_up (dense, shared
     /// and routed experts) and the router ~ N(0, 1/n_embd); c_proj and every w_down = 0 (each block
@@ -192,87 +184,6 @@ impl Model {
             cpu,
             _memory: memory,
         }
-    }
-
-    /// The parameters of block `l`, in checkpoint order: attention (c_q, c_k, c_v, c_proj), then
-    /// the dense FFN (w_gate, w_up, w_down) or the MoE FFN (router, routed expert stacks, shared
-    /// experts), then for DSA layers the lightning indexer (wq, wk, w_heads). Shapes are
-    /// [out, in]; expert stacks [E, out, in].
-    pub(super) fn block_param_specs(c: &ModelConfig, l: usize) -> Vec<ParamSpec> {
-        let mx = ParamKind::Matrix;
-        let spec = |name, kind, shape: Vec<usize>, zero| ParamSpec { name, kind, shape, zero };
-        let ce = c.n_embd;
-        let mut v = vec![
-            spec("attn.c_q", mx, vec![c.q_dim(), ce], false),
-            spec("attn.c_k", mx, vec![c.kv_dim(), ce], false),
-            spec("attn.c_v", mx, vec![c.kv_dim(), ce], false),
-            spec("attn.c_proj", mx, vec![ce, c.q_dim()], true),
-        ];
-        if !c.is_moe_layer(l) {
-            let f = c.ffn_hidden;
-            v.push(spec("mlp.w_gate", mx, vec![f, ce], false));
-            v.push(spec("mlp.w_up", mx, vec![f, ce], false));
-            v.push(spec("mlp.w_down", mx, vec![ce, f], true));
-        } else {
-            Self::moe_param_specs(c, &mut v);
-        }
-        if c.attn_kind(l) == AttnKind::Sparse {
-            let (hi, di) = (c.index_n_heads, c.index_head_dim);
-            v.push(spec("attn.indexer.wq", mx, vec![hi * di, ce], false));
-            v.push(spec("attn.indexer.wk", mx, vec![di, ce], false));
-            v.push(spec("attn.indexer.w_heads", mx, vec![hi, ce], false));
-        }
-        v
-    }
-
-    fn moe_param_specs(c: &ModelConfig, v: &mut Vec<ParamSpec>) {
-        let (mx, ex) = (ParamKind::Matrix, ParamKind::Experts);
-        let spec = |name, kind, shape: Vec<usize>, zero| ParamSpec { name, kind, shape, zero };
-        let ce = c.n_embd;
-        let (e, f) = (c.moe.n_routed_experts, c.moe.moe_inter_dim);
-        v.push(spec("mlp.router", ParamKind::Router, vec![e, ce], false));
-        v.push(spec("mlp.experts.w_gate", ex, vec![e, f, ce], false));
-        v.push(spec("mlp.experts.w_up", ex, vec![e, f, ce], false));
-        v.push(spec("mlp.experts.w_down", ex, vec![e, ce, f], true));
-        if c.moe.n_shared_experts > 0 {
-            let fs = c.moe.n_shared_experts * f;
-            v.push(spec("mlp.shared.w_gate", mx, vec![fs, ce], false));
-            v.push(spec("mlp.shared.w_up", mx, vec![fs, ce], false));
-            v.push(spec("mlp.shared.w_down", mx, vec![ce, fs], true));
-        }
-    }
-
-    /// Every parameter's name, kind and shape, in checkpoint order.
-    pub fn expected_shapes(c: &ModelConfig) -> Vec<(String, ParamKind, Vec<usize>)> {
-        let mut v = vec![("wte.weight".to_string(), ParamKind::Embedding, vec![c.vocab_size, c.n_embd])];
-        for l in 0..c.n_layer {
-            for p in Self::block_param_specs(c, l) {
-                v.push((format!("blocks.{l}.{}.weight", p.name), p.kind, p.shape));
-            }
-        }
-        v.push(("lm_head.weight".to_string(), ParamKind::Head, vec![c.vocab_size, c.n_embd]));
-        for k in 1..=c.mtp_depth {
-            v.push((format!("mtp.{k}.proj.weight"), ParamKind::Matrix, vec![c.n_embd, 2 * c.n_embd]));
-            for p in Self::block_param_specs(c, c.mtp_layer(k)) {
-                v.push((format!("mtp.{k}.block.{}.weight", p.name), p.kind, p.shape));
-            }
-        }
-        v
-    }
-
-    /// Checkpoint name prefix of layer `l`: `blocks.{l}`, or `mtp.{k}.block` for the block of
-    /// MTP module k (layer `n_layer + k − 1`).
-    pub fn layer_name(c: &ModelConfig, l: usize) -> String {
-        if l < c.n_layer {
-            format!("blocks.{l}")
-        } else {
-            format!("mtp.{}.block", l - c.n_layer + 1)
-        }
-    }
-
-    /// Checkpoint name of layer `l`'s routing bias (a buffer saved beside the weights).
-    pub fn moe_bias_name(c: &ModelConfig, l: usize) -> String {
-        format!("{}.mlp.router.bias", Self::layer_name(c, l))
     }
 
     /// The routed load of each MoE layer in the latest forward (None for dense layers), clearing it.

@@ -66,6 +66,21 @@ pub fn elementwise(ctx: &mut Ctx) -> Result<()> {
         ctx.close("add (odd length)", "n 7", &down(&o7)?, &want, Tol::bf16_once());
         Ok(())
     });
+    // the column copy of the MTP concatenation and its split (a 2-D driver copy): exact
+    ctx.case("copy_cols", "rows 37, 24 of 40 at 13 into 64 at 5", |ctx| {
+        let be = ctx.be;
+        let (rows, src_cols, dst_cols) = (37, 40, 64);
+        let src = rand_bf16(65, rows * src_cols, 2.0);
+        let dst0 = rand_bf16(66, rows * dst_cols, 2.0);
+        let ddst = up(be, &dst0)?;
+        cuda::elementwise::copy_cols(be, &up(be, &src)?, (src_cols, 13), &ddst, (dst_cols, 5), rows, 24)?;
+        let mut want = dst0.clone();
+        cpu::elementwise::copy_cols(&src, (src_cols, 13), &mut want, (dst_cols, 5), rows, 24);
+        let got = down(&ddst)?;
+        let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+        ctx.flag("copy_cols bitwise", "rows 37", same, "the copied block or its surroundings differ");
+        Ok(())
+    });
     Ok(())
 }
 

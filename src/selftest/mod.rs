@@ -104,6 +104,11 @@ pub const GROUPS: &[Group] = &[
         about: "WSD + MoE model: every gradient, 3 steps, loads, biases",
         run: train::all_kinds,
     },
+    Group {
+        name: "train_step_mtp",
+        about: "dense model with 2 MTP modules: depth losses, every gradient, 3 steps",
+        run: train::mtp,
+    },
 ];
 
 /// The groups a model's training uses (`train --device cuda` runs their quick checks first).

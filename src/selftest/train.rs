@@ -257,6 +257,45 @@ pub fn all_kinds(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
+/// The dense model with two MTP modules (λ 0.3; the modules' blocks dense).
+fn mtp_config() -> Result<ModelConfig> {
+    let mut c = dense_config()?;
+    (c.mtp_depth, c.mtp_lambda) = (2, 0.3);
+    Ok(c)
+}
+
+/// Each MTP depth's loss of micro-batch 1 (the trainer's gradients are zeroed first).
+fn depth_losses<B: Backend>(tr: &mut Trainer<B>, m: &Model) -> Result<Vec<f32>> {
+    let b0 = batch(1);
+    tr.zero_grads()?;
+    let (_, stats, _) = tr.forward_backward(m, &b0.ids, &b0.targets, (2, 64), 1.0, false)?;
+    Ok(stats.mtp_losses.iter().map(|l| l.unwrap_or(f32::NAN)).collect())
+}
+
+/// Multi-token prediction: each depth's loss (rtol 2e-2, as the model's loss), every gradient
+/// (the modules' projections and blocks included; norm bound 1e-1 as for every layer kind: the
+/// path through the modules is two blocks and two heads longer), three steps, with and without
+/// checkpointing (the modules' blocks are recomputed too).
+pub fn mtp(ctx: &mut Ctx) -> Result<()> {
+    ctx.case("train_step_mtp", "-", |ctx| {
+        let c = mtp_config()?;
+        let (mut cpu_tr, mut cpu_model) = trainer(CpuOps::new(&c), &c, 0)?;
+        let want_depths = depth_losses(&mut cpu_tr, &cpu_model)?;
+        let (want, _) = drive(&mut cpu_tr, &mut cpu_model)?;
+        for (every, label) in [(0, "mtp"), (1, "mtp checkpointed")] {
+            let (mut tr, m) = trainer(CudaOps::new(ctx.open()?, &c)?, &c, every)?;
+            let got_depths = depth_losses(&mut tr, &m)?;
+            ctx.close(&format!("{label} depth losses"), "D 2", &got_depths, &want_depths, Tol::new(0.0, 2e-2, 2e-2));
+            drop(tr);
+            let gpu = gpu_run(ctx, &c, every)?;
+            compare_runs(ctx, label, &gpu, &want, 1e-1);
+            back_on_host(ctx, label, &gpu, &c)?;
+        }
+        Ok(())
+    });
+    Ok(())
+}
+
 /// The rows of one all-kinds GPU run against the CPU's.
 fn all_kinds_rows(
     ctx: &mut Ctx,
