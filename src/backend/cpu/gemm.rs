@@ -39,6 +39,16 @@ pub fn gemm(
         }
         return;
     }
+    // a linear layer on a few rows at decode shapes (a verify pass, a short prefill): read each
+    // weight row once for all rows instead of packing the weights (`gemm_rows`)
+    if la == Layout::N
+        && lb == Layout::T
+        && !accumulate
+        && (2..=super::gemm_rows::MAX_ROWS).contains(&m)
+        && n * k >= 1 << 16
+    {
+        return super::gemm_rows::gemm_few_rows(m, n, k, a, b, c);
+    }
     // (row stride, column stride) of each operand as the logical matrix.
     let (a_rs, a_cs) = match la {
         Layout::N => (k as isize, 1),
