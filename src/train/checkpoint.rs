@@ -276,23 +276,66 @@ pub fn read_config(ckpt_dir: &Path) -> Result<ModelConfig> {
 
 /// Loads the weights of a checkpoint into a new model with `config`.
 pub fn load_model(ckpt_dir: &Path, config: &ModelConfig) -> Result<Model> {
+    Ok(load_model_converting(ckpt_dir, config, None)?.0)
+}
+
+/// Whether a tensor a checkpoint lacks may start fresh in a conversion: a DSA layer's lightning
+/// indexer (a dense layer turned sparse) or an MTP module (MTP added to a trained model).
+pub fn conversion_adds(name: &str) -> bool {
+    name.contains(".attn.indexer.") || name.starts_with("mtp.")
+}
+
+/// [`load_model`], or with `fresh` (a model of `config`, e.g. `Model::new(config, seed)`) a
+/// conversion of a trained model: every tensor the checkpoint holds must fit, and the tensors it
+/// lacks are taken from `fresh` where [`conversion_adds`] allows (the indexers of layers turned
+/// from D or W into S, MTP modules and their routing biases). Returns the model and the names
+/// taken fresh.
+pub fn load_model_converting(
+    ckpt_dir: &Path,
+    config: &ModelConfig,
+    fresh: Option<&Model>,
+) -> Result<(Model, Vec<String>)> {
     let file = TensorFile::read(ckpt_dir, "model.safetensors")?;
-    let params = Model::expected_shapes(config)
-        .into_iter()
-        .map(|(name, kind, shape)| Ok(Param { tensor: Tensor::from_vec(&shape, file.get(&name, &shape)?), name, kind }))
-        .collect::<Result<Vec<_>>>()?;
+    let held: std::collections::HashSet<String> = file.parsed().names().into_iter().map(String::from).collect();
+    let mut added = Vec::new();
+    let mut take = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+        match fresh {
+            Some(m) if !held.contains(name) && conversion_adds(name) => {
+                added.push(name.to_string());
+                let from_params = m.param(name).map(|t| t.data.clone());
+                let from_bias = (0..m.moe_bias.len()).find(|&l| Model::moe_bias_name(config, l) == name);
+                from_params
+                    .or_else(|| from_bias.map(|l| m.moe_bias[l].clone()))
+                    .ok_or_else(|| anyhow!("conversion: the fresh model has no tensor '{name}'"))
+            }
+            _ => file.get(name, shape),
+        }
+    };
+    let mut params = Vec::new();
+    for (name, kind, shape) in Model::expected_shapes(config) {
+        params.push(Param { tensor: Tensor::from_vec(&shape, take(&name, &shape)?), name, kind });
+    }
+    let mut biases = Vec::new();
+    for (l, n) in (0..config.n_layer + config.mtp_depth).map(|l| (l, config.is_moe_layer(l))) {
+        biases.push(if n {
+            Some(take(&Model::moe_bias_name(config, l), &[config.moe.n_routed_experts])?)
+        } else {
+            None
+        });
+    }
     let mut model = Model::from_params(config.clone(), params);
     if let Some(p) = model.params.iter().find(|p| p.tensor.data.iter().any(|v| !v.is_finite())) {
         bail!("checkpoint {} holds non-finite values in '{}'", ckpt_dir.display(), p.name);
     }
-    for (l, bias) in model.moe_bias.iter_mut().enumerate().filter(|(_, b)| !b.is_empty()) {
+    for (l, (bias, loaded)) in model.moe_bias.iter_mut().zip(biases).enumerate() {
+        let Some(loaded) = loaded else { continue };
         let name = Model::moe_bias_name(config, l);
-        *bias = file.get(&name, &[bias.len()])?;
+        *bias = loaded;
         if bias.iter().any(|v| !v.is_finite()) {
             bail!("checkpoint {} holds non-finite values in '{name}'", ckpt_dir.display());
         }
     }
-    Ok(model)
+    Ok((model, added))
 }
 
 /// Loads a whole training checkpoint: weights, optimizer state, loader state.
