@@ -28,9 +28,25 @@ pub fn report(name: &str, c: &ModelConfig) -> String {
     }
     let (blocks, active_blocks) = c.block_params_total();
     let m = &c.moe;
+    if c.is_mla() {
+        s += &format!(
+            "  MLA: query latent {} ({}), kv latent {}, heads q/k {} + {} (rotary, one shared key), v {}\n",
+            c.q_lora_rank,
+            if c.q_lora_rank > 0 { "wq_a, wq_b" } else { "0: direct wq" },
+            c.kv_lora_rank,
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim
+        );
+    }
+    let attn_name = match (c.is_mla(), c.q_lora_rank > 0) {
+        (false, _) => "attention (c_q, c_k, c_v, c_proj) per layer",
+        (true, true) => "attention (MLA: wq_a, wq_b, wkv_a, wkv_b, c_proj)",
+        (true, false) => "attention (MLA: wq, wkv_a, wkv_b, c_proj)/layer",
+    };
     let mut rows = vec![
         ("wte (embedding)".to_string(), emb),
-        ("attention (c_q, c_k, c_v, c_proj) per layer".into(), attn),
+        (attn_name.into(), attn),
         ("ffn (w_gate, w_up, w_down) per dense layer".into(), ffn),
     ];
     if m.enabled() {
@@ -111,10 +127,13 @@ pub fn predict_training_bytes(c: &ModelConfig, batch: usize, seq: usize, checkpo
     let (hi, di) = (c.index_n_heads, c.index_head_dim);
     let kmax = (c.index_topk + c.index_local_window).min(seq);
     let dsa = cc + 3 * (hi * di + di + hi) + kmax;
+    // The attention projection: GQA's q, k, v, their QK-norm (+ rstd per head) and the attention
+    // (+ lse); or MLA's latents, per-head pieces and attention (`ModelConfig::mla_activations_per_token`).
+    let attn = if c.is_mla() { c.mla_activations_per_token() } else { 3 * hd + 3 * kvd + h + hkv + h };
     let block_of = |l: usize| {
         let ffn = if c.is_moe_layer(l) { moe_ffn } else { 3 * f };
         let index = if c.attn_kind(l) == crate::nn::AttnKind::Sparse { dsa } else { 0 };
-        n * (6 * cc + 3 * hd + 3 * kvd + ffn + index + 2 + h + hkv + h)
+        n * (6 * cc + attn + ffn + index + 2)
     };
     let block = (0..layers).map(block_of).max().unwrap_or(0);
     // embedding (+ids), its norm, the final norm, the logits, the loss's targets and lse
@@ -202,6 +221,15 @@ pub fn memory_report(c: &ModelConfig, batch: usize, seq: usize, checkpoint_every
         s += &format!("  {:<16} {:>12.1} MiB\n", cat.name(), mib(bytes));
     }
     s += &format!("  {:<16} {:>12.1} MiB\n", "total", mib(train.iter().sum()));
+    if c.is_mla() {
+        let weights = c.num_params() * 4;
+        s += &format!(
+            "predicted inference memory (f32): weights {:.1} MiB; {}\n",
+            mib(weights),
+            crate::nn::mla::NO_LATENT_CACHE
+        );
+        return s;
+    }
     let (weights, kv) = predict_inference_bytes(c, seq);
     s += &format!(
         "predicted inference memory (f32): weights {:.1} MiB + KV cache {:.1} MiB at {seq} tokens\n",

@@ -144,7 +144,16 @@ pub fn render(run_dir: &Path) -> Result<String> {
     writeln!(w, "## Configuration\n\n| setting | value |\n|---|---|")?;
     let mut row = |k: &str, v: String| writeln!(w, "| {k} | {v} |");
     row("layers × width", format!("{} × n_embd {}", m.n_layer, m.n_embd))?;
-    row("heads", format!("{} query, {} key/value, head_dim {}", m.n_head, m.n_kv_head, m.head_dim))?;
+    if m.is_mla() {
+        let (rq, rkv) = (m.q_lora_rank, m.kv_lora_rank);
+        let widths = (m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim);
+        row(
+            "heads (MLA)",
+            format!("{}; q/k {} + {} rotary, v {}; latents q {rq}, kv {rkv}", m.n_head, widths.0, widths.1, widths.2),
+        )?;
+    } else {
+        row("heads", format!("{} query, {} key/value, head_dim {}", m.n_head, m.n_kv_head, m.head_dim))?;
+    }
     row("ffn_hidden", m.ffn_hidden.to_string())?;
     row("vocab_size, max_seq_len", format!("{}, {}", m.vocab_size, m.max_seq_len))?;
     row("attention pattern", format!("`{}` (window {}, global {})", m.attn_pattern, m.dsa_window_size, m.n_global))?;

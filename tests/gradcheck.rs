@@ -110,3 +110,51 @@ fn router_logits_scale_and_indexer_rope() {
         t.rope(v[0], (2, 5, 1), RopeKind::Indexer)
     });
 }
+
+/// The column ops MLA is built of (`autograd::columns`): a slice of the last dim (of a 2-D value
+/// and per head of a [n, h, d] value), a head broadcast, a per-head concatenation, a reshape.
+#[test]
+fn column_ops() {
+    check_gradients("slice_cols", &[randn(&[5, 9], 41)], 45, &|t, v| t.slice_cols(v[0], 2, 4));
+    check_gradients("slice_cols per head", &[randn(&[4, 3, 6], 42)], 72, &|t, v| t.slice_cols(v[0], 4, 2));
+    check_gradients("repeat_heads", &[randn(&[5, 4], 43)], 20, &|t, v| t.repeat_heads(v[0], 3));
+    check_gradients("concat_cols per head", &[randn(&[4, 3, 2], 44), randn(&[4, 3, 5], 45)], 60, &|t, v| {
+        t.concat_cols(v[0], v[1])
+    });
+    // a composition: the pieces of one value taken apart and joined in another order
+    check_gradients("slice, repeat, concat, reshape", &[randn(&[6, 10], 46)], 60, &|t, v| {
+        let x = t.reshape(v[0], &[6, 2, 5])?;
+        let (a, b) = (t.slice_cols(x, 0, 3)?, t.slice_cols(x, 3, 2)?);
+        let shared = t.slice_cols(v[0], 8, 2)?;
+        let shared = t.repeat_heads(shared, 2)?;
+        let y = t.concat_cols(b, a)?;
+        let y = t.concat_cols(y, shared)?;
+        t.reshape(y, &[6, 14])
+    });
+}
+
+/// Attention whose values are narrower or wider than queries and keys (MLA's d_v ≠ d_qk), dense,
+/// window and DSA (dense warm-up and sparse), with one kv head per query head as MLA has.
+#[test]
+fn attention_with_another_value_width() {
+    use nanoseek::backend::{DsaDims, WindowDims};
+    for dv in [3, 8, 12] {
+        let dims = AttnDims { b: 2, t: 9, h: 2, h_kv: 2, d: 8 };
+        let (q, k, v) = (randn(&[2, 9, 2, 8], 51), randn(&[2, 9, 2, 8], 52), randn(&[2, 9, 2, dv], 53));
+        let inputs = [q, k, v];
+        check_gradients(&format!("attention d_v={dv}"), &inputs, 40, &|t, x| t.attention(x[0], x[1], x[2], dims));
+        let wd = WindowDims { b: 2, t: 9, h: 2, h_kv: 2, d: 8, window: 3, n_global: 1 };
+        check_gradients(&format!("window attention d_v={dv}"), &inputs, 40, &|t, x| {
+            t.window_attention(x[0], x[1], x[2], wd)
+        });
+        let dd = DsaDims::new(2, 9, 2, 2, 8, 2, 8, 3, 1);
+        let index = [randn(&[2, 9, 2, 8], 54), randn(&[2, 9, 1, 8], 55), randn(&[2, 9, 2], 56)];
+        for dense in [true, false] {
+            // the indexer's inputs are constants here (its selection does not move with q, k, v)
+            check_gradients(&format!("dsa attention d_v={dv} dense={dense}"), &inputs, 40, &|t, x| {
+                let [qi, ki, wi] = index.clone().map(|i| t.leaf(i));
+                Ok(t.dsa_attention((x[0], x[1], x[2]), (qi, ki, wi), dd, dense)?.0)
+            });
+        }
+    }
+}

@@ -138,6 +138,13 @@ fn info_predicts_the_measured_peak_within_ten_percent() {
             MoeConfig { n_routed_experts: 8, top_k: 2, moe_inter_dim: 176, first_k_dense: 4, ..MoeConfig::default() };
         cases.push(("tiny+mtp2", 128, 8, every, c));
     }
+    for (every, rq) in [(0, 0), (1, 0), (0, 96)] {
+        // MLA (tiny's width, V3's proportions scaled down), dense FFNs; a query latent in one case
+        let mut c = ModelConfig::preset("tiny").unwrap();
+        (c.max_seq_len, c.attention, c.q_lora_rank) = (128, "mla".into(), rq);
+        (c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim) = (128, 64, 32, 64);
+        cases.push(("tiny+mla", 128, 8, every, c));
+    }
     for (preset, seq, rows, every, c) in cases {
         let (m, p) = measured_vs_predicted(&c, rows, every);
         let err = (p as f64 - m as f64) / m as f64;

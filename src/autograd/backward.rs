@@ -75,20 +75,22 @@ pub(super) fn backward<'p, B: Backend>(
         }
         Op::Attention { q, k, v, lse, dims } => {
             let (qv, kv, vv, o) = (tape.get(q), tape.get(k), tape.get(v), tape.get(out));
-            let (dq, dk, dv) = be.attention_backward(&dims, qv, kv, vv, o, &lse, &tensor(dout))?;
+            let w = tape.value_width(q, v, &dims).0;
+            let (dq, dk, dv) = be.attention_backward(&dims, w, qv, kv, vv, o, &lse, &tensor(dout))?;
             vec![(q, a(dq)), (k, a(dk)), (v, a(dv))]
         }
         Op::WindowAttention { q, k, v, lse, dims } => {
             let (qv, kv, vv, o) = (tape.get(q), tape.get(k), tape.get(v), tape.get(out));
-            let (dq, dk, dv) = be.window_attention_backward(&dims, qv, kv, vv, o, &lse, &tensor(dout))?;
+            let w = tape.value_width(q, v, &dims.attn()).0;
+            let (dq, dk, dv) = be.window_attention_backward(&dims, w, qv, kv, vv, o, &lse, &tensor(dout))?;
             vec![(q, a(dq)), (k, a(dk)), (v, a(dv))]
         }
         Op::DsaAttention { q, k, v, sel, lse, dims } => {
             let (qv, kv, vv, o) = (tape.get(q), tape.get(k), tape.get(v), tape.get(out));
-            let dout = tensor(dout);
+            let (dout, w) = (tensor(dout), tape.value_width(q, v, &dims.attn()).0);
             let (dq, dk, dv) = match sel {
-                None => be.attention_backward(&dims.attn(), qv, kv, vv, o, &lse, &dout)?,
-                Some(sel) => be.dsa_attention_backward(&dims, (qv, kv, vv), &sel, o, &lse, &dout)?,
+                None => be.attention_backward(&dims.attn(), w, qv, kv, vv, o, &lse, &dout)?,
+                Some(sel) => be.dsa_attention_backward(&dims, w, (qv, kv, vv), &sel, o, &lse, &dout)?,
             };
             vec![(q, a(dq)), (k, a(dk)), (v, a(dv))]
         }
@@ -138,12 +140,8 @@ pub(super) fn backward<'p, B: Backend>(
             vec![(x, a(be.a_copy(&g)?)), (y, a(g))]
         }
         Op::Checkpoint { .. } => unreachable!("the tape runs checkpoint backwards itself"),
-        Op::ConcatCols { a: xa, b: xb, n, ca, cb } => {
-            let d = tensor(dout);
-            let (mut da, mut db) = (be.a_zeros(n * ca)?, be.a_zeros(n * cb)?);
-            be.copy_cols(&d, (ca + cb, 0), &mut da, (ca, 0), n, ca)?;
-            be.copy_cols(&d, (ca + cb, ca), &mut db, (cb, 0), n, cb)?;
-            vec![(xa, a(da)), (xb, a(db))]
+        op @ (Op::ConcatCols { .. } | Op::SliceCols { .. } | Op::RepeatHeads { .. } | Op::Reshape { .. }) => {
+            super::columns::backward(be, op, tensor(dout))?.into_iter().map(|(v, g)| (v, a(g))).collect()
         }
         Op::CrossEntropy { logits, targets, vocab, cap, n_valid, weight, lse } => {
             let scale = if n_valid > 0 { weight * scalar(&dout) / n_valid as f32 } else { 0.0 };

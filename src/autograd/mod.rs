@@ -28,6 +28,7 @@
 
 mod backward;
 mod cached;
+mod columns;
 mod cpu;
 mod ops;
 

@@ -146,6 +146,25 @@ pub enum Op<'p, B: Backend> {
         ca: usize,
         cb: usize,
     },
+    /// Columns `off..off + width` of x [n, c].
+    SliceCols {
+        x: Var,
+        n: usize,
+        c: usize,
+        off: usize,
+        width: usize,
+    },
+    /// x [n, d] repeated h times along the columns: [n, h·d].
+    RepeatHeads {
+        x: Var,
+        n: usize,
+        d: usize,
+        h: usize,
+    },
+    /// The same values with another shape.
+    Reshape {
+        x: Var,
+    },
     /// Σ x ∘ w for a constant w (a scalar; used to probe gradients in tests).
     WeightedSum {
         x: Var,
@@ -177,6 +196,7 @@ impl<B: Backend> Op<'_, B> {
             Op::SwiGluFfn { x, gate, w_up, w_down, resid, .. } => vec![*x, *gate, *w_up, *w_down, *resid],
             Op::Embedding { table, .. } => vec![*table],
             Op::RmsNorm { x, .. } | Op::Rope { x, .. } | Op::QkNormRope { x, .. } | Op::Scale { x, .. } => vec![*x],
+            Op::SliceCols { x, .. } | Op::RepeatHeads { x, .. } | Op::Reshape { x } => vec![*x],
             Op::WeightedSum { x, .. } => vec![*x],
             Op::Attention { q, k, v, .. } | Op::WindowAttention { q, k, v, .. } | Op::DsaAttention { q, k, v, .. } => {
                 vec![*q, *k, *v]
@@ -258,6 +278,9 @@ impl<B: Backend> Op<'_, B> {
             Op::MoeBalance { .. } => "moe_balance",
             Op::Add { .. } => "add",
             Op::ConcatCols { .. } => "concat_cols",
+            Op::SliceCols { .. } => "slice_cols",
+            Op::RepeatHeads { .. } => "repeat_heads",
+            Op::Reshape { .. } => "reshape",
             Op::WeightedSum { .. } => "weighted_sum",
             Op::CrossEntropy { .. } => "cross_entropy",
             Op::Checkpoint { .. } => "checkpoint",
@@ -277,7 +300,7 @@ fn linear_dims<B: Backend>(tape: &Tape<B>, x: Var, w: Var) -> ((usize, usize, us
 }
 
 impl<'p, B: Backend> Tape<'p, B> {
-    fn out(&mut self, a: B::A, shape: &[usize], op: Op<'p, B>) -> Var {
+    pub(super) fn out(&mut self, a: B::A, shape: &[usize], op: Op<'p, B>) -> Var {
         self.record(Value::Owned(a), shape, op)
     }
 
@@ -342,15 +365,31 @@ impl<'p, B: Backend> Tape<'p, B> {
         Ok(self.out(y, &shape, Op::QkNormRope { x, rstd, bth }))
     }
 
+    /// The value width dv of an attention call (v holds `b·t·h_kv` rows of dv values; dv = d
+    /// for GQA, MLA's v_head_dim) and the output's shape: q's, its last dim `h·d` → `h·dv` (or
+    /// `d` → `dv` for q shaped `[.., h, d]`).
+    pub(super) fn value_width(&self, q: Var, v: Var, dims: &AttnDims) -> (usize, Vec<usize>) {
+        let rows = dims.b * dims.t * dims.h_kv;
+        let dv = self.shape(v).iter().product::<usize>() / rows.max(1);
+        let mut shape = self.shape(q).to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = *last / dims.d.max(1) * dv;
+        }
+        (dv, shape)
+    }
+
+    /// Causal attention of q `[.., h·d]`, k `[.., h_kv·d]` and v `[.., h_kv·dv]` (the value width
+    /// from v's size): `[.., h·dv]`.
     pub fn attention(&mut self, q: Var, k: Var, v: Var, dims: AttnDims) -> Result<Var> {
-        let (out, lse) = self.backend().attention(&dims, self.get(q), self.get(k), self.get(v))?;
-        let shape = self.shape(q).to_vec();
+        let (dv, shape) = self.value_width(q, v, &dims);
+        let (out, lse) = self.backend().attention(&dims, dv, self.get(q), self.get(k), self.get(v))?;
         Ok(self.out(out, &shape, Op::Attention { q, k, v, lse, dims }))
     }
 
+    /// Window + global attention, shaped as [`Tape::attention`].
     pub fn window_attention(&mut self, q: Var, k: Var, v: Var, dims: WindowDims) -> Result<Var> {
-        let (out, lse) = self.backend().window_attention(&dims, self.get(q), self.get(k), self.get(v))?;
-        let shape = self.shape(q).to_vec();
+        let (dv, shape) = self.value_width(q, v, &dims.attn());
+        let (out, lse) = self.backend().window_attention(&dims, dv, self.get(q), self.get(k), self.get(v))?;
         Ok(self.out(out, &shape, Op::WindowAttention { q, k, v, lse, dims }))
     }
 
@@ -387,16 +426,17 @@ impl<'p, B: Backend> Tape<'p, B> {
         dense: bool,
     ) -> Result<(Var, Option<Selection<B>>, Rc<B::F>)> {
         let be = self.backend();
+        let (dv, shape) = self.value_width(q, v, &dims.attn());
         let (qv, kv, vv) = (self.get(q), self.get(k), self.get(v));
         let (out, lse, sel) = if dense {
-            let (out, lse) = be.attention(&dims.attn(), qv, kv, vv)?;
+            let (out, lse) = be.attention(&dims.attn(), dv, qv, kv, vv)?;
             (out, lse, None)
         } else {
             let sel = be.indexer_topk(&dims, self.get(qi), self.get(ki), self.get(wi))?;
-            let (out, lse) = be.dsa_attention(&dims, (qv, kv, vv), &sel)?;
+            let (out, lse) = be.dsa_attention(&dims, dv, (qv, kv, vv), &sel)?;
             (out, lse, Some(Rc::new(sel)))
         };
-        let (lse, shape) = (Rc::new(lse), self.shape(q).to_vec());
+        let lse = Rc::new(lse);
         let op = Op::DsaAttention { q, k, v, sel: sel.clone(), lse: lse.clone(), dims };
         Ok((self.out(out, &shape, op), sel, lse))
     }
@@ -495,21 +535,5 @@ impl<'p, B: Backend> Tape<'p, B> {
         let value = if weight == 1.0 { mean } else { weight * mean };
         let op = Op::CrossEntropy { logits, targets: tgt, vocab, cap, n_valid, weight, lse };
         Ok((self.record(Value::Scalar(value), &[], op), n_valid, mean))
-    }
-
-    /// [a | b] of a [n, ca] and b [n, cb] (rows side by side): [n, ca + cb].
-    pub fn concat_cols(&mut self, a: Var, b: Var) -> Result<Var> {
-        let (sa, sb) = (self.shape(a).to_vec(), self.shape(b).to_vec());
-        let (ca, cb) =
-            (*sa.last().expect("concat_cols: a has no dims"), *sb.last().expect("concat_cols: b has no dims"));
-        assert_eq!(sa[..sa.len() - 1], sb[..sb.len() - 1], "concat_cols: leading dims differ");
-        let n = sa.iter().product::<usize>() / ca.max(1);
-        let be = self.backend();
-        let mut y = be.a_zeros(n * (ca + cb))?;
-        be.copy_cols(self.get(a), (ca, 0), &mut y, (ca + cb, 0), n, ca)?;
-        be.copy_cols(self.get(b), (cb, 0), &mut y, (ca + cb, ca), n, cb)?;
-        let mut shape = sa;
-        *shape.last_mut().expect("checked") = ca + cb;
-        Ok(self.out(y, &shape, Op::ConcatCols { a, b, n, ca, cb }))
     }
 }

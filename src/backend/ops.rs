@@ -167,13 +167,23 @@ pub trait Backend {
     fn swiglu(&self, g: &Self::A, u: &Self::A) -> Result<Self::A>;
     /// (dg, du).
     fn swiglu_backward(&self, g: &Self::A, u: &Self::A, dy: &Self::A) -> Result<(Self::A, Self::A)>;
-    /// Causal attention: (out, lse).
-    fn attention(&self, dims: &AttnDims, q: &Self::A, k: &Self::A, v: &Self::A) -> Result<(Self::A, Self::F)>;
+    /// Causal attention: (out, lse). The attention ops take the value width `dv` beside the dims
+    /// (q, k `[.., h·d]`; v `[.., h_kv·dv]`, out `[.., h·dv]`): `dv = d` for GQA, MLA's
+    /// `v_head_dim` with `d = qk_nope_head_dim + qk_rope_head_dim`.
+    fn attention(
+        &self,
+        dims: &AttnDims,
+        dv: usize,
+        q: &Self::A,
+        k: &Self::A,
+        v: &Self::A,
+    ) -> Result<(Self::A, Self::F)>;
     /// (dq, dk, dv).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         dims: &AttnDims,
+        dv: usize,
         q: &Self::A,
         k: &Self::A,
         v: &Self::A,
@@ -182,12 +192,20 @@ pub trait Backend {
         dout: &Self::A,
     ) -> Result<(Self::A, Self::A, Self::A)>;
     /// Sliding-window + global attention (`W` layers): (out, lse).
-    fn window_attention(&self, dims: &WindowDims, q: &Self::A, k: &Self::A, v: &Self::A) -> Result<(Self::A, Self::F)>;
+    fn window_attention(
+        &self,
+        dims: &WindowDims,
+        dv: usize,
+        q: &Self::A,
+        k: &Self::A,
+        v: &Self::A,
+    ) -> Result<(Self::A, Self::F)>;
     /// (dq, dk, dv) of [`Backend::window_attention`].
     #[allow(clippy::too_many_arguments)]
     fn window_attention_backward(
         &self,
         dims: &WindowDims,
+        dv: usize,
         q: &Self::A,
         k: &Self::A,
         v: &Self::A,
@@ -252,6 +270,7 @@ pub trait Backend {
     fn dsa_attention(
         &self,
         dims: &DsaDims,
+        dv: usize,
         qkv: (&Self::A, &Self::A, &Self::A),
         sel: &Self::Sel,
     ) -> Result<(Self::A, Self::F)>;
@@ -260,6 +279,7 @@ pub trait Backend {
     fn dsa_attention_backward(
         &self,
         dims: &DsaDims,
+        dv: usize,
         qkv: (&Self::A, &Self::A, &Self::A),
         sel: &Self::Sel,
         out: &Self::A,

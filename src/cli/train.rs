@@ -109,6 +109,24 @@ pub(crate) struct ModelArgs {
     /// Multi-token prediction: λ, the weight of the mean MTP loss (λ/D · Σ_k CE_k).
     #[arg(long)]
     pub(crate) mtp_lambda: Option<f32>,
+    /// Attention projection: gqa (default) or mla (Multi-head Latent Attention).
+    #[arg(long)]
+    pub(crate) attention: Option<String>,
+    /// MLA: rank of the query latent (0 = a direct query projection).
+    #[arg(long)]
+    pub(crate) q_lora_rank: Option<usize>,
+    /// MLA: rank of the key/value latent (0 = 4·head_dim).
+    #[arg(long)]
+    pub(crate) kv_lora_rank: Option<usize>,
+    /// MLA: per-head query/key width without position (0 = head_dim).
+    #[arg(long)]
+    pub(crate) qk_nope_head_dim: Option<usize>,
+    /// MLA: width of the rotary part of queries and of the shared rotary key (0 = head_dim / 2).
+    #[arg(long)]
+    pub(crate) qk_rope_head_dim: Option<usize>,
+    /// MLA: per-head value width (0 = head_dim).
+    #[arg(long)]
+    pub(crate) v_head_dim: Option<usize>,
 }
 
 impl ModelArgs {
@@ -154,6 +172,12 @@ impl ModelArgs {
             expert_capacity_factor: self.expert_capacity_factor,
             mtp_depth: self.mtp_depth,
             mtp_lambda: self.mtp_lambda,
+            attention: self.attention.clone(),
+            q_lora_rank: self.q_lora_rank,
+            kv_lora_rank: self.kv_lora_rank,
+            qk_nope_head_dim: self.qk_nope_head_dim,
+            qk_rope_head_dim: self.qk_rope_head_dim,
+            v_head_dim: self.v_head_dim,
         };
         o.apply_keeping(&mut cfg, &file_set)?;
         Ok((cfg, file_set))
@@ -373,13 +397,20 @@ pub(crate) fn run_train(a: TrainArgs) -> Result<()> {
             run_dir.display()
         );
     }
+    // The closing sample decodes with the KV cache, which MLA layers do not have yet.
+    let sample_tokens = if run.model.is_mla() && a.sample_tokens > 0 {
+        eprintln!("note: no closing sample: {}", nanoseek::nn::mla::NO_LATENT_CACHE);
+        0
+    } else {
+        a.sample_tokens
+    };
     let summary = train::train(TrainRequest {
         run,
         run_dir: run_dir.clone(),
         resume_from_step: a.resume_from_step,
         device,
         verbose: !a.quiet,
-        sample_tokens: a.sample_tokens,
+        sample_tokens,
     })?;
     let first = summary.losses.first().map(|l| l.1).unwrap_or(f32::NAN);
     let last = summary.losses.last().map(|l| l.1).unwrap_or(f32::NAN);

@@ -65,6 +65,26 @@ pub struct ModelConfig {
     pub mtp_lambda_final: Option<f32>,
     #[serde(default = "super::mtp::default_switch")]
     pub mtp_lambda_switch: f32,
+    /// The attention projection of every layer: "gqa" (c_q, c_k, c_v with QK-norm; the default)
+    /// or "mla" (Multi-head Latent Attention, DeepSeek-V2/V3; `nn::mla`). MLA ignores n_kv_head
+    /// and head_dim (each head has its own key and value, read from the shared latent).
+    #[serde(default = "super::mla::default_attention")]
+    pub attention: String,
+    /// MLA: rank of the query latent (0 = a direct query projection `attn.wq`).
+    #[serde(default)]
+    pub q_lora_rank: usize,
+    /// MLA: rank of the key/value latent c_kv (0 = derived: 4·head_dim).
+    #[serde(default)]
+    pub kv_lora_rank: usize,
+    /// MLA: per-head query/key width without position (0 = derived: head_dim).
+    #[serde(default)]
+    pub qk_nope_head_dim: usize,
+    /// MLA: width of the rotary part of queries and of the one shared rotary key (0 = derived: head_dim / 2, even).
+    #[serde(default)]
+    pub qk_rope_head_dim: usize,
+    /// MLA: per-head value width (0 = derived: head_dim).
+    #[serde(default)]
+    pub v_head_dim: usize,
 }
 
 /// DeepSeekMoE settings (docs/model.md, "Mixture of experts"): the `moe` table of a config file,
@@ -267,6 +287,12 @@ impl ModelConfig {
             mtp_lambda: super::mtp::default_lambda(),
             mtp_lambda_final: None,
             mtp_lambda_switch: super::mtp::default_switch(),
+            attention: super::mla::default_attention(),
+            q_lora_rank: 0,
+            kv_lora_rank: 0,
+            qk_nope_head_dim: 0,
+            qk_rope_head_dim: 0,
+            v_head_dim: 0,
         }
     }
 
@@ -384,6 +410,7 @@ impl ModelConfig {
             _ => {}
         }
         cfg.derive_moe_inter_dim();
+        cfg.derive_mla_dims();
         cfg.validate()?;
         Ok((cfg, set))
     }
@@ -449,7 +476,8 @@ impl ModelConfig {
                 bail!("config: {name} = {v} is above the supported maximum {max}");
             }
         }
-        if self.n_head % self.n_kv_head != 0 {
+        // (MLA has a key and a value per head and ignores n_kv_head)
+        if self.n_head % self.n_kv_head != 0 && !self.is_mla() {
             bail!("config: n_head ({}) must be a multiple of n_kv_head ({})", self.n_head, self.n_kv_head);
         }
         if self.head_dim % 2 != 0 {
@@ -488,6 +516,7 @@ impl ModelConfig {
             bail!("config: dsa_window_size must be positive");
         }
         self.validate_mtp()?;
+        self.validate_mla()?;
         self.moe.validate()
     }
 

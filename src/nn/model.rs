@@ -7,6 +7,7 @@
 //! (+ λ/D · Σ_k CE_k of the multi-token prediction modules, `nn::mtp`)
 //!
 //! Every norm is the parameter-free RMSNorm; q and k are normalized per head (QK-norm).
+//! With `attention = "mla"` the q, k, v projection is Multi-head Latent Attention (`nn::mla`).
 
 use super::config::{AttnKind, ModelConfig};
 use super::decode::{context_limit, KvCache};
@@ -109,7 +110,8 @@ pub struct Model {
 
 impl Model {
     /// Initialization (docs/model.md): wte ~ N(0, 1); c_q, c_k, c_v, w_gate, w_up (dense, shared
-    /// and routed experts) and the router ~ N(0, 1/n_embd); c_proj and every w_down = 0 (each block
+    /// and routed experts), the router and MLA's projections ~ N(0, 1/fan_in) (fan_in = n_embd,
+    /// or the latent rank for wq_b and wkv_b); c_proj and every w_down = 0 (each block
     /// starts as the identity); lm_head ~ N(0, 0.001²); routing biases 0.
     pub fn new(config: &ModelConfig, seed: u64) -> Result<Model> {
         config.validate()?;
@@ -118,10 +120,11 @@ impl Model {
         let mut params = Vec::new();
         let mut add = |name: String, kind, t| params.push(Param { name, kind, tensor: t });
         add("wte.weight".into(), ParamKind::Embedding, Tensor::randn(&[c.vocab_size, c.n_embd], 1.0, &mut rng));
-        let std = 1.0 / (c.n_embd as f32).sqrt();
+        // N(0, 1/fan_in), fan_in the last dim (n_embd, or MLA's latent ranks for wq_b and wkv_b)
+        let std = |shape: &[usize]| 1.0 / (shape[shape.len() - 1] as f32).sqrt();
         for l in 0..c.n_layer {
             for p in Self::block_param_specs(c, l) {
-                let t = if p.zero { Tensor::zeros(&p.shape) } else { Tensor::randn(&p.shape, std, &mut rng) };
+                let t = if p.zero { Tensor::zeros(&p.shape) } else { Tensor::randn(&p.shape, std(&p.shape), &mut rng) };
                 add(format!("blocks.{l}.{}.weight", p.name), p.kind, t);
             }
         }
@@ -135,7 +138,7 @@ impl Model {
                 Tensor::randn(&[c.n_embd, 2 * c.n_embd], proj_std, &mut rng),
             );
             for p in Self::block_param_specs(c, c.mtp_layer(k)) {
-                let t = if p.zero { Tensor::zeros(&p.shape) } else { Tensor::randn(&p.shape, std, &mut rng) };
+                let t = if p.zero { Tensor::zeros(&p.shape) } else { Tensor::randn(&p.shape, std(&p.shape), &mut rng) };
                 add(format!("mtp.{k}.block.{}.weight", p.name), p.kind, t);
             }
         }
@@ -355,6 +358,7 @@ impl Model {
         cache: &mut KvCache,
     ) -> Result<Var> {
         let (c, n, p0) = (&self.config, ids.len(), cache.len());
+        ensure!(!c.is_mla(), "{}", super::mla::NO_LATENT_CACHE);
         ensure!(n > 0, "decode: no tokens to process");
         self.check_ids(ids)?;
         if let Some(limit) = context_limit(c) {
@@ -390,21 +394,17 @@ impl Model {
         mut cache: Option<&mut LayerCache>,
     ) -> Result<Var> {
         let c = &self.config;
-        let dims = AttnDims { b, t, h: c.n_head, h_kv: c.n_kv_head, d: c.head_dim };
+        let (h_kv, d, dv) = c.attn_heads();
+        let dims = AttnDims { b, t, h: c.n_head, h_kv, d };
         let p0 = cache.as_ref().map(|c| c.len());
+        let na = c.n_attn_params(); // the attention's parameters, c_proj last
         let h = tape.rmsnorm(x, c.n_embd)?;
-        let q = tape.linear(h, w[0])?;
-        let k = tape.linear(h, w[1])?;
-        let v = tape.linear(h, w[2])?;
-        // QK-norm per head, then RoPE (RoPE preserves the norm, so the order is immaterial): one
-        // fused op each for training; a cached forward rotates at the cached positions instead.
-        let (q, k) = match p0 {
-            None => (tape.qk_norm_rope(q, (b, t, c.n_head))?, tape.qk_norm_rope(k, (b, t, c.n_kv_head))?),
-            Some(_) => {
-                let (q, k) = (tape.rmsnorm(q, c.head_dim)?, tape.rmsnorm(k, c.head_dim)?);
-                let q = tape.rope_at(q, (b, t, c.n_head), RopeKind::Attention, p0)?;
-                (q, tape.rope_at(k, (b, t, c.n_kv_head), RopeKind::Attention, p0)?)
-            }
+        // the projection: GQA's, or MLA's (`nn::mla`; training and uncached forwards only)
+        let (q, k, v) = if c.is_mla() {
+            ensure!(cache.is_none(), "{}", super::mla::NO_LATENT_CACHE);
+            self.mla_qkv(tape, h, &w[..na - 1], (b, t))?
+        } else {
+            self.gqa_qkv(tape, h, &w[..3], (b, t), p0)?
         };
         let y = match c.attn_kind(l) {
             AttnKind::Dense | AttnKind::Window if cache.is_some() => {
@@ -413,16 +413,18 @@ impl Model {
             AttnKind::Dense => tape.attention(q, k, v, dims)?,
             AttnKind::Window => {
                 let (window, n_global) = (c.dsa_window_size, c.n_global);
-                let wd = WindowDims { b, t, h: c.n_head, h_kv: c.n_kv_head, d: c.head_dim, window, n_global };
+                let wd = WindowDims { b, t, h: c.n_head, h_kv, d, window, n_global };
                 tape.window_attention(q, k, v, wd)?
             }
             AttnKind::Sparse => self.sparse_attention(tape, l, h, (q, k, v), &w[w.len() - 3..], (b, t), cache)?,
         };
+        // MLA's heads [n, H, d_v] side by side for c_proj
+        let y = if c.is_mla() { tape.reshape(y, &[b * t, c.n_head * dv])? } else { y };
         // x + c_proj(y): the residual add in the projection's epilogue.
-        let x = tape.linear_residual(y, w[3], x)?;
+        let x = tape.linear_residual(y, w[na - 1], x)?;
         let h = tape.rmsnorm(x, c.n_embd)?;
         let n_index = if c.attn_kind(l) == AttnKind::Sparse { 3 } else { 0 };
-        let ffn_w = &w[4..w.len() - n_index];
+        let ffn_w = &w[na..w.len() - n_index];
         if c.is_moe_layer(l) {
             let y = self.moe_ffn(tape, l, h, ffn_w, b, t)?;
             tape.add(x, y)
@@ -431,15 +433,43 @@ impl Model {
         }
     }
 
+    /// Grouped-query attention's q [n, H·d], k, v [n, Hkv·d] from h = norm(x) with c_q, c_k, c_v:
+    /// QK-norm per head, then RoPE (RoPE preserves the norm, so the order is immaterial), one fused
+    /// op each for training; a cached forward (`p0`: the cached length) rotates at the cached
+    /// positions instead.
+    fn gqa_qkv<'p, B: Backend>(
+        &'p self,
+        tape: &mut Tape<'p, B>,
+        h: Var,
+        w: &[Var],
+        (b, t): (usize, usize),
+        p0: Option<usize>,
+    ) -> Result<(Var, Var, Var)> {
+        let c = &self.config;
+        let q = tape.linear(h, w[0])?;
+        let k = tape.linear(h, w[1])?;
+        let v = tape.linear(h, w[2])?;
+        let (q, k) = match p0 {
+            None => (tape.qk_norm_rope(q, (b, t, c.n_head))?, tape.qk_norm_rope(k, (b, t, c.n_kv_head))?),
+            Some(_) => {
+                let (q, k) = (tape.rmsnorm(q, c.head_dim)?, tape.rmsnorm(k, c.head_dim)?);
+                let q = tape.rope_at(q, (b, t, c.n_head), RopeKind::Attention, p0)?;
+                (q, tape.rope_at(k, (b, t, c.n_kv_head), RopeKind::Attention, p0)?)
+            }
+        };
+        Ok((q, k, v))
+    }
+
     /// The shapes of layer attention calls on a [b, t] batch for DSA.
     pub fn dsa_dims(&self, b: usize, t: usize) -> DsaDims {
         let c = &self.config;
+        let (h_kv, d, _) = c.attn_heads();
         DsaDims {
             b,
             t,
             h: c.n_head,
-            h_kv: c.n_kv_head,
-            d: c.head_dim,
+            h_kv,
+            d,
             n_index_heads: c.index_n_heads,
             index_dim: c.index_head_dim,
             topk: c.index_topk,

@@ -38,6 +38,12 @@ pub struct ConfigOverrides {
     pub expert_capacity_factor: Option<f32>,
     pub mtp_depth: Option<usize>,
     pub mtp_lambda: Option<f32>,
+    pub attention: Option<String>,
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: Option<usize>,
+    pub qk_nope_head_dim: Option<usize>,
+    pub qk_rope_head_dim: Option<usize>,
+    pub v_head_dim: Option<usize>,
 }
 
 impl ConfigOverrides {
@@ -154,7 +160,22 @@ impl ConfigOverrides {
         if let Some(v) = self.mtp_lambda {
             cfg.mtp_lambda = v;
         }
+        if let Some(v) = &self.attention {
+            cfg.attention = v.clone();
+        }
+        for (field, v) in [
+            (&mut cfg.q_lora_rank, self.q_lora_rank),
+            (&mut cfg.kv_lora_rank, self.kv_lora_rank),
+            (&mut cfg.qk_nope_head_dim, self.qk_nope_head_dim),
+            (&mut cfg.qk_rope_head_dim, self.qk_rope_head_dim),
+            (&mut cfg.v_head_dim, self.v_head_dim),
+        ] {
+            if let Some(v) = v {
+                *field = v;
+            }
+        }
         cfg.derive_moe_inter_dim();
+        cfg.derive_mla_dims();
         cfg.validate()
     }
 }

@@ -13,7 +13,8 @@ pub(super) struct ParamSpec {
 }
 
 impl Model {
-    /// The parameters of block `l`, in checkpoint order: attention (c_q, c_k, c_v, c_proj), then
+    /// The parameters of block `l`, in checkpoint order: attention (c_q, c_k, c_v, c_proj; MLA's
+    /// are in `nn::mla`, c_proj last too), then
     /// the dense FFN (w_gate, w_up, w_down) or the MoE FFN (router, routed expert stacks, shared
     /// experts), then for DSA layers the lightning indexer (wq, wk, w_heads). Shapes are
     /// [out, in]; expert stacks [E, out, in].
@@ -21,12 +22,16 @@ impl Model {
         let mx = ParamKind::Matrix;
         let spec = |name, kind, shape: Vec<usize>, zero| ParamSpec { name, kind, shape, zero };
         let ce = c.n_embd;
-        let mut v = vec![
-            spec("attn.c_q", mx, vec![c.q_dim(), ce], false),
-            spec("attn.c_k", mx, vec![c.kv_dim(), ce], false),
-            spec("attn.c_v", mx, vec![c.kv_dim(), ce], false),
-            spec("attn.c_proj", mx, vec![ce, c.q_dim()], true),
-        ];
+        let mut v = if c.is_mla() {
+            Self::mla_param_specs(c)
+        } else {
+            vec![
+                spec("attn.c_q", mx, vec![c.q_dim(), ce], false),
+                spec("attn.c_k", mx, vec![c.kv_dim(), ce], false),
+                spec("attn.c_v", mx, vec![c.kv_dim(), ce], false),
+                spec("attn.c_proj", mx, vec![ce, c.q_dim()], true),
+            ]
+        };
         if !c.is_moe_layer(l) {
             let f = c.ffn_hidden;
             v.push(spec("mlp.w_gate", mx, vec![f, ce], false));
@@ -99,7 +104,11 @@ impl ModelConfig {
     /// Parameters of a dense block, by component: (attention, ffn).
     pub fn block_params(&self) -> (usize, usize) {
         let c = self.n_embd;
-        let attn = c * self.q_dim() * 2 + c * self.kv_dim() * 2; // c_q, c_proj, c_k, c_v
+        let attn = if self.is_mla() {
+            self.mla_attn_params()
+        } else {
+            c * self.q_dim() * 2 + c * self.kv_dim() * 2 // c_q, c_proj, c_k, c_v
+        };
         let ffn = 3 * c * self.ffn_hidden;
         (attn, ffn)
     }
@@ -155,9 +164,10 @@ impl ModelConfig {
     pub fn flops_per_token(&self, seq_len: usize) -> f64 {
         let heads = (1 + self.mtp_depth) * self.vocab_size * self.n_embd;
         let matmul = (self.block_params_total().1 + self.mtp_params().1 + heads) as f64;
-        // causal attention: QKᵀ and PV, forward 2·2·(T/2)·head_dim per head, ×3 for fwd+bwd
+        // causal attention: QKᵀ and PV, forward 2·(T/2)·(d_qk + d_v) per head, ×3 for fwd+bwd
         let layers = (self.n_layer + self.mtp_depth) as f64;
-        let attn = 6.0 * layers * self.n_head as f64 * self.head_dim as f64 * seq_len as f64;
+        let (_, d_qk, d_v) = self.attn_heads();
+        let attn = 3.0 * layers * self.n_head as f64 * (d_qk + d_v) as f64 * seq_len as f64;
         6.0 * matmul + attn
     }
 }

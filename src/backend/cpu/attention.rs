@@ -84,9 +84,19 @@ impl AttnDims {
         checked_len(&[self.b, self.h, self.t])
     }
 
-    /// The core's head shapes (`d_qk = d_v = d`).
-    pub(crate) fn flash(&self) -> FlashDims {
-        FlashDims { b: self.b, t: self.t, h: self.h, h_kv: self.h_kv, d_qk: self.d, d_v: self.d }
+    /// Number of elements of `v`, `dv` of value width `dv`: `b * t * h_kv * dv`.
+    pub fn v_len(&self, dv: usize) -> usize {
+        checked_len(&[self.b, self.t, self.h_kv, dv])
+    }
+
+    /// Number of elements of `out`, `dout` of value width `dv`: `b * t * h * dv`.
+    pub fn out_len(&self, dv: usize) -> usize {
+        checked_len(&[self.b, self.t, self.h, dv])
+    }
+
+    /// The core's head shapes: queries and keys `d` wide, values `dv` (MLA's `d_qk ≠ d_v`).
+    pub(crate) fn flash(&self, dv: usize) -> FlashDims {
+        FlashDims { b: self.b, t: self.t, h: self.h, h_kv: self.h_kv, d_qk: self.d, d_v: dv }
     }
 
     fn validate(&self) {
@@ -127,13 +137,28 @@ impl KeySet for Causal {
 /// Causal softmax attention, scale 1/sqrt(d): `out[t] = sum_{s<=t} softmax_s(q_t·k_s * scale) v_s`.
 /// Writes out and the per-row log-sum-exp (natural log, of the scaled scores) into lse.
 pub fn attention_forward(dims: &AttnDims, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], lse: &mut [f32]) {
+    attention_forward_dv(dims, dims.d, q, k, v, out, lse)
+}
+
+/// [`attention_forward`] with values (and outputs) `dv` wide: v `[b, t, h_kv, dv]`, out
+/// `[b, t, h, dv]`; q and k stay `d` wide and the scale 1/sqrt(d) (MLA's head shapes).
+pub fn attention_forward_dv(
+    dims: &AttnDims,
+    dv: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
     dims.validate();
+    assert!(dv > 0, "attention: value width dv must be > 0 (got {dims:?})");
     check_len("q", q.len(), dims.q_len(), dims);
     check_len("k", k.len(), dims.kv_len(), dims);
-    check_len("v", v.len(), dims.kv_len(), dims);
-    check_len("out", out.len(), dims.q_len(), dims);
+    check_len("v", v.len(), dims.v_len(dv), dims);
+    check_len("out", out.len(), dims.out_len(dv), dims);
     check_len("lse", lse.len(), dims.lse_len(), dims);
-    flash::forward(&dims.flash(), &Causal { t: dims.t }, q, k, v, out, lse);
+    flash::forward(&dims.flash(dv), &Causal { t: dims.t }, q, k, v, out, lse);
 }
 
 /// Gradients of the above given dout; overwrites dq, dk, dv (does not accumulate).
@@ -151,17 +176,29 @@ pub fn attention_backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
+    attention_backward_dv(dims, dims.d, [q, k, v, out, lse], dout, [dq, dk, dv])
+}
+
+/// [`attention_backward`] with values `dv_width` wide (see [`attention_forward_dv`]).
+pub fn attention_backward_dv(
+    dims: &AttnDims,
+    dv_width: usize,
+    [q, k, v, out, lse]: [&[f32]; 5],
+    dout: &[f32],
+    [dq, dk, dv]: [&mut [f32]; 3],
+) {
     dims.validate();
+    let (vl, ol) = (dims.v_len(dv_width), dims.out_len(dv_width));
     check_len("q", q.len(), dims.q_len(), dims);
     check_len("k", k.len(), dims.kv_len(), dims);
-    check_len("v", v.len(), dims.kv_len(), dims);
-    check_len("out", out.len(), dims.q_len(), dims);
+    check_len("v", v.len(), vl, dims);
+    check_len("out", out.len(), ol, dims);
     check_len("lse", lse.len(), dims.lse_len(), dims);
-    check_len("dout", dout.len(), dims.q_len(), dims);
+    check_len("dout", dout.len(), ol, dims);
     check_len("dq", dq.len(), dims.q_len(), dims);
     check_len("dk", dk.len(), dims.kv_len(), dims);
-    check_len("dv", dv.len(), dims.kv_len(), dims);
-    flash::backward(&dims.flash(), &Causal { t: dims.t }, [q, k, v, out, lse], dout, [dq, dk, dv]);
+    check_len("dv", dv.len(), vl, dims);
+    flash::backward(&dims.flash(dv_width), &Causal { t: dims.t }, [q, k, v, out, lse], dout, [dq, dk, dv]);
 }
 
 #[cfg(test)]

@@ -275,9 +275,9 @@ impl KeyList for Selection<'_> {
 }
 
 impl DsaDims {
-    /// The core's head shapes (`d_qk = d_v = d`).
-    fn flash(&self) -> FlashDims {
-        self.attn().flash()
+    /// The core's head shapes (queries and keys `d` wide, values `dv`).
+    fn flash(&self, dv: usize) -> FlashDims {
+        self.attn().flash(dv)
     }
 }
 
@@ -292,11 +292,26 @@ pub fn dsa_attention_forward(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
+    dsa_attention_forward_dv(dims, dims.d, [q, k, v], sel, out, lse)
+}
+
+/// [`dsa_attention_forward`] with values (and outputs) `dv` wide; q and k stay `d` wide (as
+/// `attention::attention_forward_dv`).
+pub fn dsa_attention_forward_dv(
+    dims: &DsaDims,
+    dv: usize,
+    [q, k, v]: [&[f32]; 3],
+    sel: &[u32],
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
     dims.validate_attn();
-    let (ql, kvl) = (dims.q_len(), dims.kv_len());
-    check_lens(dims, &[("q", q.len(), ql), ("k", k.len(), kvl), ("v", v.len(), kvl), ("out", out.len(), ql)]);
+    assert!(dv > 0, "dsa: value width dv must be > 0 (got {dims:?})");
+    let (ql, kvl, a) = (dims.q_len(), dims.kv_len(), dims.attn());
+    let (vl, ol) = (a.v_len(dv), a.out_len(dv));
+    check_lens(dims, &[("q", q.len(), ql), ("k", k.len(), kvl), ("v", v.len(), vl), ("out", out.len(), ol)]);
     check_lens(dims, &[("lse", lse.len(), dims.lse_len()), ("sel", sel.len(), dims.sel_len())]);
-    flash_gather::forward(&dims.flash(), &Selection { dims, sel }, q, k, v, out, lse);
+    flash_gather::forward(&dims.flash(dv), &Selection { dims, sel }, q, k, v, out, lse);
 }
 
 /// Gradients of [`dsa_attention_forward`] given `dout`; overwrites `dq`, `dk`, `dv`. Uses only
@@ -315,13 +330,26 @@ pub fn dsa_attention_backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
+    dsa_attention_backward_dv(dims, dims.d, [q, k, v, out, lse], sel, dout, [dq, dk, dv])
+}
+
+/// [`dsa_attention_backward`] with values `dv_width` wide.
+pub fn dsa_attention_backward_dv(
+    dims: &DsaDims,
+    dv_width: usize,
+    [q, k, v, out, lse]: [&[f32]; 5],
+    sel: &[u32],
+    dout: &[f32],
+    [dq, dk, dv]: [&mut [f32]; 3],
+) {
     dims.validate_attn();
-    let (ql, kvl) = (dims.q_len(), dims.kv_len());
-    check_lens(dims, &[("q", q.len(), ql), ("k", k.len(), kvl), ("v", v.len(), kvl), ("out", out.len(), ql)]);
+    let (ql, kvl, a) = (dims.q_len(), dims.kv_len(), dims.attn());
+    let (vl, ol) = (a.v_len(dv_width), a.out_len(dv_width));
+    check_lens(dims, &[("q", q.len(), ql), ("k", k.len(), kvl), ("v", v.len(), vl), ("out", out.len(), ol)]);
     check_lens(dims, &[("lse", lse.len(), dims.lse_len()), ("sel", sel.len(), dims.sel_len())]);
-    check_lens(dims, &[("dout", dout.len(), ql), ("dq", dq.len(), ql), ("dk", dk.len(), kvl), ("dv", dv.len(), kvl)]);
+    check_lens(dims, &[("dout", dout.len(), ol), ("dq", dq.len(), ql), ("dk", dk.len(), kvl), ("dv", dv.len(), vl)]);
     let keys = Selection { dims, sel };
-    flash_gather::backward(&dims.flash(), &keys, [q, k, v, out, lse], dout, [dq, dk, dv]);
+    flash_gather::backward(&dims.flash(dv_width), &keys, [q, k, v, out, lse], dout, [dq, dk, dv]);
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! gradient ops (a weight gradient before it is added into its f32 buffer) count as workspace.
 
 use super::{
-    attention::{attention_backward, attention_forward, AttnDims},
+    attention::{attention_backward_dv, attention_forward_dv, AttnDims},
     decode::{self, CacheKind, LayerCache},
     dsa::{self, DsaDims},
     elementwise, embedding,
@@ -15,7 +15,7 @@ use super::{
     optim::{adamw_update, newton_schulz, AdamWStep},
     rope::{qknorm_backward, qknorm_forward, rope_backward, rope_forward, RopeTable},
     swiglu,
-    window_attention::{window_attention_backward, window_attention_forward, WindowDims},
+    window_attention::{window_attention_backward_dv, window_attention_forward_dv, WindowDims},
 };
 use crate::backend::ops::{Backend, RopeKind, UpdateSlot};
 use crate::memory::{Category, Tracked};
@@ -44,7 +44,8 @@ impl CpuOps {
 
     pub fn new(c: &ModelConfig) -> CpuOps {
         CpuOps {
-            rope: RopeTable::new(c.head_dim, c.max_seq_len, c.rope_theta),
+            // the attention heads' rotary width (MLA: qk_rope_head_dim)
+            rope: RopeTable::new(c.rope_dim(), c.max_seq_len, c.rope_theta),
             index_rope: RopeTable::new(c.index_head_dim, c.max_seq_len, c.rope_theta),
             rope_theta: c.rope_theta,
         }
@@ -261,14 +262,22 @@ impl Backend for CpuOps {
         swiglu::swiglu_backward(g, u, dy, &mut dg, &mut du);
         Ok((dg, du))
     }
-    fn attention(&self, dims: &AttnDims, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; dims.lse_len()]);
-        attention_forward(dims, q, k, v, &mut out, &mut lse);
+    fn attention(
+        &self,
+        dims: &AttnDims,
+        dv: usize,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut out, mut lse) = (vec![0.0; dims.out_len(dv)], vec![0.0; dims.lse_len()]);
+        attention_forward_dv(dims, dv, q, k, v, &mut out, &mut lse);
         Ok((out, lse))
     }
     fn attention_backward(
         &self,
         dims: &AttnDims,
+        dv_width: usize,
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
@@ -277,23 +286,25 @@ impl Backend for CpuOps {
         dout: &Vec<f32>,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-        attention_backward(dims, q, k, v, out, lse, dout, &mut dq, &mut dk, &mut dv);
+        attention_backward_dv(dims, dv_width, [q, k, v, out, lse], dout, [&mut dq, &mut dk, &mut dv]);
         Ok((dq, dk, dv))
     }
     fn window_attention(
         &self,
         dims: &WindowDims,
+        dv: usize,
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; dims.lse_len()]);
-        window_attention_forward(dims, q, k, v, &mut out, &mut lse);
+        let (mut out, mut lse) = (vec![0.0; dims.q_len() / dims.d * dv], vec![0.0; dims.lse_len()]);
+        window_attention_forward_dv(dims, dv, q, k, v, &mut out, &mut lse);
         Ok((out, lse))
     }
     fn window_attention_backward(
         &self,
         dims: &WindowDims,
+        dv_width: usize,
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
@@ -302,7 +313,7 @@ impl Backend for CpuOps {
         dout: &Vec<f32>,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-        window_attention_backward(dims, q, k, v, out, lse, dout, &mut dq, &mut dk, &mut dv);
+        window_attention_backward_dv(dims, dv_width, [q, k, v, out, lse], dout, [&mut dq, &mut dk, &mut dv]);
         Ok((dq, dk, dv))
     }
 
@@ -406,16 +417,18 @@ impl Backend for CpuOps {
     fn dsa_attention(
         &self,
         dims: &DsaDims,
+        dv: usize,
         (q, k, v): (&Vec<f32>, &Vec<f32>, &Vec<f32>),
         sel: &Vec<u32>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; dims.lse_len()]);
-        dsa::dsa_attention_forward(dims, q, k, v, sel, &mut out, &mut lse);
+        let (mut out, mut lse) = (vec![0.0; dims.attn().out_len(dv)], vec![0.0; dims.lse_len()]);
+        dsa::dsa_attention_forward_dv(dims, dv, [q, k, v], sel, &mut out, &mut lse);
         Ok((out, lse))
     }
     fn dsa_attention_backward(
         &self,
         dims: &DsaDims,
+        dv_width: usize,
         (q, k, v): (&Vec<f32>, &Vec<f32>, &Vec<f32>),
         sel: &Vec<u32>,
         out: &Vec<f32>,
@@ -423,7 +436,8 @@ impl Backend for CpuOps {
         dout: &Vec<f32>,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-        dsa::dsa_attention_backward(dims, q, k, v, sel, out, lse, dout, &mut dq, &mut dk, &mut dv);
+        let grads = [&mut dq[..], &mut dk[..], &mut dv[..]];
+        dsa::dsa_attention_backward_dv(dims, dv_width, [q, k, v, out, lse], sel, dout, grads);
         Ok((dq, dk, dv))
     }
     fn indexer_kl(

@@ -57,7 +57,8 @@ pub struct WindowDims {
 }
 
 impl WindowDims {
-    fn attn(&self) -> AttnDims {
+    /// The dense attention shapes (same b, t, h, h_kv, d).
+    pub fn attn(&self) -> AttnDims {
         AttnDims { b: self.b, t: self.t, h: self.h, h_kv: self.h_kv, d: self.d }
     }
 
@@ -76,8 +77,8 @@ impl WindowDims {
         self.attn().lse_len()
     }
 
-    fn flash(&self) -> FlashDims {
-        self.attn().flash()
+    fn flash(&self, dv: usize) -> FlashDims {
+        self.attn().flash(dv)
     }
 
     fn validate(&self) {
@@ -150,12 +151,28 @@ fn check_lens(dims: &WindowDims, tensors: &[(&str, usize, usize)]) {
 /// Sliding-window + global-token causal softmax attention (see the module doc). Writes `out` and
 /// the per-row log-sum-exp of the scaled scores (natural log) into `lse`.
 pub fn window_attention_forward(dims: &WindowDims, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], lse: &mut [f32]) {
+    window_attention_forward_dv(dims, dims.d, q, k, v, out, lse)
+}
+
+/// [`window_attention_forward`] with values (and outputs) `dv` wide; q and k stay `d` wide
+/// (as `attention::attention_forward_dv`).
+pub fn window_attention_forward_dv(
+    dims: &WindowDims,
+    dv: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
     dims.validate();
-    let (ql, kvl) = (dims.q_len(), dims.kv_len());
-    let lens = [("q", q.len(), ql), ("k", k.len(), kvl), ("v", v.len(), kvl), ("out", out.len(), ql)];
+    assert!(dv > 0, "window_attention: value width dv must be > 0 (got {dims:?})");
+    let (ql, kvl, a) = (dims.q_len(), dims.kv_len(), dims.attn());
+    let lens =
+        [("q", q.len(), ql), ("k", k.len(), kvl), ("v", v.len(), a.v_len(dv)), ("out", out.len(), a.out_len(dv))];
     check_lens(dims, &lens);
     check_lens(dims, &[("lse", lse.len(), dims.lse_len())]);
-    flash::forward(&dims.flash(), dims, q, k, v, out, lse);
+    flash::forward(&dims.flash(dv), dims, q, k, v, out, lse);
 }
 
 /// Gradients of [`window_attention_forward`] given `dout`; overwrites `dq`, `dk`, `dv`. Uses only
@@ -173,14 +190,26 @@ pub fn window_attention_backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
+    window_attention_backward_dv(dims, dims.d, [q, k, v, out, lse], dout, [dq, dk, dv])
+}
+
+/// [`window_attention_backward`] with values `dv_width` wide.
+pub fn window_attention_backward_dv(
+    dims: &WindowDims,
+    dv_width: usize,
+    [q, k, v, out, lse]: [&[f32]; 5],
+    dout: &[f32],
+    [dq, dk, dv]: [&mut [f32]; 3],
+) {
     dims.validate();
-    let (ql, kvl) = (dims.q_len(), dims.kv_len());
-    let lens = [("q", q.len(), ql), ("k", k.len(), kvl), ("v", v.len(), kvl), ("out", out.len(), ql)];
+    let (ql, kvl, a) = (dims.q_len(), dims.kv_len(), dims.attn());
+    let (vl, ol) = (a.v_len(dv_width), a.out_len(dv_width));
+    let lens = [("q", q.len(), ql), ("k", k.len(), kvl), ("v", v.len(), vl), ("out", out.len(), ol)];
     check_lens(dims, &lens);
-    let lens = [("lse", lse.len(), dims.lse_len()), ("dout", dout.len(), ql), ("dq", dq.len(), ql)];
+    let lens = [("lse", lse.len(), dims.lse_len()), ("dout", dout.len(), ol), ("dq", dq.len(), ql)];
     check_lens(dims, &lens);
-    check_lens(dims, &[("dk", dk.len(), kvl), ("dv", dv.len(), kvl)]);
-    flash::backward(&dims.flash(), dims, [q, k, v, out, lse], dout, [dq, dk, dv]);
+    check_lens(dims, &[("dk", dk.len(), kvl), ("dv", dv.len(), vl)]);
+    flash::backward(&dims.flash(dv_width), dims, [q, k, v, out, lse], dout, [dq, dk, dv]);
 }
 
 #[cfg(test)]

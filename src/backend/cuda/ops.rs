@@ -49,6 +49,15 @@ const NS_COEFFS: (f32, f32, f32) = (3.4445, -4.7750, 2.0315);
 
 /// The shape rules of the CUDA kernels (module doc).
 pub fn check_cuda_shapes(c: &ModelConfig) -> Result<()> {
+    if c.is_mla() {
+        let (dqk, dv) = (c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim);
+        bail!(
+            "CUDA training of MLA (attention = \"mla\") is not built yet: its heads have d_qk {dqk} \
+             (qk_nope_head_dim + qk_rope_head_dim) and d_v {dv} (v_head_dim), and its RoPE is {} wide, \
+             while the CUDA attention kernels need d_qk = d_v in {{64, 128}}; train it on the CPU (--device cpu)",
+            c.qk_rope_head_dim
+        );
+    }
     if c.head_dim != 64 && c.head_dim != 128 {
         bail!("CUDA training needs head_dim 64 or 128 (the attention kernels), got {}", c.head_dim);
     }
@@ -75,6 +84,15 @@ pub fn check_cuda_shapes(c: &ModelConfig) -> Result<()> {
     }
     if dsa && c.index_head_dim % 16 != 0 {
         bail!("CUDA training needs index_head_dim to be a multiple of 16 (RoPE), got {}", c.index_head_dim);
+    }
+    Ok(())
+}
+
+/// The CUDA attention kernels read values as wide as queries and keys (`d_qk = d_v`); MLA's
+/// other value widths are refused by [`check_cuda_shapes`] before any kernel runs.
+fn same_value_width(d: usize, dv: usize) -> Result<()> {
+    if d != dv {
+        bail!("CUDA attention needs the value width equal to the query/key width (got d_qk {d}, d_v {dv})");
     }
     Ok(())
 }
@@ -285,7 +303,8 @@ impl Backend for CudaOps {
         swiglu::swiglu_backward(&self.be, g, u, dy, &dg, &du)?;
         Ok((dg, du))
     }
-    fn attention(&self, dims: &AttnDims, q: &A, k: &A, v: &A) -> Result<(A, F)> {
+    fn attention(&self, dims: &AttnDims, dv: usize, q: &A, k: &A, v: &A) -> Result<(A, F)> {
+        same_value_width(dims.d, dv)?;
         let (out, lse) = (self.uninit(dims.q_len())?, self.uninit(dims.lse_len())?);
         attention::attention_forward(&self.be, dims, q, k, v, &out, &lse)?;
         Ok((out, lse))
@@ -293,6 +312,7 @@ impl Backend for CudaOps {
     fn attention_backward(
         &self,
         dims: &AttnDims,
+        dv: usize,
         q: &A,
         k: &A,
         v: &A,
@@ -300,12 +320,14 @@ impl Backend for CudaOps {
         lse: &F,
         dout: &A,
     ) -> Result<(A, A, A)> {
+        same_value_width(dims.d, dv)?;
         let (ql, kl) = (dims.q_len(), dims.kv_len());
         let (dq, dk, dv): (F, F, F) = (self.uninit(ql)?, self.uninit(kl)?, self.uninit(kl)?);
         attention::attention_backward(&self.be, dims, q, k, v, out, lse, dout, [&dq, &dk, &dv])?;
         Ok((self.to_bf16(&dq)?, self.to_bf16(&dk)?, self.to_bf16(&dv)?))
     }
-    fn window_attention(&self, dims: &WindowDims, q: &A, k: &A, v: &A) -> Result<(A, F)> {
+    fn window_attention(&self, dims: &WindowDims, dv: usize, q: &A, k: &A, v: &A) -> Result<(A, F)> {
+        same_value_width(dims.d, dv)?;
         let (out, lse) = (self.uninit(dims.q_len())?, self.uninit(dims.lse_len())?);
         window_attention::window_attention_forward(&self.be, dims, q, k, v, &out, &lse)?;
         Ok((out, lse))
@@ -313,6 +335,7 @@ impl Backend for CudaOps {
     fn window_attention_backward(
         &self,
         dims: &WindowDims,
+        dv: usize,
         q: &A,
         k: &A,
         v: &A,
@@ -320,6 +343,7 @@ impl Backend for CudaOps {
         lse: &F,
         dout: &A,
     ) -> Result<(A, A, A)> {
+        same_value_width(dims.d, dv)?;
         let (ql, kl) = (dims.q_len(), dims.kv_len());
         let (dq, dk, dv): (F, F, F) = (self.uninit(ql)?, self.uninit(kl)?, self.uninit(kl)?);
         window_attention::window_attention_backward(&self.be, dims, q, k, v, out, lse, dout, [&dq, &dk, &dv])?;
@@ -419,7 +443,14 @@ impl Backend for CudaOps {
         dsa::indexer_topk(&self.be, dims, qi, ki, wi, &sel)?;
         Ok(sel)
     }
-    fn dsa_attention(&self, dims: &DsaDims, (q, k, v): (&A, &A, &A), sel: &DeviceBuffer<u32>) -> Result<(A, F)> {
+    fn dsa_attention(
+        &self,
+        dims: &DsaDims,
+        dv: usize,
+        (q, k, v): (&A, &A, &A),
+        sel: &DeviceBuffer<u32>,
+    ) -> Result<(A, F)> {
+        same_value_width(dims.d, dv)?;
         let (out, lse) = (self.uninit(dims.q_len())?, self.uninit(dims.lse_len())?);
         dsa::dsa_attention_forward(&self.be, dims, q, k, v, sel, &out, &lse)?;
         Ok((out, lse))
@@ -427,12 +458,14 @@ impl Backend for CudaOps {
     fn dsa_attention_backward(
         &self,
         dims: &DsaDims,
+        dv: usize,
         (q, k, v): (&A, &A, &A),
         sel: &DeviceBuffer<u32>,
         out: &A,
         lse: &F,
         dout: &A,
     ) -> Result<(A, A, A)> {
+        same_value_width(dims.d, dv)?;
         let (ql, kl) = (dims.q_len(), dims.kv_len());
         let (dq, dk, dv): (F, F, F) = (self.uninit(ql)?, self.uninit(kl)?, self.uninit(kl)?);
         dsa::dsa_attention_backward(&self.be, dims, q, k, v, sel, out, lse, dout, [&dq, &dk, &dv])?;
