@@ -18,6 +18,7 @@ use crate::generate::{generate_with, sample_token, Generation, SampleOptions};
 use crate::nn::decode::{kv_bytes, kv_bytes_per_layer, Decoder};
 use crate::nn::{AttnKind, Model, ModelConfig};
 use crate::rng::Rng;
+use crate::speculative::demo as speculative;
 use crate::train::checkpoint;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -47,6 +48,10 @@ pub struct DemoOptions {
     pub max_seq_len: Option<usize>,
     /// Test mode: also time the uncached forward (`Model::next_token_logits`) at that context.
     pub compare_uncached: bool,
+    /// `--speculative mtp`: the MTP modules draft, the model verifies (`crate::speculative`).
+    pub speculative: bool,
+    /// Drafts per round (default: every MTP module).
+    pub speculative_depth: Option<usize>,
 }
 
 /// The checkpoint directory `path` names: itself when it holds `model.safetensors`, else the
@@ -91,11 +96,16 @@ pub fn run(o: &DemoOptions) -> Result<()> {
     let (model, ckpt, codec) = load(&o.model_path)?;
     let mut sample = o.sample.clone();
     sample.stop_token = codec.eot();
+    let spec = o.speculative.then(|| speculative::depth_for(&model, o.speculative_depth)).transpose()?;
     match o.mode {
-        Mode::Interactive => interactive(&model, &ckpt, codec.as_ref(), &sample),
-        Mode::Batch => batch(&model, codec.as_ref(), &sample, o.prompts.as_deref(), o.output.as_deref()),
+        Mode::Interactive => interactive(&model, &ckpt, codec.as_ref(), &sample, spec),
+        Mode::Batch => batch(&model, codec.as_ref(), &sample, o.prompts.as_deref(), o.output.as_deref(), spec),
         Mode::Test => {
-            let report = capability_test(&model, &ckpt, &o.sample, o.max_seq_len, o.compare_uncached)?;
+            let mut report = capability_test(&model, &ckpt, &o.sample, o.max_seq_len, o.compare_uncached)?;
+            if let Some(depth) = spec {
+                let prompts = speculative::prompt_ids(codec.as_ref(), None);
+                report.speculative = Some(speculative::compare(&model, &prompts, &o.sample, depth)?);
+            }
             let json = serde_json::to_string_pretty(&report)?;
             match &o.output {
                 Some(p) => {
@@ -135,7 +145,13 @@ fn context_line(d: &Decoder) -> String {
     format!("context {}/{cap}, KV cache {}", d.len(), human_bytes(d.cache().bytes()))
 }
 
-fn interactive(model: &Model, ckpt: &Path, codec: &dyn TextCodec, opts: &SampleOptions) -> Result<()> {
+fn interactive(
+    model: &Model,
+    ckpt: &Path,
+    codec: &dyn TextCodec,
+    opts: &SampleOptions,
+    spec: Option<usize>,
+) -> Result<()> {
     let c = &model.config;
     eprintln!(
         "nanoseek demo: {} ({:.1}M parameters, context {}, attention {}); type a prompt, /reset to clear the \
@@ -194,11 +210,20 @@ fn interactive(model: &Model, ckpt: &Path, codec: &dyn TextCodec, opts: &SampleO
         }
         let mut stream = Streamer { codec, ids: Vec::new(), printed: 0 };
         let stdout = std::io::stdout();
-        let g = generate_with(&mut decoder, &transcript, opts, &mut rng, &mut |id| {
+        let mut show = |id| {
             if Some(id) != opts.stop_token {
                 stream.push(id, &mut stdout.lock());
             }
-        })?;
+        };
+        if let Some(depth) = spec {
+            // fresh caches each turn (the whole transcript is prefilled)
+            let g = speculative::generate_ids(model, &transcript, opts, depth, &mut show)?;
+            println!();
+            transcript.extend(&g.tokens);
+            eprintln!("[{} tokens, speculative, decode {:.1} tokens/s]", g.tokens.len(), g.decode_tokens_per_s());
+            continue;
+        }
+        let g = generate_with(&mut decoder, &transcript, opts, &mut rng, &mut show)?;
         println!();
         // the decoder holds the (possibly shifted) context and all new tokens but the last
         transcript = decoder.history().to_vec();
@@ -240,12 +265,14 @@ pub struct BatchRecord {
     pub decode_tokens_per_s: Option<f64>,
 }
 
-/// Continues one prompt from a fresh cache (BOS first when the codec has one).
+/// Continues one prompt from a fresh cache (BOS first when the codec has one); speculatively
+/// with `spec = Some(depth)`.
 pub fn complete(
     decoder: &mut Decoder,
     codec: &dyn TextCodec,
     prompt: &str,
     opts: &SampleOptions,
+    spec: Option<usize>,
 ) -> Result<(Vec<u32>, Generation)> {
     let mut ids: Vec<u32> = codec.bos().into_iter().collect();
     ids.extend(codec.encode(prompt)?);
@@ -254,7 +281,10 @@ pub fn complete(
     }
     decoder.reset();
     let mut rng = Rng::derive(opts.seed, "sample");
-    let g = generate_with(decoder, &ids, opts, &mut rng, &mut |_| {})?;
+    let g = match spec {
+        Some(depth) => speculative::generate_ids(decoder.model(), &ids, opts, depth, &mut |_| {})?,
+        None => generate_with(decoder, &ids, opts, &mut rng, &mut |_| {})?,
+    };
     Ok((ids, g))
 }
 
@@ -264,6 +294,7 @@ fn batch(
     opts: &SampleOptions,
     prompts: Option<&Path>,
     output: Option<&Path>,
+    spec: Option<usize>,
 ) -> Result<()> {
     let input: Box<dyn BufRead> = match prompts {
         Some(p) => Box::new(std::io::BufReader::new(
@@ -290,7 +321,7 @@ fn batch(
         let attempt = if bad_utf8 {
             Err(anyhow::anyhow!("line {} is not valid UTF-8 (shown with replacement characters)", i + 1))
         } else {
-            complete(&mut decoder, codec, prompt, opts)
+            complete(&mut decoder, codec, prompt, opts, spec)
         };
         let rec = match attempt {
             Ok((ids, g)) => {
@@ -386,6 +417,8 @@ pub struct TestReport {
     pub tasks: Option<serde_json::Value>,
     /// Why `tasks` is null, when it is (e.g. a model trained on other text than the tasks').
     pub tasks_skipped: Option<String>,
+    /// `--speculative mtp`: plain vs speculative decoding of the same prompts.
+    pub speculative: Option<speculative::SpecReport>,
 }
 
 impl TestReport {
@@ -409,6 +442,7 @@ impl TestReport {
             human_bytes(self.predicted_kv_cache_bytes),
             human_bytes(self.dense_kv_cache_bytes)
         );
+        s += &self.speculative.as_ref().map_or(String::new(), speculative::SpecReport::summary);
         s
     }
 }
@@ -556,6 +590,7 @@ pub fn capability_test(
         layers,
         tasks,
         tasks_skipped,
+        speculative: None,
     })
 }
 

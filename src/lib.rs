@@ -23,6 +23,7 @@ pub mod profile;
 pub mod report;
 pub mod rng;
 pub mod selftest;
+pub mod speculative;
 pub mod tensor;
 pub mod train;
 

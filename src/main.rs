@@ -127,6 +127,14 @@ struct DemoArgs {
     /// Test mode: also time the uncached forward at the same context.
     #[arg(long)]
     compare_uncached: bool,
+    /// Speculative decoding: `mtp` drafts with the model's multi-token-prediction modules
+    /// (a model trained with mtp_depth > 0); the output keeps the model's distribution (greedy:
+    /// the same tokens). Test mode adds the acceptance per depth and tokens/s with and without.
+    #[arg(long, value_parser = ["mtp"])]
+    speculative: Option<String>,
+    /// Drafts per round with --speculative mtp (default: every MTP module).
+    #[arg(long, requires = "speculative")]
+    speculative_depth: Option<usize>,
 }
 
 impl DemoArgs {
@@ -146,6 +154,8 @@ impl DemoArgs {
             },
             max_seq_len: self.max_seq_len,
             compare_uncached: self.compare_uncached,
+            speculative: self.speculative.is_some(),
+            speculative_depth: self.speculative_depth,
         }
     }
 }

@@ -53,8 +53,8 @@ pub use crate::backend::LayerCache;
 
 const F32_BYTES: usize = std::mem::size_of::<f32>();
 
-/// An empty cache for layer `l` of `config`.
-fn layer_cache(config: &ModelConfig, l: usize) -> LayerCache {
+/// An empty cache for layer `l` of `config` (`l ≥ n_layer`: an MTP module's virtual layer).
+pub fn layer_cache(config: &ModelConfig, l: usize) -> LayerCache {
     let kind = match config.attn_kind(l) {
         AttnKind::Dense => CacheKind::Dense,
         AttnKind::Window => CacheKind::Window { window: config.dsa_window_size, n_global: config.n_global },
@@ -109,6 +109,28 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(LayerCache::clear);
         self.len = 0;
+    }
+
+    /// A cache whose window layers can roll back `slack + 1` positions (see
+    /// [`KvCache::truncate`]); `slack = 0` is [`KvCache::new`].
+    pub fn with_slack(config: &ModelConfig, slack: usize) -> KvCache {
+        let layers = (0..config.n_layer).map(|l| layer_cache(config, l).with_slack(slack)).collect();
+        KvCache { layers, len: 0 }
+    }
+
+    /// Forgets positions `len..` in every layer (rejected speculative tokens): the cache then
+    /// computes exactly what a cache that only saw `0..len` would. A window layer rolls back at
+    /// most `slack + 1` positions ([`KvCache::with_slack`]); beyond that this is an error and
+    /// the cache is unchanged.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        for layer in &self.layers {
+            layer.check_truncate(len)?;
+        }
+        for layer in &mut self.layers {
+            layer.truncate(len)?;
+        }
+        self.len = len;
+        Ok(())
     }
 }
 
@@ -166,6 +188,10 @@ impl<'m> Decoder<'m> {
         }
         let cache = KvCache::new(&model.config);
         Ok(Decoder { model, cache, history: Vec::new(), last_logits: None })
+    }
+
+    pub fn model(&self) -> &'m Model {
+        self.model
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -368,5 +394,71 @@ mod tests {
         assert_eq!(d.capacity(), None);
         d.prefill(&[2; 30]).unwrap();
         assert_eq!(d.cache().bytes(), kv_bytes(&w.config, 30));
+    }
+
+    /// Logits of `ids` appended to `cache` (all rows).
+    fn run(m: &Model, cache: &mut KvCache, ids: &[u32]) -> Vec<f32> {
+        let mut tape = Tape::inference(m.cpu());
+        let pv = m.params_on(&mut tape);
+        let out = m.logits_cached(&mut tape, &pv, ids, cache, true).unwrap();
+        tape.value(out).to_vec()
+    }
+
+    #[test]
+    fn truncated_cache_equals_one_that_never_saw_the_rows() {
+        // dense, window (ring of 5 + slack 2 wrapping many times, 2 sinks) and DSA (top-3 of
+        // the indexer): each round appends the true rows, then rejected rows, and rolls those
+        // back; the next round's logits equal (bitwise) those of a cache that only ever saw
+        // the true rows, so the rolled-back cache holds exactly what it would have held
+        for pattern in ["D", "W", "S", "WS"] {
+            let mut m = model(pattern, 5, 2, 96);
+            (m.config.index_topk, m.config.index_local_window) = (3, 2);
+            let (slack, v) = (2, m.config.vocab_size);
+            let seq: Vec<u32> = (0..60).map(|i| (i * 13 % 61) as u32).collect();
+            let (mut spec, mut plain) = (KvCache::with_slack(&m.config, slack), KvCache::new(&m.config));
+            let (mut at, mut round) = (0, 0);
+            while at < seq.len() {
+                let keep = (if round == 0 { 7 } else { 1 + round % 3 }).min(seq.len() - at);
+                let (rejected, true_rows) = (round % (slack + 2), &seq[at..at + keep]);
+                let junk: Vec<u32> = (0..rejected).map(|j| ((round * 7 + j * 11 + 5) % 61) as u32).collect();
+                // a verify pass: true and rejected rows in one call agree with the true rows
+                // alone to rounding (another GEMM shape), and roll back as well
+                let mut joint = spec.clone();
+                let joint_rows = run(&m, &mut joint, &[true_rows, &junk].concat());
+                joint.truncate(at + keep).unwrap();
+                let plain_rows = run(&m, &mut plain, true_rows);
+                let scale = plain_rows.iter().fold(1.0f32, |a, x| a.max(x.abs()));
+                for (x, y) in joint_rows[..keep * v].iter().zip(&plain_rows) {
+                    assert!((x - y).abs() <= 1e-4 * scale, "{pattern}: round {round}: {x} vs {y}");
+                }
+                assert_eq!(run(&m, &mut spec, true_rows), plain_rows, "{pattern}: round {round}");
+                if !junk.is_empty() {
+                    run(&m, &mut spec, &junk);
+                    spec.truncate(at + keep).unwrap();
+                }
+                assert_eq!((spec.len(), joint.len()), (plain.len(), plain.len()));
+                (at, round) = (at + keep, round + 1);
+            }
+        }
+    }
+
+    #[test]
+    fn window_rollback_beyond_the_slack_is_an_error() {
+        let m = model("WD", 4, 1, 64);
+        let mut cache = KvCache::with_slack(&m.config, 1);
+        run(&m, &mut cache, &[3; 20]);
+        // a ring of 4 + 1 slots at 20 positions holds 15..20; rolling back to 17 needs 14..17
+        let e = cache.truncate(17).unwrap_err().to_string();
+        assert!(e.contains("cannot roll back to 17") && e.contains("slack 1"), "{e}");
+        assert_eq!(cache.len(), 20, "a refused truncation changes nothing");
+        assert!(cache.layers.iter().all(|l| l.len() == 20));
+        cache.truncate(18).unwrap();
+        assert!(cache.truncate(19).is_err(), "truncate cannot extend");
+        // rolling back to the sinks only, or everything, is always possible
+        let mut short = KvCache::new(&m.config);
+        run(&m, &mut short, &[3; 3]);
+        short.truncate(1).unwrap();
+        short.truncate(0).unwrap();
+        assert!(short.is_empty() && short.bytes() == 0);
     }
 }

@@ -6,8 +6,9 @@
 //! - dense layers keep every position (row `s` is position `s`); the allocation grows by
 //!   doubling, capped at `max_rows` rows;
 //! - window layers see `A(t) = {s : t − W < s ≤ t} ∪ {s < G, s ≤ t}`, so they keep a ring of the
-//!   last `W` positions (position `s` in slot `s mod W`) and, separately, the first `G`
-//!   positions (the attention sinks; while a sink is still inside the window it is held twice);
+//!   last `R = W + slack` positions (position `s` in slot `s mod R`; `slack` = 0 unless the cache
+//!   is made for rollback, [`LayerCache::with_slack`]) and, separately, the first `G` positions
+//!   (the attention sinks; while a sink is still inside the window it is held twice);
 //! - DSA layers keep every position's keys and values plus the lightning indexer's key
 //!   (`index_dim` floats after RoPE).
 //!
@@ -16,12 +17,20 @@
 //! the training forward computes. Later rows attend with per-query loops over the cached rows:
 //! `O(T)` per head for a dense layer, `O(W + G)` for a window layer; a DSA row scores every cached
 //! indexer key (`O(T · H_I · d_I)`, narrow) and attends to its top-k plus the local window only.
+//!
+//! **Rollback.** [`LayerCache::truncate`] forgets the newest positions (speculative decoding's
+//! rejected drafts), leaving the cache as if it had never seen them. Dense and DSA caches drop
+//! rows. A window cache's ring has overwritten older positions; it can roll back to `len` only
+//! while it still holds every position the next query at `len` reads, `max(len + 1 − W, G)..len`:
+//! with `slack` extra slots that is any rollback of at most `slack + 1` positions. Beyond that
+//! `truncate` is an error, never an inexact cache.
 
 use super::attention::{attention_forward, AttnDims};
 use super::dsa::{dsa_attention_forward, indexer_topk, DsaDims};
 use super::math;
 use super::rope::RopeTable;
 use super::window_attention::{window_attention_forward, WindowDims};
+use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 const F32_BYTES: usize = std::mem::size_of::<f32>();
@@ -54,6 +63,10 @@ pub struct LayerCache {
     v: Vec<f32>,
     /// DSA: the indexer key of each position.
     ik: Vec<f32>,
+    /// Window: ring slots beyond `window` (the ring holds `window + slack` positions).
+    slack: usize,
+    /// Window: the oldest position the ring still holds (older slots were overwritten).
+    ring_start: usize,
     /// Window: row `s` is sink position `s < n_global`.
     global_k: Vec<f32>,
     global_v: Vec<f32>,
@@ -62,7 +75,21 @@ pub struct LayerCache {
 impl LayerCache {
     pub fn new(kind: CacheKind, kv_dim: usize, max_rows: usize) -> LayerCache {
         let (k, v, ik, global_k, global_v) = Default::default();
-        LayerCache { kind, kv_dim, max_rows, len: 0, k, v, ik, global_k, global_v }
+        LayerCache { kind, kv_dim, max_rows, len: 0, k, v, ik, slack: 0, ring_start: 0, global_k, global_v }
+    }
+
+    /// A window cache whose ring keeps `slack` positions more than the window, so that
+    /// [`Self::truncate`] can roll back up to `slack + 1` positions (no effect on other kinds).
+    /// Costs `slack · kv_dim · 2` floats per window layer.
+    pub fn with_slack(mut self, slack: usize) -> LayerCache {
+        assert!(self.is_empty(), "with_slack: the cache must be empty");
+        self.slack = slack;
+        self
+    }
+
+    /// Ring slots of a window cache (`window + slack`).
+    fn ring(&self, window: usize) -> usize {
+        window + self.slack
     }
 
     pub fn kind(&self) -> CacheKind {
@@ -98,6 +125,57 @@ impl LayerCache {
             buf.clear();
         }
         self.len = 0;
+        self.ring_start = 0;
+    }
+
+    /// Whether [`Self::truncate`] to `len` is possible (the error it would return).
+    pub fn check_truncate(&self, len: usize) -> Result<()> {
+        ensure!(len <= self.len, "truncate: cannot extend a cache of {} positions to {len}", self.len);
+        if let CacheKind::Window { window, n_global } = self.kind {
+            // the ring positions query `len` reads (older window positions are sinks)
+            let need = (len + 1).saturating_sub(window).max(n_global).min(len);
+            if len < self.len && need < self.ring_start {
+                bail!(
+                    "truncate: a window cache at {} positions cannot roll back to {len}: position {need} was \
+                     overwritten (ring of {} = window {window} + slack {}; at most slack + 1 positions roll back)",
+                    self.len,
+                    self.ring(window),
+                    self.slack
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets positions `len..` (must be at most [`Self::len`]): afterwards the cache computes
+    /// exactly what a cache that only ever saw positions `0..len` computes. Errors, changing
+    /// nothing, when a window ring no longer holds a position the next query would read.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        self.check_truncate(len)?;
+        let kv = self.kv_dim;
+        let rows = match self.kind {
+            CacheKind::Dense => len,
+            CacheKind::Sparse { index_dim } => {
+                self.ik.truncate(len * index_dim);
+                len
+            }
+            CacheKind::Window { window, n_global } => {
+                self.global_k.truncate(len.min(n_global) * kv);
+                self.global_v.truncate(len.min(n_global) * kv);
+                // a ring that never filled is positions 0..: drop the tail; a full one keeps its
+                // slots (those of positions ≥ len are overwritten before they are read)
+                let ring = self.ring(window);
+                if self.k.len() < ring * kv {
+                    len
+                } else {
+                    ring
+                }
+            }
+        };
+        self.k.truncate(rows * kv);
+        self.v.truncate(rows * kv);
+        self.len = len;
+        Ok(())
     }
 
     /// Key and value rows of cached position `s` (one the layer keeps: a window layer holds the
@@ -110,7 +188,8 @@ impl LayerCache {
                 if s < n_global && (s + 1) * kv <= self.global_k.len() {
                     (&self.global_k, &self.global_v, s)
                 } else {
-                    (&self.k, &self.v, s % window)
+                    debug_assert!(s >= self.ring_start, "window cache: position {s} was overwritten");
+                    (&self.k, &self.v, s % self.ring(window))
                 }
             }
             CacheKind::Dense | CacheKind::Sparse { .. } => (&self.k, &self.v, s),
@@ -137,6 +216,7 @@ impl LayerCache {
                 self.v.extend_from_slice(v_new);
             }
             CacheKind::Window { window, n_global } => {
+                let ring = self.ring(window);
                 for i in 0..n {
                     let s = self.len + i;
                     let (kr, vr) = (&k_new[i * kv..(i + 1) * kv], &v_new[i * kv..(i + 1) * kv]);
@@ -144,14 +224,16 @@ impl LayerCache {
                         self.global_k.extend_from_slice(kr);
                         self.global_v.extend_from_slice(vr);
                     }
-                    if s < window {
-                        self.k.extend_from_slice(kr);
-                        self.v.extend_from_slice(vr);
-                    } else {
-                        let slot = (s % window) * kv;
+                    let slot = (s % ring) * kv;
+                    if slot < self.k.len() {
                         self.k[slot..slot + kv].copy_from_slice(kr);
                         self.v[slot..slot + kv].copy_from_slice(vr);
+                    } else {
+                        debug_assert_eq!(slot, self.k.len());
+                        self.k.extend_from_slice(kr);
+                        self.v.extend_from_slice(vr);
                     }
+                    self.ring_start = self.ring_start.max((s + 1).saturating_sub(ring));
                 }
             }
         }

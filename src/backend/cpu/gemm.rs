@@ -39,6 +39,20 @@ pub fn gemm(
         }
         return;
     }
+    // a linear layer on a few rows at decode shapes (a verify pass, a short prefill): the gemm
+    // crate would pack the weights, which costs several times one row's product (`gemm_rows`).
+    // Large weights: read each weight row once for all rows; smaller ones: one row at a time.
+    if la == Layout::N && lb == Layout::T && !accumulate && (2..=super::gemm_rows::MAX_ROWS).contains(&m) {
+        if n * k >= 1 << 20 {
+            return super::gemm_rows::gemm_few_rows(m, n, k, a, b, c);
+        }
+        if n * k >= 1 << 16 {
+            for (x, y) in a.chunks_exact(k).zip(c.chunks_exact_mut(n)) {
+                gemm(1, n, k, x, la, b, lb, y, false);
+            }
+            return;
+        }
+    }
     // (row stride, column stride) of each operand as the logical matrix.
     let (a_rs, a_cs) = match la {
         Layout::N => (k as isize, 1),

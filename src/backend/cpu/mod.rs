@@ -12,6 +12,7 @@ pub mod embedding;
 pub(crate) mod flash;
 pub(crate) mod flash_gather;
 pub mod gemm;
+pub mod gemm_rows;
 pub mod loss;
 pub mod math;
 pub mod moe;
