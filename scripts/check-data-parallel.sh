@@ -139,6 +139,16 @@ close_run MTP-a2 MTP-np2 3 "MTP (depth 1): mpirun -np 2 vs 2 micro-batches"
 grep -q '"comm_s"' "$work/D-np2/metrics.jsonl" || { echo "FAIL: no comm_s in a 2-rank run's metrics" >&2; exit 1; }
 ! grep -q '"comm_s"' "$work/D-a2/metrics.jsonl" || { echo "FAIL: comm_s in a single process's metrics" >&2; exit 1; }
 
+# throughput accounting: dist.json holds tokens/s and MFU for the job and each rank
+python3 - "$work/D-np2/dist.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+ok = 0 < d["mfu"] < 1 and len(d["ranks"]) == 2 and all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 for r in d["ranks"])
+if not ok:
+    sys.exit(f"FAIL: dist.json lacks a job or per-rank MFU in (0, 1): {d}")
+print(f"ok   dist.json: job {d['tokens_per_s']:.0f} tokens/s, MFU {100 * d['mfu']:.1f}%; per rank " + ", ".join(f"{100 * r['mfu']:.1f}%" for r in d["ranks"]))
+EOF
+
 # per-rank optimizer state: measured (dist.json, from the memory accounting) vs predicted
 read -r -a moe <<<"${KIND[MoE]}"
 for np in 1 2 4; do

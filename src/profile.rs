@@ -46,7 +46,9 @@ pub struct ProfileReport {
     pub memory_at_peak_mib: Vec<(String, f64)>,
 }
 
-fn measure_peak_gflops() -> f64 {
+/// The best of three f32 GEMMs at 1024³ on the CPU (this process's threads), in GFLOP/s: the
+/// practical peak MFU is measured against.
+pub fn measure_peak_gflops() -> f64 {
     let n = 1024;
     let (a, b, mut c) = (vec![0.5f32; n * n], vec![0.25f32; n * n], vec![0.0f32; n * n]);
     (0..3)

@@ -265,7 +265,10 @@ pub(super) fn run<B: Backend>(
     let elapsed = t0.elapsed().as_secs_f64();
     let tokens_per_s = tokens_done as f64 / elapsed.max(1e-9);
     if let Some(dp) = &tr.dp {
-        ranks.write_job_summary(dp.comm.as_ref(), &req.run_dir, mcfg, (tokens_done, elapsed))?;
+        // MFU against each rank's own GEMM rate, measured now with the threads it trained with
+        // (on the CPU; a GPU's peak is not measured here)
+        let peak = B::HOST_MEMORY.then(|| crate::profile::measure_peak_gflops() * 1e9);
+        ranks.write_job_summary(dp.comm.as_ref(), &req.run_dir, mcfg, (tokens_done, elapsed), peak)?;
     }
     let sample = match (req.sample_tokens, &lang) {
         _ if !root => None,

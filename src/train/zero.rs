@@ -302,30 +302,37 @@ impl RankTotals {
     }
 
     /// Gathers every rank's figures and, on rank 0, writes `<run>/dist.json`: per rank its
-    /// tokens/s, model FLOP/s, seconds in collectives and optimizer-state bytes; and the job's.
-    /// Every rank calls it together.
+    /// tokens/s, model FLOP/s, MFU against `peak_flops` (the rank's measured GEMM rate, when
+    /// known), seconds in collectives and optimizer-state bytes; and the job's (MFU against the
+    /// sum of the ranks' rates). Every rank calls it together.
     pub fn write_job_summary<F>(
         &self,
         comm: &dyn Collectives<F>,
         run_dir: &std::path::Path,
         cfg: &crate::nn::ModelConfig,
         (tokens_done, elapsed_s): (usize, f64),
+        peak_flops: Option<f64>,
     ) -> Result<()> {
         let world = comm.world();
         let rank_tokens = tokens_done as f64 / world as f64;
         let opt_bytes = crate::memory::report().current[crate::memory::Category::OptimizerState as usize];
-        let local = [rank_tokens / self.step_s.max(1e-9), self.comm_s, self.step_s, opt_bytes as f64];
+        let peak = peak_flops.unwrap_or(f64::NAN);
+        let local = [rank_tokens / self.step_s.max(1e-9), self.comm_s, self.step_s, opt_bytes as f64, peak];
         let all = comm.all_gather_f64(&local)?;
         if comm.rank() != 0 {
             return Ok(());
         }
         let flops_per_token = cfg.flops_per_token(cfg.max_seq_len);
         let job_tok_s = tokens_done as f64 / elapsed_s.max(1e-9);
+        let peak_sum: f64 = all.chunks(local.len()).map(|v| v[4]).sum();
+        let job_mfu = peak_sum.is_finite().then(|| job_tok_s * flops_per_token / peak_sum);
         let ranks: Vec<serde_json::Value> = all
             .chunks(local.len())
             .enumerate()
             .map(|(r, v)| {
+                let mfu = (v[4].is_finite()).then(|| v[0] * flops_per_token / v[4]);
                 serde_json::json!({"rank": r, "tokens_per_s": v[0], "model_flops_per_s": v[0] * flops_per_token,
+                    "peak_flops_per_s": v[4].is_finite().then_some(v[4]), "mfu": mfu,
                     "comm_s": v[1], "step_s": v[2], "comm_fraction": v[1] / v[2].max(1e-9),
                     "optimizer_state_bytes": v[3] as u64})
             })
@@ -336,7 +343,8 @@ impl RankTotals {
             "steps": self.steps,
             "tokens_per_s": job_tok_s,
             "model_flops_per_s": job_tok_s * flops_per_token,
-            "mfu_note": "MFU = model_flops_per_s / the device's peak FLOP/s (train does not know the peak; `nanoseek profile` measures one)",
+            "mfu": job_mfu,
+            "mfu_note": "MFU = model FLOP/s / the GEMM rate measured at the end of the run (f32 1024³, each rank with its own threads; the job's against the ranks' sum); null where not measured (a GPU's peak)",
             "ranks": ranks,
         });
         crate::fsutil::write_atomic(&run_dir.join("dist.json"), serde_json::to_string_pretty(&summary)?.as_bytes())
