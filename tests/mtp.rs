@@ -254,6 +254,16 @@ fn mtp_trains_resumes_and_reports() {
     assert!(report.contains("MTP depth 2 loss"), "{report}");
     let svg = std::fs::read_to_string(full.join("loss.svg")).unwrap();
     assert!(svg.contains("MTP depth 1 loss"));
+    // the TensorBoard event files carry each depth's loss as a scalar of its own
+    let events: Vec<u8> = std::fs::read_dir(&full)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("events.out.tfevents"))
+        .flat_map(|p| std::fs::read(p).unwrap())
+        .collect();
+    for tag in ["train/mtp_loss_1", "train/mtp_loss_2"] {
+        assert!(events.windows(tag.len()).any(|w| w == tag.as_bytes()), "no {tag} in the event files");
+    }
 }
 
 /// Activation checkpointing recomputes the modules' blocks too: loss, aux losses and every
