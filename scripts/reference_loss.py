@@ -51,6 +51,16 @@ CONFIG_KEYS = {
     "index_local_window",
     "dsa_warmup_steps",
     "moe",
+    "mtp_depth",
+    "mtp_lambda",
+    "mtp_lambda_final",
+    "mtp_lambda_switch",
+    "attention",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
 }
 MOE_KEYS = {
     "n_routed_experts",
@@ -77,6 +87,16 @@ CONFIG_DEFAULTS = {
     "index_local_window": 0,
     "dsa_warmup_steps": 0,
     "moe": {"n_routed_experts": 0},
+    "mtp_depth": 0,
+    "mtp_lambda": 0.3,
+    "mtp_lambda_final": None,
+    "mtp_lambda_switch": 2.0 / 3.0,
+    "attention": "gqa",
+    "q_lora_rank": 0,
+    "kv_lora_rank": 0,
+    "qk_nope_head_dim": 0,
+    "qk_rope_head_dim": 0,
+    "v_head_dim": 0,
 }
 
 
@@ -164,11 +184,15 @@ def load_checkpoint(ckpt_dir):
             f"missing {sorted(missing)}"
         )
 
+    if cfg["attention"] != "gqa":
+        die(f"attention {cfg['attention']!r}: this reference computes grouped-query attention only (MLA is not in it yet)")
+
     moe = cfg["moe"]
     if moe.get("n_routed_experts", 0) > 0 and set(moe) != MOE_KEYS:
         die(f"moe fields differ from docs/model.md: {sorted(set(moe) ^ MOE_KEYS)}")
 
-    raw = load_file(path)
+    # the MTP modules (docs/model.md) take no part in the model's own loss, which is scored here
+    raw = {k: v for k, v in load_file(path).items() if not k.startswith("mtp.")}
     V, C, L = cfg["vocab_size"], cfg["n_embd"], cfg["n_layer"]
     H, Hkv, d, F = cfg["n_head"], cfg["n_kv_head"], cfg["head_dim"], cfg["ffn_hidden"]
     expected = {"wte.weight": (V, C), "lm_head.weight": (V, C)}
