@@ -121,25 +121,21 @@ impl Model {
         let mut add = |name: String, kind, t| params.push(Param { name, kind, tensor: t });
         add("wte.weight".into(), ParamKind::Embedding, Tensor::randn(&[c.vocab_size, c.n_embd], 1.0, &mut rng));
         // N(0, 1/fan_in), fan_in the last dim (n_embd, or MLA's latent ranks for wq_b and wkv_b)
-        let std = |shape: &[usize]| 1.0 / (shape[shape.len() - 1] as f32).sqrt();
+        let draw = |shape: &[usize], zero: bool, rng: &mut Rng| match zero {
+            true => Tensor::zeros(shape),
+            false => Tensor::randn(shape, 1.0 / (shape[shape.len() - 1] as f32).sqrt(), rng),
+        };
         for l in 0..c.n_layer {
             for p in Self::block_param_specs(c, l) {
-                let t = if p.zero { Tensor::zeros(&p.shape) } else { Tensor::randn(&p.shape, std(&p.shape), &mut rng) };
-                add(format!("blocks.{l}.{}.weight", p.name), p.kind, t);
+                add(format!("blocks.{l}.{}.weight", p.name), p.kind, draw(&p.shape, p.zero, &mut rng));
             }
         }
         add("lm_head.weight".into(), ParamKind::Head, Tensor::randn(&[c.vocab_size, c.n_embd], 0.001, &mut rng));
         // MTP modules last, so the main model's draws do not depend on mtp_depth.
         for k in 1..=c.mtp_depth {
-            let proj_std = 1.0 / ((2 * c.n_embd) as f32).sqrt();
-            add(
-                format!("mtp.{k}.proj.weight"),
-                ParamKind::Matrix,
-                Tensor::randn(&[c.n_embd, 2 * c.n_embd], proj_std, &mut rng),
-            );
+            add(format!("mtp.{k}.proj.weight"), ParamKind::Matrix, draw(&[c.n_embd, 2 * c.n_embd], false, &mut rng));
             for p in Self::block_param_specs(c, c.mtp_layer(k)) {
-                let t = if p.zero { Tensor::zeros(&p.shape) } else { Tensor::randn(&p.shape, std(&p.shape), &mut rng) };
-                add(format!("mtp.{k}.block.{}.weight", p.name), p.kind, t);
+                add(format!("mtp.{k}.block.{}.weight", p.name), p.kind, draw(&p.shape, p.zero, &mut rng));
             }
         }
         Ok(Model::from_params(config.clone(), params))
