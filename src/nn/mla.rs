@@ -168,24 +168,25 @@ impl Model {
     }
 
     /// Queries `[n, H, d_n + d_r]`, keys `[n, H, d_n + d_r]` and values `[n, H, d_v]` of an MLA
-    /// layer (module doc) from h = norm(x) `[n, C]` of a `[b, t]` batch; `w` = the projections
-    /// before c_proj, in checkpoint order.
+    /// layer (module doc) from h = norm(x) `[n, C]` of a `[b, t]` batch, and the normalized query
+    /// latent `[n, r_q]` (None when r_q = 0); `w` = the projections before c_proj, in checkpoint
+    /// order.
     pub(super) fn mla_qkv<'p, B: Backend>(
         &'p self,
         tape: &mut Tape<'p, B>,
         h: Var,
         w: &[Var],
         (b, t): (usize, usize),
-    ) -> Result<(Var, Var, Var)> {
+    ) -> Result<(Var, Var, Var, Option<Var>)> {
         let c = &self.config;
         let (n, nh) = (b * t, c.n_head);
         let (dn, dr, dv, rkv) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
-        let q = if c.q_lora_rank > 0 {
+        let (q, q_latent) = if c.q_lora_rank > 0 {
             let cq = tape.linear(h, w[0])?;
             let cq = tape.rmsnorm(cq, c.q_lora_rank)?;
-            tape.linear(cq, w[1])?
+            (tape.linear(cq, w[1])?, Some(cq))
         } else {
-            tape.linear(h, w[0])?
+            (tape.linear(h, w[0])?, None)
         };
         let (wkv_a, wkv_b) = (w[w.len() - 2], w[w.len() - 1]);
         // per head: [q_nope ; RoPE(q_pe)]
@@ -207,6 +208,6 @@ impl Model {
         let v = tape.slice_cols(kv, dn, dv)?;
         let k_pe = tape.repeat_heads(k_pe, nh)?;
         let k = tape.concat_cols(k_nope, k_pe)?;
-        Ok((q, k, v))
+        Ok((q, k, v, q_latent))
     }
 }

@@ -396,11 +396,14 @@ impl Model {
         let na = c.n_attn_params(); // the attention's parameters, c_proj last
         let h = tape.rmsnorm(x, c.n_embd)?;
         // the projection: GQA's, or MLA's (`nn::mla`; training and uncached forwards only)
-        let (q, k, v) = if c.is_mla() {
+        // `q_src`: what the lightning indexer's query reads (h, or MLA's normalized query latent)
+        let (q, k, v, q_src) = if c.is_mla() {
             ensure!(cache.is_none(), "{}", super::mla::NO_LATENT_CACHE);
-            self.mla_qkv(tape, h, &w[..na - 1], (b, t))?
+            let (q, k, v, q_latent) = self.mla_qkv(tape, h, &w[..na - 1], (b, t))?;
+            (q, k, v, q_latent.unwrap_or(h))
         } else {
-            self.gqa_qkv(tape, h, &w[..3], (b, t), p0)?
+            let (q, k, v) = self.gqa_qkv(tape, h, &w[..3], (b, t), p0)?;
+            (q, k, v, h)
         };
         let y = match c.attn_kind(l) {
             AttnKind::Dense | AttnKind::Window if cache.is_some() => {
@@ -412,15 +415,17 @@ impl Model {
                 let wd = WindowDims { b, t, h: c.n_head, h_kv, d, window, n_global };
                 tape.window_attention(q, k, v, wd)?
             }
-            AttnKind::Sparse => self.sparse_attention(tape, l, h, (q, k, v), &w[w.len() - 3..], (b, t), cache)?,
+            AttnKind::Sparse => {
+                let iw = &w[w.len() - c.n_indexer_params(l)..];
+                self.sparse_attention(tape, l, (h, q_src), (q, k, v), iw, (b, t), cache)?
+            }
         };
         // MLA's heads [n, H, d_v] side by side for c_proj
         let y = if c.is_mla() { tape.reshape(y, &[b * t, c.n_head * dv])? } else { y };
         // x + c_proj(y): the residual add in the projection's epilogue.
         let x = tape.linear_residual(y, w[na - 1], x)?;
         let h = tape.rmsnorm(x, c.n_embd)?;
-        let n_index = if c.attn_kind(l) == AttnKind::Sparse { 3 } else { 0 };
-        let ffn_w = &w[na..w.len() - n_index];
+        let ffn_w = &w[na..w.len() - c.n_indexer_params(l)];
         if c.is_moe_layer(l) {
             let y = self.moe_ffn(tape, l, h, ffn_w, b, t)?;
             tape.add(x, y)
@@ -473,23 +478,22 @@ impl Model {
         }
     }
 
-    /// DeepSeek Sparse Attention: the lightning indexer reads a detached copy of h (so the language
-    /// model loss never reaches it), scores earlier keys, and each query attends to its top-k; the
-    /// indexer learns from the KL to the attention distribution (an aux loss). `w` = the indexer's
-    /// wq, wk, w_heads. With a `cache`, the indexer scores the cached keys too (no KL loss).
+    /// The lightning indexer's query heads qi `[n, H_I·d_I]`, key ki `[n, d_I]` and head weights wi
+    /// `[n, H_I]` from the block's normalized input h and the query source `q_src` (h for GQA
+    /// models; see `sparse_attention`); `w` = the indexer's parameters (block order); `p0` = the
+    /// cached length when decoding (RoPE at positions `p0..`). Both inputs are detached, so the
+    /// language-model loss never reaches the indexer.
     #[allow(clippy::too_many_arguments)]
-    fn sparse_attention<'p, B: Backend>(
+    pub(super) fn indexer_qkw<'p, B: Backend>(
         &'p self,
         tape: &mut Tape<'p, B>,
-        l: usize,
         h: Var,
-        qkv: (Var, Var, Var),
+        _q_src: Var,
         w: &[Var],
         (b, t): (usize, usize),
-        cache: Option<&mut LayerCache>,
-    ) -> Result<Var> {
+        p0: Option<usize>,
+    ) -> Result<(Var, Var, Var)> {
         let c = &self.config;
-        let p0 = cache.as_ref().map(|c| c.len());
         let hd = tape.detach(h)?;
         let qi = tape.linear(hd, w[0])?;
         let qi = tape.rope_at(qi, (b, t, c.index_n_heads), RopeKind::Indexer, p0)?;
@@ -497,6 +501,28 @@ impl Model {
         let ki = tape.rope_at(ki, (b, t, 1), RopeKind::Indexer, p0)?;
         let wi = tape.linear(hd, w[2])?;
         let wi = tape.scale(wi, 1.0 / ((c.index_n_heads * c.index_head_dim) as f32).sqrt())?;
+        Ok((qi, ki, wi))
+    }
+
+    /// DeepSeek Sparse Attention: the lightning indexer (`indexer_qkw`, on detached inputs) scores
+    /// earlier keys, and each query attends to its top-k; the indexer learns from the KL to the
+    /// attention distribution (an aux loss). `(h, q_src)`: the block's normalized input and what the
+    /// indexer's query reads; `w` = the indexer's parameters. With a `cache`, the indexer scores
+    /// the cached keys too (no KL loss).
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_attention<'p, B: Backend>(
+        &'p self,
+        tape: &mut Tape<'p, B>,
+        l: usize,
+        (h, q_src): (Var, Var),
+        qkv: (Var, Var, Var),
+        w: &[Var],
+        (b, t): (usize, usize),
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Var> {
+        let p0 = cache.as_ref().map(|c| c.len());
+        let (qi, ki, wi) = self.indexer_qkw(tape, h, q_src, w, (b, t), p0)?;
+        let c = &self.config;
         let dims = self.dsa_dims(b, t);
         if let Some(cache) = cache {
             return tape.dsa_attention_cached(qkv, (qi, ki, wi), dims, self.dsa_dense_warmup, cache);

@@ -128,6 +128,14 @@ impl ModelConfig {
         (router + shared + m.n_routed_experts * expert, router + shared + m.top_k * expert)
     }
 
+    /// Number of lightning-indexer tensors at the end of block `l`'s parameters (0 unless DSA).
+    pub fn n_indexer_params(&self, l: usize) -> usize {
+        match self.attn_kind(l) {
+            AttnKind::Sparse => 3,
+            _ => 0,
+        }
+    }
+
     /// Lightning-indexer parameters of layer `l` (DSA layers: wq [H_I·d_I, C], wk [d_I, C],
     /// w_heads [H_I, C]; 0 otherwise).
     pub fn indexer_params(&self, l: usize) -> usize {
