@@ -1,5 +1,8 @@
 //! CPU GEMM at 2048³ (and the tiny model's shapes): nanoseek's `gemm` against the
 //! peer library `matrixmultiply`, measured in the same run. Prints GFLOP/s and the ratio.
+//! Then the few-row linear layer (`y = x·wᵀ` with 2–8 rows, a speculative verify pass or a short
+//! prefill; `backend::cpu::gemm_rows`): nanoseek's `gemm` against `matrixmultiply` on the same
+//! transposed operand and against m separate one-row products, the path it replaces.
 //!
 //! `cargo bench --bench gemm`
 
@@ -79,5 +82,65 @@ fn main() {
         let (x, y) = (gflops(ours, m, n, k, 5), gflops(peer, m, n, k, 5));
         println!("{:<16} {x:>14.1} {y:>18.1} {:>7.2}x", format!("{m}x{n}x{k}"), x / y);
     }
+    few_rows_summary();
     c.final_summary();
+}
+
+/// y[m,n] = x[m,k]·w[n,k]ᵀ, nanoseek's dispatch (the few-row kernel for large weights).
+fn ours_t(m: usize, n: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
+    gemm(m, n, k, x, Layout::N, w, Layout::T, y, false);
+}
+
+/// The same product as m one-row calls (what a decode step does per row).
+fn one_row_each(m: usize, n: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
+    for (xr, yr) in x.chunks_exact(k).zip(y.chunks_exact_mut(n)).take(m) {
+        gemm(1, n, k, xr, Layout::N, w, Layout::T, yr, false);
+    }
+}
+
+fn peer_t(m: usize, n: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
+    // SAFETY: w is [n, k] row-major, read as its transpose [k, n] through the strides (1, k).
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            x.as_ptr(),
+            k as isize,
+            1,
+            w.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            y.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+/// (n, k): the tiny model's head (4096 × 256) and a 2048² hidden matrix.
+const FEW_ROW_WEIGHTS: [(usize, usize); 2] = [(4096, 256), (2048, 2048)];
+
+fn few_rows_summary() {
+    println!("\nfew-row linear y = x·wᵀ (best of 20, hot cache; ratios = other / nanoseek time):");
+    println!("{:<14} {:>12} {:>16} {:>16}", "m x n x k", "nanoseek µs", "m one-row calls", "matrixmultiply");
+    for &(n, k) in &FEW_ROW_WEIGHTS {
+        for m in [2, 4, 8] {
+            let (x, w, mut y) = (random(m * k, 3), random(n * k, 4), vec![0.0; m * n]);
+            let time = |f: Gemm, y: &mut [f32]| {
+                f(m, n, k, &x, &w, y);
+                (0..20)
+                    .map(|_| {
+                        let t = Instant::now();
+                        f(m, n, k, black_box(&x), &w, y);
+                        t.elapsed().as_secs_f64()
+                    })
+                    .fold(f64::INFINITY, f64::min)
+            };
+            let (a, b, p) = (time(ours_t, &mut y), time(one_row_each, &mut y), time(peer_t, &mut y));
+            println!("{:<14} {:>12.1} {:>15.2}x {:>15.2}x", format!("{m}x{n}x{k}"), a * 1e6, b / a, p / a);
+        }
+    }
 }
