@@ -201,9 +201,12 @@ def load_checkpoint(ckpt_dir):
         if cfg["qk_rope_head_dim"] % 2:
             die(f"qk_rope_head_dim {cfg['qk_rope_head_dim']} is odd (RoPE needs pairs)")
     if cfg["indexer"] == "v32" and "S" in cfg["attn_pattern"]:
-        r = cfg["index_rope_dim"]
-        if r is None or r <= 0 or r % 2 or r > cfg["index_head_dim"]:
+        r = cfg["index_rope_dim"] or 0
+        if r == 0:  # 0 = derived: d_I/2 rounded down to even
+            r = cfg["index_head_dim"] // 2 // 2 * 2
+        if r <= 0 or r % 2 or r > cfg["index_head_dim"]:
             die(f"v32 indexer: index_rope_dim {r} must be even and in 2..=index_head_dim")
+        cfg["index_rope_dim"] = r
 
     moe = cfg["moe"]
     if moe.get("n_routed_experts", 0) > 0 and set(moe) != MOE_KEYS:
