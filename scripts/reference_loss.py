@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Independent NumPy (float64) reference for the nanoseek dense model's loss.
+"""Independent NumPy (float64) reference for the nanoseek model's loss.
 
 Written from docs/model.md alone (not from the Rust code), so that CI can check
 that the engine computes the model the page describes. See
@@ -31,6 +31,7 @@ import numpy as np
 MAGIC = b"NSEEKTOK"
 HEADER_LEN = 32
 RMS_EPS = 1e-6
+LAYERNORM_EPS = 1e-6  # the V3.2 indexer's key norm
 CONFIG_KEYS = {
     "vocab_size",
     "n_layer",
@@ -61,6 +62,8 @@ CONFIG_KEYS = {
     "qk_nope_head_dim",
     "qk_rope_head_dim",
     "v_head_dim",
+    "indexer",
+    "index_rope_dim",
 }
 MOE_KEYS = {
     "n_routed_experts",
@@ -97,6 +100,8 @@ CONFIG_DEFAULTS = {
     "qk_nope_head_dim": 0,
     "qk_rope_head_dim": 0,
     "v_head_dim": 0,
+    "indexer": "gqa",
+    "index_rope_dim": None,
 }
 
 
@@ -184,8 +189,24 @@ def load_checkpoint(ckpt_dir):
             f"missing {sorted(missing)}"
         )
 
-    if cfg["attention"] != "gqa":
-        die(f"attention {cfg['attention']!r}: this reference computes grouped-query attention only (MLA is not in it yet)")
+    if cfg["attention"] not in ("gqa", "mla"):
+        die(f"attention {cfg['attention']!r}: docs/model.md defines \"gqa\" and \"mla\"")
+    if cfg["indexer"] not in ("gqa", "v32"):
+        die(f"indexer {cfg['indexer']!r}: this reference knows \"gqa\" and \"v32\"")
+    mla = cfg["attention"] == "mla"
+    if mla:
+        for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if cfg[k] <= 0:
+                die(f"MLA checkpoint with {k} = {cfg[k]} (must be positive)")
+        if cfg["qk_rope_head_dim"] % 2:
+            die(f"qk_rope_head_dim {cfg['qk_rope_head_dim']} is odd (RoPE needs pairs)")
+    if cfg["indexer"] == "v32" and "S" in cfg["attn_pattern"]:
+        r = cfg["index_rope_dim"] or 0
+        if r == 0:  # 0 = derived: d_I/2 rounded down to even
+            r = cfg["index_head_dim"] // 2 // 2 * 2
+        if r <= 0 or r % 2 or r > cfg["index_head_dim"]:
+            die(f"v32 indexer: index_rope_dim {r} must be even and in 2..=index_head_dim")
+        cfg["index_rope_dim"] = r
 
     moe = cfg["moe"]
     if moe.get("n_routed_experts", 0) > 0 and set(moe) != MOE_KEYS:
@@ -198,14 +219,36 @@ def load_checkpoint(ckpt_dir):
     expected = {"wte.weight": (V, C), "lm_head.weight": (V, C)}
     for l in range(L):
         p = f"blocks.{l}."
-        expected[p + "attn.c_q.weight"] = (H * d, C)
-        expected[p + "attn.c_k.weight"] = (Hkv * d, C)
-        expected[p + "attn.c_v.weight"] = (Hkv * d, C)
-        expected[p + "attn.c_proj.weight"] = (C, H * d)
+        if mla:
+            dn, dr, dv = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+            rq, rkv = cfg["q_lora_rank"], cfg["kv_lora_rank"]
+            if rq > 0:
+                expected[p + "attn.wq_a.weight"] = (rq, C)
+                expected[p + "attn.wq_b.weight"] = (H * (dn + dr), rq)
+            else:
+                expected[p + "attn.wq.weight"] = (H * (dn + dr), C)
+            expected[p + "attn.wkv_a.weight"] = (rkv + dr, C)
+            expected[p + "attn.wkv_b.weight"] = (H * (dn + dv), rkv)
+            expected[p + "attn.c_proj.weight"] = (C, H * dv)
+        else:
+            expected[p + "attn.c_q.weight"] = (H * d, C)
+            expected[p + "attn.c_k.weight"] = (Hkv * d, C)
+            expected[p + "attn.c_v.weight"] = (Hkv * d, C)
+            expected[p + "attn.c_proj.weight"] = (C, H * d)
         if cfg["attn_pattern"][l % len(cfg["attn_pattern"])] == "S":
             HI, dI = cfg["index_n_heads"], cfg["index_head_dim"]
-            expected[p + "attn.indexer.wq.weight"] = (HI * dI, C)
-            expected[p + "attn.indexer.wk.weight"] = (dI, C)
+            if cfg["indexer"] == "v32":
+                # the index query reads MLA's query latent when there is one
+                if mla and cfg["q_lora_rank"] > 0:
+                    expected[p + "attn.indexer.wq_b.weight"] = (HI * dI, cfg["q_lora_rank"])
+                else:
+                    expected[p + "attn.indexer.wq.weight"] = (HI * dI, C)
+                expected[p + "attn.indexer.wk.weight"] = (dI, C)
+                expected[p + "attn.indexer.k_norm.weight"] = (dI,)
+                expected[p + "attn.indexer.k_norm.bias"] = (dI,)
+            else:
+                expected[p + "attn.indexer.wq.weight"] = (HI * dI, C)
+                expected[p + "attn.indexer.wk.weight"] = (dI, C)
             expected[p + "attn.indexer.w_heads.weight"] = (HI, C)
         if is_moe_layer(cfg, l):
             E, Fe, S = moe["n_routed_experts"], moe["moe_inter_dim"], moe["n_shared_experts"]
@@ -235,9 +278,9 @@ def load_checkpoint(ckpt_dir):
         if tuple(t.shape) != shape:
             die(f"{name}: shape {tuple(t.shape)}, expected {shape}")
         params[name] = t.astype(np.float64)
-    if H % Hkv != 0:
+    if not mla and H % Hkv != 0:
         die(f"n_head {H} is not a multiple of n_kv_head {Hkv}")
-    if d % 2 != 0:
+    if not mla and d % 2 != 0:
         die(f"head_dim {d} is odd (RoPE needs pairs)")
     return cfg, params
 
@@ -274,6 +317,13 @@ def rope(x, cos, sin):
     return np.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
 
 
+def layernorm(x, weight, bias, eps):
+    """LayerNorm over the last axis: (x − mean) / sqrt(var + eps) · weight + bias (biased var)."""
+    mu = x.mean(axis=-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * weight + bias
+
+
 def allowed(T, kind, W, G):
     """A(t) as a [T, T] boolean matrix (row t, column s), per docs/model.md."""
     t = np.arange(T)[:, None]
@@ -287,7 +337,8 @@ def allowed(T, kind, W, G):
 
 
 def attention(q, k, v, mask):
-    """GQA softmax attention over the allowed keys. q [B,T,H,d], k/v [B,T,Hkv,d] -> [B,T,H,d]."""
+    """GQA softmax attention over the allowed keys, scale 1/sqrt(d) with d the query/key width.
+    q [B,T,H,d], k [B,T,Hkv,d], v [B,T,Hkv,dv] -> [B,T,H,dv] (MLA: Hkv = H, dv may differ from d)."""
     B, T, H, d = q.shape
     group = H // k.shape[2]
     # query head j uses kv head j // group
@@ -299,17 +350,52 @@ def attention(q, k, v, mask):
     scores -= scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
-    return np.einsum("bhts,bshd->bthd", p, v)
+    return np.einsum("bhts,bshe->bthe", p, v)
 
 
-def dsa_allowed(cfg, P, p, h):
-    """DSA key sets [B, T, T] of one layer from its lightning indexer on h [B, T, C]."""
+def partial_rope(x, r, theta):
+    """V3.2's index RoPE on x [B, T, nh, d]: the NeoX rotation (table of width r) on the first r
+    values of each head, the other d − r unchanged."""
+    cos, sin = rope_tables(x.shape[1], r, theta)
+    return np.concatenate([rope(x[..., :r], cos, sin), x[..., r:]], axis=-1)
+
+
+def indexer_qkw(cfg, P, p, h, q_latent):
+    """The lightning indexer's queries [B,T,H_I,d_I], key [B,T,d_I] and head weights [B,T,H_I].
+
+    "gqa": both from the block input h, rotated over all d_I values, no key norm.
+    "v32" (DeepSeek-V3.2): the query from the query latent (h when there is none), a LayerNorm
+    on the key, RoPE on the first index_rope_dim values of each only."""
     B, T, _ = h.shape
     HI, dI = cfg["index_n_heads"], cfg["index_head_dim"]
-    cos, sin = rope_tables(T, dI, float(cfg["rope_theta"]))
-    qi = rope((h @ P[p + "attn.indexer.wq.weight"].T).reshape(B, T, HI, dI), cos, sin)
-    ki = rope((h @ P[p + "attn.indexer.wk.weight"].T).reshape(B, T, 1, dI), cos, sin)[:, :, 0]
+    theta = float(cfg["rope_theta"])
+    if cfg["indexer"] == "v32":
+        r = cfg["index_rope_dim"]
+        if q_latent is not None:
+            qi = q_latent @ P[p + "attn.indexer.wq_b.weight"].T
+        else:
+            qi = h @ P[p + "attn.indexer.wq.weight"].T
+        qi = partial_rope(qi.reshape(B, T, HI, dI), r, theta)
+        ki = layernorm(
+            h @ P[p + "attn.indexer.wk.weight"].T,
+            P[p + "attn.indexer.k_norm.weight"],
+            P[p + "attn.indexer.k_norm.bias"],
+            LAYERNORM_EPS,
+        )
+        ki = partial_rope(ki.reshape(B, T, 1, dI), r, theta)[:, :, 0]
+    else:
+        cos, sin = rope_tables(T, dI, theta)
+        qi = rope((h @ P[p + "attn.indexer.wq.weight"].T).reshape(B, T, HI, dI), cos, sin)
+        ki = rope((h @ P[p + "attn.indexer.wk.weight"].T).reshape(B, T, 1, dI), cos, sin)[:, :, 0]
     wi = (h @ P[p + "attn.indexer.w_heads.weight"].T) / np.sqrt(HI * dI)  # [B, T, HI]
+    return qi, ki, wi
+
+
+def dsa_allowed(cfg, P, p, h, q_latent):
+    """DSA key sets [B, T, T] of one layer from its lightning indexer on h [B, T, C] (and the
+    normalized query latent [B, T, r_q] of an MLA layer that has one, else None)."""
+    B, T, _ = h.shape
+    qi, ki, wi = indexer_qkw(cfg, P, p, h, q_latent)
     x = np.einsum("btjd,bsd->btjs", qi, ki)
     I = np.einsum("btj,btjs->bts", wi, np.maximum(x, 0.0))
     K, W = cfg["index_topk"], cfg["index_local_window"]
@@ -383,28 +469,58 @@ def moe_ffn(cfg, P, p, h):
     return y
 
 
+def gqa_qkv(cfg, P, p, h):
+    """Grouped-query projection: q [B,T,H,d], k, v [B,T,Hkv,d], QK-norm and RoPE applied."""
+    B, T, _ = h.shape
+    H, Hkv, d = cfg["n_head"], cfg["n_kv_head"], cfg["head_dim"]
+    cos, sin = rope_tables(T, d, float(cfg["rope_theta"]))
+    q = (h @ P[p + "attn.c_q.weight"].T).reshape(B, T, H, d)
+    k = (h @ P[p + "attn.c_k.weight"].T).reshape(B, T, Hkv, d)
+    v = (h @ P[p + "attn.c_v.weight"].T).reshape(B, T, Hkv, d)
+    return rope(rmsnorm(q), cos, sin), rope(rmsnorm(k), cos, sin), v, None
+
+
+def mla_qkv(cfg, P, p, h):
+    """Multi-head Latent Attention (docs/model.md): q, k [B,T,H,d_n+d_r], v [B,T,H,d_v] and the
+    normalized query latent [B,T,r_q] (None when q_lora_rank = 0)."""
+    B, T, _ = h.shape
+    H = cfg["n_head"]
+    dn, dr, dv = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    rkv = cfg["kv_lora_rank"]
+    cos, sin = rope_tables(T, dr, float(cfg["rope_theta"]))
+    if cfg["q_lora_rank"] > 0:
+        q_latent = rmsnorm(h @ P[p + "attn.wq_a.weight"].T)
+        q = q_latent @ P[p + "attn.wq_b.weight"].T
+    else:
+        q_latent = None
+        q = h @ P[p + "attn.wq.weight"].T
+    q = q.reshape(B, T, H, dn + dr)
+    q = np.concatenate([q[..., :dn], rope(q[..., dn:], cos, sin)], axis=-1)
+    kv_a = h @ P[p + "attn.wkv_a.weight"].T  # [B, T, r_kv + d_r]
+    c_kv = rmsnorm(kv_a[..., :rkv])
+    k_pe = rope(kv_a[..., None, rkv:], cos, sin)  # [B, T, 1, d_r]: one rotary key for all heads
+    kv = (c_kv @ P[p + "attn.wkv_b.weight"].T).reshape(B, T, H, dn + dv)
+    k = np.concatenate([kv[..., :dn], np.broadcast_to(k_pe, (B, T, H, dr))], axis=-1)
+    return q, k, kv[..., dn:], q_latent
+
+
 def forward_logits(cfg, P, ids):
     """Capped logits ẑ [B, T, V] for ids [B, T]."""
     B, T = ids.shape
-    H, Hkv, d = cfg["n_head"], cfg["n_kv_head"], cfg["head_dim"]
-    cos, sin = rope_tables(T, d, float(cfg["rope_theta"]))
+    qkv = mla_qkv if cfg["attention"] == "mla" else gqa_qkv
     x = rmsnorm(P["wte.weight"][ids])
     for l in range(cfg["n_layer"]):
         p = f"blocks.{l}."
         h = rmsnorm(x)
-        q = (h @ P[p + "attn.c_q.weight"].T).reshape(B, T, H, d)
-        k = (h @ P[p + "attn.c_k.weight"].T).reshape(B, T, Hkv, d)
-        v = (h @ P[p + "attn.c_v.weight"].T).reshape(B, T, Hkv, d)
-        q = rope(rmsnorm(q), cos, sin)
-        k = rope(rmsnorm(k), cos, sin)
+        q, k, v, q_latent = qkv(cfg, P, p, h)
         pattern = cfg["attn_pattern"]
         kind = pattern[l % len(pattern)]
         if kind == "S":
-            mask = dsa_allowed(cfg, P, p, h)
+            mask = dsa_allowed(cfg, P, p, h, q_latent)
         else:
             mask = allowed(T, kind, cfg["dsa_window_size"], cfg["n_global"])
         o = attention(q, k, v, mask)
-        x = x + o.reshape(B, T, H * d) @ P[p + "attn.c_proj.weight"].T
+        x = x + o.reshape(B, T, -1) @ P[p + "attn.c_proj.weight"].T
         h = rmsnorm(x)
         if is_moe_layer(cfg, l):
             x = x + moe_ffn(cfg, P, p, h.reshape(B * T, -1)).reshape(B, T, -1)

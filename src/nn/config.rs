@@ -261,6 +261,12 @@ pub fn default_head_dim(n_embd: usize, n_head: usize) -> usize {
     }
 }
 
+/// MLA's query-latent width for a preset of width n_embd: DeepSeek-V3's ratio 1536/7168 = 3/14,
+/// rounded to the nearest multiple of 64 (medium 192, large 448, xlarge 896, full 1728).
+pub fn default_q_lora_rank(n_embd: usize) -> usize {
+    (3 * n_embd + 7 * 64) / (14 * 64) * 64
+}
+
 impl ModelConfig {
     fn shaped(vocab_size: usize, n_layer: usize, n_embd: usize, n_head: usize, max_seq_len: usize) -> ModelConfig {
         ModelConfig {
@@ -311,14 +317,25 @@ impl ModelConfig {
         self
     }
 
+    /// A preset with Multi-head Latent Attention in DeepSeek-V3's proportions scaled to its width:
+    /// d_n = d_v = head_dim, d_r = head_dim/2, r_kv = 4·head_dim (`derive_mla_dims`; V3's 128, 64,
+    /// 128, 512 at head_dim 128) and r_q = 3/14 of n_embd (`default_q_lora_rank`; V3: 1536 of
+    /// 7168). docs/model.md ("Presets and MLA") says why medium and up use it.
+    fn with_mla(mut self) -> ModelConfig {
+        self.attention = "mla".into();
+        self.q_lora_rank = default_q_lora_rank(self.n_embd);
+        self.derive_mla_dims();
+        self
+    }
+
     pub fn preset(name: &str) -> Result<ModelConfig> {
         Ok(match name {
             "tiny" => Self::shaped(4096, 4, 256, 4, 256),
             "small" => Self::shaped(65536, 12, 768, 12, 8192),
-            "medium" => Self::shaped(65536, 24, 1024, 16, 16384).with_dsa(),
-            "large" => Self::shaped(65536, 32, 2048, 32, 32768).with_dsa().with_moe(16),
-            "xlarge" => Self::shaped(65536, 48, 4096, 48, 65536).with_dsa().with_moe(32),
-            "full" => Self::shaped(65536, 64, 8192, 64, 131072).with_dsa().with_moe(64),
+            "medium" => Self::shaped(65536, 24, 1024, 16, 16384).with_mla().with_dsa(),
+            "large" => Self::shaped(65536, 32, 2048, 32, 32768).with_mla().with_dsa().with_moe(16),
+            "xlarge" => Self::shaped(65536, 48, 4096, 48, 65536).with_mla().with_dsa().with_moe(32),
+            "full" => Self::shaped(65536, 64, 8192, 64, 131072).with_mla().with_dsa().with_moe(64),
             other => bail!("unknown model size '{other}': expected one of {}", PRESETS.join(", ")),
         })
     }
@@ -437,6 +454,23 @@ impl ModelConfig {
         }
         if (shape_changed || ffn_changed) && !kept("moe_inter_dim") {
             self.moe.moe_inter_dim = 0; // derive_moe_inter_dim fills it from ffn_hidden
+        }
+        if shape_changed && self.is_mla() {
+            // MLA's widths follow head_dim (derive_mla_dims fills the zeros); a query latent in
+            // use follows n_embd
+            for (name, field) in [
+                ("qk_nope_head_dim", &mut self.qk_nope_head_dim),
+                ("qk_rope_head_dim", &mut self.qk_rope_head_dim),
+                ("v_head_dim", &mut self.v_head_dim),
+                ("kv_lora_rank", &mut self.kv_lora_rank),
+            ] {
+                if !kept(name) {
+                    *field = 0;
+                }
+            }
+            if self.q_lora_rank > 0 && !kept("q_lora_rank") {
+                self.q_lora_rank = default_q_lora_rank(self.n_embd);
+            }
         }
     }
 
@@ -567,6 +601,44 @@ mod tests {
         assert!((80_000_000..90_000_000).contains(&non_emb), "{non_emb}");
         assert_eq!(ModelConfig::preset("xlarge").unwrap().head_dim, 128);
         assert!(ModelConfig::preset("huge").unwrap_err().to_string().contains("unknown model size"));
+    }
+
+    /// `info`'s counts (ModelConfig's count functions) equal the element counts of the parameter
+    /// list the model allocates (`Model::expected_shapes`, shapes only), for every preset as it is
+    /// and with an MTP module; medium and up are MLA, tiny and small GQA.
+    #[test]
+    fn preset_parameter_counts_equal_the_parameter_shapes() {
+        use crate::nn::Model;
+        for p in PRESETS {
+            let base = ModelConfig::preset(p).unwrap();
+            assert_eq!(base.is_mla(), !matches!(*p, "tiny" | "small"), "{p}: MLA from medium up");
+            for mtp_depth in [0, 1] {
+                let c = ModelConfig { mtp_depth, ..base.clone() };
+                let shapes = Model::expected_shapes(&c);
+                let elements: usize = shapes.iter().map(|(_, _, s)| s.iter().product::<usize>()).sum();
+                assert_eq!(c.num_params(), elements, "{p}, mtp_depth {mtp_depth}");
+            }
+        }
+        // V3's proportions at the presets' widths (head_dim 64 for medium/large, 128 above)
+        let dims = |p: &str| {
+            let c = ModelConfig::preset(p).unwrap();
+            (c.q_lora_rank, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim)
+        };
+        assert_eq!(dims("medium"), (192, 256, 64, 32, 64));
+        assert_eq!(dims("xlarge"), (896, 512, 128, 64, 128));
+        assert_eq!(dims("full"), (1728, 512, 128, 64, 128));
+        assert_eq!(default_q_lora_rank(7168), 1536, "DeepSeek-V3's own width");
+    }
+
+    #[test]
+    fn mla_widths_follow_a_changed_shape() {
+        let mut c = ModelConfig::preset("medium").unwrap();
+        ConfigOverrides { n_embd: Some(2048), n_head: Some(16), ..Default::default() }.apply(&mut c).unwrap();
+        assert_eq!((c.head_dim, c.qk_nope_head_dim, c.kv_lora_rank, c.q_lora_rank), (128, 128, 512, 448));
+        let mut c = ModelConfig::preset("medium").unwrap();
+        let o = ConfigOverrides { n_embd: Some(512), kv_lora_rank: Some(96), ..Default::default() };
+        o.apply(&mut c).unwrap();
+        assert_eq!((c.head_dim, c.qk_rope_head_dim, c.kv_lora_rank, c.q_lora_rank), (32, 16, 96, 128));
     }
 
     #[test]
