@@ -50,6 +50,26 @@ typedef struct NsNormParams {
     int pad_;
 } NsNormParams;
 
+/** norm.cu: affine LayerNorm over the last dimension (the DSA indexer's key norm).
+ * Forward: x bf16 [rows, dim], gamma, beta bf16 [dim] -> y bf16 [rows, dim],
+ * stats f32 [rows, 2] = (mean, 1/std). Backward: x, stats, gamma, dy -> dx bf16
+ * [rows, dim] (one launch), dgamma, dbeta bf16 [dim] (another). */
+typedef struct NsLayerNormParams {
+    ns_dptr x;
+    ns_dptr gamma;
+    ns_dptr beta;
+    ns_dptr y;
+    ns_dptr stats;
+    ns_dptr dy;
+    ns_dptr dx;
+    ns_dptr dgamma;
+    ns_dptr dbeta;
+    int rows;
+    int dim;
+    float eps;
+    int pad_;
+} NsLayerNormParams;
+
 /** swiglu.cu: y = silu(g) * u and its backward; all bf16 [n]. */
 typedef struct NsSwigluParams {
     ns_dptr g;

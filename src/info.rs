@@ -110,7 +110,9 @@ pub fn predict_training_bytes(c: &ModelConfig, batch: usize, seq: usize, checkpo
     let layers = c.n_layer + c.mtp_depth;
     // Muon keeps one value per block matrix entry (routers are AdamW: two per entry).
     let routers = (0..layers).filter(|&l| c.is_moe_layer(l)).count() * c.moe.n_routed_experts * cc;
-    let matrices = c.block_params_total().0 + c.mtp_params().0 - routers;
+    // (and the v32 indexers' norm vectors, AdamW too)
+    let vectors: usize = (0..layers).map(|l| c.vector_params(l)).sum();
+    let matrices = c.block_params_total().0 + c.mtp_params().0 - routers - vectors;
     let optimizer = matrices + 2 * (params - matrices);
     // Values and saved state the tape keeps for one block (see Model::block): six [n, C]
     // tensors, three of the query width, three of the kv width, the FFN's, plus RMSNorm's
@@ -126,7 +128,9 @@ pub fn predict_training_bytes(c: &ModelConfig, batch: usize, seq: usize, checkpo
     // RoPE/scaling (2·(H_I·d_I + d_I + H_I)), the selection (kmax ids) and the KL's saved gradients.
     let (hi, di) = (c.index_n_heads, c.index_head_dim);
     let kmax = (c.index_topk + c.index_local_window).min(seq);
-    let dsa = cc + 3 * (hi * di + di + hi) + kmax;
+    // (the v32 indexer: `ModelConfig::v32_indexer_activations_per_token`)
+    let dsa =
+        kmax + if c.is_v32_indexer() { c.v32_indexer_activations_per_token() } else { cc + 3 * (hi * di + di + hi) };
     // The attention projection: GQA's q, k, v, their QK-norm (+ rstd per head) and the attention
     // (+ lse); or MLA's latents, per-head pieces and attention (`ModelConfig::mla_activations_per_token`).
     let attn = if c.is_mla() { c.mla_activations_per_token() } else { 3 * hd + 3 * kvd + h + hkv + h };

@@ -161,8 +161,15 @@ pub fn render(run_dir: &Path) -> Result<String> {
         row(
             "DSA indexer",
             format!(
-                "{} heads × {}, top-{}, local window {}, dense warm-up {} steps",
-                m.index_n_heads, m.index_head_dim, m.index_topk, m.index_local_window, m.dsa_warmup_steps
+                "{} ({} of {} dims rotated), {} heads × {}, top-{}, local window {}, dense warm-up {} steps",
+                m.indexer,
+                m.index_rope_width(),
+                m.index_head_dim,
+                m.index_n_heads,
+                m.index_head_dim,
+                m.index_topk,
+                m.index_local_window,
+                m.dsa_warmup_steps
             ),
         )?;
     }

@@ -23,6 +23,15 @@ fn rmsnorm() {
     check_gradients("rmsnorm per head", &[randn(&[4, 16], 4)], 64, &|t, v| t.rmsnorm(v[0], 8));
 }
 
+/// The affine LayerNorm (the v32 indexer's key norm): x, γ and β, rows of 8 and of 5.
+#[test]
+fn layernorm() {
+    for (rows, dim) in [(4, 8), (3, 5)] {
+        let inputs = [randn(&[rows, dim], 51), randn(&[dim], 52), randn(&[dim], 53)];
+        check_gradients("layernorm", &inputs, 60, &|t, v| t.layernorm(v[0], v[1], v[2]));
+    }
+}
+
 #[test]
 fn rope() {
     check_gradients("rope", &[randn(&[2, 5, 3, 8], 5)], 60, &|t, v| t.rope(v[0], (2, 5, 3), RopeKind::Attention));

@@ -162,13 +162,19 @@ fn info_predicts_the_measured_peak_within_ten_percent() {
 fn info_predicts_the_measured_peak_of_dsa_layers_within_ten_percent() {
     let mut c = ModelConfig::preset("tiny").unwrap();
     (c.max_seq_len, c.attn_pattern, c.index_topk) = (128, "SSD".into(), 32);
-    let (m, p) = measured_vs_predicted(&c, 8, 0);
-    let err = (p as f64 - m as f64) / m as f64;
-    println!(
-        "tiny SSD seq 128 batch 8: measured {:.1} MiB, predicted {:.1} MiB ({:+.1}%)",
-        mib(m),
-        mib(p),
-        err * 100.0
-    );
-    assert!(err.abs() <= 0.10, "DSA prediction off by {:.1}%", err * 100.0);
+    // and the v32 indexer on MLA with a query latent (its query reads the latent)
+    let mut v32 = c.clone();
+    (v32.attention, v32.indexer, v32.q_lora_rank) = ("mla".into(), "v32".into(), 96);
+    (v32.kv_lora_rank, v32.qk_nope_head_dim, v32.qk_rope_head_dim, v32.v_head_dim) = (128, 64, 32, 64);
+    for (name, c) in [("tiny SSD", c), ("tiny+mla SSD v32", v32)] {
+        let (m, p) = measured_vs_predicted(&c, 8, 0);
+        let err = (p as f64 - m as f64) / m as f64;
+        println!(
+            "{name} seq 128 batch 8: measured {:.1} MiB, predicted {:.1} MiB ({:+.1}%)",
+            mib(m),
+            mib(p),
+            err * 100.0
+        );
+        assert!(err.abs() <= 0.10, "{name}: DSA prediction off by {:.1}%", err * 100.0);
+    }
 }

@@ -69,6 +69,10 @@ pub(super) fn backward<'p, B: Backend>(
             Vec::new()
         }
         Op::RmsNorm { x, rstd, dim } => vec![(x, a(be.rmsnorm_backward(tape.get(x), &rstd, &tensor(dout), dim)?))],
+        Op::LayerNorm { x, gamma, beta, stats, dim } => {
+            let (dx, dg, db) = be.layernorm_backward(tape.get(x), &stats, tape.get(gamma), &tensor(dout), dim)?;
+            vec![(x, a(dx)), (gamma, a(dg)), (beta, a(db))]
+        }
         Op::Rope { x, bth, kind } => vec![(x, a(be.rope(&tensor(dout), bth, kind, true)?))],
         Op::QkNormRope { x, rstd, bth } => {
             vec![(x, a(be.qk_norm_rope_backward(tape.get(x), &rstd, &tensor(dout), bth)?))]

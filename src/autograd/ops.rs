@@ -57,6 +57,14 @@ pub enum Op<'p, B: Backend> {
         rstd: B::F,
         dim: usize,
     },
+    /// Affine LayerNorm (`autograd::layernorm`); keeps (mean, 1/std) per row.
+    LayerNorm {
+        x: Var,
+        gamma: Var,
+        beta: Var,
+        stats: B::F,
+        dim: usize,
+    },
     Rope {
         x: Var,
         bth: (usize, usize, usize),
@@ -207,6 +215,7 @@ impl<B: Backend> Op<'_, B> {
             Op::Moe { x, logits, w, .. } => vec![*x, *logits, w[0], w[1], w[2]],
             Op::MoeBalance { logits, .. } => vec![*logits],
             Op::Add { a, b } | Op::ConcatCols { a, b, .. } => vec![*a, *b],
+            Op::LayerNorm { x, gamma, beta, .. } => vec![*x, *gamma, *beta],
             Op::Checkpoint { inputs, .. } => inputs.clone(),
             Op::CrossEntropy { logits, .. } => vec![*logits],
         }
@@ -222,7 +231,7 @@ impl<B: Backend> Op<'_, B> {
         let (fl, al) = (|f: &B::F| 4 * be.f_len(f), |a: &B::A| 4 * be.a_len(a));
         match self {
             Op::Embedding { n, .. } => 4 * n,
-            Op::RmsNorm { rstd, .. } | Op::QkNormRope { rstd, .. } => fl(rstd),
+            Op::RmsNorm { rstd, .. } | Op::QkNormRope { rstd, .. } | Op::LayerNorm { stats: rstd, .. } => fl(rstd),
             Op::Attention { lse, .. } | Op::WindowAttention { lse, .. } => fl(lse),
             Op::DsaAttention { lse, sel, dims, .. } => fl(lse) + sel.as_ref().map_or(0, |_| 4 * dims.sel_len()),
             Op::SwiGluFfn { up, act, .. } => al(up) + al(act),
@@ -265,6 +274,7 @@ impl<B: Backend> Op<'_, B> {
             Op::RouterLinear { .. } => "router_linear",
             Op::Embedding { .. } => "embedding",
             Op::RmsNorm { .. } => "rmsnorm",
+            Op::LayerNorm { .. } => "layernorm",
             Op::Rope { .. } => "rope",
             Op::QkNormRope { .. } => "qk_norm_rope",
             Op::Attention { .. } => "attention",
@@ -349,6 +359,20 @@ impl<'p, B: Backend> Tape<'p, B> {
         let (y, rstd) = self.backend().rmsnorm(self.get(x), dim)?;
         let shape = self.shape(x).to_vec();
         Ok(self.out(y, &shape, Op::RmsNorm { x, rstd, dim }))
+    }
+
+    /// Affine LayerNorm of each row of x [.., dim] with γ, β [dim] (`Backend::layernorm`).
+    pub fn layernorm(&mut self, x: Var, gamma: Var, beta: Var) -> Result<Var> {
+        let shape = self.shape(x).to_vec();
+        let dim = *shape.last().expect("layernorm: x has no dims");
+        anyhow::ensure!(
+            self.shape(gamma) == [dim] && self.shape(beta) == [dim],
+            "layernorm: gamma {:?} and beta {:?} must be [{dim}]",
+            self.shape(gamma),
+            self.shape(beta)
+        );
+        let (y, stats) = self.backend().layernorm(self.get(x), self.get(gamma), self.get(beta), dim)?;
+        Ok(self.out(y, &shape, Op::LayerNorm { x, gamma, beta, stats, dim }))
     }
 
     /// Rotary embedding on x viewed as [b, t, h, head_dim] with the `kind` table.

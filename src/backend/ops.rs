@@ -148,6 +148,18 @@ pub trait Backend {
     /// Parameter-free RMSNorm over groups of `dim`: (y, rstd).
     fn rmsnorm(&self, x: &Self::A, dim: usize) -> Result<(Self::A, Self::F)>;
     fn rmsnorm_backward(&self, x: &Self::A, rstd: &Self::F, dy: &Self::A, dim: usize) -> Result<Self::A>;
+    /// Affine LayerNorm over groups of `dim` (γ, β: [dim], eps `cpu::norm::LN_EPS`): (y, stats),
+    /// stats = (mean, 1/std) per row in f32 for the backward.
+    fn layernorm(&self, x: &Self::A, gamma: &Self::A, beta: &Self::A, dim: usize) -> Result<(Self::A, Self::F)>;
+    /// Its backward: (dx, dγ, dβ).
+    fn layernorm_backward(
+        &self,
+        x: &Self::A,
+        stats: &Self::F,
+        gamma: &Self::A,
+        dy: &Self::A,
+        dim: usize,
+    ) -> Result<(Self::A, Self::A, Self::A)>;
     /// Rotary embedding of x viewed as [b, t, h, d] with the `kind` table (d its head dim);
     /// `inverse` rotates back (the backward).
     fn rope(&self, x: &Self::A, bth: (usize, usize, usize), kind: RopeKind, inverse: bool) -> Result<Self::A>;

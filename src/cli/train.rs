@@ -112,6 +112,12 @@ pub(crate) struct ModelArgs {
     /// Attention projection: gqa (default) or mla (Multi-head Latent Attention).
     #[arg(long)]
     pub(crate) attention: Option<String>,
+    /// DSA: the lightning indexer, gqa or v32 (DeepSeek-V3.2's; the default with --attention mla).
+    #[arg(long)]
+    pub(crate) indexer: Option<String>,
+    /// DSA, v32 indexer: rotated dims of each indexer head (0 = index_head_dim / 2).
+    #[arg(long)]
+    pub(crate) index_rope_dim: Option<usize>,
     /// MLA: rank of the query latent (0 = a direct query projection).
     #[arg(long)]
     pub(crate) q_lora_rank: Option<usize>,
@@ -157,6 +163,8 @@ impl ModelArgs {
             n_global: self.n_global,
             index_n_heads: self.index_n_heads,
             index_head_dim: self.index_head_dim,
+            indexer: self.indexer.clone(),
+            index_rope_dim: self.index_rope_dim,
             index_topk: self.index_topk,
             index_local_window: self.index_local_window,
             dsa_warmup_steps: self.dsa_warmup_steps,

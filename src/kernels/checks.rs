@@ -55,6 +55,16 @@ pub fn rmsnorm(x: &[usize], dim: usize) -> CudaResult<usize> {
     Ok(n / dim)
 }
 
+/// layernorm of x [.., dim] with gamma, beta [dim] → (rows, dim).
+pub fn layernorm(x: &[usize], gamma: &[usize], beta: &[usize]) -> CudaResult<(usize, usize)> {
+    let dim = *x.last().unwrap_or(&0);
+    ensure(dim > 0, || format!("layernorm: x {x:?} has no last dim"))?;
+    ensure(gamma == [dim] && beta == [dim], || {
+        format!("layernorm: gamma {gamma:?} and beta {beta:?} must be [{dim}] (x's last dim)")
+    })?;
+    Ok((x.iter().product::<usize>() / dim, dim))
+}
+
 /// rope on x [b, t, h, d] with a table of `head_dim`, `max_t` → (b, t, h).
 pub fn rope(x: &[usize], head_dim: usize, max_t: usize) -> CudaResult<(usize, usize, usize)> {
     rank("rope", "x", x, 4, "[b, t, h, head_dim]")?;

@@ -207,6 +207,22 @@ pub fn rmsnorm(be: &CudaBackend, x: &DeviceTensor, dim: usize) -> CudaResult<Dev
     Ok(y)
 }
 
+/// Affine LayerNorm of each row of x [.., dim] with γ, β [dim] (eps `norm::LN_EPS`): bf16 in
+/// and out, mean, variance and 1/std in f32 (the kernel also writes them, dropped here). CUDA
+/// needs dim a multiple of 8. Twin: [`super::layernorm`].
+pub fn layernorm(
+    be: &CudaBackend,
+    x: &DeviceTensor,
+    gamma: &DeviceTensor,
+    beta: &DeviceTensor,
+) -> CudaResult<DeviceTensor> {
+    let (rows, dim) = checks::layernorm(&x.shape, &gamma.shape, &beta.shape)?;
+    let y = DeviceTensor::uninit(be, &x.shape)?;
+    let stats = DeviceBuffer::<f32>::uninit(be, 2 * rows)?;
+    cu::norm::layernorm_forward(be, &x.data, (&gamma.data, &beta.data), dim, &y.data, &stats)?;
+    Ok(y)
+}
+
 /// NeoX half-split rotary embedding of x [b, t, h, head_dim], positions 0..t, bf16 in and out,
 /// f32 math with the same f32 cos/sin table as the CPU. CUDA needs head_dim a multiple of 16
 /// (checked by [`RopeTableGpu::new`]). Twin: [`super::rope`].

@@ -86,6 +86,16 @@ pub fn rmsnorm(x: &Tensor, dim: usize) -> Tensor {
     y
 }
 
+/// Affine LayerNorm of each row of x [.., dim]: γ ∘ (x − mean)/sqrt(var + eps) + β with γ, β
+/// [dim], the biased variance and eps = `norm::LN_EPS` (DeepSeek-V3.2's indexer key norm).
+pub fn layernorm(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Tensor {
+    let (rows, dim) = checks::layernorm(&x.shape, &gamma.shape, &beta.shape).unwrap_or_else(|e| panic!("{e}"));
+    let mut y = Tensor::zeros(&x.shape);
+    let mut stats = vec![0.0; 2 * rows];
+    norm::layernorm_forward(&x.data, &gamma.data, &beta.data, dim, &mut y.data, &mut stats);
+    y
+}
+
 /// NeoX half-split rotary embedding of x [b, t, h, head_dim], positions 0..t.
 pub fn rope(x: &Tensor, table: &RopeTable) -> Tensor {
     assert_eq!(x.shape.len(), 4, "rope: x must be [b, t, h, head_dim]");

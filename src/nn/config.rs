@@ -40,6 +40,16 @@ pub struct ModelConfig {
     /// DSA: width d_I of the indexer's query heads and of its single key head.
     #[serde(default = "default_index_head_dim")]
     pub index_head_dim: usize,
+    /// DSA: the lightning indexer's structure (`nn::indexer`): "gqa" (the query from the block
+    /// input, RoPE on all d_I dims, no key norm; the default of configs that do not say) or
+    /// "v32" (DeepSeek-V3.2's: the query from MLA's query latent, a LayerNorm on the key, RoPE
+    /// on the first `index_rope_dim` dims only).
+    #[serde(default = "super::indexer::default_indexer")]
+    pub indexer: String,
+    /// DSA, v32 indexer: the rotated leading dims of each indexer head (0 = derived: d_I / 2,
+    /// even; DeepSeek-V3.2 rotates 64 of 128).
+    #[serde(default)]
+    pub index_rope_dim: usize,
     /// DSA: keys each query attends to (all earlier ones while fewer).
     #[serde(default = "default_index_topk")]
     pub index_topk: usize,
@@ -285,6 +295,8 @@ impl ModelConfig {
             n_global: default_n_global(),
             index_n_heads: default_index_n_heads(),
             index_head_dim: default_index_head_dim(),
+            indexer: super::indexer::default_indexer(),
+            index_rope_dim: 0,
             index_topk: default_index_topk(),
             index_local_window: 0,
             dsa_warmup_steps: 0,
@@ -376,8 +388,10 @@ impl ModelConfig {
             bail!("{}: expected a table of config fields", path.display());
         };
         // A run directory's config.json: the model table is the model config.
+        let mut is_run_config = false;
         if let (Some(serde_json::Value::Object(model)), true) = (fields.get("model"), fields.contains_key("train")) {
             fields = model.clone();
+            is_run_config = true;
         }
         let base = match fields.remove("model_size") {
             Some(serde_json::Value::String(name)) => ModelConfig::preset(&name)?,
@@ -425,6 +439,11 @@ impl ModelConfig {
             Some(false) => cfg.moe.n_routed_experts = 0,
             Some(true) if !cfg.moe.enabled() => cfg.moe.n_routed_experts = 8,
             _ => {}
+        }
+        // a user's file that picks the attention picks its indexer too (a run's config.json is
+        // read as written: one from before the v32 indexer keeps "gqa")
+        if !is_run_config && has("attention") && !has("indexer") {
+            cfg.indexer = super::indexer::indexer_for(&cfg.attention);
         }
         cfg.derive_moe_inter_dim();
         cfg.derive_mla_dims();
@@ -551,6 +570,7 @@ impl ModelConfig {
         }
         self.validate_mtp()?;
         self.validate_mla()?;
+        self.validate_indexer()?;
         self.moe.validate()
     }
 

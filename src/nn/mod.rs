@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod decode;
+pub mod indexer;
 pub mod mla;
 pub mod model;
 pub mod mtp;

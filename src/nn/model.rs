@@ -11,6 +11,7 @@
 
 use super::config::{AttnKind, ModelConfig};
 use super::decode::{context_limit, KvCache};
+use super::params::ParamSpec;
 use crate::autograd::{Tape, Var};
 use crate::backend::{AttnDims, Backend, CpuOps, DsaDims, LayerCache, RopeKind, WindowDims};
 use crate::memory::{Category, Tracked};
@@ -33,6 +34,9 @@ pub enum ParamKind {
     Experts,
     /// The MoE router [E, n_embd] (AdamW, unembedding_lr).
     Router,
+    /// A vector: a norm's gain (starts at 1) or bias (starts at 0), e.g. the v32 indexer's
+    /// k_norm (AdamW, unembedding_lr, no weight decay).
+    Vector,
 }
 
 impl ParamKind {
@@ -121,13 +125,10 @@ impl Model {
         let mut add = |name: String, kind, t| params.push(Param { name, kind, tensor: t });
         add("wte.weight".into(), ParamKind::Embedding, Tensor::randn(&[c.vocab_size, c.n_embd], 1.0, &mut rng));
         // N(0, 1/fan_in), fan_in the last dim (n_embd, or MLA's latent ranks for wq_b and wkv_b)
-        let draw = |shape: &[usize], zero: bool, rng: &mut Rng| match zero {
-            true => Tensor::zeros(shape),
-            false => Tensor::randn(shape, 1.0 / (shape[shape.len() - 1] as f32).sqrt(), rng),
-        };
+        let draw = |shape: &[usize], zero: bool, rng: &mut Rng| Self::init(&ParamSpec::matrix(shape, zero), rng);
         for l in 0..c.n_layer {
             for p in Self::block_param_specs(c, l) {
-                add(format!("blocks.{l}.{}.weight", p.name), p.kind, draw(&p.shape, p.zero, &mut rng));
+                add(format!("blocks.{l}.{}", p.tensor_name()), p.kind, Self::init(&p, &mut rng));
             }
         }
         add("lm_head.weight".into(), ParamKind::Head, Tensor::randn(&[c.vocab_size, c.n_embd], 0.001, &mut rng));
@@ -135,10 +136,20 @@ impl Model {
         for k in 1..=c.mtp_depth {
             add(format!("mtp.{k}.proj.weight"), ParamKind::Matrix, draw(&[c.n_embd, 2 * c.n_embd], false, &mut rng));
             for p in Self::block_param_specs(c, c.mtp_layer(k)) {
-                add(format!("mtp.{k}.block.{}.weight", p.name), p.kind, draw(&p.shape, p.zero, &mut rng));
+                add(format!("mtp.{k}.block.{}", p.tensor_name()), p.kind, Self::init(&p, &mut rng));
             }
         }
         Ok(Model::from_params(config.clone(), params))
+    }
+
+    /// A block parameter's initial value: zero, a norm's gain of ones (`ParamKind::Vector`), or
+    /// N(0, 1/fan_in) with fan_in the last dim.
+    fn init(p: &ParamSpec, rng: &mut Rng) -> Tensor {
+        match (p.zero, p.kind) {
+            (true, _) => Tensor::zeros(&p.shape),
+            (false, ParamKind::Vector) => Tensor { shape: p.shape.clone(), data: vec![1.0; p.shape.iter().product()] },
+            (false, _) => Tensor::randn(&p.shape, 1.0 / (p.shape[p.shape.len() - 1] as f32).sqrt(), rng),
+        }
     }
 
     /// Assembles a model from parameters in checkpoint order (shapes are trusted; see `expected_shapes`).
@@ -488,12 +499,15 @@ impl Model {
         &'p self,
         tape: &mut Tape<'p, B>,
         h: Var,
-        _q_src: Var,
+        q_src: Var,
         w: &[Var],
         (b, t): (usize, usize),
         p0: Option<usize>,
     ) -> Result<(Var, Var, Var)> {
         let c = &self.config;
+        if c.is_v32_indexer() {
+            return self.v32_indexer_qkw(tape, h, q_src, w, (b, t), p0); // `nn::indexer`
+        }
         let hd = tape.detach(h)?;
         let qi = tape.linear(hd, w[0])?;
         let qi = tape.rope_at(qi, (b, t, c.index_n_heads), RopeKind::Indexer, p0)?;

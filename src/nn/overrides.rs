@@ -23,6 +23,8 @@ pub struct ConfigOverrides {
     pub n_global: Option<usize>,
     pub index_n_heads: Option<usize>,
     pub index_head_dim: Option<usize>,
+    pub indexer: Option<String>,
+    pub index_rope_dim: Option<usize>,
     pub index_topk: Option<usize>,
     pub index_local_window: Option<usize>,
     pub dsa_warmup_steps: Option<u64>,
@@ -162,6 +164,16 @@ impl ConfigOverrides {
         }
         if let Some(v) = &self.attention {
             cfg.attention = v.clone();
+            // the attention picks its indexer unless one is given (MLA: v32, GQA: gqa)
+            if self.indexer.is_none() && !file_set.contains("indexer") {
+                cfg.indexer = super::indexer::indexer_for(v);
+            }
+        }
+        if let Some(v) = &self.indexer {
+            cfg.indexer = v.clone();
+        }
+        if let Some(v) = self.index_rope_dim {
+            cfg.index_rope_dim = v;
         }
         for (field, v) in [
             (&mut cfg.q_lora_rank, self.q_lora_rank),

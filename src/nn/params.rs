@@ -4,12 +4,30 @@
 use super::config::{AttnKind, ModelConfig};
 use super::model::{Model, ParamKind};
 
-/// One parameter of a block: name suffix, kind, shape, and whether it starts at zero.
+/// One parameter of a block: name suffix, kind, shape, and whether it starts at zero (else
+/// N(0, 1/fan_in), or 1 for a norm's gain, `ParamKind::Vector`).
 pub(super) struct ParamSpec {
     pub(super) name: &'static str,
     pub(super) kind: ParamKind,
     pub(super) shape: Vec<usize>,
     pub(super) zero: bool,
+}
+
+impl ParamSpec {
+    /// An unnamed matrix (its initialization only).
+    pub(super) fn matrix(shape: &[usize], zero: bool) -> ParamSpec {
+        ParamSpec { name: "", kind: ParamKind::Matrix, shape: shape.to_vec(), zero }
+    }
+
+    /// The tensor's name in the block: `{name}.weight`, or the name itself for a bias
+    /// (`….bias`).
+    pub(super) fn tensor_name(&self) -> String {
+        if self.name.ends_with(".bias") {
+            self.name.to_string()
+        } else {
+            format!("{}.weight", self.name)
+        }
+    }
 }
 
 impl Model {
@@ -41,10 +59,7 @@ impl Model {
             Self::moe_param_specs(c, &mut v);
         }
         if c.attn_kind(l) == AttnKind::Sparse {
-            let (hi, di) = (c.index_n_heads, c.index_head_dim);
-            v.push(spec("attn.indexer.wq", mx, vec![hi * di, ce], false));
-            v.push(spec("attn.indexer.wk", mx, vec![di, ce], false));
-            v.push(spec("attn.indexer.w_heads", mx, vec![hi, ce], false));
+            Self::indexer_param_specs(c, &mut v);
         }
         v
     }
@@ -71,14 +86,14 @@ impl Model {
         let mut v = vec![("wte.weight".to_string(), ParamKind::Embedding, vec![c.vocab_size, c.n_embd])];
         for l in 0..c.n_layer {
             for p in Self::block_param_specs(c, l) {
-                v.push((format!("blocks.{l}.{}.weight", p.name), p.kind, p.shape));
+                v.push((format!("blocks.{l}.{}", p.tensor_name()), p.kind, p.shape));
             }
         }
         v.push(("lm_head.weight".to_string(), ParamKind::Head, vec![c.vocab_size, c.n_embd]));
         for k in 1..=c.mtp_depth {
             v.push((format!("mtp.{k}.proj.weight"), ParamKind::Matrix, vec![c.n_embd, 2 * c.n_embd]));
             for p in Self::block_param_specs(c, c.mtp_layer(k)) {
-                v.push((format!("mtp.{k}.block.{}.weight", p.name), p.kind, p.shape));
+                v.push((format!("mtp.{k}.block.{}", p.tensor_name()), p.kind, p.shape));
             }
         }
         v
@@ -128,22 +143,35 @@ impl ModelConfig {
         (router + shared + m.n_routed_experts * expert, router + shared + m.top_k * expert)
     }
 
-    /// Number of lightning-indexer tensors at the end of block `l`'s parameters (0 unless DSA).
+    /// Number of lightning-indexer tensors at the end of block `l`'s parameters (0 unless DSA):
+    /// 3 for the gqa indexer, 5 for v32 (`Model::indexer_param_specs`).
     pub fn n_indexer_params(&self, l: usize) -> usize {
-        match self.attn_kind(l) {
-            AttnKind::Sparse => 3,
+        match (self.attn_kind(l), self.is_v32_indexer()) {
+            (AttnKind::Sparse, false) => 3,
+            (AttnKind::Sparse, true) => 5,
             _ => 0,
         }
     }
 
-    /// Lightning-indexer parameters of layer `l` (DSA layers: wq [H_I·d_I, C], wk [d_I, C],
-    /// w_heads [H_I, C]; 0 otherwise).
+    /// Lightning-indexer parameters of layer `l` (0 unless DSA). gqa: wq [H_I·d_I, C], wk
+    /// [d_I, C], w_heads [H_I, C]. v32: wq_b [H_I·d_I, q_lora_rank] (or wq [H_I·d_I, C]), wk,
+    /// k_norm's weight and bias [d_I], w_heads.
     pub fn indexer_params(&self, l: usize) -> usize {
-        match self.attn_kind(l) {
-            AttnKind::Sparse => {
-                self.n_embd * (self.index_n_heads * self.index_head_dim + self.index_head_dim + self.index_n_heads)
-            }
-            _ => 0,
+        if self.attn_kind(l) != AttnKind::Sparse {
+            return 0;
+        }
+        let (hi, di, c) = (self.index_n_heads, self.index_head_dim, self.n_embd);
+        let q_in = if self.indexer_reads_q_latent() { self.q_lora_rank } else { c };
+        let norm = if self.is_v32_indexer() { 2 * di } else { 0 };
+        hi * di * q_in + di * c + norm + hi * c
+    }
+
+    /// Vector parameters (AdamW) of layer `l`: the v32 indexer's k_norm weight and bias.
+    pub fn vector_params(&self, l: usize) -> usize {
+        if self.attn_kind(l) == AttnKind::Sparse && self.is_v32_indexer() {
+            2 * self.index_head_dim
+        } else {
+            0
         }
     }
 

@@ -205,7 +205,35 @@ pub fn norm(ctx: &mut Ctx) -> Result<()> {
             ctx.repeat("rmsnorm dx", &shape, &down(&gdx)?, &got_dx, None);
             Ok(())
         });
+        ctx.case("layernorm", &shape, |ctx| layernorm_case(ctx, rows, dim));
     }
+    Ok(())
+}
+
+/// The affine LayerNorm (the v32 indexer's key norm). y and dx are element-wise f32 math rounded
+/// once to bf16 (`Tol::bf16_once`); mean and 1/std are f32 statistics; dγ and dβ are f32 sums
+/// over the rows rounded once, the error model of a GEMM with a bf16 output over k = rows.
+fn layernorm_case(ctx: &mut Ctx, rows: usize, dim: usize) -> Result<()> {
+    let (be, shape) = (ctx.be, format!("{rows}x{dim}"));
+    let (x, dy) = (rand_bf16(5, rows * dim, 2.0), rand_bf16(6, rows * dim, 1.0));
+    let (gamma, beta) = (rand_bf16(7, dim, 1.0), rand_bf16(8, dim, 0.5));
+    let (mut y, mut stats) = (vec![0.0; x.len()], vec![0.0; 2 * rows]);
+    cpu::norm::layernorm_forward(&x, &gamma, &beta, dim, &mut y, &mut stats);
+    let (dx, dg, db) = cpu::norm::layernorm_backward(&x, &stats, &gamma, &dy, dim);
+    let (gx, gdy, gg, gb) = (up(be, &x)?, up(be, &dy)?, up(be, &gamma)?, up(be, &beta)?);
+    let (gy, gs) = (DeviceBuffer::uninit(be, x.len())?, DeviceBuffer::<f32>::uninit(be, 2 * rows)?);
+    let (gdx, gdg, gdb) =
+        (DeviceBuffer::uninit(be, x.len())?, DeviceBuffer::uninit(be, dim)?, DeviceBuffer::uninit(be, dim)?);
+    cuda::norm::layernorm_forward(be, &gx, (&gg, &gb), dim, &gy, &gs)?;
+    cuda::norm::layernorm_backward(be, (&gx, &gs, &gg, &gdy), dim, &gdx, (&gdg, &gdb))?;
+    let got_y = down(&gy)?;
+    ctx.close("layernorm y", &shape, &got_y, &y, Tol::bf16_once());
+    ctx.close("layernorm stats", &shape, &down32(&gs)?, &stats, Tol::f32_math(1e-5, 1e-4));
+    ctx.close("layernorm dx", &shape, &down(&gdx)?, &dx, Tol::bf16_once());
+    ctx.close("layernorm dgamma", &shape, &down(&gdg)?, &dg, Tol::gemm_bf16(rows));
+    ctx.close("layernorm dbeta", &shape, &down(&gdb)?, &db, Tol::gemm_bf16(rows));
+    cuda::norm::layernorm_forward(be, &gx, (&gg, &gb), dim, &gy, &gs)?;
+    ctx.repeat("layernorm y", &shape, &down(&gy)?, &got_y, None);
     Ok(())
 }
 

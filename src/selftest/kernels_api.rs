@@ -71,6 +71,9 @@ fn elementwise(ctx: &mut Ctx) -> Result<()> {
     let x = rand_t(5, &[3, 7, 128], 2.0);
     let y = gk::rmsnorm(be, &put(be, &x)?, 64)?.to_host()?;
     same(ctx, "api rmsnorm", &y, &kernels::rmsnorm(&x, 64), once);
+    let (gamma, beta) = (rand_t(15, &[128], 1.0), rand_t(16, &[128], 0.5));
+    let y = gk::layernorm(be, &put(be, &x)?, &put(be, &gamma)?, &put(be, &beta)?)?.to_host()?;
+    same(ctx, "api layernorm", &y, &kernels::layernorm(&x, &gamma, &beta), once);
     let (g, u) = (rand_t(6, &[5, 99], 4.0), rand_t(7, &[5, 99], 2.0));
     let y = gk::swiglu(be, &put(be, &g)?, &put(be, &u)?)?.to_host()?;
     same(ctx, "api swiglu", &y, &kernels::swiglu(&g, &u), once);

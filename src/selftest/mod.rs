@@ -9,7 +9,7 @@
 //! - bf16 (8 significant bits, round to nearest): one rounding moves a value by at most
 //!   u = 2⁻⁸ ≈ 3.9e-3 of itself (the spacing at 1 is 2⁻⁷); as a random variable, the relative
 //!   error δ of a rounding is roughly uniform, RMS ≈ u/√3 ≈ 2.3e-3. f32: u = 2⁻²⁴.
-//! - A tensor rounded once has ‖g − w‖/‖w‖ ≤ u: element-wise kernels (rope, rmsnorm, SwiGLU,
+//! - A tensor rounded once has ‖g − w‖/‖w‖ ≤ u: element-wise kernels (rope, rmsnorm, layernorm, SwiGLU,
 //!   embedding, cross-entropy gradient) get norm 2u (the f32 values before the rounding may
 //!   differ in their last bits, so the rounding may land on the other neighbour).
 //! - Sums in f32: products of bf16 values are exact in f32, so a GEMM (or a dot product) with
@@ -86,7 +86,7 @@ pub const GROUPS: &[Group] = &[
         run: attention::window,
     },
     Group { name: "rope", about: "RoPE and the fused QK-norm + RoPE, forward and backward", run: basic::rope },
-    Group { name: "norm", about: "RMSNorm forward and backward", run: basic::norm },
+    Group { name: "norm", about: "RMSNorm and LayerNorm forward and backward", run: basic::norm },
     Group { name: "swiglu", about: "SwiGLU forward and backward", run: basic::swiglu },
     Group { name: "embedding", about: "embedding gather and scatter-add backward", run: basic::embedding },
     Group { name: "loss", about: "soft-capped cross-entropy, forward and backward", run: basic::loss },

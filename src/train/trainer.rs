@@ -433,7 +433,8 @@ fn update_one<B: Backend>(
                 beta1: c.adam_beta1,
                 beta2: c.adam_beta2,
                 eps: c.adam_eps,
-                weight_decay: c.weight_decay,
+                // a norm's gain and bias are not decayed toward 0
+                weight_decay: if *kind == ParamKind::Vector { 0.0 } else { c.weight_decay },
                 step,
             };
             ops.adamw(s.p, s.copy, s.g, m, v, h)

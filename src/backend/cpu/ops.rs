@@ -26,7 +26,7 @@ use rayon::prelude::*;
 #[derive(Clone)]
 pub struct CpuOps {
     rope: RopeTable,
-    /// The DSA indexer's table (`index_head_dim`), as `Model`'s.
+    /// The DSA indexer's table (`ModelConfig::index_rope_width`), as `Model`'s.
     index_rope: RopeTable,
     /// θ of both tables (`rope_at` computes angles past their length).
     rope_theta: f64,
@@ -46,7 +46,8 @@ impl CpuOps {
         CpuOps {
             // the attention heads' rotary width (MLA: qk_rope_head_dim)
             rope: RopeTable::new(c.rope_dim(), c.max_seq_len, c.rope_theta),
-            index_rope: RopeTable::new(c.index_head_dim, c.max_seq_len, c.rope_theta),
+            // the indexer's rotary width (v32: index_rope_dim of the d_I dims)
+            index_rope: RopeTable::new(c.index_rope_width(), c.max_seq_len, c.rope_theta),
             rope_theta: c.rope_theta,
         }
     }
@@ -228,6 +229,21 @@ impl Backend for CpuOps {
         let mut dx = vec![0.0; x.len()];
         norm::rmsnorm_backward(x, rstd, dy, dim, &mut dx);
         Ok(dx)
+    }
+    fn layernorm(&self, x: &Vec<f32>, gamma: &Vec<f32>, beta: &Vec<f32>, dim: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut y, mut stats) = (vec![0.0; x.len()], vec![0.0; 2 * (x.len() / dim)]);
+        norm::layernorm_forward(x, gamma, beta, dim, &mut y, &mut stats);
+        Ok((y, stats))
+    }
+    fn layernorm_backward(
+        &self,
+        x: &Vec<f32>,
+        stats: &Vec<f32>,
+        gamma: &Vec<f32>,
+        dy: &Vec<f32>,
+        dim: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        Ok(norm::layernorm_backward(x, stats, gamma, dy, dim))
     }
     fn rope(&self, x: &Vec<f32>, bth: (usize, usize, usize), kind: RopeKind, inverse: bool) -> Result<Vec<f32>> {
         let table = match kind {

@@ -67,6 +67,42 @@ const _: () = {
     ["Offset of field: NsNormParams::eps"][::core::mem::offset_of!(NsNormParams, eps) - 48usize];
     ["Offset of field: NsNormParams::pad_"][::core::mem::offset_of!(NsNormParams, pad_) - 52usize];
 };
+#[doc = " norm.cu: affine LayerNorm over the last dimension (the DSA indexer's key norm).\n Forward: x bf16 [rows, dim], gamma, beta bf16 [dim] -> y bf16 [rows, dim],\n stats f32 [rows, 2] = (mean, 1/std). Backward: x, stats, gamma, dy -> dx bf16\n [rows, dim] (one launch), dgamma, dbeta bf16 [dim] (another)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct NsLayerNormParams {
+    pub x: ns_dptr,
+    pub gamma: ns_dptr,
+    pub beta: ns_dptr,
+    pub y: ns_dptr,
+    pub stats: ns_dptr,
+    pub dy: ns_dptr,
+    pub dx: ns_dptr,
+    pub dgamma: ns_dptr,
+    pub dbeta: ns_dptr,
+    pub rows: ::core::ffi::c_int,
+    pub dim: ::core::ffi::c_int,
+    pub eps: f32,
+    pub pad_: ::core::ffi::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of NsLayerNormParams"][::core::mem::size_of::<NsLayerNormParams>() - 88usize];
+    ["Alignment of NsLayerNormParams"][::core::mem::align_of::<NsLayerNormParams>() - 8usize];
+    ["Offset of field: NsLayerNormParams::x"][::core::mem::offset_of!(NsLayerNormParams, x) - 0usize];
+    ["Offset of field: NsLayerNormParams::gamma"][::core::mem::offset_of!(NsLayerNormParams, gamma) - 8usize];
+    ["Offset of field: NsLayerNormParams::beta"][::core::mem::offset_of!(NsLayerNormParams, beta) - 16usize];
+    ["Offset of field: NsLayerNormParams::y"][::core::mem::offset_of!(NsLayerNormParams, y) - 24usize];
+    ["Offset of field: NsLayerNormParams::stats"][::core::mem::offset_of!(NsLayerNormParams, stats) - 32usize];
+    ["Offset of field: NsLayerNormParams::dy"][::core::mem::offset_of!(NsLayerNormParams, dy) - 40usize];
+    ["Offset of field: NsLayerNormParams::dx"][::core::mem::offset_of!(NsLayerNormParams, dx) - 48usize];
+    ["Offset of field: NsLayerNormParams::dgamma"][::core::mem::offset_of!(NsLayerNormParams, dgamma) - 56usize];
+    ["Offset of field: NsLayerNormParams::dbeta"][::core::mem::offset_of!(NsLayerNormParams, dbeta) - 64usize];
+    ["Offset of field: NsLayerNormParams::rows"][::core::mem::offset_of!(NsLayerNormParams, rows) - 72usize];
+    ["Offset of field: NsLayerNormParams::dim"][::core::mem::offset_of!(NsLayerNormParams, dim) - 76usize];
+    ["Offset of field: NsLayerNormParams::eps"][::core::mem::offset_of!(NsLayerNormParams, eps) - 80usize];
+    ["Offset of field: NsLayerNormParams::pad_"][::core::mem::offset_of!(NsLayerNormParams, pad_) - 84usize];
+};
 #[doc = " swiglu.cu: y = silu(g) * u and its backward; all bf16 [n]."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

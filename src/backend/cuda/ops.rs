@@ -85,6 +85,9 @@ pub fn check_cuda_shapes(c: &ModelConfig) -> Result<()> {
     if dsa && c.index_head_dim % 16 != 0 {
         bail!("CUDA training needs index_head_dim to be a multiple of 16 (RoPE), got {}", c.index_head_dim);
     }
+    if dsa && c.index_rope_width() % 16 != 0 {
+        bail!("CUDA training needs index_rope_dim to be a multiple of 16 (RoPE), got {}", c.index_rope_width());
+    }
     Ok(())
 }
 
@@ -100,7 +103,7 @@ fn same_value_width(d: usize, dv: usize) -> Result<()> {
 pub struct CudaOps {
     pub be: CudaBackend,
     rope: RopeTableGpu,
-    /// The DSA indexer's RoPE table (`index_head_dim`), when the model has DSA layers.
+    /// The DSA indexer's RoPE table (`ModelConfig::index_rope_width`), when the model has DSA layers.
     index_rope: Option<RopeTableGpu>,
 }
 
@@ -110,7 +113,7 @@ impl CudaOps {
         check_cuda_shapes(c)?;
         let rope = RopeTableGpu::new(&be, c.head_dim, c.max_seq_len, c.rope_theta)?;
         let index_rope = if (0..c.n_layer).any(|l| c.attn_kind(l) == AttnKind::Sparse) {
-            Some(RopeTableGpu::new(&be, c.index_head_dim, c.max_seq_len, c.rope_theta)?)
+            Some(RopeTableGpu::new(&be, c.index_rope_width(), c.max_seq_len, c.rope_theta)?)
         } else {
             None
         };
@@ -270,6 +273,16 @@ impl Backend for CudaOps {
         let dx = self.uninit(x.len())?;
         norm::rmsnorm_backward(&self.be, x, rstd, dy, dim, &dx)?;
         Ok(dx)
+    }
+    fn layernorm(&self, x: &A, gamma: &A, beta: &A, dim: usize) -> Result<(A, F)> {
+        let (y, stats) = (self.uninit(x.len())?, self.uninit(2 * (x.len() / dim.max(1)))?);
+        norm::layernorm_forward(&self.be, x, (gamma, beta), dim, &y, &stats)?;
+        Ok((y, stats))
+    }
+    fn layernorm_backward(&self, x: &A, stats: &F, gamma: &A, dy: &A, dim: usize) -> Result<(A, A, A)> {
+        let (dx, dg, db) = (self.uninit(x.len())?, self.uninit(dim)?, self.uninit(dim)?);
+        norm::layernorm_backward(&self.be, (x, stats, gamma, dy), dim, &dx, (&dg, &db))?;
+        Ok((dx, dg, db))
     }
     fn rope(&self, x: &A, (b, t, h): (usize, usize, usize), kind: RopeKind, inverse: bool) -> Result<A> {
         let table = match kind {
