@@ -4,11 +4,11 @@
 # reference in scripts/reference_loss.py (written from the doc alone). The models:
 #   gqa:  a window + global layer with a dense FFN, then a DSA layer (top-8 + local 4 of 64
 #         keys) with a MoE FFN whose routing bias has moved;
-#   mla:  Multi-head Latent Attention with a query latent and d_v != d_n, layers D, W, S (the
-#         GQA indexer), the S layer with a MoE FFN;
+#   mla:  Multi-head Latent Attention with a query latent and d_v != d_n, layers D, W, S (MLA's
+#         default indexer, v32), the S layer with a MoE FFN;
 #   mla-q0: MLA without a query latent (q_lora_rank 0), layers S and D;
 #   mla-v32: MLA with DeepSeek-V3.2's indexer (query from the query latent, LayerNorm'd key,
-#         RoPE on 4 of 16 index dims), layers D and S; runs when V32_INDEXER_CHECK=on below.
+#         RoPE on 4 of 16 index dims), layers D and S.
 #
 # Run from the repo root, after `cargo test --release` (or `cargo build --release`).
 set -euo pipefail
@@ -35,10 +35,6 @@ trap 'rm -rf "$tmp"' EXIT
 
 eval_tokens=4096
 batch=4
-
-# The V3.2 indexer (`--indexer v32`, helper B's branch) is checked once it is merged: set this
-# to on then (the reference already implements it).
-V32_INDEXER_CHECK=${V32_INDEXER_CHECK:-off}
 
 # 2 × 4096 + 1 tokens: more than the 4096 targets scored. The header says vocab 4096
 # (the model's); the ids stay below 2000.
@@ -109,17 +105,9 @@ check gqa --n-layer 2 --n-kv-head 2 --attn-pattern WS \
 check mla --n-layer 3 --attention mla --attn-pattern DWS --q-lora-rank 32 --kv-lora-rank 24 \
     --qk-nope-head-dim 16 --qk-rope-head-dim 8 --v-head-dim 12 \
     --n-routed-experts 4 --moe-top-k 2 --moe-inter-dim 48 --first-k-dense 2
-# With the v32 indexer merged it is MLA's default: mla then checks v32 (index_rope_dim derived,
+# v32 is MLA's default indexer: mla checks v32 (index_rope_dim derived,
 # query from the query latent) and mla-q0 keeps the GQA indexer on MLA by name.
-gqa_indexer=()
-if [[ $V32_INDEXER_CHECK == on ]]; then
-    gqa_indexer=(--indexer gqa)
-fi
 check mla-q0 --n-layer 2 --attention mla --attn-pattern SD --q-lora-rank 0 --kv-lora-rank 32 \
-    --qk-nope-head-dim 16 --qk-rope-head-dim 8 --v-head-dim 16 "${gqa_indexer[@]}"
-if [[ $V32_INDEXER_CHECK == on ]]; then
-    check mla-v32 --n-layer 2 --attention mla --attn-pattern DS --q-lora-rank 32 --kv-lora-rank 24 \
-        --qk-nope-head-dim 16 --qk-rope-head-dim 8 --v-head-dim 16 --indexer v32 --index-rope-dim 4
-else
-    echo "reference check (mla-v32): SKIPPED: V32_INDEXER_CHECK=off in scripts/check-reference.sh (the v32 indexer is not merged yet)"
-fi
+    --qk-nope-head-dim 16 --qk-rope-head-dim 8 --v-head-dim 16 --indexer gqa
+check mla-v32 --n-layer 2 --attention mla --attn-pattern DS --q-lora-rank 32 --kv-lora-rank 24 \
+    --qk-nope-head-dim 16 --qk-rope-head-dim 8 --v-head-dim 16 --indexer v32 --index-rope-dim 4
