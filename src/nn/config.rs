@@ -335,6 +335,7 @@ impl ModelConfig {
     /// 7168). docs/model.md ("Presets and MLA") says why medium and up use it.
     fn with_mla(mut self) -> ModelConfig {
         self.attention = "mla".into();
+        self.indexer = super::indexer::indexer_for("mla");
         self.q_lora_rank = default_q_lora_rank(self.n_embd);
         self.derive_mla_dims();
         self
@@ -632,6 +633,7 @@ mod tests {
         for p in PRESETS {
             let base = ModelConfig::preset(p).unwrap();
             assert_eq!(base.is_mla(), !matches!(*p, "tiny" | "small"), "{p}: MLA from medium up");
+            assert_eq!(base.is_v32_indexer(), base.is_mla(), "{p}: MLA presets use the V3.2 indexer");
             for mtp_depth in [0, 1] {
                 let c = ModelConfig { mtp_depth, ..base.clone() };
                 let shapes = Model::expected_shapes(&c);
