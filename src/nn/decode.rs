@@ -60,7 +60,11 @@ pub fn layer_cache(config: &ModelConfig, l: usize) -> LayerCache {
         AttnKind::Window => CacheKind::Window { window: config.dsa_window_size, n_global: config.n_global },
         AttnKind::Sparse => CacheKind::Sparse { index_dim: config.index_head_dim },
     };
-    LayerCache::new(kind, config.kv_dim(), config.max_seq_len)
+    if config.is_mla() {
+        LayerCache::latent(kind, config.kv_lora_rank, config.qk_rope_head_dim, config.max_seq_len)
+    } else {
+        LayerCache::new(kind, config.kv_dim(), config.max_seq_len)
+    }
 }
 
 /// Per-layer key/value caches of one sequence, all holding positions `0..len()`.
@@ -134,11 +138,22 @@ impl KvCache {
     }
 }
 
-/// Bytes of layer `layer`'s K/V cache after `context_len` positions (f32): dense
-/// `T · kv_dim · 2 · 4`; window `(min(T, W) + min(T, G)) · kv_dim · 2 · 4`; DSA (sparse) the
-/// dense K/V plus the lightning indexer's key per position, `T · (kv_dim · 2 + index_head_dim) · 4`.
+/// Floats one position occupies in a layer's cache, the indexer key aside: `2 · kv_dim` (keys
+/// and values) for GQA, `kv_lora_rank + qk_rope_head_dim` (the latent row) for MLA.
+pub fn cache_row_floats(config: &ModelConfig) -> usize {
+    if config.is_mla() {
+        config.kv_lora_rank + config.qk_rope_head_dim
+    } else {
+        config.kv_dim() * 2
+    }
+}
+
+/// Bytes of layer `layer`'s K/V cache after `context_len` positions (f32), with `row` =
+/// [`cache_row_floats`] (`2 · kv_dim`, or MLA's `r_kv + d_r`): dense `T · row · 4`; window
+/// `(min(T, W) + min(T, G)) · row · 4`; DSA (sparse) the dense rows plus the lightning indexer's
+/// key per position, `T · (row + index_head_dim) · 4`.
 pub fn kv_bytes_per_layer(config: &ModelConfig, layer: usize, context_len: usize) -> usize {
-    let kv = config.kv_dim() * 2 * F32_BYTES;
+    let kv = cache_row_floats(config) * F32_BYTES;
     match config.attn_kind(layer) {
         AttnKind::Dense => context_len * kv,
         AttnKind::Window => (context_len.min(config.dsa_window_size) + context_len.min(config.n_global)) * kv,
@@ -149,6 +164,15 @@ pub fn kv_bytes_per_layer(config: &ModelConfig, layer: usize, context_len: usize
 /// Bytes of the whole model's K/V cache after `context_len` positions.
 pub fn kv_bytes(config: &ModelConfig, context_len: usize) -> usize {
     (0..config.n_layer).map(|l| kv_bytes_per_layer(config, l, context_len)).sum()
+}
+
+/// Bytes one more cached position costs, summed over the layers, as if every layer kept every
+/// position (a dense-cache context; window layers stop growing at `W + G` positions): per layer
+/// [`cache_row_floats`] plus, in DSA layers, the indexer key, times 4. The figure to compare GQA
+/// with MLA by (e.g. V3's shapes: 576 floats per layer for MLA against 2 · H · d for GQA).
+pub fn kv_bytes_per_token(config: &ModelConfig) -> usize {
+    let index = |l| if config.attn_kind(l) == AttnKind::Sparse { config.index_head_dim } else { 0 };
+    (0..config.n_layer).map(|l| (cache_row_floats(config) + index(l)) * F32_BYTES).sum()
 }
 
 /// The most positions a cache of this model may hold: `max_seq_len` when any layer's cache grows
