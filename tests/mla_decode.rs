@@ -163,3 +163,52 @@ fn latent_cache_bytes_are_the_predicted_latent_rows() {
     gqa.attention = "gqa".into();
     assert_eq!(kv_bytes_per_token(&gqa), (3 * 2 * gqa.n_kv_head * gqa.head_dim + c.index_head_dim) * 4);
 }
+
+fn nanoseek(args: &[&str], cwd: &std::path::Path, stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nanoseek"))
+        .args(args)
+        .current_dir(cwd)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nanoseek");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn train_sample_demo_and_info_run_mla_models() {
+    // the closing sample decodes; demo's test mode measures the latent cache as predicted; the
+    // interactive demo answers; info prints the latent row
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mla = ["--attention", "mla", "--kv-lora-rank", "16", "--qk-rope-head-dim", "8", "--q-lora-rank", "12"];
+    let model =
+        ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--max-seq-len", "32", "--device-batch-size", "2"];
+    let mut args = vec!["train", "--run", "r", "--attn-pattern", "WS", "--dsa-window-size", "8", "--n-global", "2"];
+    args.extend(mla.iter().chain(&model));
+    args.extend(["--num-iterations", "2", "--sample-tokens", "6", "--quiet", "--device", "cpu"]);
+    let o = nanoseek(&args, d, "");
+    assert!(o.status.success(), "train: {}", String::from_utf8_lossy(&o.stderr));
+
+    let test = ["demo", "--model-path", "runs/r", "--mode", "test", "--max-seq-len", "32", "--max-new-tokens", "8"];
+    let o = nanoseek(&test, d, "");
+    assert!(o.status.success(), "demo test: {}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["kv_cache_bytes"], r["predicted_kv_cache_bytes"]);
+    assert_eq!(r["kv_row_floats"], 16 + 8);
+    let n = r["context_len"].as_u64().unwrap();
+    // layer 0 is a window layer: (8 + 2) latent rows; layer 1 a DSA layer: n rows + indexer keys
+    assert_eq!(r["layers"][0]["kv_bytes"], (8 + 2) * 24 * 4);
+    let index_dim = r["layers"][1]["kv_bytes"].as_u64().unwrap() / 4 / n - 24;
+    assert_eq!(r["kv_bytes_per_token"], (2 * 24 + index_dim) * 4);
+
+    let o = nanoseek(&["demo", "--model-path", "runs/r", "--max-new-tokens", "4"], d, "the color of\n/quit\n");
+    assert!(o.status.success(), "demo interactive: {}", String::from_utf8_lossy(&o.stderr));
+
+    let o = nanoseek(&["info", "--model-size", "tiny", "--attention", "mla"], d, "");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("MLA's latent [c_kv ; k_pe]"), "info: {out}");
+}

@@ -331,6 +331,7 @@ pub trait Backend {
     /// MLA decoding: attention of the new rows' absorbed queries over a latent cache and the new
     /// latent rows `kv`, in the cache kind's key set (a DSA layer: `index` = the indexer's shapes
     /// and qi, ki, wi; every earlier key when `dense`); appends kv (and ki). Returns `o_lat`.
+    #[allow(clippy::type_complexity)]
     fn latent_attention_cached(
         &self,
         dims: &LatentDims,

@@ -21,8 +21,14 @@
 //!   and attends to those rows only: `O(k)` per head instead of `O(T)`.
 //! - **MoE FFNs** route each new row with the layer's bias (`Model::moe_ffn`; the `n` rows of a
 //!   call are one routing call, so a capacity limit applies per call), no cache.
+//! - **MLA models** (`attention = "mla"`, `nn::mla_decode`) cache one latent row
+//!   `[c_kv ; k_pe]` of `kv_lora_rank + qk_rope_head_dim` floats per position in place of the
+//!   `2 · kv_dim` keys and values (a latent [`LayerCache`]; the value is the row's first
+//!   `kv_lora_rank` floats), kept per layer kind as above; `wkv_b` is absorbed into the query and
+//!   the output, so a step attends MQA-style over the latent rows.
 //!
-//! [`kv_bytes_per_layer`] predicts [`KvCache::layer_bytes`] exactly.
+//! [`kv_bytes_per_layer`] predicts [`KvCache::layer_bytes`] exactly; [`kv_bytes_per_token`] is a
+//! token's bytes over all layers (GQA against MLA).
 //!
 //! **Positions beyond `max_seq_len`.** A model with at least one dense layer stops with an
 //! error ("context full") when a call would cache more than `max_seq_len` positions; callers
@@ -38,10 +44,13 @@
 //! ends with bitwise the logits of [`Model::next_token_logits`] of `ids` (a test checks it;
 //! [`Decoder::prefill`] runs the head on the last row only, a GEMM of another shape). Later calls attend with per-query loops
 //! over the cached rows (other summation orders): logits agree to about 1e-6 relative (the tests
-//! allow 1e-4).
+//! allow 1e-4). MLA layers run the absorbed path on every cached call, a prefill included (same
+//! scores and outputs as the training forward, summed in another order): within 1e-4 of the
+//! uncached logits too (`tests/mla_decode.rs`).
 //!
 //! **Adding a layer kind.** A new attention variant adds a `backend::CacheKind`, its branch in
-//! the backend's cached attention and in [`kv_bytes_per_layer`]; the model states the layer once.
+//! the backend's cached attention and in [`kv_bytes_per_layer`]; the model states the layer once
+//! (MLA's cached attention is its own branch of `Model::block`, `Model::mla_attention_cached`).
 
 use super::config::{AttnKind, ModelConfig};
 use super::model::Model;

@@ -14,7 +14,8 @@
 //!
 //! A **latent** cache ([`LayerCache::latent`], MLA layers, `cpu::mla_decode`) holds one row per
 //! position, `[c_kv ; k_pe]` (`rank + rope` floats), and no value rows: a position's value is the
-//! first `rank` floats of its key row. The layer kinds keep their positions as above.
+//! first `rank` floats of its key row. The layer kinds keep their positions as above; every call
+//! on a latent cache, a prefill too, runs the per-query loops below.
 //!
 //! **Compute.** New rows into an empty cache (a prefill) run the training kernels (tiled
 //! attention, `dsa::indexer_topk` and `dsa::dsa_attention_forward`), so a prefill computes what
@@ -126,7 +127,7 @@ impl LayerCache {
 
     /// A window cache whose ring keeps `slack` positions more than the window, so that
     /// [`Self::truncate`] can roll back up to `slack + 1` positions (no effect on other kinds).
-    /// Costs `slack · kv_dim · 2` floats per window layer.
+    /// Costs `slack · kv_dim · 2` floats per window layer (`slack` latent rows for a latent cache).
     pub fn with_slack(mut self, slack: usize) -> LayerCache {
         assert!(self.is_empty(), "with_slack: the cache must be empty");
         self.slack = slack;

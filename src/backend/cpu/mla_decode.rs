@@ -96,6 +96,7 @@ pub fn absorb(dims: &AbsorbDims, side: AbsorbSide, x: &[f32], wkv_b: &[f32]) -> 
 /// layer (`index` = its shapes and the indexer's qi, ki, wi) the local window plus the indexer's
 /// top-k over cached and new indexer keys, the same rows for every head (every key earlier
 /// than the query when `dense`: the warm-up). Appends kv (and ki). Returns `o_lat [n, h, rank]`.
+#[allow(clippy::type_complexity)]
 pub fn latent_attention_cached(
     dims: &LatentDims,
     q: &[f32],
