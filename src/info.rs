@@ -212,10 +212,11 @@ fn kv_report(c: &ModelConfig, context: usize) -> String {
     } else {
         format!("keys and values, 2 × {} floats", c.kv_dim())
     };
+    let sparse = (0..c.n_layer).any(|l| c.attn_kind(l) == AttnKind::Sparse);
+    let index = if sparse { format!(" (+ {} for a DSA layer's indexer key)", c.index_head_dim) } else { String::new() };
     s += &format!(
-        "  KV cache row: {what} = {row} per position and layer (+ {} for a DSA layer's indexer key); \
-         {:.2} KiB per token over all layers if every layer kept every position\n",
-        c.index_head_dim,
+        "  KV cache row: {what} = {row} per position and layer{index}; {:.2} KiB per token over all layers \
+         if every layer kept every position\n",
         crate::nn::decode::kv_bytes_per_token(c) as f64 / 1024.0
     );
     s
