@@ -15,7 +15,7 @@
 use crate::data::codec::{codec_for_run, TextCodec};
 use crate::fsutil::write_output;
 use crate::generate::{generate_with, sample_token, Generation, SampleOptions};
-use crate::nn::decode::{kv_bytes, kv_bytes_per_layer, Decoder};
+use crate::nn::decode::{cache_row_floats, kv_bytes, kv_bytes_per_layer, kv_bytes_per_token, Decoder};
 use crate::nn::{AttnKind, Model, ModelConfig};
 use crate::rng::Rng;
 use crate::speculative::demo as speculative;
@@ -412,6 +412,12 @@ pub struct TestReport {
     pub predicted_kv_cache_bytes: usize,
     /// What a dense-attention model of the same shape would cache.
     pub dense_kv_cache_bytes: usize,
+    /// Floats one position occupies in a layer's cache: 2 · kv_dim (GQA keys and values) or
+    /// kv_lora_rank + qk_rope_head_dim (MLA's latent row); a DSA layer adds its indexer key.
+    pub kv_row_floats: usize,
+    /// Bytes one more position costs over all layers if each kept every position
+    /// (`decode::kv_bytes_per_token`).
+    pub kv_bytes_per_token: usize,
     pub layers: Vec<LayerMemory>,
     /// Accuracy on the synthetic long-range tasks (associative recall, passkey, needle, copy).
     pub tasks: Option<serde_json::Value>,
@@ -587,6 +593,8 @@ pub fn capability_test(
         kv_cache_bytes: cache.bytes(),
         predicted_kv_cache_bytes: kv_bytes(c, decoder.len()),
         dense_kv_cache_bytes: kv_bytes(&dense, decoder.len()),
+        kv_row_floats: cache_row_floats(c),
+        kv_bytes_per_token: kv_bytes_per_token(c),
         layers,
         tasks,
         tasks_skipped,

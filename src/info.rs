@@ -210,6 +210,19 @@ fn kv_report(c: &ModelConfig, context: usize) -> String {
             );
         }
     }
+    let row = crate::nn::decode::cache_row_floats(c);
+    let what = if c.is_mla() {
+        format!("MLA's latent [c_kv ; k_pe], {} + {} floats", c.kv_lora_rank, c.qk_rope_head_dim)
+    } else {
+        format!("keys and values, 2 × {} floats", c.kv_dim())
+    };
+    let sparse = (0..c.n_layer).any(|l| c.attn_kind(l) == AttnKind::Sparse);
+    let index = if sparse { format!(" (+ {} for a DSA layer's indexer key)", c.index_head_dim) } else { String::new() };
+    s += &format!(
+        "  KV cache row: {what} = {row} per position and layer{index}; {:.2} KiB per token over all layers \
+         if every layer kept every position\n",
+        crate::nn::decode::kv_bytes_per_token(c) as f64 / 1024.0
+    );
     s
 }
 
@@ -225,15 +238,6 @@ pub fn memory_report(c: &ModelConfig, batch: usize, seq: usize, checkpoint_every
         s += &format!("  {:<16} {:>12.1} MiB\n", cat.name(), mib(bytes));
     }
     s += &format!("  {:<16} {:>12.1} MiB\n", "total", mib(train.iter().sum()));
-    if c.is_mla() {
-        let weights = c.num_params() * 4;
-        s += &format!(
-            "predicted inference memory (f32): weights {:.1} MiB; {}\n",
-            mib(weights),
-            crate::nn::mla::NO_LATENT_CACHE
-        );
-        return s;
-    }
     let (weights, kv) = predict_inference_bytes(c, seq);
     s += &format!(
         "predicted inference memory (f32): weights {:.1} MiB + KV cache {:.1} MiB at {seq} tokens\n",

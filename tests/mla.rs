@@ -1,7 +1,7 @@
 //! Multi-head Latent Attention in the model (`nn::mla`): finite differences through whole MLA
 //! models (D, W, S layers, with and without MoE, with and without a query latent), agreement with
 //! a plain multi-head model and with an independent f64 implementation of the MLA equations, the
-//! parameter names and counts, and the refusal of cached decoding.
+//! parameter names and counts. Cached decoding on the latent cache is `tests/mla_decode.rs`.
 
 mod common;
 
@@ -166,17 +166,6 @@ fn mla_parameters_and_counts() {
         let std = (wkv_b.data.iter().map(|x| x * x).sum::<f32>() / wkv_b.data.len() as f32).sqrt();
         assert!((std - 1.0 / 8f32.sqrt()).abs() < 0.1, "wkv_b ~ N(0, 1/r_kv), std {std}");
     }
-}
-
-/// Cached decoding refuses MLA models with the error naming the missing latent cache.
-#[test]
-fn cached_decoding_refuses_mla() {
-    let model = Model::new(&small_mla("D", 0), 1).unwrap();
-    let mut cache = nanoseek::nn::decode::KvCache::new(&model.config);
-    let mut tape = Tape::inference(model.cpu());
-    let pv = model.params_on(&mut tape);
-    let err = model.logits_cached(&mut tape, &pv, &[1, 2], &mut cache, false).unwrap_err();
-    assert!(err.to_string().contains("cached decoding of MLA layers (the latent cache) is not built yet"), "{err}");
 }
 
 fn rms_norm(x: &[f64]) -> Vec<f64> {

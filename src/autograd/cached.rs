@@ -5,7 +5,7 @@
 //! which compute no auxiliary losses, accept them).
 
 use super::{Tape, Var};
-use crate::backend::{AttnDims, Backend, DsaDims, LayerCache, RopeKind};
+use crate::backend::{AbsorbDims, AbsorbSide, AttnDims, Backend, DsaDims, LatentDims, LayerCache, RopeKind};
 use anyhow::{ensure, Result};
 
 impl<'p, B: Backend> Tape<'p, B> {
@@ -62,6 +62,37 @@ impl<'p, B: Backend> Tape<'p, B> {
         let y = self.backend().dsa_attention_cached(&dims, qkv, index, dense, cache)?;
         let shape = self.shape(q).to_vec();
         Ok(self.constant(y, &shape))
+    }
+
+    /// MLA decoding: `wkv_b`'s up-projection absorbed into the query (x = q_nope `[n, h, d_nope]`
+    /// → `[n, h, rank]`) or the output (x = o_lat `[n, h, rank]` → `[n, h, d_v]`), per head.
+    pub fn mla_absorb(&mut self, x: Var, wkv_b: Var, dims: AbsorbDims, side: AbsorbSide) -> Result<Var> {
+        self.check_inference("mla_absorb")?;
+        let y = self.backend().mla_absorb(&dims, side, self.get(x), self.get(wkv_b))?;
+        let width = match side {
+            AbsorbSide::Query => dims.rank,
+            AbsorbSide::Output => dims.d_v,
+        };
+        Ok(self.constant(y, &[dims.n, dims.h, width]))
+    }
+
+    /// MLA decoding: attention of absorbed queries q `[n, h, rank + rope]` over the latent cache
+    /// and the new latent rows kv `[n, rank + rope]` (see `Backend::latent_attention_cached`; a
+    /// DSA layer passes its indexer's qi, ki, wi and shapes); appends kv. Returns `[n, h, rank]`.
+    pub fn latent_attention_cached(
+        &mut self,
+        q: Var,
+        kv: Var,
+        dims: LatentDims,
+        index: Option<(Var, Var, Var, DsaDims)>,
+        dense: bool,
+        cache: &mut LayerCache,
+    ) -> Result<Var> {
+        self.check_inference("latent_attention_cached")?;
+        let index = index.map(|(qi, ki, wi, ds)| (ds, (self.get(qi), self.get(ki), self.get(wi))));
+        let index = index.as_ref().map(|(ds, ix)| (ds, *ix));
+        let y = self.backend().latent_attention_cached(&dims, self.get(q), self.get(kv), index, dense, cache)?;
+        Ok(self.constant(y, &[dims.t, dims.h, dims.rank]))
     }
 
     /// The last `rows` rows of x [n, width] (forward only).

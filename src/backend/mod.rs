@@ -16,6 +16,7 @@ pub use cpu::attention::AttnDims;
 pub use cpu::decode::{CacheKind, LayerCache};
 pub use cpu::dsa::DsaDims;
 pub use cpu::math;
+pub use cpu::mla_decode::{AbsorbDims, AbsorbSide, LatentDims};
 pub use cpu::moe::{update_bias, MoeCache, RouterConfig, Routing, ScoreFunc};
 pub use cpu::ops::CpuOps;
 pub use cpu::optim::AdamWStep;

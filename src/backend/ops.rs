@@ -10,7 +10,7 @@
 //! says it works in place, so the tape decides what lives and what is freed.
 
 use super::LayerCache;
-use super::{AdamWStep, AttnDims, DsaDims, RouterConfig, WindowDims};
+use super::{AbsorbDims, AbsorbSide, AdamWStep, AttnDims, DsaDims, LatentDims, RouterConfig, WindowDims};
 use crate::memory::Category;
 use anyhow::Result;
 
@@ -334,6 +334,22 @@ pub trait Backend {
         dims: &DsaDims,
         qkv: (&Self::A, &Self::A, &Self::A),
         index: (&Self::A, &Self::A, &Self::A),
+        dense: bool,
+        cache: &mut LayerCache,
+    ) -> Result<Self::A>;
+    /// MLA decoding (`cpu::mla_decode`): an up-projection of `wkv_b` absorbed into the query
+    /// (`W_UK_hᵀ q_nope_h`) or the output (`W_UV_h o_lat_h`), per head.
+    fn mla_absorb(&self, dims: &AbsorbDims, side: AbsorbSide, x: &Self::A, wkv_b: &Self::A) -> Result<Self::A>;
+    /// MLA decoding: attention of the new rows' absorbed queries over a latent cache and the new
+    /// latent rows `kv`, in the cache kind's key set (a DSA layer: `index` = the indexer's shapes
+    /// and qi, ki, wi; every earlier key when `dense`); appends kv (and ki). Returns `o_lat`.
+    #[allow(clippy::type_complexity)]
+    fn latent_attention_cached(
+        &self,
+        dims: &LatentDims,
+        q: &Self::A,
+        kv: &Self::A,
+        index: Option<(&DsaDims, (&Self::A, &Self::A, &Self::A))>,
         dense: bool,
         cache: &mut LayerCache,
     ) -> Result<Self::A>;

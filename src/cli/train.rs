@@ -418,13 +418,7 @@ pub(crate) fn run_train(a: TrainArgs) -> Result<()> {
             run_dir.display()
         );
     }
-    // The closing sample decodes with the KV cache, which MLA layers do not have yet.
-    let sample_tokens = if run.model.is_mla() && a.sample_tokens > 0 {
-        eprintln!("note: no closing sample: {}", nanoseek::nn::mla::NO_LATENT_CACHE);
-        0
-    } else {
-        a.sample_tokens
-    };
+    let sample_tokens = a.sample_tokens;
     if let Some(t) = a.collective_timeout {
         nanoseek::dist::set_collective_timeout(t)?;
     }

@@ -21,8 +21,14 @@
 //!   and attends to those rows only: `O(k)` per head instead of `O(T)`.
 //! - **MoE FFNs** route each new row with the layer's bias (`Model::moe_ffn`; the `n` rows of a
 //!   call are one routing call, so a capacity limit applies per call), no cache.
+//! - **MLA models** (`attention = "mla"`, `nn::mla_decode`) cache one latent row
+//!   `[c_kv ; k_pe]` of `kv_lora_rank + qk_rope_head_dim` floats per position in place of the
+//!   `2 · kv_dim` keys and values (a latent [`LayerCache`]; the value is the row's first
+//!   `kv_lora_rank` floats), kept per layer kind as above; `wkv_b` is absorbed into the query and
+//!   the output, so a step attends MQA-style over the latent rows.
 //!
-//! [`kv_bytes_per_layer`] predicts [`KvCache::layer_bytes`] exactly.
+//! [`kv_bytes_per_layer`] predicts [`KvCache::layer_bytes`] exactly; [`kv_bytes_per_token`] is a
+//! token's bytes over all layers (GQA against MLA).
 //!
 //! **Positions beyond `max_seq_len`.** A model with at least one dense layer stops with an
 //! error ("context full") when a call would cache more than `max_seq_len` positions; callers
@@ -38,10 +44,13 @@
 //! ends with bitwise the logits of [`Model::next_token_logits`] of `ids` (a test checks it;
 //! [`Decoder::prefill`] runs the head on the last row only, a GEMM of another shape). Later calls attend with per-query loops
 //! over the cached rows (other summation orders): logits agree to about 1e-6 relative (the tests
-//! allow 1e-4).
+//! allow 1e-4). MLA layers run the absorbed path on every cached call, a prefill included (same
+//! scores and outputs as the training forward, summed in another order): within 1e-4 of the
+//! uncached logits too (`tests/mla_decode.rs`).
 //!
 //! **Adding a layer kind.** A new attention variant adds a `backend::CacheKind`, its branch in
-//! the backend's cached attention and in [`kv_bytes_per_layer`]; the model states the layer once.
+//! the backend's cached attention and in [`kv_bytes_per_layer`]; the model states the layer once
+//! (MLA's cached attention is its own branch of `Model::block`, `Model::mla_attention_cached`).
 
 use super::config::{AttnKind, ModelConfig};
 use super::model::Model;
@@ -60,7 +69,11 @@ pub fn layer_cache(config: &ModelConfig, l: usize) -> LayerCache {
         AttnKind::Window => CacheKind::Window { window: config.dsa_window_size, n_global: config.n_global },
         AttnKind::Sparse => CacheKind::Sparse { index_dim: config.index_head_dim },
     };
-    LayerCache::new(kind, config.kv_dim(), config.max_seq_len)
+    if config.is_mla() {
+        LayerCache::latent(kind, config.kv_lora_rank, config.qk_rope_head_dim, config.max_seq_len)
+    } else {
+        LayerCache::new(kind, config.kv_dim(), config.max_seq_len)
+    }
 }
 
 /// Per-layer key/value caches of one sequence, all holding positions `0..len()`.
@@ -134,11 +147,22 @@ impl KvCache {
     }
 }
 
-/// Bytes of layer `layer`'s K/V cache after `context_len` positions (f32): dense
-/// `T · kv_dim · 2 · 4`; window `(min(T, W) + min(T, G)) · kv_dim · 2 · 4`; DSA (sparse) the
-/// dense K/V plus the lightning indexer's key per position, `T · (kv_dim · 2 + index_head_dim) · 4`.
+/// Floats one position occupies in a layer's cache, the indexer key aside: `2 · kv_dim` (keys
+/// and values) for GQA, `kv_lora_rank + qk_rope_head_dim` (the latent row) for MLA.
+pub fn cache_row_floats(config: &ModelConfig) -> usize {
+    if config.is_mla() {
+        config.kv_lora_rank + config.qk_rope_head_dim
+    } else {
+        config.kv_dim() * 2
+    }
+}
+
+/// Bytes of layer `layer`'s K/V cache after `context_len` positions (f32), with `row` =
+/// [`cache_row_floats`] (`2 · kv_dim`, or MLA's `r_kv + d_r`): dense `T · row · 4`; window
+/// `(min(T, W) + min(T, G)) · row · 4`; DSA (sparse) the dense rows plus the lightning indexer's
+/// key per position, `T · (row + index_head_dim) · 4`.
 pub fn kv_bytes_per_layer(config: &ModelConfig, layer: usize, context_len: usize) -> usize {
-    let kv = config.kv_dim() * 2 * F32_BYTES;
+    let kv = cache_row_floats(config) * F32_BYTES;
     match config.attn_kind(layer) {
         AttnKind::Dense => context_len * kv,
         AttnKind::Window => (context_len.min(config.dsa_window_size) + context_len.min(config.n_global)) * kv,
@@ -149,6 +173,15 @@ pub fn kv_bytes_per_layer(config: &ModelConfig, layer: usize, context_len: usize
 /// Bytes of the whole model's K/V cache after `context_len` positions.
 pub fn kv_bytes(config: &ModelConfig, context_len: usize) -> usize {
     (0..config.n_layer).map(|l| kv_bytes_per_layer(config, l, context_len)).sum()
+}
+
+/// Bytes one more cached position costs, summed over the layers, as if every layer kept every
+/// position (a dense-cache context; window layers stop growing at `W + G` positions): per layer
+/// [`cache_row_floats`] plus, in DSA layers, the indexer key, times 4. The figure to compare GQA
+/// with MLA by (e.g. V3's shapes: 576 floats per layer for MLA against 2 · H · d for GQA).
+pub fn kv_bytes_per_token(config: &ModelConfig) -> usize {
+    let index = |l| if config.attn_kind(l) == AttnKind::Sparse { config.index_head_dim } else { 0 };
+    (0..config.n_layer).map(|l| (cache_row_floats(config) + index(l)) * F32_BYTES).sum()
 }
 
 /// The most positions a cache of this model may hold: `max_seq_len` when any layer's cache grows

@@ -16,8 +16,8 @@
 //! no QK-norm: the latents are normalized instead. The ops are the tape's column ops (slice,
 //! concatenate per head, repeat the shared rotary key) around the existing linear, RMSNorm, RoPE
 //! and attention ops, so MLA needs no kernel of its own; the attention kernels take the value
-//! width d_v ≠ d_qk. Cached decoding on the latent cache is not built yet (`Model::hidden_cached`
-//! refuses MLA models).
+//! width d_v ≠ d_qk. Cached decoding keeps only `[norm(c_kv) ; RoPE(k_r)]` per position and
+//! absorbs wkv_b into the query and the output (`nn::mla_decode`).
 
 use super::config::ModelConfig;
 use super::model::{Model, ParamKind};
@@ -29,9 +29,6 @@ use anyhow::{bail, Result};
 pub(super) fn default_attention() -> String {
     "gqa".into()
 }
-
-/// The message of every refusal to decode an MLA model with a cache.
-pub const NO_LATENT_CACHE: &str = "cached decoding of MLA layers (the latent cache) is not built yet";
 
 impl ModelConfig {
     /// Whether the layers use Multi-head Latent Attention (`attention = "mla"`).

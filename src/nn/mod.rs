@@ -4,6 +4,7 @@ pub mod config;
 pub mod decode;
 pub mod indexer;
 pub mod mla;
+mod mla_decode;
 pub mod model;
 pub mod mtp;
 pub mod overrides;

@@ -365,7 +365,6 @@ impl Model {
         cache: &mut KvCache,
     ) -> Result<Var> {
         let (c, n, p0) = (&self.config, ids.len(), cache.len());
-        ensure!(!c.is_mla(), "{}", super::mla::NO_LATENT_CACHE);
         ensure!(n > 0, "decode: no tokens to process");
         self.check_ids(ids)?;
         if let Some(limit) = context_limit(c) {
@@ -406,10 +405,15 @@ impl Model {
         let p0 = cache.as_ref().map(|c| c.len());
         let na = c.n_attn_params(); // the attention's parameters, c_proj last
         let h = tape.rmsnorm(x, c.n_embd)?;
-        // the projection: GQA's, or MLA's (`nn::mla`; training and uncached forwards only)
+        if let (true, Some(layer)) = (c.is_mla(), cache.as_deref_mut()) {
+            // MLA with a cache: the latent cache and absorbed up-projections (`nn::mla_decode`)
+            let y = self.mla_attention_cached(tape, l, h, w, layer)?;
+            let x = tape.linear_residual(y, w[na - 1], x)?;
+            return self.block_ffn(tape, l, x, w, b, t);
+        }
+        // the projection: GQA's, or MLA's (`nn::mla`; training and uncached forwards)
         // `q_src`: what the lightning indexer's query reads (h, or MLA's normalized query latent)
         let (q, k, v, q_src) = if c.is_mla() {
-            ensure!(cache.is_none(), "{}", super::mla::NO_LATENT_CACHE);
             let (q, k, v, q_latent) = self.mla_qkv(tape, h, &w[..na - 1], (b, t))?;
             (q, k, v, q_latent.unwrap_or(h))
         } else {
@@ -435,8 +439,22 @@ impl Model {
         let y = if c.is_mla() { tape.reshape(y, &[b * t, c.n_head * dv])? } else { y };
         // x + c_proj(y): the residual add in the projection's epilogue.
         let x = tape.linear_residual(y, w[na - 1], x)?;
+        self.block_ffn(tape, l, x, w, b, t)
+    }
+
+    /// The FFN half of block `l`: x + ffn(norm(x)), `w` = the block's parameters.
+    fn block_ffn<'p, B: Backend>(
+        &'p self,
+        tape: &mut Tape<'p, B>,
+        l: usize,
+        x: Var,
+        w: &[Var],
+        b: usize,
+        t: usize,
+    ) -> Result<Var> {
+        let c = &self.config;
         let h = tape.rmsnorm(x, c.n_embd)?;
-        let ffn_w = &w[na..w.len() - c.n_indexer_params(l)];
+        let ffn_w = &w[c.n_attn_params()..w.len() - c.n_indexer_params(l)];
         if c.is_moe_layer(l) {
             let y = self.moe_ffn(tape, l, h, ffn_w, b, t)?;
             tape.add(x, y)

@@ -12,6 +12,11 @@
 //! - DSA layers keep every position's keys and values plus the lightning indexer's key
 //!   (`index_dim` floats after RoPE).
 //!
+//! A **latent** cache ([`LayerCache::latent`], MLA layers, `cpu::mla_decode`) holds one row per
+//! position, `[c_kv ; k_pe]` (`rank + rope` floats), and no value rows: a position's value is the
+//! first `rank` floats of its key row. The layer kinds keep their positions as above; every call
+//! on a latent cache, a prefill too, runs the per-query loops below.
+//!
 //! **Compute.** New rows into an empty cache (a prefill) run the training kernels (tiled
 //! attention, `dsa::indexer_topk` and `dsa::dsa_attention_forward`), so a prefill computes what
 //! the training forward computes. Later rows attend with per-query loops over the cached rows:
@@ -70,17 +75,59 @@ pub struct LayerCache {
     /// Window: row `s` is sink position `s < n_global`.
     global_k: Vec<f32>,
     global_v: Vec<f32>,
+    /// A latent cache (MLA): values are the first `latent_rank` floats of each key row (`v` and
+    /// `global_v` stay empty); None: values are rows of their own.
+    latent_rank: Option<usize>,
 }
 
 impl LayerCache {
     pub fn new(kind: CacheKind, kv_dim: usize, max_rows: usize) -> LayerCache {
         let (k, v, ik, global_k, global_v) = Default::default();
-        LayerCache { kind, kv_dim, max_rows, len: 0, k, v, ik, slack: 0, ring_start: 0, global_k, global_v }
+        let latent_rank = None;
+        LayerCache {
+            kind,
+            kv_dim,
+            max_rows,
+            len: 0,
+            k,
+            v,
+            ik,
+            slack: 0,
+            ring_start: 0,
+            global_k,
+            global_v,
+            latent_rank,
+        }
+    }
+
+    /// An MLA layer's latent cache: one `[c_kv ; k_pe]` row of `rank + rope` floats per position,
+    /// whose first `rank` floats are also the value (module doc).
+    pub fn latent(kind: CacheKind, rank: usize, rope: usize, max_rows: usize) -> LayerCache {
+        LayerCache { latent_rank: Some(rank), ..LayerCache::new(kind, rank + rope, max_rows) }
+    }
+
+    /// The value width of a latent cache (None: a key/value cache).
+    pub fn latent_rank(&self) -> Option<usize> {
+        self.latent_rank
+    }
+
+    /// Floats of one cached key row (`kv_dim`, or `rank + rope` for a latent cache).
+    pub fn row_width(&self) -> usize {
+        self.kv_dim
+    }
+
+    /// Floats of one cached value row: `kv_dim`, or 0 for a latent cache (values live in the keys).
+    fn v_width(&self) -> usize {
+        if self.latent_rank.is_some() {
+            0
+        } else {
+            self.kv_dim
+        }
     }
 
     /// A window cache whose ring keeps `slack` positions more than the window, so that
     /// [`Self::truncate`] can roll back up to `slack + 1` positions (no effect on other kinds).
-    /// Costs `slack · kv_dim · 2` floats per window layer.
+    /// Costs `slack · kv_dim · 2` floats per window layer (`slack` latent rows for a latent cache).
     pub fn with_slack(mut self, slack: usize) -> LayerCache {
         assert!(self.is_empty(), "with_slack: the cache must be empty");
         self.slack = slack;
@@ -152,7 +199,7 @@ impl LayerCache {
     /// nothing, when a window ring no longer holds a position the next query would read.
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         self.check_truncate(len)?;
-        let kv = self.kv_dim;
+        let (kv, vw) = (self.kv_dim, self.v_width());
         let rows = match self.kind {
             CacheKind::Dense => len,
             CacheKind::Sparse { index_dim } => {
@@ -161,7 +208,7 @@ impl LayerCache {
             }
             CacheKind::Window { window, n_global } => {
                 self.global_k.truncate(len.min(n_global) * kv);
-                self.global_v.truncate(len.min(n_global) * kv);
+                self.global_v.truncate(len.min(n_global) * vw);
                 // a ring that never filled is positions 0..: drop the tail; a full one keeps its
                 // slots (those of positions ≥ len are overwritten before they are read)
                 let ring = self.ring(window);
@@ -173,15 +220,16 @@ impl LayerCache {
             }
         };
         self.k.truncate(rows * kv);
-        self.v.truncate(rows * kv);
+        self.v.truncate(rows * vw);
         self.len = len;
         Ok(())
     }
 
     /// Key and value rows of cached position `s` (one the layer keeps: a window layer holds the
-    /// last `window` positions and the first `n_global`).
+    /// last `window` positions and the first `n_global`); a latent cache's value is the head of
+    /// its key row.
     #[inline]
-    fn row(&self, s: usize) -> (&[f32], &[f32]) {
+    pub(super) fn row(&self, s: usize) -> (&[f32], &[f32]) {
         let kv = self.kv_dim;
         let (buf_k, buf_v, r) = match self.kind {
             CacheKind::Window { window, n_global } => {
@@ -194,21 +242,27 @@ impl LayerCache {
             }
             CacheKind::Dense | CacheKind::Sparse { .. } => (&self.k, &self.v, s),
         };
-        (&buf_k[r * kv..(r + 1) * kv], &buf_v[r * kv..(r + 1) * kv])
+        let key = &buf_k[r * kv..(r + 1) * kv];
+        match self.latent_rank {
+            Some(rank) => (key, &key[..rank]),
+            None => (key, &buf_v[r * kv..(r + 1) * kv]),
+        }
     }
 
-    /// Stores the rows of `k_new`, `v_new` as positions `len..len + n`.
-    fn append(&mut self, k_new: &[f32], v_new: &[f32]) {
-        let kv = self.kv_dim;
+    /// Stores the rows of `k_new`, `v_new` as positions `len..len + n` (a latent cache: `v_new`
+    /// is empty).
+    pub(super) fn append(&mut self, k_new: &[f32], v_new: &[f32]) {
+        let (kv, vw) = (self.kv_dim, self.v_width());
         let n = k_new.len() / kv;
+        debug_assert_eq!(v_new.len(), n * vw);
         match self.kind {
             CacheKind::Dense | CacheKind::Sparse { .. } => {
                 debug_assert_eq!(self.k.len(), self.len * kv);
-                for buf in [&mut self.k, &mut self.v] {
-                    let need = buf.len() + n * kv;
+                for (buf, width) in [(&mut self.k, kv), (&mut self.v, vw)] {
+                    let need = buf.len() + n * width;
                     if buf.capacity() < need {
                         let doubled = (2 * buf.capacity()).max(need);
-                        let target = doubled.min((self.max_rows * kv).max(need));
+                        let target = doubled.min((self.max_rows * width).max(need));
                         buf.reserve_exact(target - buf.len());
                     }
                 }
@@ -219,15 +273,15 @@ impl LayerCache {
                 let ring = self.ring(window);
                 for i in 0..n {
                     let s = self.len + i;
-                    let (kr, vr) = (&k_new[i * kv..(i + 1) * kv], &v_new[i * kv..(i + 1) * kv]);
+                    let (kr, vr) = (&k_new[i * kv..(i + 1) * kv], &v_new[i * vw..(i + 1) * vw]);
                     if s < n_global {
                         self.global_k.extend_from_slice(kr);
                         self.global_v.extend_from_slice(vr);
                     }
-                    let slot = (s % ring) * kv;
+                    let (slot, slot_v) = ((s % ring) * kv, (s % ring) * vw);
                     if slot < self.k.len() {
                         self.k[slot..slot + kv].copy_from_slice(kr);
-                        self.v[slot..slot + kv].copy_from_slice(vr);
+                        self.v[slot_v..slot_v + vw].copy_from_slice(vr);
                     } else {
                         debug_assert_eq!(slot, self.k.len());
                         self.k.extend_from_slice(kr);
@@ -276,14 +330,14 @@ pub fn rope_at(table: &RopeTable, x: &[f32], heads: usize, p0: usize, theta: f64
 
 /// The keys query position `t` attends to: `0..sinks` then `lo..hi` (disjoint, increasing).
 #[derive(Clone, Copy, Debug)]
-struct KeyRange {
-    sinks: usize,
-    lo: usize,
-    hi: usize,
+pub(super) struct KeyRange {
+    pub(super) sinks: usize,
+    pub(super) lo: usize,
+    pub(super) hi: usize,
 }
 
 /// The causal key range of a dense layer, or a window layer's window and sinks.
-fn key_range(kind: CacheKind, t: usize) -> KeyRange {
+pub(super) fn key_range(kind: CacheKind, t: usize) -> KeyRange {
     match kind {
         CacheKind::Window { window, n_global } => {
             let lo = (t + 1).saturating_sub(window);
@@ -304,7 +358,8 @@ pub fn attention_cached(dims: &AttnDims, q: &[f32], k: &[f32], v: &[f32], cache:
         let kind = cache.kind;
         let r = key_range(kind, p0 + n - 1);
         let work = n * dims.h * (r.sinks + r.hi - r.lo) * dims.d;
-        attend(q, k, v, dims, cache, work, &|t| {
+        let scale = 1.0 / (dims.d as f32).sqrt();
+        attend((q, k, v), dims, (dims.d, scale), cache, work, &|t| {
             let r = key_range(kind, t);
             (0..r.sinks).chain(r.lo..r.hi)
         })
@@ -339,8 +394,7 @@ pub fn dsa_attention_cached(
     dense: bool,
     cache: &mut LayerCache,
 ) -> Vec<f32> {
-    let (n, p0, ad) = (dims.t, cache.len, dims.attn());
-    let (hi, di) = (dims.n_index_heads, dims.index_dim);
+    let (n, p0, ad, di) = (dims.t, cache.len, dims.attn(), dims.index_dim);
     assert!(dims.b == 1 && matches!(cache.kind, CacheKind::Sparse { index_dim } if index_dim == di));
     let y = if dense {
         attention_cached_rows(&ad, (q, k, v), cache)
@@ -351,34 +405,55 @@ pub fn dsa_attention_cached(
         dsa_attention_forward(dims, q, k, v, &sel, &mut out, &mut lse);
         out
     } else {
-        let ik = &cache.ik;
-        let key = |s: usize| if s >= p0 { &ki[(s - p0) * di..(s - p0 + 1) * di] } else { &ik[s * di..(s + 1) * di] };
-        let select = |i: usize| {
-            let t = p0 + i;
-            let (qr, wr) = (&qi[i * hi * di..(i + 1) * hi * di], &wi[i * hi..(i + 1) * hi]);
-            let old = (t + 1).saturating_sub(dims.window); // keys s < old compete; s ≥ old are the window
-            let mut scored: Vec<(f32, usize)> = (0..old)
-                .map(|s| {
-                    let kr = key(s);
-                    let score = (0..hi).map(|j| wr[j] * math::dot(&qr[j * di..(j + 1) * di], kr).max(0.0));
-                    (score.fold(0.0f32, |a, b| a + b), s)
-                })
-                .collect();
-            // larger score first, then the more recent key
-            scored.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
-            let mut sel: Vec<usize> = scored.iter().take(dims.topk).map(|&(_, s)| s).chain(old..=t).collect();
-            sel.sort_unstable();
-            sel
-        };
-        // a step (one row) stays on this thread; rows of a longer call are scored in parallel
-        let sels: Vec<Vec<usize>> =
-            if n > 1 { (0..n).into_par_iter().map(select).collect() } else { (0..n).map(select).collect() };
+        let sels = dsa_select(dims, (qi, ki, wi), cache);
         let work = sels.iter().map(Vec::len).sum::<usize>() * dims.h * dims.d;
-        attend(q, k, v, &ad, cache, work, &|t| sels[t - p0].iter().copied())
+        let scale = 1.0 / (dims.d as f32).sqrt();
+        attend((q, k, v), &ad, (dims.d, scale), cache, work, &|t| sels[t - p0].iter().copied())
     };
     cache.ik.extend_from_slice(ki);
     cache.append(k, v);
     y
+}
+
+/// The keys each new row `i` of a DSA layer attends to (increasing): the local window plus the
+/// top-k older keys by the indexer's score over the cached (`cache`'s) and new indexer keys `ki`
+/// (ties to the more recent key), as `dsa::indexer_topk` selects over a whole sequence.
+pub(super) fn dsa_select(
+    dims: &DsaDims,
+    (qi, ki, wi): (&[f32], &[f32], &[f32]),
+    cache: &LayerCache,
+) -> Vec<Vec<usize>> {
+    let (n, p0, ik) = (dims.t, cache.len, &cache.ik);
+    let (hi, di) = (dims.n_index_heads, dims.index_dim);
+    let key = |s: usize| if s >= p0 { &ki[(s - p0) * di..(s - p0 + 1) * di] } else { &ik[s * di..(s + 1) * di] };
+    let select = |i: usize| {
+        let t = p0 + i;
+        let (qr, wr) = (&qi[i * hi * di..(i + 1) * hi * di], &wi[i * hi..(i + 1) * hi]);
+        let old = (t + 1).saturating_sub(dims.window); // keys s < old compete; s ≥ old are the window
+        let mut scored: Vec<(f32, usize)> = (0..old)
+            .map(|s| {
+                let kr = key(s);
+                let score = (0..hi).map(|j| wr[j] * math::dot(&qr[j * di..(j + 1) * di], kr).max(0.0));
+                (score.fold(0.0f32, |a, b| a + b), s)
+            })
+            .collect();
+        // larger score first, then the more recent key
+        scored.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)));
+        let mut sel: Vec<usize> = scored.iter().take(dims.topk).map(|&(_, s)| s).chain(old..=t).collect();
+        sel.sort_unstable();
+        sel
+    };
+    // a step (one row) stays on this thread; rows of a longer call are scored in parallel
+    if n > 1 {
+        (0..n).into_par_iter().map(select).collect()
+    } else {
+        (0..n).map(select).collect()
+    }
+}
+
+/// A DSA layer's indexer keys `ki` (`[n, index_dim]`) join its cache (before [`LayerCache::append`]).
+pub(super) fn append_index_keys(cache: &mut LayerCache, ki: &[f32]) {
+    cache.ik.extend_from_slice(ki);
 }
 
 /// Dense causal attention over the cache without appending (the DSA warm-up's path).
@@ -388,32 +463,32 @@ fn attention_cached_rows(dims: &AttnDims, (q, k, v): (&[f32], &[f32], &[f32]), c
         return fresh_attention(dims, CacheKind::Dense, q, k, v);
     }
     let work = n * dims.h * (p0 + n) * dims.d;
-    attend(q, k, v, dims, cache, work, &|t| 0..t + 1)
+    let scale = 1.0 / (dims.d as f32).sqrt();
+    attend((q, k, v), dims, (dims.d, scale), cache, work, &|t| 0..t + 1)
 }
 
 /// Softmax attention of the new queries `q` (`[n, h, d]`, positions `p0..p0 + n` with
-/// `p0 = cache.len()`) over the keys `keys(t)` lists (increasing): rows of the new `k`, `v`
-/// (`[n, h_kv, d]`) for positions `≥ p0`, else rows of `cache`. Parallel over (row, head) when
-/// the `work` (about the flops) pays for it. Returns `[n, h, d]`.
-fn attend<I: Iterator<Item = usize> + Clone>(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+/// `p0 = cache.len()`) over the keys `keys(t)` lists (increasing): rows of the new `k`
+/// (`[n, h_kv, d]`) and `v` (`[n, h_kv, dv]`) for positions `≥ p0`, else rows of `cache`;
+/// scores `q·k · scale`. Parallel over (row, head) when the `work` (about the flops) pays for
+/// it. Returns `[n, h, dv]`.
+pub(super) fn attend<I: Iterator<Item = usize> + Clone>(
+    (q, k, v): (&[f32], &[f32], &[f32]),
     dims: &AttnDims,
+    (dv, scale): (usize, f32),
     cache: &LayerCache,
     work: usize,
     keys: &(dyn Fn(usize) -> I + Sync),
 ) -> Vec<f32> {
     let (hq, d, p0) = (dims.h, dims.d, cache.len);
-    let (kv_dim, group) = (dims.h_kv * d, dims.h / dims.h_kv);
-    let scale = 1.0 / (d as f32).sqrt();
+    let group = dims.h / dims.h_kv;
     let row = |s: usize, g: usize| -> (&[f32], &[f32]) {
         if s >= p0 {
-            let o = (s - p0) * kv_dim + g * d;
-            (&k[o..o + d], &v[o..o + d])
+            let (o, ov) = (((s - p0) * dims.h_kv + g) * d, ((s - p0) * dims.h_kv + g) * dv);
+            (&k[o..o + d], &v[ov..ov + dv])
         } else {
             let (kr, vr) = cache.row(s);
-            (&kr[g * d..(g + 1) * d], &vr[g * d..(g + 1) * d])
+            (&kr[g * d..(g + 1) * d], &vr[g * dv..(g + 1) * dv])
         }
     };
     let one = |idx: usize, out: &mut [f32]| {
@@ -421,11 +496,11 @@ fn attend<I: Iterator<Item = usize> + Clone>(
         let qr = &q[(i * hq + j) * d..(i * hq + j + 1) * d];
         softmax_attend(qr, keys(p0 + i), |s| row(s, j / group), scale, out);
     };
-    let mut y = vec![0.0f32; dims.t * hq * d];
+    let mut y = vec![0.0f32; dims.t * hq * dv];
     if work >= 1 << 16 {
-        y.par_chunks_mut(d).enumerate().for_each(|(idx, out)| one(idx, out));
+        y.par_chunks_mut(dv).enumerate().for_each(|(idx, out)| one(idx, out));
     } else {
-        y.chunks_mut(d).enumerate().for_each(|(idx, out)| one(idx, out));
+        y.chunks_mut(dv).enumerate().for_each(|(idx, out)| one(idx, out));
     }
     y
 }

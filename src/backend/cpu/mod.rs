@@ -15,6 +15,7 @@ pub mod gemm;
 pub mod gemm_rows;
 pub mod loss;
 pub mod math;
+pub mod mla_decode;
 pub mod moe;
 pub mod norm;
 pub mod ops;

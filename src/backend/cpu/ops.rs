@@ -10,6 +10,7 @@ use super::{
     elementwise, embedding,
     gemm::{gemm, gemm_fused, gemm_swiglu_backward, Epilogue, Layout},
     loss,
+    mla_decode::{self, AbsorbDims, AbsorbSide, LatentDims},
     moe::{self, MoeCache, RouterConfig, Routing},
     norm,
     optim::{adamw_update, newton_schulz, AdamWStep},
@@ -489,6 +490,9 @@ impl Backend for CpuOps {
         if matches!(cache.kind(), CacheKind::Sparse { .. }) {
             bail!("attention_cached: a DSA layer's cache is filled by dsa_attention_cached");
         }
+        if cache.latent_rank().is_some() {
+            bail!("attention_cached: a latent (MLA) cache is filled by latent_attention_cached");
+        }
         Ok(decode::attention_cached(dims, q, k, v, cache))
     }
     fn dsa_attention_cached(
@@ -499,10 +503,32 @@ impl Backend for CpuOps {
         dense: bool,
         cache: &mut LayerCache,
     ) -> Result<Vec<f32>> {
-        if !matches!(cache.kind(), CacheKind::Sparse { .. }) {
-            bail!("dsa_attention_cached: the layer's cache is not a DSA cache");
+        if !matches!(cache.kind(), CacheKind::Sparse { .. }) || cache.latent_rank().is_some() {
+            bail!("dsa_attention_cached: the layer's cache is not a (key/value) DSA cache");
         }
         Ok(decode::dsa_attention_cached(dims, (q, k, v), (qi, ki, wi), dense, cache))
+    }
+    fn mla_absorb(&self, dims: &AbsorbDims, side: AbsorbSide, x: &Vec<f32>, wkv_b: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(mla_decode::absorb(dims, side, x, wkv_b))
+    }
+    fn latent_attention_cached(
+        &self,
+        dims: &LatentDims,
+        q: &Vec<f32>,
+        kv: &Vec<f32>,
+        index: Option<(&DsaDims, (&Vec<f32>, &Vec<f32>, &Vec<f32>))>,
+        dense: bool,
+        cache: &mut LayerCache,
+    ) -> Result<Vec<f32>> {
+        if cache.latent_rank() != Some(dims.rank) || cache.row_width() != dims.rank + dims.rope {
+            bail!("latent_attention_cached: the layer's cache is not a latent cache of rank {}", dims.rank);
+        }
+        let sparse = matches!(cache.kind(), CacheKind::Sparse { .. });
+        if sparse != index.is_some() {
+            bail!("latent_attention_cached: a DSA layer's cache needs the indexer, other layers take none");
+        }
+        let index = index.map(|(d, (qi, ki, wi))| (d, (qi.as_slice(), ki.as_slice(), wi.as_slice())));
+        Ok(mla_decode::latent_attention_cached(dims, q, kv, index, dense, cache))
     }
 
     fn add(&self, acc: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {

@@ -34,7 +34,9 @@ use super::{
     DeviceBuffer,
 };
 use crate::backend::ops::{Backend, RopeKind};
-use crate::backend::{AdamWStep, AttnDims, DsaDims, LayerCache, RouterConfig, WindowDims};
+use crate::backend::{
+    AbsorbDims, AbsorbSide, AdamWStep, AttnDims, DsaDims, LatentDims, LayerCache, RouterConfig, WindowDims,
+};
 use crate::memory::Category;
 use crate::nn::config::AttnKind;
 use crate::nn::ModelConfig;
@@ -516,6 +518,20 @@ impl Backend for CudaOps {
         _: &mut LayerCache,
     ) -> Result<A> {
         bail!("cached decoding runs on the CPU backend")
+    }
+    fn mla_absorb(&self, _: &AbsorbDims, _: AbsorbSide, _: &A, _: &A) -> Result<A> {
+        bail!("cached decoding (MLA's absorbed up-projections) runs on the CPU backend")
+    }
+    fn latent_attention_cached(
+        &self,
+        _: &LatentDims,
+        _: &A,
+        _: &A,
+        _: Option<(&DsaDims, (&A, &A, &A))>,
+        _: bool,
+        _: &mut LayerCache,
+    ) -> Result<A> {
+        bail!("cached decoding (MLA's latent cache) runs on the CPU backend")
     }
 
     fn add(&self, acc: &mut A, x: &A) -> Result<()> {
