@@ -96,12 +96,6 @@ fn dims(c: &ModelConfig) -> String {
     }
 }
 
-/// Latent-cache bytes per token of an MLA layer: c_kv and k_pe in f32, (r_kv + d_r)·4 (the
-/// formula from the config; `nn::decode` does not account the latent cache yet).
-fn mla_latent_bytes(c: &ModelConfig) -> usize {
-    (c.kv_lora_rank + c.qk_rope_head_dim) * 4
-}
-
 fn main() {
     let mut crit = Criterion::default().configure_from_args().sample_size(10);
     let mut g = crit.benchmark_group("attention_sublayer_fwd_bwd");
@@ -134,9 +128,8 @@ fn main() {
         );
     }
 
-    println!("\nKV-cache bytes per token (f32). GQA: nn::decode::kv_bytes_per_layer (2·Hkv·d·4);");
-    println!("MLA: the latent cache (r_kv + d_r)·4 from the config (formula; nn::decode has no latent");
-    println!("accounting yet); 'MLA as K/V' = the per-head keys and values it expands to, H·(d_qk + d_v)·4.");
+    println!("\nKV-cache bytes per token and dense layer (f32, nn::decode::kv_bytes_per_layer): GQA 2·Hkv·d·4,");
+    println!("MLA's latent cache (r_kv + d_r)·4; 'MLA as K/V' = the per-head keys and values it expands to, H·(d_qk + d_v)·4.");
     println!("{:>8} {:>12} {:>12} {:>12} {:>9}", "config", "GQA B/layer", "MLA B/layer", "MLA as K/V", "GQA/MLA");
     let mut rows: Vec<(String, ModelConfig, ModelConfig)> =
         SHAPES.iter().map(|&(p, _, t)| (format!("{p}-w"), config(p, t, false), config(p, t, true))).collect();
@@ -148,7 +141,7 @@ fn main() {
     }
     for (name, cg, cm) in rows {
         let gqa = kv_bytes_per_layer(&ModelConfig { attn_pattern: "D".into(), ..cg }, 0, 1);
-        let mla = mla_latent_bytes(&cm);
+        let mla = kv_bytes_per_layer(&ModelConfig { attn_pattern: "D".into(), ..cm.clone() }, 0, 1);
         let (_, dqk, dv) = cm.attn_heads();
         println!("{name:>8} {gqa:>12} {mla:>12} {:>12} {:>8.1}x", cm.n_head * (dqk + dv) * 4, gqa as f64 / mla as f64);
     }
