@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The dense-to-sparse conversion demo of the README ("Sparse attention, MoE and decoding"):
+# DeepSeek-V3.2's recipe on the long-range `needle` task. A dense 2-layer parent (`DD`, d 128,
+# 4 heads) learns the task; from its checkpoint, with the same further budget (steps, batch,
+# data, seed), (a) the parent continues densely (`DD`) and (b) a converted model (`DS`: layer 1
+# becomes DSA, the lightning indexer's top 8 keys plus the 8 most recent) first trains only its
+# fresh indexer against the dense attention (main model frozen), then trains everything sparsely.
+# All three, and the converted model at the end of its frozen warm-up, are scored by
+# `nanoseek eval` (val loss, needle accuracy by depth); a summary with the indexer KL goes to
+# docs/conversion-demo/summary.json.
+#
+#   scripts/conversion-demo.sh [OUT_DIR]      (default demo-runs/)
+#   NS=path/to/nanoseek scripts/conversion-demo.sh   (use that binary; otherwise cargo builds)
+#
+# Parent: 400 steps of 128 × 16 tokens, then (`--init-from`) 1000 steps of 32 × 64 tokens (the
+# long-range demo's curriculum; trained directly on 64-token samples nothing learned the task).
+# Continuation: 1000 steps of 32 × 64 tokens for both; the converted model's first 200 are the
+# frozen indexer warm-up. With 64-token samples the needle is mostly beyond the 8 local keys.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-demo-runs}
+docs=docs/conversion-demo
+mkdir -p "$out" "$docs"
+if [[ -z "${NS:-}" ]]; then
+    cargo build --release --quiet
+fi
+ns=${NS:-target/release/nanoseek}
+warmup=200
+"$ns" data --synthetic --task needle --max-seq-len 16 --num-samples 100000 -o "$out/needle16" --quiet --force
+"$ns" data --synthetic --task needle --max-seq-len 64 --num-samples 40000 -o "$out/needle64" --quiet --force
+common=(--n-layer 2 --n-embd 128 --n-head 4 --sample-tokens 0 --quiet --runs-dir "$out")
+dsa=(--index-topk 8 --index-local-window 8 --index-n-heads 4 --index-head-dim 32)
+p1=(--data "$out/needle16" --max-seq-len 16 --device-batch-size 128 --num-iterations 400 --eval-every 0)
+p2=(--data "$out/needle64" --max-seq-len 64 --device-batch-size 32 --num-iterations 1000 --eval-every 250)
+nice "$ns" train "${common[@]}" "${p1[@]}" --attn-pattern DD --run parent-p1
+nice "$ns" train "${common[@]}" "${p2[@]}" --attn-pattern DD --init-from "$out/parent-p1" --run parent
+# the same budget from the parent: dense continued, and converted (frozen warm-up, then sparse)
+nice "$ns" train "${common[@]}" "${p2[@]}" --attn-pattern DD --dsa-warmup-steps 0 --init-from "$out/parent" \
+    --run dense &
+nice "$ns" train "${common[@]}" "${p2[@]}" --attn-pattern DS "${dsa[@]}" --dsa-warmup-steps "$warmup" \
+    --freeze-main-during-warmup true --init-from "$out/parent" --save-every "$warmup" --keep-checkpoints 0 \
+    --run converted &
+wait
+ckpt_warmup=$(printf '%s/converted/checkpoints/step_%06d' "$out" "$warmup")
+for r in parent dense converted converted-warmup; do
+    path="$out/$r"
+    [[ $r == converted-warmup ]] && path=$ckpt_warmup
+    "$ns" eval --model-path "$path" --data "$out/needle64" --eval-tokens 65536 --tasks needle \
+        --task-samples 512 --depth-buckets 8 --output "$docs/$r-eval.json" >/dev/null
+done
+python3 - "$out" "$docs" "$warmup" <<'EOF'
+import json, sys
+out, docs, warmup = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+def metrics(run):
+    return [json.loads(l) for l in open(f"{out}/{run}/metrics.jsonl")]
+
+def kl(run):
+    ks = [r["indexer_loss"] for r in metrics(run) if "indexer_loss" in r]
+    return {"last": ks[-1], "mean_last_50": sum(ks[-50:]) / len(ks[-50:]), "end_of_warmup": ks[warmup - 1]} if ks else None
+
+steps = {"parent": "400 × 128 × 16 + 1000 × 32 × 64", "dense": "parent + 1000 × 32 × 64",
+         "converted": f"parent + 1000 × 32 × 64 ({warmup} frozen warm-up)",
+         "converted-warmup": f"parent + {warmup} × 32 × 64 (indexer only)"}
+summary = {}
+for r in steps:
+    e = json.load(open(f"{docs}/{r}-eval.json"))
+    t = e["tasks"]["needle"]
+    summary[r] = {"steps": steps[r], "val_loss": e["loss"], "needle_accuracy": t["accuracy"],
+                  "needle_by_depth": t["by_depth"], "eval": f"{r}-eval.json"}
+summary["converted"]["indexer_kl"] = kl("converted")
+json.dump(summary, open(f"{docs}/summary.json", "w"), indent=2)
+for r, s in summary.items():
+    by = "  ".join(f"{100 * v:.0f}%" for v in s["needle_by_depth"].values())
+    print(f"{r:17} val loss {s['val_loss']:.4f}  needle {100 * s['needle_accuracy']:5.1f}%  by depth  {by}")
+k = summary["converted"]["indexer_kl"]
+print(f"converted: indexer KL {k['end_of_warmup']:.4f} at the end of the warm-up, {k['last']:.4f} at the end "
+      f"(mean of the last 50 steps {k['mean_last_50']:.4f})")
+EOF
