@@ -12,7 +12,7 @@
 # `nanoseek eval` (val loss, needle accuracy by depth); a summary with the indexer KL goes to
 # docs/conversion-demo/summary.json.
 #
-#   scripts/conversion-demo.sh [OUT_DIR]      (default demo-runs/; about 22 min on 2 busy cores)
+#   scripts/conversion-demo.sh [OUT_DIR]      (default demo-runs/; 20 min on 2 busy cores)
 #   NS=path/to/nanoseek scripts/conversion-demo.sh   (use that binary; otherwise cargo builds)
 #
 # Parent: 400 steps of 128 × 16 tokens, then (`--init-from`) 1000 steps of 32 × 64 tokens (the
