@@ -90,3 +90,31 @@ fn the_indexer_warm_up_freezes_the_main_model() {
     let frozen: Vec<bool> = recs.iter().filter(|r| r["loss"].is_number()).map(|r| r["main_frozen"] == true).collect();
     assert_eq!(frozen, [true, true, false, false]);
 }
+
+/// Continuing a dense checkpoint with a dense model and a nonzero `dsa_warmup_steps`: the default
+/// freeze has no indexer to train, so it does not apply (every tensor trains); asking for it
+/// explicitly is refused by name before any step.
+#[test]
+fn the_warm_up_freeze_needs_an_indexer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (parent, child) = (tmp.path().join("parent"), tmp.path().join("child"));
+    train::train(request(micro("DD"), 3, &parent)).unwrap();
+    let dense = load_model(&checkpoint_dir(&parent, 3), &micro("DD")).unwrap();
+    let cfg = ModelConfig { dsa_warmup_steps: 2, ..micro("DD") };
+    let converting = |dir: &Path| {
+        let mut req = request(cfg.clone(), 1, dir);
+        req.run.train.init_from = Some(checkpoint_dir(&parent, 3));
+        req
+    };
+    train::train(converting(&child)).unwrap();
+    let done = load_model(&checkpoint_dir(&child, 1), &cfg).unwrap();
+    for p in &done.params {
+        assert_ne!(p.tensor.data, dense.param(&p.name).unwrap().data, "{} did not train", p.name);
+    }
+    let explicit = tmp.path().join("explicit");
+    let mut req = converting(&explicit);
+    req.run.train.freeze_main_during_warmup = Some(true);
+    let err = format!("{:#}", train::train(req).err().expect("refused"));
+    assert!(err.contains("no DSA (`S`) layer"), "{err}");
+    assert!(!checkpoint_dir(&explicit, 1).exists());
+}

@@ -146,13 +146,23 @@ pub(super) fn run<B: Backend>(
     let mut last_ckpt = req.resume_from_step.filter(|&s| s > 0).map(|s| checkpoint::checkpoint_dir(&req.run_dir, s));
     let t0 = Instant::now();
     let mut tokens_done = 0usize;
+    // The indexer warm-up freezes everything but the lightning indexers: without any (no `S`
+    // layer) it would train nothing, so the default skips it and an explicit request is refused.
+    let has_indexer = tr.specs.iter().any(|(name, ..)| name.contains(".attn.indexer."));
+    if !has_indexer && mcfg.dsa_warmup_steps > 0 && ts.freeze_main_during_warmup == Some(true) {
+        bail!(
+            "--freeze-main-during-warmup: the model has no DSA (`S`) layer, so its {} warm-up steps would \
+             train no parameter (use an S layer in --attn-pattern, or --freeze-main-during-warmup false)",
+            mcfg.dsa_warmup_steps
+        );
+    }
     for step in start..total {
         let ts_step = Instant::now();
         let lr = lr_multiplier(step, total, ts.optim.warmup_ratio, ts.optim.warmdown_ratio, ts.optim.final_lr_frac);
         model.dsa_dense_warmup = step < mcfg.dsa_warmup_steps;
         model.mtp_lambda_now = mcfg.mtp_lambda_at(step, total);
         // V3.2's indexer warm-up: only the lightning indexers train
-        let freeze = model.dsa_dense_warmup && ts.freezes_main_during_warmup();
+        let freeze = model.dsa_dense_warmup && ts.freezes_main_during_warmup() && has_indexer;
         for (f, (name, ..)) in tr.frozen.iter_mut().zip(&tr.specs) {
             *f = freeze && !name.contains(".attn.indexer.");
         }
