@@ -185,12 +185,12 @@ typedef struct NsGemmParams {
 
 /** attention.cu: causal softmax attention, scale = 1/sqrt(d) (passed),
  * grouped-query (query head j uses kv head j / (h / h_kv)).
- * q, out, dout, dq: bf16 [b, t, h, d]; k, v, dk, dv: bf16 [b, t, h_kv, d];
- * lse, delta: f32 [b, h, t] (natural log of the scaled scores, like the CPU);
- * The backward's gradients are f32: dq_acc [b, t, h, d] is accumulated with
- * atomics (zeroed by the host first); dk_acc, dv_acc [b, t, h_kv, d] are
- * written once per key row (overwritten).
- * d is 64 or 128 (kernel name). */
+ * q, dq: bf16 [b, t, h, d]; k, dk: [b, t, h_kv, d]; v, dv: [b, t, h_kv, dv];
+ * out, dout: bf16 [b, t, h, dv]; lse, delta: f32 [b, h, t] (natural log of
+ * the scaled scores, like the CPU). The backward's gradients are f32: dq_acc
+ * [b, t, h, d] is accumulated with atomics (zeroed by the host first); dk_acc,
+ * dv_acc are written once per key row (overwritten).
+ * (d, dv) is (64, 64), (128, 128), (96, 64) or (192, 128) (kernel name). */
 typedef struct NsAttnParams {
     ns_dptr q;
     ns_dptr k;
@@ -206,8 +206,10 @@ typedef struct NsAttnParams {
     int t;
     int h;
     int h_kv;
-    int d;
+    int d;  /* query/key width d_qk */
     float scale;
+    int dv; /* value/output width d_v (= d for GQA) */
+    int pad_;
 } NsAttnParams;
 
 /** window_attention.cu: sliding-window causal attention with global tokens.

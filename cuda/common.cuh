@@ -145,6 +145,13 @@ NS_DEV void ldmatrix_x4_trans(uint32_t* r, const void* p) {
                  : "r"(smem_addr(p)));
 }
 
+// Two 8x8 matrices transposed (addresses from lanes 0..15; the rest are ignored).
+NS_DEV void ldmatrix_x2_trans(uint32_t* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem_addr(p)));
+}
+
 // D = A(16x16, row) * B(16x8, col) + D; bf16 inputs, fp32 accumulators.
 NS_DEV void mma_bf16_16816(float* d, const uint32_t* a, const uint32_t* b) {
     asm volatile(

@@ -25,11 +25,14 @@
 //   increasing s by an ordered stream compaction (ballot + warp prefix counts),
 //   so nothing needs sorting; then the window, then PAD up to kmax.
 //
-// Sparse attention (dsa_fwd_d{64,128}, dsa_bwd_d{64,128}): one block of 128
-// threads per (query t, batch x kv head). The selected K and V rows of the kv
-// head are gathered 32 at a time into shared memory (bf16, rows padded to
-// D + 2 so that lane m reading row m hits distinct banks) and shared by the
-// group's query heads (warp w takes heads w, w + 4, ...). Lane m scores key m;
+// Sparse attention (dsa_{fwd,bwd}_{d64,d128,q96v64,q192v128}: (d_qk, d_v) per
+// head; dsa_{fwd,bwd}_latent_q576v512: MQA over MLA's latent, one key head of 576
+// whose first 512 columns are the values): one block of 128 threads per (query
+// t, batch x kv head), or per chunk of the group's heads when the host splits it
+// to fit shared memory. The selected K and V rows of the kv head (the K rows
+// only for the latent) are gathered 32 at a time into shared memory (bf16, rows
+// padded to D + 2 so that lane m reading row m hits distinct banks) and shared
+// by the block's query heads (warp w takes heads w, w + 4, ...). Lane m scores key m;
 // online softmax in the log2 domain; each lane owns the output columns
 // 2 lane + 64 c (float2), accumulated in shared memory. The backward computes
 // P = exp2(S log2e - lse log2e) and dS = P (dO . v - delta) scale per key,
@@ -284,42 +287,62 @@ NS_DEV float dot_bf(const bf16* a, const bf16* b, int n) {
     return acc;
 }
 
-// Dynamic shared memory in bytes (mirrored in src/backend/cuda/dsa.rs).
-template <int D>
-constexpr int fwd_smem(int gs) {
-    return (gs * D + 2 * gs + KT + 1) * 4 + (2 * KT * (D + 2) + gs * D) * 2;
+// Head shapes (DQ, DV, VK): queries and keys DQ wide, values DV wide; VK = the values are the
+// first DV columns of the key rows (MQA over MLA's latent: one key row [c_kv | k_pe] per token,
+// h_kv = 1, v = c_kv), so only the key rows are gathered and dv is added into dk's first DV
+// columns. A block serves `hb` query heads of one kv group (hb = the group, or a chunk of it when
+// the host splits the group across gridDim.y: every head of a chunk reads the same gathered rows).
+// Dynamic shared memory in bytes for hb heads (mirrored in src/backend/cuda/dsa.rs).
+template <int DQ, int DV, bool VK>
+constexpr int fwd_smem(int hb) {
+    return (hb * DV + 2 * hb + KT + 1) * 4 + ((VK ? 1 : 2) * KT * (DQ + 2) + hb * DQ) * 2 - (VK ? 0 : 2 * KT * (DQ - DV));
 }
-template <int D>
-constexpr int bwd_smem(int gs) {
-    return (gs * D + 2 * gs + 2 * gs * KT + KT + 1) * 4 + (2 * KT * (D + 2) + 2 * gs * D) * 2;
+template <int DQ, int DV, bool VK>
+constexpr int bwd_smem(int hb) {
+    return (hb * DQ + 2 * hb + 2 * hb * KT + KT + 1) * 4 + ((VK ? 1 : 2) * KT * (DQ + 2) + hb * (DQ + DV)) * 2 -
+           (VK ? 0 : 2 * KT * (DQ - DV));
 }
 
-// The forward of one query row at causal position i against the keys of batch bi, kv head g:
-// its q/out/sel row is `tok`, its lse of head hq at ((bi h + hq) lse_ld + lse_col).
-template <int D>
-NS_DEV void dsa_fwd_body(const NsDsaParams& p, int i, int bi, int g, size_t tok, int lse_ld, int lse_col) {
-    constexpr int LD = D + 2, NP = D / 64;  // NP: column pairs per lane
-    const int gs = p.h / p.h_kv;
+// The heads of this block: blockIdx.y = (bi h_kv + g) nch + c (nch chunks per kv group, the
+// host's choice); chunk c holds the group's heads j0 .. j0 + nh.
+struct HeadChunk {
+    int bi, g, j0, nh;
+};
+NS_DEV HeadChunk head_chunk(const NsDsaParams& p, int gs) {
+    const int nch = gridDim.y / (p.b * p.h_kv), hb = (gs + nch - 1) / nch;
+    const int c = blockIdx.y % nch, bg = blockIdx.y / nch;
+    const int j0 = c * hb;
+    return HeadChunk{bg / p.h_kv, bg % p.h_kv, j0, max(0, min(gs, j0 + hb) - j0)};
+}
+
+// The forward of one query row at causal position i against the keys of batch bi, kv head g, for
+// the group's heads j0 .. j0 + nh: its q/out/sel row is `tok`, its lse of head hq at
+// ((bi h + hq) lse_ld + lse_col).
+template <int DQ, int DV, bool VK>
+NS_DEV void dsa_fwd_body(const NsDsaParams& p, int i, HeadChunk hc, size_t tok, int lse_ld, int lse_col) {
+    constexpr int LD = DQ + 2, LDV = VK ? LD : DV + 2, NP = DV / 64;  // NP: column pairs per lane
+    static_assert(DV % 64 == 0 && DQ % 2 == 0 && DQ >= DV, "DV a multiple of 64, DQ even and >= DV");
+    const int gs = p.h / p.h_kv, nh = hc.nh, bi = hc.bi, g = hc.g;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    float* Os = reinterpret_cast<float*>(smem_raw);  // [gs][D]
-    float* ml = Os + gs * D;                         // [gs][2]: running max (log2 domain), sum
-    int* idx = reinterpret_cast<int*>(ml + 2 * gs);  // [KT]
+    float* Os = reinterpret_cast<float*>(smem_raw);  // [nh][DV]
+    float* ml = Os + nh * DV;                        // [nh][2]: running max (log2 domain), sum
+    int* idx = reinterpret_cast<int*>(ml + 2 * nh);  // [KT]
     int* n_s = idx + KT;
-    bf16* Ks = reinterpret_cast<bf16*>(n_s + 1);  // [KT][LD]
-    bf16* Vs = Ks + KT * LD;                      // [KT][LD]
-    bf16* Qs = Vs + KT * LD;                      // [gs][D]
+    bf16* Ks = reinterpret_cast<bf16*>(n_s + 1);      // [KT][LD]
+    bf16* Vs = VK ? Ks : Ks + KT * LD;                // [KT][LDV] (the key rows for VK)
+    bf16* Qs = VK ? Ks + KT * LD : Vs + KT * LDV;     // [nh][DQ]
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const size_t kv_stride = (size_t)p.h_kv * D;
+    const size_t kv_stride = (size_t)p.h_kv * DQ, v_stride = (size_t)p.h_kv * DV;
     const uint32_t* sel = reinterpret_cast<const uint32_t*>(p.sel) + tok * p.kmax;
-    const bf16* kb = reinterpret_cast<const bf16*>(p.k) + (size_t)bi * p.t * kv_stride + (size_t)g * D;
-    const bf16* vb = reinterpret_cast<const bf16*>(p.v) + (size_t)bi * p.t * kv_stride + (size_t)g * D;
-    const size_t q_off = (tok * p.h + (size_t)g * gs) * D;  // the group's heads are consecutive
+    const bf16* kb = reinterpret_cast<const bf16*>(p.k) + (size_t)bi * p.t * kv_stride + (size_t)g * DQ;
+    const bf16* vb = reinterpret_cast<const bf16*>(p.v) + (size_t)bi * p.t * v_stride + (size_t)g * DV;
+    const size_t h0 = tok * p.h + (size_t)g * gs + hc.j0;  // the chunk's heads are consecutive
 
-    const uint32_t* q32 = reinterpret_cast<const uint32_t*>(reinterpret_cast<const bf16*>(p.q) + q_off);
-    for (int e = threadIdx.x; e < gs * D / 2; e += ATT_THREADS) reinterpret_cast<uint32_t*>(Qs)[e] = q32[e];
-    for (int e = threadIdx.x; e < gs * D; e += ATT_THREADS) Os[e] = 0.0f;
-    for (int e = threadIdx.x; e < gs; e += ATT_THREADS) ml[2 * e] = -INFINITY, ml[2 * e + 1] = 0.0f;
+    const uint32_t* q32 = reinterpret_cast<const uint32_t*>(reinterpret_cast<const bf16*>(p.q) + h0 * DQ);
+    for (int e = threadIdx.x; e < nh * DQ / 2; e += ATT_THREADS) reinterpret_cast<uint32_t*>(Qs)[e] = q32[e];
+    for (int e = threadIdx.x; e < nh * DV; e += ATT_THREADS) Os[e] = 0.0f;
+    for (int e = threadIdx.x; e < nh; e += ATT_THREADS) ml[2 * e] = -INFINITY, ml[2 * e + 1] = 0.0f;
     const int n = row_len(sel, p.kmax, n_s);  // ends with a barrier: Qs, Os, ml are ready
     const float sl2 = p.scale * LOG2E;
 
@@ -327,19 +350,19 @@ NS_DEV void dsa_fwd_body(const NsDsaParams& p, int i, int bi, int g, size_t tok,
         __syncthreads();  // the previous tile is no longer read
         load_idx(idx, sel, m0, n, i);
         __syncthreads();
-        gather_rows(Ks, kb, kv_stride, idx, D);
-        gather_rows(Vs, vb, kv_stride, idx, D);
+        gather_rows(Ks, kb, kv_stride, idx, DQ);
+        if (!VK) gather_rows(Vs, vb, v_stride, idx, DV);
         __syncthreads();
         const bool valid = idx[lane] >= 0;
-        for (int j = warp; j < gs; j += ATT_WARPS) {
-            const float x = valid ? dot_bf(Qs + j * D, Ks + lane * LD, D) * sl2 : -INFINITY;
+        for (int j = warp; j < nh; j += ATT_WARPS) {
+            const float x = valid ? dot_bf(Qs + j * DQ, Ks + lane * LD, DQ) * sl2 : -INFINITY;
             const float m_old = ml[2 * j], l_old = ml[2 * j + 1];
             const float m_new = fmaxf(m_old, warp_max(x));
             const float m_use = m_new == -INFINITY ? 0.0f : m_new;
             const float pv = exp2f(x - m_use);  // 0 for masked keys
             const float alpha = m_old == -INFINITY ? 0.0f : exp2f(m_old - m_use);
             const float lsum = warp_sum(pv);
-            float* o = Os + j * D;
+            float* o = Os + j * DV;
 #pragma unroll
             for (int cc = 0; cc < NP; cc++) {
                 const int col = 2 * lane + 64 * cc;
@@ -349,7 +372,7 @@ NS_DEV void dsa_fwd_body(const NsDsaParams& p, int i, int bi, int g, size_t tok,
 #pragma unroll 8
                 for (int mm = 0; mm < KT; mm++) {
                     const float pm = __shfl_sync(0xffffffffu, pv, mm);
-                    const float2 vv = ld_bf2(Vs + mm * LD + col);
+                    const float2 vv = ld_bf2(Vs + mm * LDV + col);
                     acc.x = fmaf(pm, vv.x, acc.x);
                     acc.y = fmaf(pm, vv.y, acc.y);
                 }
@@ -360,73 +383,79 @@ NS_DEV void dsa_fwd_body(const NsDsaParams& p, int i, int bi, int g, size_t tok,
         }
     }
     __syncwarp();  // a warp reads only its own heads' Os and ml below
-    bf16* ob = reinterpret_cast<bf16*>(p.out) + q_off;
+    bf16* ob = reinterpret_cast<bf16*>(p.out) + h0 * DV;
     float* lse = reinterpret_cast<float*>(p.lse);
-    for (int j = warp; j < gs; j += ATT_WARPS) {
+    for (int j = warp; j < nh; j += ATT_WARPS) {
         const float m = ml[2 * j], l = ml[2 * j + 1];
         const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // l = 0 only for an empty row (the CPU rejects those)
 #pragma unroll
         for (int cc = 0; cc < NP; cc++) {
             const int col = 2 * lane + 64 * cc;
-            const float2 o = *reinterpret_cast<const float2*>(Os + j * D + col);
-            *reinterpret_cast<uint32_t*>(ob + (size_t)j * D + col) = pack_bf16(o.x * inv, o.y * inv);
+            const float2 o = *reinterpret_cast<const float2*>(Os + j * DV + col);
+            *reinterpret_cast<uint32_t*>(ob + (size_t)j * DV + col) = pack_bf16(o.x * inv, o.y * inv);
         }
         if (lane == 0)
-            lse[((size_t)bi * p.h + (size_t)g * gs + j) * lse_ld + lse_col] = l > 0.0f ? (m + log2f(l)) * LN2 : -INFINITY;
+            lse[((size_t)bi * p.h + (size_t)g * gs + hc.j0 + j) * lse_ld + lse_col] =
+                l > 0.0f ? (m + log2f(l)) * LN2 : -INFINITY;
     }
 }
 
-template <int D>
+template <int DQ, int DV, bool VK>
 NS_DEV void dsa_bwd_body(const NsDsaParams& p) {
-    constexpr int LD = D + 2, NP = D / 64;
+    constexpr int LD = DQ + 2, LDV = VK ? LD : DV + 2, NP = DV / 64, NPQ = (DQ / 2 + 31) / 32;
+    static_assert(DV % 64 == 0 && DQ % 2 == 0 && DQ >= DV, "DV a multiple of 64, DQ even and >= DV");
     const int gs = p.h / p.h_kv;
+    const HeadChunk hc = head_chunk(p, gs);
+    const int nh = hc.nh, bi = hc.bi, g = hc.g;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    float* dQ = reinterpret_cast<float*>(smem_raw);  // [gs][D]
-    float* delta = dQ + gs * D;                      // [gs]
-    float* lse2 = delta + gs;                        // [gs]: lse * log2e
-    float* P = lse2 + gs;                            // [gs][KT]
-    float* dS = P + gs * KT;                         // [gs][KT]
-    int* idx = reinterpret_cast<int*>(dS + gs * KT);  // [KT]
+    float* dQ = reinterpret_cast<float*>(smem_raw);  // [nh][DQ]
+    float* delta = dQ + nh * DQ;                     // [nh]
+    float* lse2 = delta + nh;                        // [nh]: lse * log2e
+    float* P = lse2 + nh;                            // [nh][KT]
+    float* dS = P + nh * KT;                         // [nh][KT]
+    int* idx = reinterpret_cast<int*>(dS + nh * KT);  // [KT]
     int* n_s = idx + KT;
-    bf16* Ks = reinterpret_cast<bf16*>(n_s + 1);  // [KT][LD]
-    bf16* Vs = Ks + KT * LD;                      // [KT][LD]
-    bf16* Qs = Vs + KT * LD;                      // [gs][D]
-    bf16* dOs = Qs + gs * D;                      // [gs][D]
+    bf16* Ks = reinterpret_cast<bf16*>(n_s + 1);   // [KT][LD]
+    bf16* Vs = VK ? Ks : Ks + KT * LD;             // [KT][LDV]
+    bf16* Qs = VK ? Ks + KT * LD : Vs + KT * LDV;  // [nh][DQ]
+    bf16* dOs = Qs + nh * DQ;                      // [nh][DV]
 
-    const int i = blockIdx.x, bi = blockIdx.y / p.h_kv, g = blockIdx.y % p.h_kv;
+    const int i = blockIdx.x;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const size_t kv_stride = (size_t)p.h_kv * D;
+    const size_t kv_stride = (size_t)p.h_kv * DQ, v_stride = (size_t)p.h_kv * DV;
     const size_t tok = (size_t)bi * p.t + i;
     const uint32_t* sel = reinterpret_cast<const uint32_t*>(p.sel) + tok * p.kmax;
-    const size_t kv_base = (size_t)bi * p.t * kv_stride + (size_t)g * D;
-    const bf16* kb = reinterpret_cast<const bf16*>(p.k) + kv_base;
-    const bf16* vb = reinterpret_cast<const bf16*>(p.v) + kv_base;
-    float* dkb = reinterpret_cast<float*>(p.dk) + kv_base;
-    float* dvb = reinterpret_cast<float*>(p.dv) + kv_base;
-    const size_t q_off = (tok * p.h + (size_t)g * gs) * D;
+    const size_t k_base = (size_t)bi * p.t * kv_stride + (size_t)g * DQ;
+    const size_t v_base = (size_t)bi * p.t * v_stride + (size_t)g * DV;
+    const bf16* kb = reinterpret_cast<const bf16*>(p.k) + k_base;
+    const bf16* vb = reinterpret_cast<const bf16*>(p.v) + v_base;
+    float* dkb = reinterpret_cast<float*>(p.dk) + k_base;
+    // VK: dv goes into dk's first DV columns (the values are those columns of the key rows)
+    float* dvb = VK ? dkb : reinterpret_cast<float*>(p.dv) + v_base;
+    const size_t dv_stride = VK ? kv_stride : v_stride;
+    const size_t h0 = tok * p.h + (size_t)g * gs + hc.j0;
 
-    const uint32_t* q32 = reinterpret_cast<const uint32_t*>(reinterpret_cast<const bf16*>(p.q) + q_off);
-    const uint32_t* do32 = reinterpret_cast<const uint32_t*>(reinterpret_cast<const bf16*>(p.dout) + q_off);
-    for (int e = threadIdx.x; e < gs * D / 2; e += ATT_THREADS) {
-        reinterpret_cast<uint32_t*>(Qs)[e] = q32[e];
-        reinterpret_cast<uint32_t*>(dOs)[e] = do32[e];
-    }
-    for (int e = threadIdx.x; e < gs * D; e += ATT_THREADS) dQ[e] = 0.0f;
+    const uint32_t* q32 = reinterpret_cast<const uint32_t*>(reinterpret_cast<const bf16*>(p.q) + h0 * DQ);
+    const uint32_t* do32 = reinterpret_cast<const uint32_t*>(reinterpret_cast<const bf16*>(p.dout) + h0 * DV);
+    for (int e = threadIdx.x; e < nh * DQ / 2; e += ATT_THREADS) reinterpret_cast<uint32_t*>(Qs)[e] = q32[e];
+    for (int e = threadIdx.x; e < nh * DV / 2; e += ATT_THREADS) reinterpret_cast<uint32_t*>(dOs)[e] = do32[e];
+    for (int e = threadIdx.x; e < nh * DQ; e += ATT_THREADS) dQ[e] = 0.0f;
     // delta_j = dout_j . out_j (from global), one warp per head
-    const bf16* ob = reinterpret_cast<const bf16*>(p.out) + q_off;
-    const bf16* dob = reinterpret_cast<const bf16*>(p.dout) + q_off;
-    for (int j = warp; j < gs; j += ATT_WARPS) {
+    const bf16* ob = reinterpret_cast<const bf16*>(p.out) + h0 * DV;
+    const bf16* dob = reinterpret_cast<const bf16*>(p.dout) + h0 * DV;
+    for (int j = warp; j < nh; j += ATT_WARPS) {
         float s = 0.0f;
 #pragma unroll
         for (int cc = 0; cc < NP; cc++) {
             const int col = 2 * lane + 64 * cc;
-            const float2 o = ld_bf2(ob + (size_t)j * D + col), d = ld_bf2(dob + (size_t)j * D + col);
+            const float2 o = ld_bf2(ob + (size_t)j * DV + col), d = ld_bf2(dob + (size_t)j * DV + col);
             s += o.x * d.x + o.y * d.y;
         }
         s = warp_sum(s);
         if (lane == 0) {
             delta[j] = s;
-            lse2[j] = reinterpret_cast<const float*>(p.lse)[((size_t)bi * p.h + (size_t)g * gs + j) * p.t + i] * LOG2E;
+            lse2[j] =
+                reinterpret_cast<const float*>(p.lse)[((size_t)bi * p.h + (size_t)g * gs + hc.j0 + j) * p.t + i] * LOG2E;
         }
     }
     const int n = row_len(sel, p.kmax, n_s);  // ends with a barrier
@@ -436,59 +465,73 @@ NS_DEV void dsa_bwd_body(const NsDsaParams& p) {
         __syncthreads();  // the previous tile (Ks, Vs, idx, P, dS) is no longer read
         load_idx(idx, sel, m0, n, i);
         __syncthreads();
-        gather_rows(Ks, kb, kv_stride, idx, D);
-        gather_rows(Vs, vb, kv_stride, idx, D);
+        gather_rows(Ks, kb, kv_stride, idx, DQ);
+        if (!VK) gather_rows(Vs, vb, v_stride, idx, DV);
         __syncthreads();
         const bool valid = idx[lane] >= 0;
-        for (int j = warp; j < gs; j += ATT_WARPS) {
+        for (int j = warp; j < nh; j += ATT_WARPS) {
             float pv = 0.0f, ds = 0.0f;
             if (valid) {
-                const float sdot = dot_bf(Qs + j * D, Ks + lane * LD, D);
-                const float dpdot = dot_bf(dOs + j * D, Vs + lane * LD, D);
+                const float sdot = dot_bf(Qs + j * DQ, Ks + lane * LD, DQ);
+                const float dpdot = dot_bf(dOs + j * DV, Vs + lane * LDV, DV);
                 pv = exp2f(sdot * sl2 - lse2[j]);
                 ds = pv * (dpdot - delta[j]) * p.scale;
             }
             P[j * KT + lane] = pv;
             dS[j * KT + lane] = ds;
-            float* dq = dQ + j * D;
+            float* dq = dQ + j * DQ;
 #pragma unroll
-            for (int cc = 0; cc < NP; cc++) {
+            for (int cc = 0; cc < NPQ; cc++) {
                 const int col = 2 * lane + 64 * cc;
-                float2 acc = *reinterpret_cast<float2*>(dq + col);
+                const bool on = col < DQ;  // (uniform shuffles: every lane takes part)
+                float2 acc = on ? *reinterpret_cast<float2*>(dq + col) : make_float2(0.0f, 0.0f);
 #pragma unroll 8
                 for (int mm = 0; mm < KT; mm++) {
                     const float dsm = __shfl_sync(0xffffffffu, ds, mm);
-                    const float2 kk = ld_bf2(Ks + mm * LD + col);
-                    acc.x = fmaf(dsm, kk.x, acc.x);
-                    acc.y = fmaf(dsm, kk.y, acc.y);
+                    if (on) {
+                        const float2 kk = ld_bf2(Ks + mm * LD + col);
+                        acc.x = fmaf(dsm, kk.x, acc.x);
+                        acc.y = fmaf(dsm, kk.y, acc.y);
+                    }
                 }
-                *reinterpret_cast<float2*>(dq + col) = acc;
+                if (on) *reinterpret_cast<float2*>(dq + col) = acc;
             }
         }
         __syncthreads();  // P, dS of every head are ready
-        // dk[s] += sum_j dS[j][m] q_j, dv[s] += sum_j P[j][m] dO_j: one column pair per thread
-        for (int e = threadIdx.x; e < KT * (D / 2); e += ATT_THREADS) {
-            const int r = e / (D / 2), col = 2 * (e % (D / 2)), s = idx[r];
+        // dk[s] += sum_j dS[j][m] q_j (DQ columns), dv[s] += sum_j P[j][m] dO_j (DV columns):
+        // one column pair per thread, summed over the block's heads before the atomics
+        for (int e = threadIdx.x; e < KT * (DQ / 2); e += ATT_THREADS) {
+            const int r = e / (DQ / 2), col = 2 * (e % (DQ / 2)), s = idx[r];
             if (s < 0) continue;
-            float2 dk = make_float2(0.0f, 0.0f), dv = make_float2(0.0f, 0.0f);
-            for (int j = 0; j < gs; j++) {
-                const float a = dS[j * KT + r], b = P[j * KT + r];
-                const float2 qv = ld_bf2(Qs + j * D + col), dov = ld_bf2(dOs + j * D + col);
+            float2 dk = make_float2(0.0f, 0.0f);
+            for (int j = 0; j < nh; j++) {
+                const float a = dS[j * KT + r];
+                const float2 qv = ld_bf2(Qs + j * DQ + col);
                 dk.x = fmaf(a, qv.x, dk.x);
                 dk.y = fmaf(a, qv.y, dk.y);
-                dv.x = fmaf(b, dov.x, dv.x);
-                dv.y = fmaf(b, dov.y, dv.y);
             }
             const size_t off = (size_t)s * kv_stride + col;
             atomicAdd(dkb + off, dk.x);
             atomicAdd(dkb + off + 1, dk.y);
+        }
+        for (int e = threadIdx.x; e < KT * (DV / 2); e += ATT_THREADS) {
+            const int r = e / (DV / 2), col = 2 * (e % (DV / 2)), s = idx[r];
+            if (s < 0) continue;
+            float2 dv = make_float2(0.0f, 0.0f);
+            for (int j = 0; j < nh; j++) {
+                const float b = P[j * KT + r];
+                const float2 dov = ld_bf2(dOs + j * DV + col);
+                dv.x = fmaf(b, dov.x, dv.x);
+                dv.y = fmaf(b, dov.y, dv.y);
+            }
+            const size_t off = (size_t)s * dv_stride + col;
             atomicAdd(dvb + off, dv.x);
             atomicAdd(dvb + off + 1, dv.y);
         }
     }
     __syncthreads();
-    float* dqg = reinterpret_cast<float*>(p.dq) + q_off;
-    for (int e = threadIdx.x; e < gs * D; e += ATT_THREADS) dqg[e] = dQ[e];
+    float* dqg = reinterpret_cast<float*>(p.dq) + h0 * DQ;
+    for (int e = threadIdx.x; e < nh * DQ; e += ATT_THREADS) dqg[e] = dQ[e];
 }
 
 // ---------------------------------------------------------------- indexer KL
@@ -913,22 +956,34 @@ extern "C" __global__ void __launch_bounds__(256) dsa_index_scores(NsDsaParams p
 // grid (rows), 256 threads.
 extern "C" __global__ void __launch_bounds__(SEL_THREADS) dsa_index_select(NsDsaParams p) { index_select(p); }
 
-// grid (t, b * h_kv), 128 threads, dynamic shared memory fwd_smem / bwd_smem.
-template <int D>
+// grid (t, b * h_kv * nch), 128 threads, dynamic shared memory fwd_smem / bwd_smem of
+// ceil(gs / nch) heads (nch = 1 unless the host splits a group to fit shared memory).
+template <int DQ, int DV, bool VK>
 NS_DEV void dsa_fwd_train(const NsDsaParams& p) {
-    const int i = blockIdx.x, bi = blockIdx.y / p.h_kv, g = blockIdx.y % p.h_kv;
-    dsa_fwd_body<D>(p, i, bi, g, (size_t)bi * p.t + i, p.t, i);
+    const HeadChunk hc = head_chunk(p, p.h / p.h_kv);
+    const int i = blockIdx.x;
+    dsa_fwd_body<DQ, DV, VK>(p, i, hc, (size_t)hc.bi * p.t + i, p.t, i);
 }
 // decode: the query of batch bi is row bi of q/out/sel and column 0 of lse [b, h, 1]
 template <int D>
 NS_DEV void dsa_fwd_decode(const NsDsaParams& p) {
-    const int bi = blockIdx.y / p.h_kv, g = blockIdx.y % p.h_kv;
-    dsa_fwd_body<D>(p, p.t - 1, bi, g, (size_t)bi, 1, 0);
+    const HeadChunk hc = head_chunk(p, p.h / p.h_kv);
+    dsa_fwd_body<D, D, false>(p, p.t - 1, hc, (size_t)hc.bi, 1, 0);
 }
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_fwd_d64(NsDsaParams p) { dsa_fwd_train<64>(p); }
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_fwd_d128(NsDsaParams p) { dsa_fwd_train<128>(p); }
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_bwd_d64(NsDsaParams p) { dsa_bwd_body<64>(p); }
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_bwd_d128(NsDsaParams p) { dsa_bwd_body<128>(p); }
+// (d, dv) pairs: GQA (64, 64), (128, 128); MLA's per-head shapes (96, 64), (192, 128); and MQA over
+// the latent, (576, 512) with h_kv = 1 and the values the key rows' first 512 columns (VK).
+#define NS_DSA_ATTN(NAME, DQ, DV, VK)                                                                    \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_fwd_##NAME(NsDsaParams p) {            \
+        dsa_fwd_train<DQ, DV, VK>(p);                                                                    \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_bwd_##NAME(NsDsaParams p) {            \
+        dsa_bwd_body<DQ, DV, VK>(p);                                                                     \
+    }
+NS_DSA_ATTN(d64, 64, 64, false)
+NS_DSA_ATTN(d128, 128, 128, false)
+NS_DSA_ATTN(q96v64, 96, 64, false)
+NS_DSA_ATTN(q192v128, 192, 128, false)
+NS_DSA_ATTN(latent_q576v512, 576, 512, true)
 
 // grid (t, b), 256 threads, dynamic shared memory kl_smem; then dsa_kl_loss on one block.
 extern "C" __global__ void __launch_bounds__(KL_THREADS) dsa_kl_sparse(NsDsaParams p) { kl_sparse(p); }
@@ -938,7 +993,7 @@ extern "C" __global__ void __launch_bounds__(256) dsa_kl_loss(NsDsaParams p) { k
 
 // Decode (t = cached positions, the new token last): grid (ceil(t / 64), b), 64 threads,
 // dynamic shared memory dec_scores_smem; then grid (b), 256 threads; then the attention on
-// grid (1, b * h_kv), 128 threads, dynamic shared memory fwd_smem.
+// grid (1, b * h_kv * nch), 128 threads, dynamic shared memory fwd_smem.
 extern "C" __global__ void __launch_bounds__(DEC_KEYS) dsa_index_scores_decode(NsDsaParams p) {
     index_scores_decode(p);
 }
@@ -952,5 +1007,5 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS) dsa_fwd_decode_d128(Ns
 
 static_assert(SEL_THREADS == 256, "one histogram bin per thread");
 static_assert(dec_scores_smem(64, 128) == 33280, "update the host's smem sizes");
-static_assert(fwd_smem<64>(4) == 10148 && bwd_smem<128>(4) == 21924 && kl_smem(64, 128, 128, 16, 2) == 42180,
+static_assert(fwd_smem<64, 64, false>(4) == 10148 && bwd_smem<128, 128, false>(4) == 21924 && kl_smem(64, 128, 128, 16, 2) == 42180,
               "update the host's smem sizes");

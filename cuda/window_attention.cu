@@ -7,12 +7,12 @@
 // flash.cuh's, given the window mask below.
 //
 // Work is O(T (W + G)): key tiles that no query of a tile can see are never
-// loaded. Forward (wattn_fwd_d{64,128}): one block per (64-query tile q0..q1,
+// loaded. Forward (wattn_fwd_*, the same four head shapes): one block per (64-query tile q0..q1,
 // batch x head) reads only the key ranges of `key_segments` on the CPU, the
 // global prefix 0..min(G, q1) and the window q0 + 1 - W..q1 (clamped at 0),
 // merged into 0..q1 when they touch, each in 64-key tiles from its start
 // (forward_key_tiles in src/backend/cuda/window_attention.rs lists the same
-// tiles). Backward (wattn_bwd_d{64,128}, one block per 64-key tile k0..k0+64):
+// tiles). Backward (wattn_bwd_*, one block per 64-key tile k0..k0+64):
 // the query tiles from k0 to the end when the tile holds a global key (k0 < G),
 // else only those before k0 + 64 + W - 1 (the last query a window key reaches
 // is its position + W - 1). Partial tiles are masked element by element.
@@ -35,24 +35,23 @@ struct WindowMask {
 using namespace ns_flash;
 using namespace ns_wattn;
 
-extern "C" __global__ void __launch_bounds__(THREADS) wattn_fwd_d64(NsWindowAttnParams p) {
-    flash_fwd_body<64>(p.attn, WindowMask{p.window, p.n_global});
-}
-extern "C" __global__ void __launch_bounds__(THREADS) wattn_fwd_d128(NsWindowAttnParams p) {
-    flash_fwd_body<128>(p.attn, WindowMask{p.window, p.n_global});
-}
+// (d, dv) pairs and the backward's query tile BQ (registers and shared memory per kernel in
+// cuda/README.md): GQA (64, 64) and (128, 128); MLA (d_nope + d_rope, d_v) = (96, 64), (192, 128).
+#define NS_FLASH_KERNELS(NAME, DQ, DV, BQ)                                                               \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) wattn_fwd_##NAME(NsWindowAttnParams p) {       \
+        flash_fwd_body<DQ, DV>(p.attn, WindowMask{p.window, p.n_global});                                \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(THREADS) wattn_bwd_##NAME(NsWindowAttnParams p) {       \
+        flash_bwd_body<DQ, DV, BQ>(p.attn, WindowMask{p.window, p.n_global});                            \
+    }
+NS_FLASH_KERNELS(d64, 64, 64, 64)
+NS_FLASH_KERNELS(d128, 128, 128, 16)
+NS_FLASH_KERNELS(q96v64, 96, 64, 32)
+NS_FLASH_KERNELS(q192v128, 192, 128, 16)
 
-extern "C" __global__ void __launch_bounds__(256) wattn_bwd_delta(NsWindowAttnParams p) {
-    flash_bwd_delta_body(p.attn);
-}
+extern "C" __global__ void __launch_bounds__(256) wattn_bwd_delta(NsWindowAttnParams p) { flash_bwd_delta_body(p.attn); }
 
-// Dynamic shared memory as attention.cu's backward: bwd_smem<64, 64>() for d = 64 and
-// bwd_smem<128, 16>() for d = 128 (mirrored in src/backend/cuda/window_attention.rs).
-extern "C" __global__ void __launch_bounds__(THREADS) wattn_bwd_d64(NsWindowAttnParams p) {
-    flash_bwd_body<64, 64>(p.attn, WindowMask{p.window, p.n_global});
-}
-extern "C" __global__ void __launch_bounds__(THREADS) wattn_bwd_d128(NsWindowAttnParams p) {
-    flash_bwd_body<128, 16>(p.attn, WindowMask{p.window, p.n_global});
-}
-
-static_assert(bwd_smem<64, 64>() == 46592 && bwd_smem<128, 16>() == 46720, "update the host's smem sizes");
+// Dynamic shared memory of the backwards (mirrored in src/backend/cuda/attention.rs)
+static_assert(bwd_smem<64, 64, 64>() == 46592 && bwd_smem<128, 128, 16>() == 46720 &&
+                  bwd_smem<96, 64, 32>() == 39168 && bwd_smem<192, 128, 16>() == 56960,
+              "update the host's smem sizes");

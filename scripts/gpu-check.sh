@@ -47,6 +47,7 @@ FIRST_STAGES=(
     "moe|45|selftest moe"
     "train_step_all_kinds|60|selftest train_step_all_kinds"
     "train_step_mtp|60|selftest train_step_mtp"
+    "train_step_mla|60|selftest train_step_mla"
     "nccl_world1|45|selftest nccl_world1"
     "kernels_api|30|selftest kernels_api"
     "wgmma|45|selftest wgmma"

@@ -97,6 +97,7 @@ group_tests! {
     cuda_tape_tracks_the_cpu_tape_dense_with_and_without_checkpointing => "train_step",
     cuda_tape_tracks_the_cpu_tape_on_every_layer_kind_with_and_without_checkpointing => "train_step_all_kinds",
     cuda_tape_tracks_the_cpu_tape_with_mtp_modules => "train_step_mtp",
+    cuda_tape_tracks_the_cpu_tape_with_mla_on_every_attention_kind => "train_step_mla",
     zero1_step_over_nccl_at_world_size_1_tracks_the_single_process_step => "nccl_world1",
 }
 

@@ -99,10 +99,12 @@ pub fn rope_qknorm(
 }
 
 /// Attention shapes: q [b, t, h, d], k and v [b, t, h_kv, d], h a multiple of h_kv.
+/// v may be narrower than q and k (`[b, t, h_kv, dv]`, MLA's value width): read dv from v.
 pub fn attention(f: &str, q: &[usize], k: &[usize], v: &[usize]) -> CudaResult<AttnDims> {
     rank(f, "q", q, 4, "[b, t, h, d]")?;
     rank(f, "k", k, 4, "[b, t, h_kv, d]")?;
-    ensure(k == v, || format!("{f}: k {k:?} and v {v:?} differ"))?;
+    rank(f, "v", v, 4, "[b, t, h_kv, dv]")?;
+    ensure(k[..3] == v[..3] && v[3] > 0, || format!("{f}: v {v:?} must be [b, t, h_kv, dv] for k {k:?}"))?;
     let dims = AttnDims { b: q[0], t: q[1], h: q[2], h_kv: k[2], d: q[3] };
     ensure(k[0] == dims.b && k[1] == dims.t && k[3] == dims.d, || {
         format!("{f}: k {k:?} must be [b, t, h_kv, d] for q {q:?}")

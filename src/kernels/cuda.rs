@@ -278,10 +278,11 @@ pub fn rope_qknorm(
     Ok((q, k, rq, rk))
 }
 
-/// Causal grouped-query flash attention, scale 1/√d: q [b, t, h, d], k and v [b, t, h_kv, d]
-/// (h a multiple of h_kv) → (out bf16 [b, t, h, d], lse f32 [b, h, t], the natural log-sum-exp
-/// of each row's scaled scores). QKᵀ, the online softmax and P·V are fused: no T×T matrix is
-/// formed; P is rounded to bf16 before P·V. CUDA has d ∈ {64, 128}. Twin: [`super::causal_attention`].
+/// Causal grouped-query flash attention, scale 1/√d: q [b, t, h, d], k [b, t, h_kv, d] and v
+/// [b, t, h_kv, dv] (h a multiple of h_kv) → (out bf16 [b, t, h, dv], lse f32 [b, h, t], the
+/// natural log-sum-exp of each row's scaled scores). QKᵀ, the online softmax and P·V are fused:
+/// no T×T matrix is formed; P is rounded to bf16 before P·V. CUDA has (d, dv) ∈ {(64, 64),
+/// (128, 128), (96, 64), (192, 128)} (the last two: MLA's heads). Twin: [`super::causal_attention`].
 pub fn causal_attention(
     be: &CudaBackend,
     q: &DeviceTensor,
@@ -289,16 +290,17 @@ pub fn causal_attention(
     v: &DeviceTensor,
 ) -> CudaResult<(DeviceTensor, DeviceTensor<f32>)> {
     let dims = checks::attention("causal_attention", &q.shape, &k.shape, &v.shape)?;
-    let out = DeviceTensor::uninit(be, &q.shape)?;
+    let dv = v.shape[3];
+    let out = DeviceTensor::uninit(be, &[dims.b, dims.t, dims.h, dv])?;
     let lse = DeviceTensor::<f32>::uninit(be, &[dims.b, dims.h, dims.t])?;
-    cu::attention::attention_forward(be, &dims, &q.data, &k.data, &v.data, &out.data, &lse.data)?;
+    cu::attention::attention_forward_dv(be, &dims, dv, &q.data, &k.data, &v.data, &out.data, &lse.data)?;
     Ok((out, lse))
 }
 
 /// Sliding-window causal attention with global tokens: as [`causal_attention`], but query `i`
 /// sees only the keys `{s : i − window < s ≤ i} ∪ {s < n_global, s ≤ i}`, and only the key tiles
-/// holding such keys are visited (O(t·(window + n_global)) work). `window` ≥ 1; CUDA has
-/// d ∈ {64, 128}. Twin: [`super::window_attention`].
+/// holding such keys are visited (O(t·(window + n_global)) work). `window` ≥ 1; head shapes as
+/// [`causal_attention`]. Twin: [`super::window_attention`].
 pub fn window_attention(
     be: &CudaBackend,
     q: &DeviceTensor,
@@ -308,9 +310,11 @@ pub fn window_attention(
     n_global: usize,
 ) -> CudaResult<(DeviceTensor, DeviceTensor<f32>)> {
     let dims = checks::window_attention(&q.shape, &k.shape, &v.shape, window, n_global)?;
-    let out = DeviceTensor::uninit(be, &q.shape)?;
+    let dv = v.shape[3];
+    let out = DeviceTensor::uninit(be, &[dims.b, dims.t, dims.h, dv])?;
     let lse = DeviceTensor::<f32>::uninit(be, &[dims.b, dims.h, dims.t])?;
-    cu::window_attention::window_attention_forward(be, &dims, &q.data, &k.data, &v.data, &out.data, &lse.data)?;
+    let (qd, kd, vd) = (&q.data, &k.data, &v.data);
+    cu::window_attention::window_attention_forward_dv(be, &dims, dv, qd, kd, vd, &out.data, &lse.data)?;
     Ok((out, lse))
 }
 
@@ -406,9 +410,11 @@ pub fn dsa_topk(
 }
 
 /// Softmax attention of each query over its selected keys only (GQA, scale 1/√d): q [b, t, h, d],
-/// k and v [b, t, h_kv, d], `sel` [b, t, kmax] → (out bf16 [b, t, h, d], lse f32 [b, h, t]). The
-/// selected k/v rows are gathered per query and kv head and the whole group of query heads is
-/// processed at once (SIMT f32). CUDA has d ∈ {64, 128}. Twin: [`super::sparse_attention`].
+/// k [b, t, h_kv, d], v [b, t, h_kv, dv], `sel` [b, t, kmax] → (out bf16 [b, t, h, dv], lse f32
+/// [b, h, t]). The selected k/v rows are gathered per query and kv head and the group of query
+/// heads is processed at once (SIMT f32; a group whose shared memory passes 96 KiB is split over
+/// a few blocks). CUDA has (d, dv) ∈ {(64, 64), (128, 128), (96, 64), (192, 128)}; MQA over MLA's
+/// latent is [`sparse_attention_latent`]. Twin: [`super::sparse_attention`].
 pub fn sparse_attention(
     be: &CudaBackend,
     q: &DeviceTensor,
@@ -418,9 +424,32 @@ pub fn sparse_attention(
 ) -> CudaResult<(DeviceTensor, DeviceTensor<f32>)> {
     let s = &sel.sel.shape;
     let dims = checks::sparse_attention(&q.shape, &k.shape, &v.shape, [s[0], s[1], s[2]], sel.topk, sel.window)?;
-    let out = DeviceTensor::uninit(be, &q.shape)?;
+    let dv = v.shape[3];
+    let out = DeviceTensor::uninit(be, &[dims.b, dims.t, dims.h, dv])?;
     let lse = DeviceTensor::<f32>::uninit(be, &[dims.b, dims.h, dims.t])?;
-    cu::dsa::dsa_attention_forward(be, &dims, &q.data, &k.data, &v.data, &sel.sel.data, &out.data, &lse.data)?;
+    let (qd, kd, vd) = (&q.data, &k.data, &v.data);
+    cu::dsa::dsa_attention_forward_dv(be, &dims, dv, qd, kd, vd, &sel.sel.data, &out.data, &lse.data)?;
+    Ok((out, lse))
+}
+
+/// DeepSeek-V3.2's sparse attention in MQA mode over MLA's latent: q [b, t, h, 576] (the
+/// absorbed queries), one shared key head kv [b, t, 1, 576] (`[c_kv | k_pe]`) whose first 512
+/// columns are the values, `sel` [b, t, kmax] → (out bf16 [b, t, h, 512], lse f32 [b, h, t]).
+/// Each block gathers a selected latent row once into shared memory and serves up to 16 query
+/// heads of the token from it (more heads: ceil(h / 16) blocks per token). Twin:
+/// [`super::sparse_attention_latent`] with dv = 512.
+pub fn sparse_attention_latent(
+    be: &CudaBackend,
+    q: &DeviceTensor,
+    kv: &DeviceTensor,
+    sel: &DeviceSelection,
+) -> CudaResult<(DeviceTensor, DeviceTensor<f32>)> {
+    let s = &sel.sel.shape;
+    let dims = checks::sparse_attention(&q.shape, &kv.shape, &kv.shape, [s[0], s[1], s[2]], sel.topk, sel.window)?;
+    let dv = cu::dsa::LATENT_SHAPE.1;
+    let out = DeviceTensor::uninit(be, &[dims.b, dims.t, dims.h, dv])?;
+    let lse = DeviceTensor::<f32>::uninit(be, &[dims.b, dims.h, dims.t])?;
+    cu::dsa::dsa_attention_latent_forward(be, &dims, &q.data, &kv.data, &sel.sel.data, &out.data, &lse.data)?;
     Ok((out, lse))
 }
 

@@ -118,13 +118,17 @@ pub mod loss {
 }
 
 /// Causal grouped-query flash attention, scale 1/√d, d ∈ {64, 128}: q, out, dout bf16
-/// [b, t, h, d]; k, v bf16 [b, t, h_kv, d]; lse f32 [b, h, t]. `attention_forward(be, dims, q,
+/// [b, t, h, d]; k, v bf16 [b, t, h_kv, d]; lse f32 [b, h, t]. The `_dv` forms take values
+/// `dv` wide (v [b, t, h_kv, dv], out and dout [b, t, h, dv]), (d, dv) ∈ `FLASH_SHAPES`:
+/// MLA's (96, 64) and (192, 128) besides (64, 64) and (128, 128). `attention_forward(be, dims, q,
 /// k, v, out, lse)`; `attention_backward(be, dims, q, k, v, out, lse, dout, [dq, dk, dv])`
 /// overwrites the f32 gradients from the forward's out and lse (nothing T×T stored). Twin of
 /// [`super::cuda::causal_attention`].
 pub mod attention {
     pub use crate::backend::cuda::attention::AttnDims;
-    pub use crate::backend::cuda::attention::{attention_backward, attention_forward};
+    pub use crate::backend::cuda::attention::{
+        attention_backward, attention_backward_dv, attention_forward, attention_forward_dv, FLASH_SHAPES,
+    };
 }
 
 /// Sliding-window attention with global tokens: as [`attention`] (same buffers and argument
@@ -133,7 +137,9 @@ pub mod attention {
 /// visited. Twin of [`super::cuda::window_attention`].
 pub mod window_attention {
     pub use crate::backend::cuda::window_attention::WindowDims;
-    pub use crate::backend::cuda::window_attention::{window_attention_backward, window_attention_forward};
+    pub use crate::backend::cuda::window_attention::{
+        window_attention_backward, window_attention_backward_dv, window_attention_forward, window_attention_forward_dv,
+    };
 }
 
 /// DeepSeek sparse attention ([`DsaDims`](dsa::DsaDims); its `*_len` methods give every
@@ -143,11 +149,19 @@ pub mod window_attention {
 /// dims, q, k, v, sel, out, lse, dout, [dq, dk, dv])`: attention over the selected keys only
 /// (buffers as [`attention`]; dk, dv scatter-added with atomics). `indexer_kl(be, dims, q, k, lse,
 /// qi, ki, wi, Some(sel), [dqi, dki, dwi], loss)`: the indexer's KL distillation loss (a device
-/// f32 scalar) and its f32 gradients. Twins of [`super::cuda::dsa_topk`] and
-/// [`super::cuda::sparse_attention`].
+/// f32 scalar) and its f32 gradients. The `_dv` attention forms take values `dv` wide ((d, dv) ∈
+/// `DSA_SHAPES`); `dsa_attention_latent_{forward,backward}` are V3.2's MQA over MLA's latent
+/// (`LATENT_SHAPE`: q [b, t, h, 576], one key head kv [b, t, 1, 576] whose first 512 columns are
+/// the values, out [b, t, h, 512]; the backward returns dq and d(kv)). Twins of
+/// [`super::cuda::dsa_topk`], [`super::cuda::sparse_attention`] and
+/// [`super::cuda::sparse_attention_latent`].
 pub mod dsa {
     pub use crate::backend::cuda::dsa::DsaDims;
-    pub use crate::backend::cuda::dsa::{dsa_attention_backward, dsa_attention_forward, indexer_kl, indexer_topk};
+    pub use crate::backend::cuda::dsa::{
+        dsa_attention_backward, dsa_attention_backward_dv, dsa_attention_forward, dsa_attention_forward_dv,
+        dsa_attention_latent_backward, dsa_attention_latent_forward, indexer_kl, indexer_topk, DSA_SHAPES,
+        LATENT_SHAPE,
+    };
 }
 
 /// The routed experts of a mixture-of-experts layer (n tokens of width C, E experts of hidden

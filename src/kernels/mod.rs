@@ -128,18 +128,25 @@ pub fn rope_qknorm(q_raw: &Tensor, k_raw: &Tensor, table: &RopeTable) -> (Tensor
     (q, k, rq, rk)
 }
 
-/// Causal (GQA) attention: q [b,t,h,d], k and v [b,t,h_kv,d] → (out [b,t,h,d], lse [b,h,t]).
-/// Tiled with an online softmax: no T×T matrix is formed.
+/// Causal (GQA) attention: q [b,t,h,d], k [b,t,h_kv,d], v [b,t,h_kv,dv] → (out [b,t,h,dv],
+/// lse [b,h,t]); scale 1/√d. dv = d for GQA; MLA's values may be narrower (e.g. d = 192 =
+/// d_nope + d_rope, dv = 128). Tiled with an online softmax: no T×T matrix is formed.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
-    assert!(
-        q.shape.len() == 4 && k.shape.len() == 4 && k.shape == v.shape,
-        "attention: q, k, v must be 4-D, k and v alike"
-    );
+    let dv = value_width("attention", q, k, v);
     let dims = AttnDims { b: q.shape[0], t: q.shape[1], h: q.shape[2], h_kv: k.shape[2], d: q.shape[3] };
-    let mut out = Tensor::zeros(&q.shape);
+    let mut out = Tensor::zeros(&[dims.b, dims.t, dims.h, dv]);
     let mut lse = Tensor::zeros(&[dims.b, dims.h, dims.t]);
-    attention::attention_forward(&dims, &q.data, &k.data, &v.data, &mut out.data, &mut lse.data);
+    attention::attention_forward_dv(&dims, dv, &q.data, &k.data, &v.data, &mut out.data, &mut lse.data);
     (out, lse)
+}
+
+/// The value width dv of 4-D q, k, v with v [b, t, h_kv, dv] beside k [b, t, h_kv, d].
+fn value_width(f: &str, q: &Tensor, k: &Tensor, v: &Tensor) -> usize {
+    assert!(
+        q.shape.len() == 4 && k.shape.len() == 4 && v.shape.len() == 4 && k.shape[..3] == v.shape[..3],
+        "{f}: q, k, v must be 4-D, v [b, t, h_kv, dv] beside k [b, t, h_kv, d]"
+    );
+    v.shape[3]
 }
 
 /// silu(g) ∘ u, elementwise.
@@ -171,17 +178,14 @@ pub fn embedding(table: &Tensor, ids: &[u32]) -> Tensor {
 
 /// Sliding-window causal attention with global tokens (GQA): query `i` sees the keys
 /// `{s : i − window < s ≤ i} ∪ {s < n_global, s ≤ i}`. Shapes as [`causal_attention`]:
-/// q [b,t,h,d], k and v [b,t,h_kv,d] → (out [b,t,h,d], lse [b,h,t]). `window` ≥ 1.
+/// q [b,t,h,d], k [b,t,h_kv,d], v [b,t,h_kv,dv] → (out [b,t,h,dv], lse [b,h,t]). `window` ≥ 1.
 pub fn window_attention(q: &Tensor, k: &Tensor, v: &Tensor, window: usize, n_global: usize) -> (Tensor, Tensor) {
-    assert!(
-        q.shape.len() == 4 && k.shape.len() == 4 && k.shape == v.shape,
-        "window_attention: q, k, v must be 4-D, k and v alike"
-    );
+    let dv = value_width("window_attention", q, k, v);
     let dims =
         WindowDims { b: q.shape[0], t: q.shape[1], h: q.shape[2], h_kv: k.shape[2], d: q.shape[3], window, n_global };
-    let mut out = Tensor::zeros(&q.shape);
+    let mut out = Tensor::zeros(&[dims.b, dims.t, dims.h, dv]);
     let mut lse = Tensor::zeros(&[dims.b, dims.h, dims.t]);
-    window_attention::window_attention_forward(&dims, &q.data, &k.data, &v.data, &mut out.data, &mut lse.data);
+    window_attention::window_attention_forward_dv(&dims, dv, &q.data, &k.data, &v.data, &mut out.data, &mut lse.data);
     (out, lse)
 }
 
@@ -221,13 +225,10 @@ pub fn dsa_topk(qi: &Tensor, ki: &Tensor, wi: &Tensor, topk: usize, window: usiz
     Selection { shape: [dims.b, dims.t, dims.kmax()], sel, topk, window }
 }
 
-/// Softmax attention of each query over its selected keys only (GQA): q [b,t,h,d], k and v
-/// [b,t,h_kv,d], `sel` from [`dsa_topk`] → (out [b,t,h,d], lse [b,h,t]).
+/// Softmax attention of each query over its selected keys only (GQA): q [b,t,h,d], k
+/// [b,t,h_kv,d], v [b,t,h_kv,dv], `sel` from [`dsa_topk`] → (out [b,t,h,dv], lse [b,h,t]).
 pub fn sparse_attention(q: &Tensor, k: &Tensor, v: &Tensor, sel: &Selection) -> (Tensor, Tensor) {
-    assert!(
-        q.shape.len() == 4 && k.shape.len() == 4 && k.shape == v.shape,
-        "sparse_attention: q, k, v must be 4-D, k and v alike"
-    );
+    let dv = value_width("sparse_attention", q, k, v);
     let dims = DsaDims {
         b: q.shape[0],
         t: q.shape[1],
@@ -240,10 +241,25 @@ pub fn sparse_attention(q: &Tensor, k: &Tensor, v: &Tensor, sel: &Selection) -> 
         window: sel.window,
     };
     assert!(sel.shape == [dims.b, dims.t, dims.kmax()], "sparse_attention: sel must be [b, t, kmax]");
-    let mut out = Tensor::zeros(&q.shape);
+    let mut out = Tensor::zeros(&[dims.b, dims.t, dims.h, dv]);
     let mut lse = Tensor::zeros(&[dims.b, dims.h, dims.t]);
-    dsa::dsa_attention_forward(&dims, &q.data, &k.data, &v.data, &sel.sel, &mut out.data, &mut lse.data);
+    dsa::dsa_attention_forward_dv(&dims, dv, [&q.data, &k.data, &v.data], &sel.sel, &mut out.data, &mut lse.data);
     (out, lse)
+}
+
+/// DeepSeek-V3.2's sparse attention in MQA mode over MLA's latent: every query head reads the
+/// same selected rows of one key head kv [b,t,1,d] (`[c_kv | k_pe]`, d = kv_lora_rank + d_rope),
+/// whose first `dv` columns (`c_kv`) are the values: q [b,t,h,d] → (out [b,t,h,dv], lse [b,h,t]),
+/// scale 1/√d. Equal to [`sparse_attention`] with v = kv[.., ..dv]. CUDA has d = 576, dv = 512
+/// (`cuda::sparse_attention_latent`).
+pub fn sparse_attention_latent(q: &Tensor, kv: &Tensor, sel: &Selection, dv: usize) -> (Tensor, Tensor) {
+    assert!(kv.shape.len() == 4 && kv.shape[2] == 1, "sparse_attention_latent: kv must be [b, t, 1, d]");
+    let d = kv.shape[3];
+    assert!(dv > 0 && dv <= d, "sparse_attention_latent: dv = {dv} must be in 1..={d}");
+    let rows = kv.numel() / d;
+    let v: Vec<f32> = (0..rows).flat_map(|r| kv.data[r * d..r * d + dv].iter().copied()).collect();
+    let v = Tensor::from_vec(&[kv.shape[0], kv.shape[1], 1, dv], v);
+    sparse_attention(q, kv, &v, sel)
 }
 
 /// MoE routing of `n` tokens: router logits [n, E] (= x·Rᵀ) and the balancing bias [E] → the
@@ -273,6 +289,22 @@ mod tests {
         assert_eq!(sel.shape, [2, 11, 11]);
         let (so, sl) = sparse_attention(&q, &k, &v, &sel);
         assert!(close(&so, &out) && close(&sl, &lse));
+        // narrower values (MLA): the output is dv wide and equals the full-width run's columns
+        let vw = wave(&[2, 11, 2, 12], 0.13);
+        let v5: Vec<f32> = vw.data.chunks(12).flat_map(|r| r[..5].to_vec()).collect();
+        let v5 = Tensor::from_vec(&[2, 11, 2, 5], v5);
+        let (kw, qw) = (wave(&[2, 11, 2, 12], 0.21), wave(&[2, 11, 4, 12], 0.37));
+        let (full, _) = causal_attention(&qw, &kw, &vw);
+        let (narrow, _) = causal_attention(&qw, &kw, &v5);
+        assert_eq!(narrow.shape, vec![2, 11, 4, 5]);
+        let cut: Vec<f32> = full.data.chunks(12).flat_map(|r| r[..5].to_vec()).collect();
+        assert!(narrow.data.iter().zip(&cut).all(|(x, y)| (x - y).abs() < 1e-6));
+        // MQA over a latent: the values are the key rows' first columns
+        let (ql, kvl) = (wave(&[2, 11, 4, 12], 0.3), wave(&[2, 11, 1, 12], 0.11));
+        let (lo, ll) = sparse_attention_latent(&ql, &kvl, &sel, 5);
+        let vl: Vec<f32> = kvl.data.chunks(12).flat_map(|r| r[..5].to_vec()).collect();
+        let (so5, sl5) = sparse_attention(&ql, &kvl, &Tensor::from_vec(&[2, 11, 1, 5], vl), &sel);
+        assert!(close(&lo, &so5) && close(&ll, &sl5) && lo.shape == vec![2, 11, 4, 5]);
         // a window of one: each query reads only its own key
         let one = dsa_topk(&qi, &ki, &wi, 0, 1);
         assert_eq!(&one.sel[..3], &[0, 1, 2]);

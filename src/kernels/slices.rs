@@ -43,6 +43,8 @@ pub mod attention {
     pub use crate::backend::cpu::attention::attention_forward;
     /// b, t, h, h_kv, d.
     pub use crate::backend::cpu::attention::AttnDims;
+    /// The same with values `dv` wide (v [b, t, h_kv, dv], out [b, t, h, dv]; MLA's heads).
+    pub use crate::backend::cpu::attention::{attention_backward_dv, attention_forward_dv};
 }
 
 /// Sliding-window causal attention with global tokens: as [`attention`], but query `i` sees only
@@ -56,6 +58,8 @@ pub mod window_attention {
     pub use crate::backend::cpu::window_attention::window_attention_forward;
     /// b, t, h, h_kv, d, window, n_global.
     pub use crate::backend::cpu::window_attention::WindowDims;
+    /// The same with values `dv` wide.
+    pub use crate::backend::cpu::window_attention::{window_attention_backward_dv, window_attention_forward_dv};
 }
 
 /// DeepSeek sparse attention. The lightning indexer `indexer_topk(dims, qi, ki, wi, sel)`:
@@ -78,6 +82,8 @@ pub mod dsa {
     pub use crate::backend::cpu::dsa::DsaDims;
     /// The filler after a query's selected keys in `sel`.
     pub use crate::backend::cpu::dsa::PAD;
+    /// The same with values `dv` wide.
+    pub use crate::backend::cpu::dsa::{dsa_attention_backward_dv, dsa_attention_forward_dv};
 }
 
 /// The routed experts of a mixture-of-experts layer, for n tokens of width C and E experts of

@@ -8,7 +8,10 @@
 //! bitwise (written once per tile, no atomics), dq at f32 summation-order tolerance (its tiles
 //! are added with atomics in an unspecified order). Full mode reaches T ≥ 1024 (many 64-row
 //! tiles), b = 2, d = 128 and grouped-query heads; the window's dense limits (W ≥ T, G ≥ T) must
-//! equal the dense kernels.
+//! equal the dense kernels. MLA's head shapes (d_qk, d_v) = (96, 64) and (192, 128) run the same
+//! rows with values narrower than keys (the CPU's `_dv` twins): the error model is unchanged
+//! (the same bf16 roundings of P, dS and out; each output element sums over keys, not over the
+//! head width, and dq, dk sum d_v-long dO·V products rounded once in dS).
 
 use super::compare::{Tol, U_BF16};
 use super::{atomics_rerun, down, down32, rand_bf16, up, Ctx};
@@ -26,59 +29,65 @@ struct Flash {
     grads: [Vec<f32>; 3],
 }
 
-/// q, k, v, dout of a problem: uniform in [-1, 1), bf16-exact.
-fn inputs(q_len: usize, kv_len: usize, seed: u64) -> [Vec<f32>; 4] {
-    [
-        rand_bf16(seed, q_len, 1.0),
-        rand_bf16(seed + 1, kv_len, 1.0),
-        rand_bf16(seed + 2, kv_len, 1.0),
-        rand_bf16(seed + 3, q_len, 1.0),
-    ]
+/// q, k, v, dout of a problem with values `dv` wide: uniform in [-1, 1), bf16-exact.
+fn inputs(dims: &AttnDims, dv: usize, seed: u64) -> [Vec<f32>; 4] {
+    let (ql, kl) = (dims.q_len(), dims.kv_len());
+    let (ol, vl) = (ql / dims.d * dv, kl / dims.d * dv);
+    [rand_bf16(seed, ql, 1.0), rand_bf16(seed + 1, kl, 1.0), rand_bf16(seed + 2, vl, 1.0), rand_bf16(seed + 3, ol, 1.0)]
 }
 
-fn run_dense(be: &CudaBackend, dims: &AttnDims, x: &[Vec<f32>; 4]) -> Result<Flash> {
-    let (gq, gk, gv, gdo) = (up(be, &x[0])?, up(be, &x[1])?, up(be, &x[2])?, up(be, &x[3])?);
-    let go = DeviceBuffer::<bf16>::uninit(be, dims.q_len())?;
+/// The GPU buffers of one run: (q, k, v, dout), out, lse, and [dq, dk, dv] filled with garbage
+/// (the backward must overwrite dk and dv, and zero dq itself).
+type Bufs = ([DeviceBuffer<bf16>; 4], DeviceBuffer<bf16>, DeviceBuffer<f32>, [DeviceBuffer<f32>; 3]);
+
+fn buffers(be: &CudaBackend, dims: &AttnDims, dv: usize, x: &[Vec<f32>; 4]) -> Result<Bufs> {
+    let ins = [up(be, &x[0])?, up(be, &x[1])?, up(be, &x[2])?, up(be, &x[3])?];
+    let go = DeviceBuffer::<bf16>::uninit(be, x[3].len())?;
     let gl = DeviceBuffer::<f32>::uninit(be, dims.lse_len())?;
-    cuda::attention::attention_forward(be, dims, &gq, &gk, &gv, &go, &gl)?;
     let gdq = DeviceBuffer::<f32>::from_host(be, &vec![f32::NAN; dims.q_len()])?;
     let gdk = DeviceBuffer::<f32>::from_host(be, &vec![7.0; dims.kv_len()])?;
-    let gdv = DeviceBuffer::<f32>::from_host(be, &vec![-3.0; dims.kv_len()])?;
-    cuda::attention::attention_backward(be, dims, &gq, &gk, &gv, &go, &gl, &gdo, [&gdq, &gdk, &gdv])?;
-    Ok(Flash { out: down(&go)?, lse: down32(&gl)?, grads: [down32(&gdq)?, down32(&gdk)?, down32(&gdv)?] })
+    let gdv = DeviceBuffer::<f32>::from_host(be, &vec![-3.0; dims.kv_len() / dims.d * dv])?;
+    Ok((ins, go, gl, [gdq, gdk, gdv]))
 }
 
-fn run_window(be: &CudaBackend, dims: &WindowDims, x: &[Vec<f32>; 4]) -> Result<Flash> {
-    let (gq, gk, gv, gdo) = (up(be, &x[0])?, up(be, &x[1])?, up(be, &x[2])?, up(be, &x[3])?);
-    let go = DeviceBuffer::<bf16>::uninit(be, dims.q_len())?;
-    let gl = DeviceBuffer::<f32>::uninit(be, dims.lse_len())?;
-    cuda::window_attention::window_attention_forward(be, dims, &gq, &gk, &gv, &go, &gl)?;
-    // garbage-filled: the backward must overwrite dk and dv (and zero dq itself)
-    let gdq = DeviceBuffer::from_host(be, &vec![f32::NAN; dims.q_len()])?;
-    let gdk = DeviceBuffer::from_host(be, &vec![7.0f32; dims.kv_len()])?;
-    let gdv = DeviceBuffer::from_host(be, &vec![-3.0f32; dims.kv_len()])?;
-    cuda::window_attention::window_attention_backward(be, dims, &gq, &gk, &gv, &go, &gl, &gdo, [&gdq, &gdk, &gdv])?;
-    Ok(Flash { out: down(&go)?, lse: down32(&gl)?, grads: [down32(&gdq)?, down32(&gdk)?, down32(&gdv)?] })
+fn finish(go: &DeviceBuffer<bf16>, gl: &DeviceBuffer<f32>, g: &[DeviceBuffer<f32>; 3]) -> Result<Flash> {
+    Ok(Flash { out: down(go)?, lse: down32(gl)?, grads: [down32(&g[0])?, down32(&g[1])?, down32(&g[2])?] })
+}
+
+fn run_dense(be: &CudaBackend, dims: &AttnDims, dv: usize, x: &[Vec<f32>; 4]) -> Result<Flash> {
+    let ([gq, gk, gv, gdo], go, gl, g) = buffers(be, dims, dv, x)?;
+    cuda::attention::attention_forward_dv(be, dims, dv, &gq, &gk, &gv, &go, &gl)?;
+    cuda::attention::attention_backward_dv(be, dims, dv, &gq, &gk, &gv, &go, &gl, &gdo, [&g[0], &g[1], &g[2]])?;
+    finish(&go, &gl, &g)
+}
+
+fn run_window(be: &CudaBackend, dims: &WindowDims, dv: usize, x: &[Vec<f32>; 4]) -> Result<Flash> {
+    let ad = AttnDims { b: dims.b, t: dims.t, h: dims.h, h_kv: dims.h_kv, d: dims.d };
+    let ([gq, gk, gv, gdo], go, gl, g) = buffers(be, &ad, dv, x)?;
+    cuda::window_attention::window_attention_forward_dv(be, dims, dv, &gq, &gk, &gv, &go, &gl)?;
+    let gr = [&g[0], &g[1], &g[2]];
+    cuda::window_attention::window_attention_backward_dv(be, dims, dv, &gq, &gk, &gv, &go, &gl, &gdo, gr)?;
+    finish(&go, &gl, &g)
 }
 
 /// The CPU reference (forward, then the backward on `gpu_out`), as (out, lse, [dq, dk, dv]).
 type CpuFlash = (Vec<f32>, Vec<f32>, [Vec<f32>; 3]);
 
-fn cpu_dense(dims: &AttnDims, x: &[Vec<f32>; 4], gpu_out: &[f32]) -> CpuFlash {
-    let (mut out, mut lse) = (vec![0.0; dims.q_len()], vec![0.0; dims.lse_len()]);
-    cpu::attention::attention_forward(dims, &x[0], &x[1], &x[2], &mut out, &mut lse);
-    let (mut dq, mut dk, mut dv) = (vec![0.0; dims.q_len()], vec![0.0; dims.kv_len()], vec![0.0; dims.kv_len()]);
-    cpu::attention::attention_backward(dims, &x[0], &x[1], &x[2], gpu_out, &lse, &x[3], &mut dq, &mut dk, &mut dv);
+fn cpu_dense(dims: &AttnDims, dw: usize, x: &[Vec<f32>; 4], gpu_out: &[f32]) -> CpuFlash {
+    let (mut out, mut lse) = (vec![0.0; x[3].len()], vec![0.0; dims.lse_len()]);
+    cpu::attention::attention_forward_dv(dims, dw, &x[0], &x[1], &x[2], &mut out, &mut lse);
+    let (mut dq, mut dk, mut dv) = (vec![0.0; x[0].len()], vec![0.0; x[1].len()], vec![0.0; x[2].len()]);
+    let ins: [&[f32]; 5] = [&x[0], &x[1], &x[2], gpu_out, &lse];
+    cpu::attention::attention_backward_dv(dims, dw, ins, &x[3], [&mut dq, &mut dk, &mut dv]);
     (out, lse, [dq, dk, dv])
 }
 
-fn cpu_window(dims: &WindowDims, x: &[Vec<f32>; 4], gpu_out: &[f32]) -> CpuFlash {
-    let (mut out, mut lse) = (vec![0.0; dims.q_len()], vec![0.0; dims.lse_len()]);
-    cpu::window_attention::window_attention_forward(dims, &x[0], &x[1], &x[2], &mut out, &mut lse);
-    let (mut dq, mut dk, mut dv) = (vec![0.0; dims.q_len()], vec![0.0; dims.kv_len()], vec![0.0; dims.kv_len()]);
-    cpu::window_attention::window_attention_backward(
-        dims, &x[0], &x[1], &x[2], gpu_out, &lse, &x[3], &mut dq, &mut dk, &mut dv,
-    );
+fn cpu_window(dims: &WindowDims, dw: usize, x: &[Vec<f32>; 4], gpu_out: &[f32]) -> CpuFlash {
+    let (mut out, mut lse) = (vec![0.0; x[3].len()], vec![0.0; dims.lse_len()]);
+    cpu::window_attention::window_attention_forward_dv(dims, dw, &x[0], &x[1], &x[2], &mut out, &mut lse);
+    let (mut dq, mut dk, mut dv) = (vec![0.0; x[0].len()], vec![0.0; x[1].len()], vec![0.0; x[2].len()]);
+    let ins: [&[f32]; 5] = [&x[0], &x[1], &x[2], gpu_out, &lse];
+    cpu::window_attention::window_attention_backward_dv(dims, dw, ins, &x[3], [&mut dq, &mut dk, &mut dv]);
     (out, lse, [dq, dk, dv])
 }
 
@@ -97,18 +106,26 @@ fn check_flash(ctx: &mut Ctx, label: &str, shape: &str, gpu: &Flash, rerun: &Fla
 }
 
 pub fn dense(ctx: &mut Ctx) -> Result<()> {
-    let ad = |b, t, h, h_kv, d| AttnDims { b, t, h, h_kv, d };
-    let mut cases = vec![ad(2, 100, 4, 2, 64), ad(1, 130, 2, 1, 128), ad(1, 64, 3, 3, 64)];
+    // (dims, d_v): GQA's d_v = d, and MLA's (96, 64) and (192, 128) (one key head per query head)
+    let ad = |b, t, h, h_kv, d, dv| (AttnDims { b, t, h, h_kv, d }, dv);
+    let mut cases = vec![
+        ad(2, 100, 4, 2, 64, 64),
+        ad(1, 130, 2, 1, 128, 128),
+        ad(1, 64, 3, 3, 64, 64),
+        ad(2, 100, 2, 2, 96, 64),
+        ad(1, 130, 2, 2, 192, 128),
+    ];
     if !ctx.quick {
-        cases.extend([ad(2, 1024, 8, 2, 128), ad(2, 1100, 4, 1, 64), ad(1, 2048, 4, 2, 128)]);
+        cases.extend([ad(2, 1024, 8, 2, 128, 128), ad(2, 1100, 4, 1, 64, 64), ad(1, 2048, 4, 2, 128, 128)]);
+        cases.extend([ad(2, 1024, 4, 4, 96, 64), ad(1, 1100, 4, 4, 192, 128), ad(1, 300, 4, 2, 192, 128)]);
     }
-    for (n, dims) in cases.into_iter().enumerate() {
-        let shape = format!("b{} t{} h{}/{} d{}", dims.b, dims.t, dims.h, dims.h_kv, dims.d);
+    for (n, (dims, dv)) in cases.into_iter().enumerate() {
+        let shape = format!("b{} t{} h{}/{} d{} dv{dv}", dims.b, dims.t, dims.h, dims.h_kv, dims.d);
         ctx.case("attention", &shape, |ctx| {
-            let x = inputs(dims.q_len(), dims.kv_len(), 17 + 4 * n as u64);
-            let gpu = run_dense(ctx.be, &dims, &x)?;
-            let rerun = run_dense(ctx.be, &dims, &x)?;
-            let want = cpu_dense(&dims, &x, &gpu.out);
+            let x = inputs(&dims, dv, 17 + 4 * n as u64);
+            let gpu = run_dense(ctx.be, &dims, dv, &x)?;
+            let rerun = run_dense(ctx.be, &dims, dv, &x)?;
+            let want = cpu_dense(&dims, dv, &x, &gpu.out);
             check_flash(ctx, "attention", &shape, &gpu, &rerun, &want);
             Ok(())
         });
@@ -117,11 +134,14 @@ pub fn dense(ctx: &mut Ctx) -> Result<()> {
 }
 
 pub fn window(ctx: &mut Ctx) -> Result<()> {
-    let wd = |b, t, h, h_kv, d, window, n_global| WindowDims { b, t, h, h_kv, d, window, n_global };
+    let wd = |b, t, h, h_kv, d, window, n_global| (WindowDims { b, t, h, h_kv, d, window, n_global }, d);
+    let mla = |b, t, h, d, dv, window, n_global| (WindowDims { b, t, h, h_kv: h, d, window, n_global }, dv);
     let mut cases = vec![
-        wd(2, 200, 4, 2, 64, 48, 0),   // GQA, G = 0, W and T not multiples of 64
-        wd(1, 300, 2, 1, 64, 100, 70), // separate prefix and window ranges, both partial tiles
-        wd(1, 130, 2, 1, 128, 64, 16), // d = 128
+        wd(2, 200, 4, 2, 64, 48, 0),     // GQA, G = 0, W and T not multiples of 64
+        wd(1, 300, 2, 1, 64, 100, 70),   // separate prefix and window ranges, both partial tiles
+        wd(1, 130, 2, 1, 128, 64, 16),   // d = 128
+        mla(1, 300, 2, 96, 64, 100, 70), // MLA head_dim 64: (d_qk, d_v) = (96, 64)
+        mla(1, 200, 2, 192, 128, 48, 3), // MLA head_dim 128: (192, 128)
     ];
     if !ctx.quick {
         cases.extend([
@@ -131,18 +151,21 @@ pub fn window(ctx: &mut Ctx) -> Result<()> {
             wd(1, 400, 2, 1, 128, 150, 0),   // d = 128, window across three key tiles
             wd(2, 1024, 8, 2, 128, 300, 64), // T ≥ 1024, b > 1, d = 128, GQA
             wd(2, 1100, 4, 1, 64, 256, 0),
+            mla(2, 1024, 4, 96, 64, 300, 64),
+            mla(1, 1100, 2, 192, 128, 256, 0),
         ]);
     }
-    for (n, dims) in cases.into_iter().enumerate() {
+    for (n, (dims, dv)) in cases.into_iter().enumerate() {
         let shape = format!(
-            "b{} t{} h{}/{} d{} W{} G{}",
+            "b{} t{} h{}/{} d{} dv{dv} W{} G{}",
             dims.b, dims.t, dims.h, dims.h_kv, dims.d, dims.window, dims.n_global
         );
         ctx.case("window", &shape, |ctx| {
-            let x = inputs(dims.q_len(), dims.kv_len(), 30 + 4 * n as u64);
-            let gpu = run_window(ctx.be, &dims, &x)?;
-            let rerun = run_window(ctx.be, &dims, &x)?;
-            let want = cpu_window(&dims, &x, &gpu.out);
+            let ad = AttnDims { b: dims.b, t: dims.t, h: dims.h, h_kv: dims.h_kv, d: dims.d };
+            let x = inputs(&ad, dv, 30 + 4 * n as u64);
+            let gpu = run_window(ctx.be, &dims, dv, &x)?;
+            let rerun = run_window(ctx.be, &dims, dv, &x)?;
+            let want = cpu_window(&dims, dv, &x, &gpu.out);
             check_flash(ctx, "window", &shape, &gpu, &rerun, &want);
             Ok(())
         });
@@ -158,9 +181,10 @@ pub fn window(ctx: &mut Ctx) -> Result<()> {
         let dims = WindowDims { b: 1, t, h: 4, h_kv: 2, d, window, n_global };
         let shape = format!("b1 t{t} h4/2 d{d} W{window} G{n_global}");
         ctx.case("window = dense", &shape, |ctx| {
-            let x = inputs(dims.q_len(), dims.kv_len(), 60 + 4 * n as u64);
-            let gpu = run_window(ctx.be, &dims, &x)?;
-            let dense = run_dense(ctx.be, &AttnDims { b: 1, t, h: 4, h_kv: 2, d }, &x)?;
+            let ad = AttnDims { b: 1, t, h: 4, h_kv: 2, d };
+            let x = inputs(&ad, d, 60 + 4 * n as u64);
+            let gpu = run_window(ctx.be, &dims, d, &x)?;
+            let dense = run_dense(ctx.be, &ad, d, &x)?;
             // expected bitwise equal; allowed one bf16 rounding of out and f32 noise elsewhere
             let (out_tol, f32_tol) = (Tol::new(1e-6, U_BF16, U_BF16), Tol::new(1e-5, 1e-5, 1e-5));
             ctx.close("full window out vs dense", &shape, &gpu.out, &dense.out, out_tol);

@@ -12,6 +12,12 @@
 //! - indexer KL: f32 on both sides; a sum of p(ln p − ln r) terms that partly cancel: loss atol
 //!   1e-5, rtol 1e-3; gradients atol 1e-3 × their largest magnitude, rtol 1e-3, norm 1e-3.
 //!
+//! The same sparse-attention rows run MLA's per-head shapes (d_qk, d_v) = (96, 64), (192, 128)
+//! and V3.2's MQA over the latent (one key head of 576 columns, the values its first 512: dv is
+//! added into dk, compared as d(kv) = dk + [dv | 0]) under the same tolerances: everything is
+//! f32 but out, and the wider dot products (576 terms) add f32 rounding of ~576 · 2⁻²⁴ relative,
+//! far inside 5e-3.
+//!
 //! Reruns: selections bitwise (the radix histogram's atomics count integers), forward bitwise,
 //! dq bitwise, dk, dv and the KL's dk_I at f32 summation-order tolerance (atomics).
 
@@ -133,13 +139,39 @@ fn topk(ctx: &mut Ctx) {
     });
 }
 
+/// How a sparse-attention case reads its values: a tensor `dv` wide beside k (GQA: dv = d; MLA's
+/// per-head shapes), or the first `dv` columns of the one key head (MQA over MLA's latent).
+#[derive(Clone, Copy, PartialEq)]
+enum Values {
+    Tensor(usize),
+    Latent(usize),
+}
+
 fn attention(ctx: &mut Ctx) {
-    let mut cases = vec![DsaDims::new(2, 150, 4, 2, 64, 2, 16, 40, 16), DsaDims::new(1, 133, 6, 2, 128, 2, 16, 24, 8)];
+    let (g, l) = (Values::Tensor, Values::Latent);
+    let mut cases = vec![
+        (DsaDims::new(2, 150, 4, 2, 64, 2, 16, 40, 16), g(64)),
+        (DsaDims::new(1, 133, 6, 2, 128, 2, 16, 24, 8), g(128)),
+        (DsaDims::new(1, 120, 2, 2, 96, 2, 16, 24, 8), g(64)),
+        (DsaDims::new(1, 100, 2, 2, 192, 2, 16, 24, 8), g(128)),
+        // V3.2's MQA over the latent: 16 heads share one 576-wide key row (2 blocks per token
+        // in the backward, 1 in the forward)
+        (DsaDims::new(1, 80, 16, 1, 576, 2, 16, 24, 8), l(512)),
+    ];
     if !ctx.quick {
-        cases.extend([DsaDims::new(1, 70, 4, 1, 128, 1, 8, 70, 0), DsaDims::new(2, 1024, 8, 2, 128, 4, 32, 128, 64)]);
+        cases.extend([
+            (DsaDims::new(1, 70, 4, 1, 128, 1, 8, 70, 0), g(128)),
+            (DsaDims::new(2, 1024, 8, 2, 128, 4, 32, 128, 64), g(128)),
+            (DsaDims::new(2, 512, 4, 4, 192, 4, 32, 64, 32), g(128)),
+            (DsaDims::new(2, 300, 20, 1, 576, 2, 16, 64, 16), l(512)), // uneven head chunks
+        ]);
     }
-    for dims in cases {
-        let shape = tag(&dims);
+    for (dims, values) in cases {
+        let (dw, latent) = match values {
+            Values::Tensor(dv) => (dv, false),
+            Values::Latent(dv) => (dv, true),
+        };
+        let shape = format!("{} dv{dw}{}", tag(&dims), if latent { " latent" } else { "" });
         ctx.case("dsa attention", &shape, |ctx| {
             let be = ctx.be;
             let (qi, ki, wi) = (
@@ -148,44 +180,65 @@ fn attention(ctx: &mut Ctx) {
                 rand_bf16(32, dims.wi_len(), 1.0),
             );
             let sel = cpu_select(&dims, &qi, &ki, &wi);
-            let q = rand_bf16(33, dims.q_len(), 1.0);
-            let k = rand_bf16(34, dims.kv_len(), 1.0);
-            let v = rand_bf16(35, dims.kv_len(), 1.0);
-            let dout = rand_bf16(36, dims.q_len(), 1.0);
-            let (mut out, mut lse) = (vec![0.0; dims.q_len()], vec![0.0; dims.lse_len()]);
-            cpu::dsa::dsa_attention_forward(&dims, &q, &k, &v, &sel, &mut out, &mut lse);
+            let (ql, kl, ol, vl) =
+                (dims.q_len(), dims.kv_len(), dims.q_len() / dims.d * dw, dims.kv_len() / dims.d * dw);
+            let q = rand_bf16(33, ql, 1.0);
+            let k = rand_bf16(34, kl, 1.0);
+            // the latent's values are its key rows' first dw columns
+            let v =
+                if latent { k.chunks(dims.d).flat_map(|r| r[..dw].to_vec()).collect() } else { rand_bf16(35, vl, 1.0) };
+            let dout = rand_bf16(36, ol, 1.0);
+            let (mut out, mut lse) = (vec![0.0; ol], vec![0.0; dims.lse_len()]);
+            cpu::dsa::dsa_attention_forward_dv(&dims, dw, [&q, &k, &v], &sel, &mut out, &mut lse);
 
             let gsel = DeviceBuffer::from_host(be, &sel)?;
             let (gq, gk, gv, gdo) = (up(be, &q)?, up(be, &k)?, up(be, &v)?, up(be, &dout)?);
-            let go = DeviceBuffer::<bf16>::uninit(be, dims.q_len())?;
+            let go = DeviceBuffer::<bf16>::uninit(be, ol)?;
             let gl = DeviceBuffer::<f32>::uninit(be, dims.lse_len())?;
+            // (dq, dk, dv); the latent's dv is folded into dk (returned empty)
             let run = |go: &DeviceBuffer<bf16>, gl: &DeviceBuffer<f32>| -> Result<[Vec<f32>; 3]> {
-                cuda::dsa::dsa_attention_forward(be, &dims, &gq, &gk, &gv, &gsel, go, gl)?;
                 // garbage in the outputs: dq must be overwritten, dk and dv zeroed first
-                let gdq = DeviceBuffer::from_host(be, &vec![f32::NAN; dims.q_len()])?;
-                let gdk = DeviceBuffer::from_host(be, &vec![3.0f32; dims.kv_len()])?;
-                let gdv = DeviceBuffer::from_host(be, &vec![-2.0f32; dims.kv_len()])?;
-                cuda::dsa::dsa_attention_backward(be, &dims, &gq, &gk, &gv, &gsel, go, gl, &gdo, [&gdq, &gdk, &gdv])?;
+                let gdq = DeviceBuffer::from_host(be, &vec![f32::NAN; ql])?;
+                let gdk = DeviceBuffer::from_host(be, &vec![3.0f32; kl])?;
+                let gdv = DeviceBuffer::from_host(be, &vec![-2.0f32; vl])?;
+                if latent {
+                    cuda::dsa::dsa_attention_latent_forward(be, &dims, &gq, &gk, &gsel, go, gl)?;
+                    cuda::dsa::dsa_attention_latent_backward(be, &dims, &gq, &gk, &gsel, go, gl, &gdo, [&gdq, &gdk])?;
+                    return Ok([down32(&gdq)?, down32(&gdk)?, Vec::new()]);
+                }
+                cuda::dsa::dsa_attention_forward_dv(be, &dims, dw, &gq, &gk, &gv, &gsel, go, gl)?;
+                let grads = [&gdq, &gdk, &gdv];
+                cuda::dsa::dsa_attention_backward_dv(be, &dims, dw, &gq, &gk, &gv, &gsel, go, gl, &gdo, grads)?;
                 Ok([down32(&gdq)?, down32(&gdk)?, down32(&gdv)?])
             };
             let grads = run(&go, &gl)?;
             let (gout, glse) = (down(&go)?, down32(&gl)?);
             ctx.close("dsa out", &shape, &gout, &out, Tol::bf16_once());
             ctx.close("dsa lse", &shape, &glse, &lse, Tol::new(1e-4, 1e-4, 2e-5));
-            let (mut dq, mut dk, mut dv) =
-                (vec![0.0; dims.q_len()], vec![0.0; dims.kv_len()], vec![0.0; dims.kv_len()]);
-            cpu::dsa::dsa_attention_backward(&dims, &q, &k, &v, &sel, &gout, &lse, &dout, &mut dq, &mut dk, &mut dv);
-            for (i, (name, want)) in [("dq", &dq), ("dk", &dk), ("dv", &dv)].into_iter().enumerate() {
+            let (mut dq, mut dk, mut dv) = (vec![0.0; ql], vec![0.0; kl], vec![0.0; vl]);
+            let ins: [&[f32]; 5] = [&q, &k, &v, &gout, &lse];
+            cpu::dsa::dsa_attention_backward_dv(&dims, dw, ins, &sel, &dout, [&mut dq, &mut dk, &mut dv]);
+            let mut want = vec![("dq", dq), ("dk", dk), ("dv", dv)];
+            if latent {
+                // d(kv) = dk + dv in the value columns
+                let dv = want.pop().expect("dv").1;
+                for (row, dvr) in want[1].1.chunks_mut(dims.d).zip(dv.chunks(dw)) {
+                    row[..dw].iter_mut().zip(dvr).for_each(|(a, b)| *a += b);
+                }
+                want[1].0 = "dkv";
+            }
+            for (i, (name, want)) in want.iter().enumerate() {
                 ctx.close(&format!("dsa {name}"), &shape, &grads[i], want, Tol::new(5e-3, 5e-3, 5e-4));
             }
-            let (go2, gl2) =
-                (DeviceBuffer::<bf16>::uninit(be, dims.q_len())?, DeviceBuffer::<f32>::uninit(be, dims.lse_len())?);
+            let (go2, gl2) = (DeviceBuffer::<bf16>::uninit(be, ol)?, DeviceBuffer::<f32>::uninit(be, dims.lse_len())?);
             let again = run(&go2, &gl2)?;
             ctx.repeat("dsa out", &shape, &down(&go2)?, &gout, None);
             ctx.repeat("dsa lse", &shape, &down32(&gl2)?, &glse, None);
             ctx.repeat("dsa dq", &shape, &again[0], &grads[0], None);
             ctx.repeat("dsa dk", &shape, &again[1], &grads[1], Some(atomics_rerun(&grads[1])));
-            ctx.repeat("dsa dv", &shape, &again[2], &grads[2], Some(atomics_rerun(&grads[2])));
+            if !latent {
+                ctx.repeat("dsa dv", &shape, &again[2], &grads[2], Some(atomics_rerun(&grads[2])));
+            }
             Ok(())
         });
     }

@@ -3,7 +3,9 @@
 //! `to_host`. Tolerances as the launch-level groups: element-wise kernels [`Tol::bf16_once`]
 //! (embedding exact), the GEMM entry points [`Tol::gemm_bf16`], cross-entropy f32 (1e-5, 1e-4),
 //! dense and window attention [`Tol::flash`] / [`Tol::lse`], sparse attention bf16_once / f32,
-//! dsa_topk and moe_route identical (scores and gates rtol 1e-6).
+//! dsa_topk and moe_route identical (scores and gates rtol 1e-6). The attention functions also
+//! run MLA's narrower values ((d, dv) = (96, 64), (192, 128)) and the sparse latent MQA
+//! (`sparse_attention_latent`, d 576, dv 512, one key head) under the same tolerances.
 
 use super::compare::Tol;
 use super::{rand_bf16, Ctx};
@@ -108,12 +110,13 @@ fn elementwise(ctx: &mut Ctx) -> Result<()> {
 
 fn attentions(ctx: &mut Ctx) -> Result<()> {
     let be = ctx.be;
-    for d in [64, 128] {
+    for (d, dv) in [(64, 64), (128, 128), (96, 64), (192, 128)] {
         let (q, k, v) =
-            (rand_t(12, &[2, 75, 4, d], 1.0), rand_t(13, &[2, 75, 2, d], 1.0), rand_t(14, &[2, 75, 2, d], 1.0));
+            (rand_t(12, &[2, 75, 4, d], 1.0), rand_t(13, &[2, 75, 2, d], 1.0), rand_t(14, &[2, 75, 2, dv], 1.0));
         let (gq, gk_, gv) = (put(be, &q)?, put(be, &k)?, put(be, &v)?);
         let (out, lse) = gk::causal_attention(be, &gq, &gk_, &gv)?;
         let (wo, wl) = kernels::causal_attention(&q, &k, &v);
+        let d = format!("{d}/{dv}");
         same(ctx, &format!("api causal out d{d}"), &out.to_host()?, &wo, Tol::flash(&wo.data));
         same(ctx, &format!("api causal lse d{d}"), &lse.to_host()?, &wl, Tol::lse());
         for (w, g) in [(9, 0), (20, 3), (1, 70)] {
@@ -146,6 +149,18 @@ fn sparse(ctx: &mut Ctx) -> Result<()> {
         let uploaded = DeviceSelection::from_host(be, &want)?;
         let (out2, _) = gk::sparse_attention(be, &put(be, &q)?, &put(be, &k)?, &put(be, &v)?, &uploaded)?;
         ctx.repeat("api sparse out, uploaded selection", &shape, &out2.to_host()?.data, &out.to_host()?.data, None);
+        // MLA's per-head shape (96, 64), and V3.2's MQA over the latent (576, 512)
+        let (q96, k96, v64) =
+            (rand_t(21, &[b, t, 2, 96], 1.0), rand_t(22, &[b, t, 2, 96], 1.0), rand_t(23, &[b, t, 2, 64], 1.0));
+        let (out, lse) = gk::sparse_attention(be, &put(be, &q96)?, &put(be, &k96)?, &put(be, &v64)?, &sel)?;
+        let (wo, wl) = kernels::sparse_attention(&q96, &k96, &v64, &want);
+        same(ctx, "api sparse out d96/64", &out.to_host()?, &wo, Tol::bf16_once());
+        same(ctx, "api sparse lse d96/64", &lse.to_host()?, &wl, Tol::new(1e-4, 1e-4, 2e-5));
+        let (ql, kv) = (rand_t(24, &[b, t, 16, 576], 1.0), rand_t(25, &[b, t, 1, 576], 1.0));
+        let (out, lse) = gk::sparse_attention_latent(be, &put(be, &ql)?, &put(be, &kv)?, &sel)?;
+        let (wo, wl) = kernels::sparse_attention_latent(&ql, &kv, &want, 512);
+        same(ctx, "api sparse_attention_latent out", &out.to_host()?, &wo, Tol::bf16_once());
+        same(ctx, "api sparse_attention_latent lse", &lse.to_host()?, &wl, Tol::new(1e-4, 1e-4, 2e-5));
     }
     Ok(())
 }

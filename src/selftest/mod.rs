@@ -111,6 +111,11 @@ pub const GROUPS: &[Group] = &[
         run: train::mtp,
     },
     Group {
+        name: "train_step_mla",
+        about: "MLA (WSD, query latent): every gradient, indexer KL, 3 steps, with and without checkpointing",
+        run: train::mla,
+    },
+    Group {
         name: "nccl_world1",
         about: "data-parallel (ZeRO-1) step over NCCL at world size 1 vs the single-process step",
         run: nccl::world1,

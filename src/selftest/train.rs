@@ -296,6 +296,42 @@ pub fn mtp(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
+/// MLA on every attention kind (`WSD`), with a query latent (q_lora_rank 64) and MLA's widths
+/// from head_dim 64: (d_qk, d_v) = (96, 64), d_rope 32, kv_lora_rank 256; DSA as the all-kinds
+/// model's (its indexer over MLA's own q and k); dense FFNs.
+fn mla_config() -> Result<ModelConfig> {
+    let mut c = all_kinds_config()?;
+    c.moe.n_routed_experts = 0;
+    (c.attention, c.q_lora_rank) = ("mla".into(), 64);
+    c.derive_mla_dims();
+    c.validate()?;
+    Ok(c)
+}
+
+/// MLA: the loss, every gradient (the query latent, wkv_a / wkv_b and the indexer included) and
+/// three steps against the CPU tape, with and without checkpointing. Tolerances as for every
+/// layer kind (norm 1e-1, the indexer KL rtol 1e-1): MLA adds two bf16 GEMMs and two RMSNorms on
+/// the q and kv paths (a few more roundings of the same size) and top-k decisions near a tie may
+/// flip as there.
+pub fn mla(ctx: &mut Ctx) -> Result<()> {
+    ctx.case("train_step_mla", "-", |ctx| {
+        let c = mla_config()?;
+        let (mut cpu_tr, mut cpu_model) = trainer(CpuOps::new(&c), &c, 0)?;
+        let (want, want_stats) = drive(&mut cpu_tr, &mut cpu_model)?;
+        for (every, label) in [(0, "mla"), (1, "mla checkpointed")] {
+            let gpu = gpu_run(ctx, &c, every)?;
+            compare_runs(ctx, label, &gpu, &want, 1e-1);
+            for (step, ((kg, _), (kc, _))) in gpu.1.iter().zip(&want_stats).enumerate() {
+                let (kg, kc) = (kg.unwrap_or(f32::NAN), kc.unwrap_or(f32::NAN));
+                ctx.close(&format!("{label} step {step} indexer KL"), "-", &[kg], &[kc], Tol::new(1e-3, 1e-1, 1e-1));
+            }
+            back_on_host(ctx, label, &gpu, &c)?;
+        }
+        Ok(())
+    });
+    Ok(())
+}
+
 /// The rows of one all-kinds GPU run against the CPU's.
 fn all_kinds_rows(
     ctx: &mut Ctx,
@@ -342,6 +378,15 @@ mod tests {
 
     /// The reference through the file equals the one computed (CPU against CPU), and a file for
     /// another model is refused.
+    /// The MLA group's model is one the CUDA kernels take (checked without a GPU).
+    #[test]
+    fn mla_model_passes_the_cuda_shape_rules() {
+        let c = mla_config().unwrap();
+        assert_eq!(c.attn_heads(), (c.n_head, 96, 64));
+        crate::backend::check_cuda_shapes(&c).unwrap();
+        assert!(c.attn_pattern.contains('S') && c.attn_pattern.contains('W') && c.q_lora_rank > 0);
+    }
+
     #[test]
     fn reference_round_trips_through_the_file() {
         let dir = tempfile::tempdir().unwrap();

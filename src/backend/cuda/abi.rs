@@ -289,7 +289,7 @@ const _: () = {
     ["Offset of field: NsGemmParams::up"][::core::mem::offset_of!(NsGemmParams, up) - 112usize];
     ["Offset of field: NsGemmParams::dup"][::core::mem::offset_of!(NsGemmParams, dup) - 120usize];
 };
-#[doc = " attention.cu: causal softmax attention, scale = 1/sqrt(d) (passed),\n grouped-query (query head j uses kv head j / (h / h_kv)).\n q, out, dout, dq: bf16 [b, t, h, d]; k, v, dk, dv: bf16 [b, t, h_kv, d];\n lse, delta: f32 [b, h, t] (natural log of the scaled scores, like the CPU);\n The backward's gradients are f32: dq_acc [b, t, h, d] is accumulated with\n atomics (zeroed by the host first); dk_acc, dv_acc [b, t, h_kv, d] are\n written once per key row (overwritten).\n d is 64 or 128 (kernel name)."]
+#[doc = " attention.cu: causal softmax attention, scale = 1/sqrt(d) (passed),\n grouped-query (query head j uses kv head j / (h / h_kv)).\n q, dq: bf16 [b, t, h, d]; k, dk: [b, t, h_kv, d]; v, dv: [b, t, h_kv, dv];\n out, dout: bf16 [b, t, h, dv]; lse, delta: f32 [b, h, t] (natural log of\n the scaled scores, like the CPU). The backward's gradients are f32: dq_acc\n [b, t, h, d] is accumulated with atomics (zeroed by the host first); dk_acc,\n dv_acc are written once per key row (overwritten).\n (d, dv) is (64, 64), (128, 128), (96, 64) or (192, 128) (kernel name)."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct NsAttnParams {
@@ -309,10 +309,12 @@ pub struct NsAttnParams {
     pub h_kv: ::core::ffi::c_int,
     pub d: ::core::ffi::c_int,
     pub scale: f32,
+    pub dv: ::core::ffi::c_int,
+    pub pad_: ::core::ffi::c_int,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of NsAttnParams"][::core::mem::size_of::<NsAttnParams>() - 104usize];
+    ["Size of NsAttnParams"][::core::mem::size_of::<NsAttnParams>() - 112usize];
     ["Alignment of NsAttnParams"][::core::mem::align_of::<NsAttnParams>() - 8usize];
     ["Offset of field: NsAttnParams::q"][::core::mem::offset_of!(NsAttnParams, q) - 0usize];
     ["Offset of field: NsAttnParams::k"][::core::mem::offset_of!(NsAttnParams, k) - 8usize];
@@ -330,6 +332,8 @@ const _: () = {
     ["Offset of field: NsAttnParams::h_kv"][::core::mem::offset_of!(NsAttnParams, h_kv) - 92usize];
     ["Offset of field: NsAttnParams::d"][::core::mem::offset_of!(NsAttnParams, d) - 96usize];
     ["Offset of field: NsAttnParams::scale"][::core::mem::offset_of!(NsAttnParams, scale) - 100usize];
+    ["Offset of field: NsAttnParams::dv"][::core::mem::offset_of!(NsAttnParams, dv) - 104usize];
+    ["Offset of field: NsAttnParams::pad_"][::core::mem::offset_of!(NsAttnParams, pad_) - 108usize];
 };
 #[doc = " window_attention.cu: sliding-window causal attention with global tokens.\n Query i sees key s iff s <= i and (i - s < window or s < n_global). `attn`\n holds the tensors and shapes exactly as for attention.cu (same layouts, dtypes,\n lse convention, dq_acc zeroed by the host, dk_acc/dv_acc overwritten).\n window (W >= 1) and n_global (G >= 0) are clamped to t by the host (W >= t is\n dense causal attention, as is G >= t)."]
 #[repr(C)]
@@ -341,11 +345,11 @@ pub struct NsWindowAttnParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of NsWindowAttnParams"][::core::mem::size_of::<NsWindowAttnParams>() - 112usize];
+    ["Size of NsWindowAttnParams"][::core::mem::size_of::<NsWindowAttnParams>() - 120usize];
     ["Alignment of NsWindowAttnParams"][::core::mem::align_of::<NsWindowAttnParams>() - 8usize];
     ["Offset of field: NsWindowAttnParams::attn"][::core::mem::offset_of!(NsWindowAttnParams, attn) - 0usize];
-    ["Offset of field: NsWindowAttnParams::window"][::core::mem::offset_of!(NsWindowAttnParams, window) - 104usize];
-    ["Offset of field: NsWindowAttnParams::n_global"][::core::mem::offset_of!(NsWindowAttnParams, n_global) - 108usize];
+    ["Offset of field: NsWindowAttnParams::window"][::core::mem::offset_of!(NsWindowAttnParams, window) - 112usize];
+    ["Offset of field: NsWindowAttnParams::n_global"][::core::mem::offset_of!(NsWindowAttnParams, n_global) - 116usize];
 };
 #[doc = " dsa.cu: DeepSeek Sparse Attention (twin: src/backend/cpu/dsa.rs).\n Attention: q, out, dout bf16 [b, t, h, d]; k, v bf16 [b, t, h_kv, d];\n lse f32 [b, h, t] (natural log of the scaled scores); dq f32 [b, t, h, d]\n (overwritten); dk, dv f32 [b, t, h_kv, d] (scatter-added with atomics: the\n host zeroes them first). d is 64 or 128 (kernel name).\n Indexer: qi bf16 [b, t, n_index_heads, index_dim], ki bf16 [b, t, index_dim],\n wi bf16 [b, t, n_index_heads]; sel u32 [b, t, kmax] (each row ascending, then\n 0xffffffff); dqi f32 like qi, dwi f32 like wi (overwritten), dki f32 like ki\n (atomics, zeroed by the host).\n Workspaces: scores f32 [rows, t] (indexer scores of the query rows\n q0 .. q0 + rows of batch bi, one launch per such chunk); g_sel, pt f32\n [b, t, kmax] (KL: per selected entry); loss_rows f32 [b, t]; loss f32 [1]\n (the mean KL over the b * t queries).\n topk and window are clamped to t by the host (same selection)."]
 #[repr(C)]

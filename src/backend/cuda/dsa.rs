@@ -1,5 +1,7 @@
 //! Launch code of `cuda/dsa.cu` (twin: `cpu::dsa`): the lightning indexer's exact top-k selection,
-//! sparse attention over the selected keys (forward and backward, GQA, head dims 64 and 128) and
+//! sparse attention over the selected keys (forward and backward, GQA; head shapes (d_qk, d_v) in
+//! [`DSA_SHAPES`], the `_dv` functions taking d_v; and MQA over MLA's latent, [`LATENT_SHAPE`],
+//! through [`dsa_attention_latent_forward`] / [`dsa_attention_latent_backward`]) and
 //! the indexer's KL loss in its sparse form (over the selected keys) and its dense warm-up form
 //! (over every earlier key). Shapes as [`DsaDims`]; bf16 activations, f32 lse and gradients, u32
 //! `sel` (rows ascending, then [`PAD`]).
@@ -10,9 +12,11 @@
 //! kernels, for q, out `[b, h, d]`, lse `[b, h]`, qi `[b, H_I, d_I]`, wi `[b, H_I]`, sel
 //! `[b, kmax]` and the caches k, v `[b, t, h_kv, d]`, ki `[b, t, d_I]`.
 //!
-//! Limits checked here (each kernel's shared memory must fit the default 48 KiB):
-//! attention `d ∈ {64, 128}` and a group `h / h_kv` whose shared memory fits (up to 24 heads per
-//! kv head at d = 128 in the backward); KL `n_index_heads · index_dim ≤ 8192`, `n_index_heads ≤
+//! Limits checked here: attention head shapes as above; a block serves the query heads of one kv
+//! head (the gathered rows read once for all of them), or, when their shared memory would pass
+//! [`ATTN_SMEM_LIMIT`] (96 KiB, opted into above 48 KiB), an even split of them over `nch`
+//! blocks ([`head_chunks`]; e.g. the latent shape at 16 heads: 2 blocks per token forward, 2
+//! backward). The other kernels' shared memory must fit the default 48 KiB: KL `n_index_heads · index_dim ≤ 8192`, `n_index_heads ≤
 //! 256`, `index_dim` and `d` even; decode scores `4·H_I + 2·(H_I·d_I + 64·(d_I + 2))` bytes.
 
 use super::abi::NsDsaParams;
@@ -30,14 +34,39 @@ const SCORE_WORKSPACE: usize = 1 << 26;
 /// `n_index_heads · index_dim` limit of the KL kernel (256 threads × 32 registers).
 const KL_MAX_QI: usize = 8192;
 
-/// Dynamic shared memory of `dsa_fwd_d*` (mirrors `fwd_smem` in dsa.cu).
-fn fwd_smem(d: usize, gs: usize) -> usize {
-    (gs * d + 2 * gs + KT + 1) * 4 + (2 * KT * (d + 2) + gs * d) * 2
+/// The sparse-attention kernels' per-head (d_qk, d_v) pairs (kernel suffixes d64, d128, q96v64,
+/// q192v128; values a separate tensor).
+pub const DSA_SHAPES: [(usize, usize); 4] = [(64, 64), (128, 128), (96, 64), (192, 128)];
+/// MQA over MLA's latent (V3.2's sparse attention): one key head (h_kv = 1) of width
+/// kv_lora_rank + d_rope = 576, the values its first kv_lora_rank = 512 columns.
+pub const LATENT_SHAPE: (usize, usize) = (576, 512);
+/// Shared memory a sparse-attention block may use (opted into above 48 KiB; every device of
+/// compute capability 8.0 or more allows it).
+pub const ATTN_SMEM_LIMIT: usize = 96 * 1024;
+const FWD_NAMES: [&str; 5] =
+    ["dsa_fwd_d64", "dsa_fwd_d128", "dsa_fwd_q96v64", "dsa_fwd_q192v128", "dsa_fwd_latent_q576v512"];
+const BWD_NAMES: [&str; 5] =
+    ["dsa_bwd_d64", "dsa_bwd_d128", "dsa_bwd_q96v64", "dsa_bwd_q192v128", "dsa_bwd_latent_q576v512"];
+
+/// A kernel's head shape: (d_qk, d_v, values = the key rows' first d_v columns).
+type Shape = (usize, usize, bool);
+
+/// Dynamic shared memory of `dsa_fwd_*` for `hb` heads per block (mirrors `fwd_smem` in dsa.cu).
+fn fwd_smem((d, dv, vk): Shape, hb: usize) -> usize {
+    let rows = if vk { KT * (d + 2) } else { KT * (d + 2) + KT * (dv + 2) };
+    (hb * dv + 2 * hb + KT + 1) * 4 + (rows + hb * d) * 2
 }
 
-/// Dynamic shared memory of `dsa_bwd_d*` (mirrors `bwd_smem` in dsa.cu).
-fn bwd_smem(d: usize, gs: usize) -> usize {
-    (gs * d + 2 * gs + 2 * gs * KT + KT + 1) * 4 + (2 * KT * (d + 2) + 2 * gs * d) * 2
+/// Dynamic shared memory of `dsa_bwd_*` for `hb` heads per block (mirrors `bwd_smem` in dsa.cu).
+fn bwd_smem((d, dv, vk): Shape, hb: usize) -> usize {
+    let rows = if vk { KT * (d + 2) } else { KT * (d + 2) + KT * (dv + 2) };
+    (hb * d + 2 * hb + 2 * hb * KT + KT + 1) * 4 + (rows + hb * (d + dv)) * 2
+}
+
+/// (blocks per kv group `nch`, shared memory per block) for a group of `gs` query heads: the
+/// fewest blocks whose `ceil(gs / nch)` heads fit [`ATTN_SMEM_LIMIT`] (None when one head does not).
+pub fn head_chunks(shape: Shape, gs: usize, smem_of: fn(Shape, usize) -> usize) -> Option<(usize, usize)> {
+    (1..=gs.max(1)).map(|n| (n, smem_of(shape, gs.div_ceil(n)))).find(|&(_, smem)| smem <= ATTN_SMEM_LIMIT)
 }
 
 /// Dynamic shared memory of `dsa_kl_sparse` (mirrors `kl_smem` in dsa.cu).
@@ -94,16 +123,38 @@ fn check_indexer(
     check(wi.len() == dims.wi_len(), || "dsa: wi must be [b,t,n_index_heads]".into())
 }
 
-/// The shape rules of the sparse-attention kernels, and the dynamic shared memory `smem_of(d, gs)`
-/// that `what` needs for gs = h / h_kv query heads per kv head, checked against the limit.
-fn check_attn(what: &str, dims: &DsaDims, smem_of: fn(usize, usize) -> usize) -> CudaResult<usize> {
-    check(dims.d == 64 || dims.d == 128, || format!("dsa: head dim {} (CUDA has 64 and 128)", dims.d))?;
+/// The shape rules of the sparse-attention kernels: (kernel index, blocks per kv group, dynamic
+/// shared memory) of head shape (dims.d, dv) (the latent kernel when `latent`).
+fn check_attn(
+    what: &str,
+    dims: &DsaDims,
+    dv: usize,
+    latent: bool,
+    smem_of: fn(Shape, usize) -> usize,
+) -> CudaResult<(usize, usize, usize)> {
+    let kernel = if latent {
+        check((dims.d, dv) == LATENT_SHAPE && dims.h_kv == 1, || {
+            format!(
+                "{what}: the latent kernel is (d_qk, d_v) = {LATENT_SHAPE:?} with h_kv = 1, got ({}, {dv}), h_kv {}",
+                dims.d, dims.h_kv
+            )
+        })?;
+        4
+    } else {
+        DSA_SHAPES.iter().position(|&s| s == (dims.d, dv)).ok_or_else(|| {
+            super::CudaError(format!(
+                "{what}: head shape (d_qk {}, d_v {dv}) has no CUDA kernel (supported: {DSA_SHAPES:?}, and the \
+                 latent {LATENT_SHAPE:?} through dsa_attention_latent_*)",
+                dims.d
+            ))
+        })?
+    };
     check(dims.h_kv > 0 && dims.h % dims.h_kv == 0, || format!("dsa: h must be a multiple of h_kv ({dims:?})"))?;
-    check(dims.b * dims.h_kv <= 65_535, || format!("dsa: b * h_kv must be <= 65535 ({dims:?})"))?;
     let gs = dims.h / dims.h_kv;
-    let smem = smem_of(dims.d, gs);
-    check(smem <= SMEM_LIMIT, || format!("{what}: {gs} query heads per kv head need {smem} B of shared memory"))?;
-    Ok(smem)
+    let (nch, smem) = head_chunks((dims.d, dv, latent), gs, smem_of)
+        .ok_or_else(|| super::CudaError(format!("{what}: one query head needs more than {ATTN_SMEM_LIMIT} B")))?;
+    check(dims.b * dims.h_kv * nch <= 65_535, || format!("dsa: b * h_kv * {nch} blocks must be <= 65535 ({dims:?})"))?;
+    Ok((kernel, nch, smem))
 }
 
 /// Top-k selection of the lightning indexer: writes `sel` (u32 `[b, t, kmax]`, each row `A(t)`
@@ -162,7 +213,7 @@ pub fn indexer_topk_chunked(
 
 /// Softmax attention of each query over its selected keys `sel` (rows non-empty and causal, as
 /// the CPU requires): out bf16 `[b, t, h, d]` and lse f32 `[b, h, t]` (natural log of the scaled
-/// scores).
+/// scores); d_v = d.
 #[allow(clippy::too_many_arguments)]
 pub fn dsa_attention_forward(
     be: &CudaBackend,
@@ -174,18 +225,68 @@ pub fn dsa_attention_forward(
     out: &DeviceBuffer<bf16>,
     lse: &DeviceBuffer<f32>,
 ) -> CudaResult<()> {
+    dsa_attention_forward_dv(be, dims, dims.d, q, k, v, sel, out, lse)
+}
+
+/// [`dsa_attention_forward`] with values `dv` wide: v `[b, t, h_kv, dv]`, out `[b, t, h, dv]`.
+#[allow(clippy::too_many_arguments)]
+pub fn dsa_attention_forward_dv(
+    be: &CudaBackend,
+    dims: &DsaDims,
+    dv: usize,
+    q: &DeviceBuffer<bf16>,
+    k: &DeviceBuffer<bf16>,
+    v: &DeviceBuffer<bf16>,
+    sel: &DeviceBuffer<u32>,
+    out: &DeviceBuffer<bf16>,
+    lse: &DeviceBuffer<f32>,
+) -> CudaResult<()> {
+    let vl = dims.kv_len() / dims.d.max(1) * dv;
+    check(v.len() == vl, || "dsa: v must be [b,t,h_kv,dv]".into())?;
+    fwd(be, dims, dv, false, [q, k, v], sel, out, lse)
+}
+
+/// MQA over MLA's latent (V3.2's sparse attention): q `[b, t, h, 576]`, one key head kv
+/// `[b, t, 1, 576]` (`[c_kv | k_pe]`), the values its first 512 columns (`c_kv`), read from kv
+/// (each block gathers a selected row once for all the heads it serves); out `[b, t, h, 512]`,
+/// lse `[b, h, t]`. dims.d = 576, dims.h_kv = 1.
+#[allow(clippy::too_many_arguments)]
+pub fn dsa_attention_latent_forward(
+    be: &CudaBackend,
+    dims: &DsaDims,
+    q: &DeviceBuffer<bf16>,
+    kv: &DeviceBuffer<bf16>,
+    sel: &DeviceBuffer<u32>,
+    out: &DeviceBuffer<bf16>,
+    lse: &DeviceBuffer<f32>,
+) -> CudaResult<()> {
+    fwd(be, dims, LATENT_SHAPE.1, true, [q, kv, kv], sel, out, lse)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fwd(
+    be: &CudaBackend,
+    dims: &DsaDims,
+    dv: usize,
+    latent: bool,
+    [q, k, v]: [&DeviceBuffer<bf16>; 3],
+    sel: &DeviceBuffer<u32>,
+    out: &DeviceBuffer<bf16>,
+    lse: &DeviceBuffer<f32>,
+) -> CudaResult<()> {
     let mut p = base_params(dims)?;
-    let smem = check_attn("dsa_attention_forward", dims, fwd_smem)?;
-    check(q.len() == dims.q_len() && out.len() == dims.q_len(), || "dsa: q/out must be [b,t,h,d]".into())?;
-    check(k.len() == dims.kv_len() && v.len() == dims.kv_len(), || "dsa: k/v must be [b,t,h_kv,d]".into())?;
+    let (kernel, nch, smem) = check_attn("dsa_attention_forward", dims, dv, latent, fwd_smem)?;
+    let ol = dims.q_len() / dims.d * dv;
+    check(q.len() == dims.q_len() && out.len() == ol, || "dsa: q/out must be [b,t,h,d]/[b,t,h,dv]".into())?;
+    check(k.len() == dims.kv_len(), || "dsa: k must be [b,t,h_kv,d]".into())?;
     check(lse.len() == dims.lse_len(), || "dsa: lse must be [b,h,t]".into())?;
     check(sel.len() == dims.sel_len(), || "dsa: sel must be [b,t,kmax]".into())?;
     if dims.b * dims.t * dims.h == 0 {
         return Ok(());
     }
     (p.q, p.k, p.v, p.sel, p.out, p.lse) = (q.ptr(), k.ptr(), v.ptr(), sel.ptr(), out.ptr(), lse.ptr());
-    let name = if dims.d == 64 { "dsa_fwd_d64" } else { "dsa_fwd_d128" };
-    be.launch("dsa", name, (dims.t as u32, (dims.b * dims.h_kv) as u32, 1), 128, smem as u32, &p)
+    let grid = (dims.t as u32, (dims.b * dims.h_kv * nch) as u32, 1);
+    be.launch("dsa", FWD_NAMES[kernel], grid, 128, smem as u32, &p)
 }
 
 /// Gradients of [`dsa_attention_forward`] in f32: dq `[b, t, h, d]` (overwritten), dk and dv
@@ -202,29 +303,83 @@ pub fn dsa_attention_backward(
     out: &DeviceBuffer<bf16>,
     lse: &DeviceBuffer<f32>,
     dout: &DeviceBuffer<bf16>,
+    grads: [&DeviceBuffer<f32>; 3],
+) -> CudaResult<()> {
+    dsa_attention_backward_dv(be, dims, dims.d, q, k, v, sel, out, lse, dout, grads)
+}
+
+/// [`dsa_attention_backward`] with values `dv` wide (v, dv `[b, t, h_kv, dv]`; out, dout
+/// `[b, t, h, dv]`).
+#[allow(clippy::too_many_arguments)]
+pub fn dsa_attention_backward_dv(
+    be: &CudaBackend,
+    dims: &DsaDims,
+    dv_width: usize,
+    q: &DeviceBuffer<bf16>,
+    k: &DeviceBuffer<bf16>,
+    v: &DeviceBuffer<bf16>,
+    sel: &DeviceBuffer<u32>,
+    out: &DeviceBuffer<bf16>,
+    lse: &DeviceBuffer<f32>,
+    dout: &DeviceBuffer<bf16>,
+    [dq, dk, dv]: [&DeviceBuffer<f32>; 3],
+) -> CudaResult<()> {
+    let vl = dims.kv_len() / dims.d.max(1) * dv_width;
+    check(v.len() == vl && dv.len() == vl, || "dsa_attention_backward: v/dv must be [b,t,h_kv,dv]".into())?;
+    dv.fill_zero()?;
+    bwd(be, dims, dv_width, false, [q, k, v], sel, out, lse, dout, [dq, dk, dv])
+}
+
+/// Gradients of [`dsa_attention_latent_forward`] in f32: dq `[b, t, h, 576]` (overwritten) and
+/// dkv `[b, t, 1, 576]` (zeroed here, then scatter-added: the keys' gradient, plus the values'
+/// in its first 512 columns).
+#[allow(clippy::too_many_arguments)]
+pub fn dsa_attention_latent_backward(
+    be: &CudaBackend,
+    dims: &DsaDims,
+    q: &DeviceBuffer<bf16>,
+    kv: &DeviceBuffer<bf16>,
+    sel: &DeviceBuffer<u32>,
+    out: &DeviceBuffer<bf16>,
+    lse: &DeviceBuffer<f32>,
+    dout: &DeviceBuffer<bf16>,
+    [dq, dkv]: [&DeviceBuffer<f32>; 2],
+) -> CudaResult<()> {
+    bwd(be, dims, LATENT_SHAPE.1, true, [q, kv, kv], sel, out, lse, dout, [dq, dkv, dkv])
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bwd(
+    be: &CudaBackend,
+    dims: &DsaDims,
+    dv_width: usize,
+    latent: bool,
+    [q, k, v]: [&DeviceBuffer<bf16>; 3],
+    sel: &DeviceBuffer<u32>,
+    out: &DeviceBuffer<bf16>,
+    lse: &DeviceBuffer<f32>,
+    dout: &DeviceBuffer<bf16>,
     [dq, dk, dv]: [&DeviceBuffer<f32>; 3],
 ) -> CudaResult<()> {
     let mut p = base_params(dims)?;
-    let smem = check_attn("dsa_attention_backward", dims, bwd_smem)?;
+    let (kernel, nch, smem) = check_attn("dsa_attention_backward", dims, dv_width, latent, bwd_smem)?;
     let (ql, kl) = (dims.q_len(), dims.kv_len());
-    check(q.len() == ql && out.len() == ql && dout.len() == ql && dq.len() == ql, || {
-        "dsa_attention_backward: q/out/dout/dq must be [b,t,h,d]".into()
+    let ol = ql / dims.d * dv_width;
+    check(q.len() == ql && dq.len() == ql && out.len() == ol && dout.len() == ol, || {
+        "dsa_attention_backward: q/dq must be [b,t,h,d], out/dout [b,t,h,dv]".into()
     })?;
-    check(k.len() == kl && v.len() == kl && dk.len() == kl && dv.len() == kl, || {
-        "dsa_attention_backward: k/v/dk/dv must be [b,t,h_kv,d]".into()
-    })?;
+    check(k.len() == kl && dk.len() == kl, || "dsa_attention_backward: k/dk must be [b,t,h_kv,d]".into())?;
     check(lse.len() == dims.lse_len(), || "dsa_attention_backward: lse must be [b,h,t]".into())?;
     check(sel.len() == dims.sel_len(), || "dsa_attention_backward: sel must be [b,t,kmax]".into())?;
     if dims.b * dims.t * dims.h == 0 {
         return Ok(());
     }
     dk.fill_zero()?;
-    dv.fill_zero()?;
     (p.q, p.k, p.v, p.sel, p.out, p.lse, p.dout) =
         (q.ptr(), k.ptr(), v.ptr(), sel.ptr(), out.ptr(), lse.ptr(), dout.ptr());
     (p.dq, p.dk, p.dv) = (dq.ptr(), dk.ptr(), dv.ptr());
-    let name = if dims.d == 64 { "dsa_bwd_d64" } else { "dsa_bwd_d128" };
-    be.launch("dsa", name, (dims.t as u32, (dims.b * dims.h_kv) as u32, 1), 128, smem as u32, &p)
+    let grid = (dims.t as u32, (dims.b * dims.h_kv * nch) as u32, 1);
+    be.launch("dsa", BWD_NAMES[kernel], grid, 128, smem as u32, &p)
 }
 
 /// KL distillation loss of the indexer and its gradients (twin of `cpu::dsa::indexer_kl`), in its
@@ -348,7 +503,7 @@ pub fn dsa_attention_decode(
     lse: &DeviceBuffer<f32>,
 ) -> CudaResult<()> {
     let mut p = base_params(dims)?;
-    let smem = check_attn("dsa_attention_decode", dims, fwd_smem)?;
+    let (_, nch, smem) = check_attn("dsa_attention_decode", dims, dims.d, false, fwd_smem)?;
     let ql = dims.b * dims.h * dims.d;
     check(q.len() == ql && out.len() == ql, || "dsa_attention_decode: q/out must be [b,h,d]".into())?;
     check(k.len() == dims.kv_len() && v.len() == dims.kv_len(), || {
@@ -361,7 +516,7 @@ pub fn dsa_attention_decode(
     }
     (p.q, p.k, p.v, p.sel, p.out, p.lse) = (q.ptr(), k.ptr(), v.ptr(), sel.ptr(), out.ptr(), lse.ptr());
     let name = if dims.d == 64 { "dsa_fwd_decode_d64" } else { "dsa_fwd_decode_d128" };
-    be.launch("dsa", name, (1, (dims.b * dims.h_kv) as u32, 1), 128, smem as u32, &p)
+    be.launch("dsa", name, (1, (dims.b * dims.h_kv * nch) as u32, 1), 128, smem as u32, &p)
 }
 
 #[cfg(test)]
@@ -371,11 +526,29 @@ mod tests {
     /// The same figures as the `static_assert` at the end of dsa.cu.
     #[test]
     fn smem_sizes_match_the_kernels() {
-        assert_eq!(fwd_smem(64, 4), 10148);
-        assert_eq!(bwd_smem(128, 4), 21924);
+        assert_eq!(fwd_smem((64, 64, false), 4), 10148);
+        assert_eq!(bwd_smem((128, 128, false), 4), 21924);
         assert_eq!(kl_smem(64, 128, 128, 16, 2), 42180);
         assert_eq!(dec_scores_smem(64, 128), 33280);
-        assert!(bwd_smem(128, 24) <= SMEM_LIMIT && fwd_smem(128, 24) <= SMEM_LIMIT);
+        assert!(bwd_smem((128, 128, false), 24) <= SMEM_LIMIT && fwd_smem((128, 128, false), 24) <= SMEM_LIMIT);
+    }
+
+    #[test]
+    fn head_chunks_fit_and_split_evenly() {
+        let latent = (576, 512, true);
+        // 16 heads: two blocks of 8 per token, forward and backward
+        assert_eq!(head_chunks(latent, 16, fwd_smem).map(|c| c.0), Some(1));
+        assert_eq!(head_chunks(latent, 16, bwd_smem).map(|c| c.0), Some(2));
+        for gs in [1, 3, 16, 64, 128] {
+            for smem_of in [fwd_smem as fn(Shape, usize) -> usize, bwd_smem] {
+                let (nch, smem) = head_chunks(latent, gs, smem_of).unwrap();
+                assert!(smem <= ATTN_SMEM_LIMIT && smem == smem_of(latent, gs.div_ceil(nch)));
+                assert!(nch == 1 || smem_of(latent, gs.div_ceil(nch - 1)) > ATTN_SMEM_LIMIT);
+            }
+        }
+        for (d, dv) in DSA_SHAPES {
+            assert_eq!(head_chunks((d, dv, false), 8, bwd_smem).map(|c| c.0), Some(1), "({d}, {dv})");
+        }
     }
 
     #[test]

@@ -22,7 +22,11 @@
 //! attention and `dsa.cu`'s dense indexer KL (every earlier key, the dense attention's lse).
 //!
 //! Shape rules of the kernels ([`check_cuda_shapes`], checked once by [`CudaOps::new`]):
-//! head_dim 64 or 128; n_embd, q_dim, kv_dim, ffn_hidden and vocab_size multiples of 8; MoE:
+//! GQA: head_dim 64 or 128, n_embd, q_dim, kv_dim, ffn_hidden and vocab_size multiples of 8;
+//! MLA: the head shape (d_qk, d_v) one of `attention::FLASH_SHAPES` ((96, 64) and (192, 128) are
+//! MLA's head_dim 64 and 128 under `derive_mla_dims`), qk_rope_head_dim a multiple of 16, and
+//! n_embd, the projections' widths, kv_lora_rank (+ qk_rope_head_dim), q_lora_rank (when > 0),
+//! ffn_hidden and vocab_size multiples of 8; MoE:
 //! n_routed_experts and moe_inter_dim multiples of 8; DSA: index_n_heads a multiple of 8 and
 //! index_head_dim of 16; and, per batch, b·t a multiple of 8 (the GEMMs' contiguous dimensions).
 
@@ -51,25 +55,46 @@ const NS_COEFFS: (f32, f32, f32) = (3.4445, -4.7750, 2.0315);
 
 /// The shape rules of the CUDA kernels (module doc).
 pub fn check_cuda_shapes(c: &ModelConfig) -> Result<()> {
-    if c.is_mla() {
-        let (dqk, dv) = (c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim);
-        bail!(
-            "CUDA training of MLA (attention = \"mla\") is not built yet: its heads have d_qk {dqk} \
-             (qk_nope_head_dim + qk_rope_head_dim) and d_v {dv} (v_head_dim), and its RoPE is {} wide, \
-             while the CUDA attention kernels need d_qk = d_v in {{64, 128}}; train it on the CPU (--device cpu)",
-            c.qk_rope_head_dim
-        );
-    }
-    if c.head_dim != 64 && c.head_dim != 128 {
-        bail!("CUDA training needs head_dim 64 or 128 (the attention kernels), got {}", c.head_dim);
-    }
-    let mut widths = vec![
-        ("n_embd", c.n_embd),
-        ("n_head·head_dim", c.q_dim()),
-        ("n_kv_head·head_dim", c.kv_dim()),
-        ("ffn_hidden", c.ffn_hidden),
-        ("vocab_size", c.vocab_size),
-    ];
+    let mut widths = if c.is_mla() {
+        let (_, dqk, dv) = c.attn_heads();
+        if !attention::FLASH_SHAPES.contains(&(dqk, dv)) {
+            bail!(
+                "CUDA training of MLA needs its head shape (d_qk = qk_nope_head_dim + qk_rope_head_dim, \
+                 d_v = v_head_dim) to be one the attention kernels are built for, {:?}; got ({dqk}, {dv}) \
+                 (train it on the CPU with --device cpu)",
+                attention::FLASH_SHAPES
+            );
+        }
+        if c.qk_rope_head_dim % 16 != 0 {
+            bail!("CUDA training needs qk_rope_head_dim to be a multiple of 16 (RoPE), got {}", c.qk_rope_head_dim);
+        }
+        let (h, rq) = (c.n_head, c.q_lora_rank);
+        let mut w = vec![
+            ("n_embd", c.n_embd),
+            ("n_head·(d_qk)", h * dqk),
+            ("n_head·(qk_nope_head_dim + v_head_dim)", h * (c.qk_nope_head_dim + dv)),
+            ("n_head·v_head_dim", h * dv),
+            ("kv_lora_rank", c.kv_lora_rank),
+            ("kv_lora_rank + qk_rope_head_dim", c.kv_lora_rank + c.qk_rope_head_dim),
+            ("ffn_hidden", c.ffn_hidden),
+            ("vocab_size", c.vocab_size),
+        ];
+        if rq > 0 {
+            w.push(("q_lora_rank", rq));
+        }
+        w
+    } else {
+        if c.head_dim != 64 && c.head_dim != 128 {
+            bail!("CUDA training needs head_dim 64 or 128 (the attention kernels), got {}", c.head_dim);
+        }
+        vec![
+            ("n_embd", c.n_embd),
+            ("n_head·head_dim", c.q_dim()),
+            ("n_kv_head·head_dim", c.kv_dim()),
+            ("ffn_hidden", c.ffn_hidden),
+            ("vocab_size", c.vocab_size),
+        ]
+    };
     let moe = (0..c.n_layer).any(|l| c.is_moe_layer(l));
     let dsa = (0..c.n_layer).any(|l| c.attn_kind(l) == AttnKind::Sparse);
     if moe {
@@ -93,15 +118,6 @@ pub fn check_cuda_shapes(c: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// The CUDA attention kernels read values as wide as queries and keys (`d_qk = d_v`); MLA's
-/// other value widths are refused by [`check_cuda_shapes`] before any kernel runs.
-fn same_value_width(d: usize, dv: usize) -> Result<()> {
-    if d != dv {
-        bail!("CUDA attention needs the value width equal to the query/key width (got d_qk {d}, d_v {dv})");
-    }
-    Ok(())
-}
-
 pub struct CudaOps {
     pub be: CudaBackend,
     rope: RopeTableGpu,
@@ -113,7 +129,8 @@ impl CudaOps {
     /// Checks the model's shapes against the kernels' rules and builds the RoPE tables.
     pub fn new(be: CudaBackend, c: &ModelConfig) -> Result<CudaOps> {
         check_cuda_shapes(c)?;
-        let rope = RopeTableGpu::new(&be, c.head_dim, c.max_seq_len, c.rope_theta)?;
+        // MLA rotates only its decoupled part (qk_rope_head_dim columns of each head)
+        let rope = RopeTableGpu::new(&be, c.rope_dim(), c.max_seq_len, c.rope_theta)?;
         let index_rope = if (0..c.n_layer).any(|l| c.attn_kind(l) == AttnKind::Sparse) {
             Some(RopeTableGpu::new(&be, c.index_rope_width(), c.max_seq_len, c.rope_theta)?)
         } else {
@@ -319,9 +336,8 @@ impl Backend for CudaOps {
         Ok((dg, du))
     }
     fn attention(&self, dims: &AttnDims, dv: usize, q: &A, k: &A, v: &A) -> Result<(A, F)> {
-        same_value_width(dims.d, dv)?;
-        let (out, lse) = (self.uninit(dims.q_len())?, self.uninit(dims.lse_len())?);
-        attention::attention_forward(&self.be, dims, q, k, v, &out, &lse)?;
+        let (out, lse) = (self.uninit(dims.q_len() / dims.d * dv)?, self.uninit(dims.lse_len())?);
+        attention::attention_forward_dv(&self.be, dims, dv, q, k, v, &out, &lse)?;
         Ok((out, lse))
     }
     fn attention_backward(
@@ -335,16 +351,14 @@ impl Backend for CudaOps {
         lse: &F,
         dout: &A,
     ) -> Result<(A, A, A)> {
-        same_value_width(dims.d, dv)?;
-        let (ql, kl) = (dims.q_len(), dims.kv_len());
-        let (dq, dk, dv): (F, F, F) = (self.uninit(ql)?, self.uninit(kl)?, self.uninit(kl)?);
-        attention::attention_backward(&self.be, dims, q, k, v, out, lse, dout, [&dq, &dk, &dv])?;
-        Ok((self.to_bf16(&dq)?, self.to_bf16(&dk)?, self.to_bf16(&dv)?))
+        let (ql, kl, vl) = (dims.q_len(), dims.kv_len(), dims.kv_len() / dims.d * dv);
+        let (dq, dk, dvg): (F, F, F) = (self.uninit(ql)?, self.uninit(kl)?, self.uninit(vl)?);
+        attention::attention_backward_dv(&self.be, dims, dv, q, k, v, out, lse, dout, [&dq, &dk, &dvg])?;
+        Ok((self.to_bf16(&dq)?, self.to_bf16(&dk)?, self.to_bf16(&dvg)?))
     }
     fn window_attention(&self, dims: &WindowDims, dv: usize, q: &A, k: &A, v: &A) -> Result<(A, F)> {
-        same_value_width(dims.d, dv)?;
-        let (out, lse) = (self.uninit(dims.q_len())?, self.uninit(dims.lse_len())?);
-        window_attention::window_attention_forward(&self.be, dims, q, k, v, &out, &lse)?;
+        let (out, lse) = (self.uninit(dims.q_len() / dims.d * dv)?, self.uninit(dims.lse_len())?);
+        window_attention::window_attention_forward_dv(&self.be, dims, dv, q, k, v, &out, &lse)?;
         Ok((out, lse))
     }
     fn window_attention_backward(
@@ -358,11 +372,10 @@ impl Backend for CudaOps {
         lse: &F,
         dout: &A,
     ) -> Result<(A, A, A)> {
-        same_value_width(dims.d, dv)?;
-        let (ql, kl) = (dims.q_len(), dims.kv_len());
-        let (dq, dk, dv): (F, F, F) = (self.uninit(ql)?, self.uninit(kl)?, self.uninit(kl)?);
-        window_attention::window_attention_backward(&self.be, dims, q, k, v, out, lse, dout, [&dq, &dk, &dv])?;
-        Ok((self.to_bf16(&dq)?, self.to_bf16(&dk)?, self.to_bf16(&dv)?))
+        let (ql, kl, vl) = (dims.q_len(), dims.kv_len(), dims.kv_len() / dims.d * dv);
+        let (dq, dk, dvg): (F, F, F) = (self.uninit(ql)?, self.uninit(kl)?, self.uninit(vl)?);
+        window_attention::window_attention_backward_dv(&self.be, dims, dv, q, k, v, out, lse, dout, [&dq, &dk, &dvg])?;
+        Ok((self.to_bf16(&dq)?, self.to_bf16(&dk)?, self.to_bf16(&dvg)?))
     }
 
     fn router_logits(&self, x: &A, w: &A, n: usize, c: usize, e: usize) -> Result<F> {
@@ -465,9 +478,8 @@ impl Backend for CudaOps {
         (q, k, v): (&A, &A, &A),
         sel: &DeviceBuffer<u32>,
     ) -> Result<(A, F)> {
-        same_value_width(dims.d, dv)?;
-        let (out, lse) = (self.uninit(dims.q_len())?, self.uninit(dims.lse_len())?);
-        dsa::dsa_attention_forward(&self.be, dims, q, k, v, sel, &out, &lse)?;
+        let (out, lse) = (self.uninit(dims.q_len() / dims.d * dv)?, self.uninit(dims.lse_len())?);
+        dsa::dsa_attention_forward_dv(&self.be, dims, dv, q, k, v, sel, &out, &lse)?;
         Ok((out, lse))
     }
     fn dsa_attention_backward(
@@ -480,11 +492,10 @@ impl Backend for CudaOps {
         lse: &F,
         dout: &A,
     ) -> Result<(A, A, A)> {
-        same_value_width(dims.d, dv)?;
-        let (ql, kl) = (dims.q_len(), dims.kv_len());
-        let (dq, dk, dv): (F, F, F) = (self.uninit(ql)?, self.uninit(kl)?, self.uninit(kl)?);
-        dsa::dsa_attention_backward(&self.be, dims, q, k, v, sel, out, lse, dout, [&dq, &dk, &dv])?;
-        Ok((self.to_bf16(&dq)?, self.to_bf16(&dk)?, self.to_bf16(&dv)?))
+        let (ql, kl, vl) = (dims.q_len(), dims.kv_len(), dims.kv_len() / dims.d * dv);
+        let (dq, dk, dvg): (F, F, F) = (self.uninit(ql)?, self.uninit(kl)?, self.uninit(vl)?);
+        dsa::dsa_attention_backward_dv(&self.be, dims, dv, q, k, v, sel, out, lse, dout, [&dq, &dk, &dvg])?;
+        Ok((self.to_bf16(&dq)?, self.to_bf16(&dk)?, self.to_bf16(&dvg)?))
     }
     fn indexer_kl(
         &self,

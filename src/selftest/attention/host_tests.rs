@@ -70,9 +70,9 @@ fn the_flash_emulation_passes_and_corruptions_fail() {
     for (dims, seed) in
         [(AttnDims { b: 2, t: 200, h: 4, h_kv: 2, d: 64 }, 5), (AttnDims { b: 1, t: 160, h: 2, h_kv: 1, d: 128 }, 9)]
     {
-        let x = inputs(dims.q_len(), dims.kv_len(), seed);
+        let x = inputs(&dims, dims.d, seed);
         let (out, lse, grads) = emulate(&dims, &x, 0);
-        let want = cpu_dense(&dims, &x, &out);
+        let want = cpu_dense(&dims, dims.d, &x, &out);
         let s = check(&out, &want.0, Tol::flash(&want.0));
         eprintln!("emulated out: margin {:.3}, rel {:.2e}", s.margin, s.rel_err);
         assert!(s.pass && s.margin < 0.6 && s.rel_err < 0.6 * Tol::flash(&want.0).norm as f64, "out {dims:?}: {s:?}");
