@@ -298,11 +298,13 @@ pub fn mtp(ctx: &mut Ctx) -> Result<()> {
 
 /// MLA on every attention kind (`WSD`), with a query latent (q_lora_rank 64) and MLA's widths
 /// from head_dim 64: (d_qk, d_v) = (96, 64), d_rope 32, kv_lora_rank 256; DSA as the all-kinds
-/// model's (its indexer over MLA's own q and k); dense FFNs.
+/// model's with MLA's default indexer, DeepSeek-V3.2's (query from the query latent, LayerNorm'd
+/// key, RoPE on half the index dims); dense FFNs.
 fn mla_config() -> Result<ModelConfig> {
     let mut c = all_kinds_config()?;
     c.moe.n_routed_experts = 0;
     (c.attention, c.q_lora_rank) = ("mla".into(), 64);
+    c.indexer = crate::nn::indexer::indexer_for("mla");
     c.derive_mla_dims();
     c.validate()?;
     Ok(c)
@@ -385,6 +387,7 @@ mod tests {
         assert_eq!(c.attn_heads(), (c.n_head, 96, 64));
         crate::backend::check_cuda_shapes(&c).unwrap();
         assert!(c.attn_pattern.contains('S') && c.attn_pattern.contains('W') && c.q_lora_rank > 0);
+        assert!(c.is_v32_indexer(), "MLA's default indexer");
     }
 
     #[test]
