@@ -392,13 +392,19 @@ fn mla_trains_and_resumes_bitwise() {
     assert!(wa == wb, "final weights are bitwise equal");
 }
 
-/// CUDA training refuses MLA before any kernel runs, naming the head widths it cannot take (the
-/// attention kernels need d_qk = d_v in {64, 128}); the check needs no GPU.
+/// CUDA training takes MLA models whose head shape (d_qk, d_v) has attention kernels ((96, 64)
+/// and (192, 128): head_dim 64 and 128 under the derived widths) and refuses the others before
+/// any kernel runs, naming the shape and the supported set; the check needs no GPU.
 #[test]
-fn cuda_shape_check_refuses_mla() {
+fn cuda_shape_check_takes_mla_kernel_shapes_only() {
     let err = nanoseek::backend::check_cuda_shapes(&small_mla("D", 0)).unwrap_err().to_string();
-    assert!(err.contains("MLA") && err.contains("d_qk 8") && err.contains("d_v 6"), "{err}");
+    assert!(err.contains("MLA") && err.contains("got (8, 6)") && err.contains("(96, 64)"), "{err}");
     assert!(nanoseek::backend::check_cuda_shapes(&ModelConfig::preset("tiny").unwrap()).is_ok());
+    for preset in ["medium", "xlarge"] {
+        let c = ModelConfig::preset(preset).unwrap();
+        assert!(c.is_mla());
+        nanoseek::backend::check_cuda_shapes(&c).unwrap();
+    }
 }
 
 /// Config validation names the field; old configs (no MLA keys) load as GQA; derived widths.

@@ -177,27 +177,11 @@ impl Model {
     ) -> Result<(Var, Var, Var, Option<Var>)> {
         let c = &self.config;
         let (n, nh) = (b * t, c.n_head);
-        let (dn, dr, dv, rkv) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
-        let (q, q_latent) = if c.q_lora_rank > 0 {
-            let cq = tape.linear(h, w[0])?;
-            let cq = tape.rmsnorm(cq, c.q_lora_rank)?;
-            (tape.linear(cq, w[1])?, Some(cq))
-        } else {
-            (tape.linear(h, w[0])?, None)
-        };
-        let (wkv_a, wkv_b) = (w[w.len() - 2], w[w.len() - 1]);
-        // per head: [q_nope ; RoPE(q_pe)]
-        let q = tape.reshape(q, &[n, nh, dn + dr])?;
-        let q_nope = tape.slice_cols(q, 0, dn)?;
-        let q_pe = tape.slice_cols(q, dn, dr)?;
-        let q_pe = tape.rope(q_pe, (b, t, nh), RopeKind::Attention)?;
+        let (dn, dv) = (c.qk_nope_head_dim, c.v_head_dim);
+        let (q_nope, q_pe, q_latent) = self.mla_query(tape, h, w, (b, t), None)?;
         let q = tape.concat_cols(q_nope, q_pe)?;
-        // the latent c_kv (normalized) and the one rotary key
-        let kv_a = tape.linear(h, wkv_a)?;
-        let c_kv = tape.slice_cols(kv_a, 0, rkv)?;
-        let c_kv = tape.rmsnorm(c_kv, rkv)?;
-        let k_pe = tape.slice_cols(kv_a, rkv, dr)?;
-        let k_pe = tape.rope(k_pe, (b, t, 1), RopeKind::Attention)?;
+        let (wkv_a, wkv_b) = (w[w.len() - 2], w[w.len() - 1]);
+        let (c_kv, k_pe) = self.mla_latent(tape, h, wkv_a, (b, t), None)?;
         // per head: [k_nope ; v] from the latent, k = [k_nope ; k_pe]
         let kv = tape.linear(c_kv, wkv_b)?;
         let kv = tape.reshape(kv, &[n, nh, dn + dv])?;
@@ -206,5 +190,53 @@ impl Model {
         let k_pe = tape.repeat_heads(k_pe, nh)?;
         let k = tape.concat_cols(k_nope, k_pe)?;
         Ok((q, k, v, q_latent))
+    }
+
+    /// MLA's query from h `[n, C]` of a `[b, t]` batch, per head: q_nope `[n, H, d_n]` and the
+    /// rotated q_pe `[n, H, d_r]` (RoPE at positions `p0..` when decoding), with the normalized
+    /// query latent `[n, r_q]` (None when r_q = 0); `w` = the projections before c_proj. Training
+    /// ([`Self::mla_qkv`]) and latent decoding (`nn::mla_decode`) share it.
+    pub(super) fn mla_query<'p, B: Backend>(
+        &'p self,
+        tape: &mut Tape<'p, B>,
+        h: Var,
+        w: &[Var],
+        (b, t): (usize, usize),
+        p0: Option<usize>,
+    ) -> Result<(Var, Var, Option<Var>)> {
+        let c = &self.config;
+        let (dn, dr, nh) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.n_head);
+        let (q, q_latent) = if c.q_lora_rank > 0 {
+            let cq = tape.linear(h, w[0])?;
+            let cq = tape.rmsnorm(cq, c.q_lora_rank)?;
+            (tape.linear(cq, w[1])?, Some(cq))
+        } else {
+            (tape.linear(h, w[0])?, None)
+        };
+        let q = tape.reshape(q, &[b * t, nh, dn + dr])?;
+        let q_nope = tape.slice_cols(q, 0, dn)?;
+        let q_pe = tape.slice_cols(q, dn, dr)?;
+        let q_pe = tape.rope_at(q_pe, (b, t, nh), RopeKind::Attention, p0)?;
+        Ok((q_nope, q_pe, q_latent))
+    }
+
+    /// MLA's per-token latent from h `[n, C]`: the normalized c_kv `[n, r_kv]` and the rotated
+    /// key shared by all heads, k_pe `[n, d_r]` (RoPE at positions `p0..` when decoding): what the
+    /// latent cache holds.
+    pub(super) fn mla_latent<'p, B: Backend>(
+        &'p self,
+        tape: &mut Tape<'p, B>,
+        h: Var,
+        wkv_a: Var,
+        (b, t): (usize, usize),
+        p0: Option<usize>,
+    ) -> Result<(Var, Var)> {
+        let (rkv, dr) = (self.config.kv_lora_rank, self.config.qk_rope_head_dim);
+        let kv_a = tape.linear(h, wkv_a)?;
+        let c_kv = tape.slice_cols(kv_a, 0, rkv)?;
+        let c_kv = tape.rmsnorm(c_kv, rkv)?;
+        let k_pe = tape.slice_cols(kv_a, rkv, dr)?;
+        let k_pe = tape.rope_at(k_pe, (b, t, 1), RopeKind::Attention, p0)?;
+        Ok((c_kv, k_pe))
     }
 }

@@ -20,7 +20,7 @@
 use super::config::AttnKind;
 use super::model::Model;
 use crate::autograd::{Tape, Var};
-use crate::backend::{AbsorbDims, AbsorbSide, Backend, LatentDims, LayerCache, RopeKind};
+use crate::backend::{AbsorbDims, AbsorbSide, Backend, LatentDims, LayerCache};
 use anyhow::Result;
 
 impl Model {
@@ -40,27 +40,14 @@ impl Model {
         let (dn, dr, dv, rkv) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
         let na = c.n_attn_params();
         let (wkv_a, wkv_b) = (w[na - 3], w[na - 2]);
-        // the query as `Model::mla_qkv` computes it, RoPE at the cached positions
-        let (q, q_latent) = if c.q_lora_rank > 0 {
-            let cq = tape.linear(h, w[0])?;
-            let cq = tape.rmsnorm(cq, c.q_lora_rank)?;
-            (tape.linear(cq, w[1])?, Some(cq))
-        } else {
-            (tape.linear(h, w[0])?, None)
-        };
-        let q = tape.reshape(q, &[n, nh, dn + dr])?;
-        let q_nope = tape.slice_cols(q, 0, dn)?;
-        let q_pe = tape.slice_cols(q, dn, dr)?;
-        let q_pe = tape.rope_at(q_pe, (1, n, nh), RopeKind::Attention, p0)?;
+        // the training forward's query and latent (`Model::mla_query`, `mla_latent`), RoPE at the
+        // cached positions; the query absorbs W_UK: [q̃_h ; RoPE(q_pe_h)] per head
+        let (q_nope, q_pe, q_latent) = self.mla_query(tape, h, &w[..na - 1], (1, n), p0)?;
         let ad = AbsorbDims { n, h: nh, d_nope: dn, d_v: dv, rank: rkv };
         let q_abs = tape.mla_absorb(q_nope, wkv_b, ad, AbsorbSide::Query)?;
         let q_lat = tape.concat_cols(q_abs, q_pe)?; // [n, H, r_kv + d_r]
                                                     // the new latent rows [c_kv ; RoPE(k_pe)]
-        let kv_a = tape.linear(h, wkv_a)?;
-        let c_kv = tape.slice_cols(kv_a, 0, rkv)?;
-        let c_kv = tape.rmsnorm(c_kv, rkv)?;
-        let k_pe = tape.slice_cols(kv_a, rkv, dr)?;
-        let k_pe = tape.rope_at(k_pe, (1, n, 1), RopeKind::Attention, p0)?;
+        let (c_kv, k_pe) = self.mla_latent(tape, h, wkv_a, (1, n), p0)?;
         let kv = tape.concat_cols(c_kv, k_pe)?;
         // the un-absorbed model's scale (the same dot products)
         let dims = LatentDims { t: n, h: nh, rank: rkv, rope: dr, scale: 1.0 / ((dn + dr) as f32).sqrt() };
