@@ -19,7 +19,7 @@
 //!   (`index_head_dim` floats): `len · (kv_dim · 2 + d_I)` floats. A step scores every cached
 //!   indexer key (`O(T · H_I · d_I)`, narrow), picks the top `index_topk` (plus the local window)
 //!   and attends to those rows only: `O(k)` per head instead of `O(T)`.
-//! - **MoE FFNs** route each new row with the layer's bias (`Model::moe_ffn`; the `n` rows of a
+//! - **MoE FFNs** route each new row with the layer's bias (`Model::moe_ffn` in nn::ffn; the `n` rows of a
 //!   call are one routing call, so a capacity limit applies per call), no cache.
 //! - **MLA models** (`attention = "mla"`, `nn::mla_decode`) cache one latent row
 //!   `[c_kv ; k_pe]` of `kv_lora_rank + qk_rope_head_dim` floats per position in place of the

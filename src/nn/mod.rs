@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod decode;
+mod ffn;
 pub mod indexer;
 pub mod mla;
 mod mla_decode;
