@@ -72,7 +72,7 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Floats per token the tape keeps for one v32 indexer (`Model::v32_indexer_qkw` op by op,
+    /// Floats per token the tape keeps for one v32 indexer (`Model::indexer_qkw` op by op,
     /// and the KL loss's saved gradients), beside the selection (`info::predict_training_bytes`).
     pub fn v32_indexer_activations_per_token(&self) -> usize {
         let (hi, di, r) = (self.index_n_heads, self.index_head_dim, self.index_rope_width());
@@ -96,9 +96,7 @@ impl Model {
         let (mx, vec) = (ParamKind::Matrix, ParamKind::Vector);
         let spec = |name, kind, shape: Vec<usize>, zero| ParamSpec { name, kind, shape, zero };
         let (hi, di, ce) = (c.index_n_heads, c.index_head_dim, c.n_embd);
-        if !c.is_v32_indexer() {
-            v.push(spec("attn.indexer.wq", mx, vec![hi * di, ce], false));
-        } else if c.indexer_reads_q_latent() {
+        if c.indexer_reads_q_latent() {
             v.push(spec("attn.indexer.wq_b", mx, vec![hi * di, c.q_lora_rank], false));
         } else {
             v.push(spec("attn.indexer.wq", mx, vec![hi * di, ce], false));
@@ -111,10 +109,12 @@ impl Model {
         v.push(spec("attn.indexer.w_heads", mx, vec![hi, ce], false));
     }
 
-    /// The v32 indexer's qi `[n, H_I·d_I]`, ki `[n, d_I]`, wi `[n, H_I]` (module doc); `w` as
-    /// [`Self::indexer_param_specs`] orders them, `p0` the cached length when decoding.
+    /// The indexer's qi `[n, H_I·d_I]`, ki `[n, d_I]`, wi `[n, H_I]` (module doc) from the block's
+    /// normalized input h and the query source `q_src` (MLA's normalized query latent, else h);
+    /// `w` as [`Self::indexer_param_specs`] orders them, `p0` the cached length when decoding. The
+    /// gqa indexer is the v32 one without the LayerNorm and with every dim rotated.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn v32_indexer_qkw<'p, B: Backend>(
+    pub(super) fn indexer_qkw<'p, B: Backend>(
         &'p self,
         tape: &mut Tape<'p, B>,
         h: Var,
@@ -128,14 +128,12 @@ impl Model {
         let hd = tape.detach(h)?;
         let qs = if c.indexer_reads_q_latent() { tape.detach(q_src)? } else { hd };
         let qi = tape.linear(qs, w[0])?;
-        let qi = tape.reshape(qi, &[b * t, hi, di])?;
         let qi = self.partial_rope(tape, qi, (b, t, hi), p0)?;
-        let qi = tape.reshape(qi, &[b * t, hi * di])?;
         let ki = tape.linear(hd, w[1])?;
-        let ki = tape.layernorm(ki, w[2], w[3])?;
+        let ki = if c.is_v32_indexer() { tape.layernorm(ki, w[2], w[3])? } else { ki };
         let ki = self.partial_rope(tape, ki, (b, t, 1), p0)?;
-        let wi = tape.linear(hd, w[4])?;
-        let wi = tape.scale(wi, 1.0 / ((hi as f32).sqrt() * (di as f32).sqrt()))?;
+        let wi = tape.linear(hd, w[w.len() - 1])?;
+        let wi = tape.scale(wi, 1.0 / ((hi * di) as f32).sqrt())?;
         Ok((qi, ki, wi))
     }
 
@@ -161,22 +159,30 @@ impl Model {
         Ok([qi, ki, wi].map(|v| tape.value(v).to_vec()))
     }
 
-    /// RoPE on the first r = `index_rope_width()` dims of each head of x [n, h, d_I] (positions
-    /// `p0..` when decoding), the other d_I − r unchanged: [RoPE(x_pe) ; x_nope].
+    /// RoPE on the first r = `index_rope_width()` dims of each of the h heads of x [n, h·d_I]
+    /// (positions `p0..` when decoding), the other d_I − r unchanged: [RoPE(x_pe) ; x_nope] per
+    /// head (all of x when r = d_I, the gqa indexer).
     fn partial_rope<'p, B: Backend>(
         &'p self,
         tape: &mut Tape<'p, B>,
         x: Var,
-        bth: (usize, usize, usize),
+        (b, t, h): (usize, usize, usize),
         p0: Option<usize>,
     ) -> Result<Var> {
         let (di, r) = (self.config.index_head_dim, self.config.index_rope_width());
         if r == di {
-            return tape.rope_at(x, bth, RopeKind::Indexer, p0);
+            return tape.rope_at(x, (b, t, h), RopeKind::Indexer, p0);
         }
+        // the column ops act on the last dim: view several heads as [n, h, d_I] (a copy)
+        let x = if h > 1 { tape.reshape(x, &[b * t, h, di])? } else { x };
         let pe = tape.slice_cols(x, 0, r)?;
-        let pe = tape.rope_at(pe, bth, RopeKind::Indexer, p0)?;
+        let pe = tape.rope_at(pe, (b, t, h), RopeKind::Indexer, p0)?;
         let nope = tape.slice_cols(x, r, di - r)?;
-        tape.concat_cols(pe, nope)
+        let y = tape.concat_cols(pe, nope)?;
+        if h > 1 {
+            tape.reshape(y, &[b * t, h * di])
+        } else {
+            Ok(y)
+        }
     }
 }

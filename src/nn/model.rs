@@ -486,36 +486,7 @@ impl Model {
         }
     }
 
-    /// The lightning indexer's query heads qi `[n, H_I·d_I]`, key ki `[n, d_I]` and head weights wi
-    /// `[n, H_I]` from the block's normalized input h and the query source `q_src` (h for GQA
-    /// models; see `sparse_attention`); `w` = the indexer's parameters (block order); `p0` = the
-    /// cached length when decoding (RoPE at positions `p0..`). Both inputs are detached, so the
-    /// language-model loss never reaches the indexer.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn indexer_qkw<'p, B: Backend>(
-        &'p self,
-        tape: &mut Tape<'p, B>,
-        h: Var,
-        q_src: Var,
-        w: &[Var],
-        (b, t): (usize, usize),
-        p0: Option<usize>,
-    ) -> Result<(Var, Var, Var)> {
-        let c = &self.config;
-        if c.is_v32_indexer() {
-            return self.v32_indexer_qkw(tape, h, q_src, w, (b, t), p0); // `nn::indexer`
-        }
-        let hd = tape.detach(h)?;
-        let qi = tape.linear(hd, w[0])?;
-        let qi = tape.rope_at(qi, (b, t, c.index_n_heads), RopeKind::Indexer, p0)?;
-        let ki = tape.linear(hd, w[1])?;
-        let ki = tape.rope_at(ki, (b, t, 1), RopeKind::Indexer, p0)?;
-        let wi = tape.linear(hd, w[2])?;
-        let wi = tape.scale(wi, 1.0 / ((c.index_n_heads * c.index_head_dim) as f32).sqrt())?;
-        Ok((qi, ki, wi))
-    }
-
-    /// DeepSeek Sparse Attention: the lightning indexer (`indexer_qkw`, on detached inputs) scores
+    /// DeepSeek Sparse Attention: the lightning indexer (`nn::indexer`'s `indexer_qkw`, on detached inputs) scores
     /// earlier keys, and each query attends to its top-k; the indexer learns from the KL to the
     /// attention distribution (an aux loss). `(h, q_src)`: the block's normalized input and what the
     /// indexer's query reads; `w` = the indexer's parameters. With a `cache`, the indexer scores
