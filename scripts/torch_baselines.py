@@ -315,15 +315,19 @@ def all_cases(args, record):
     ang = torch.arange(t, device=dev)[:, None] * (10000.0 ** (-2 * torch.arange(d // 2, device=dev) / d))[None]
     cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
     xn = torch.randn(b * t, 768, device=dev, dtype=bf)
+    g, bt = torch.randn(768, device=dev, dtype=bf), torch.randn(768, device=dev, dtype=bf)
     z = torch.randn(8192, 65536 if not args.quick else 8192, device=dev, dtype=bf)
     yt = torch.randint(0, z.shape[1], (z.shape[0],), device=dev)
     for mode in ["eager", "compiled"]:
         wrap = (lambda f: f) if mode == "eager" else (lambda f: torch.compile(f))
         r, n, c, rq = wrap(rope), wrap(rmsnorm), wrap(softcap_ce), wrap(rope_qknorm)
+        ln = wrap(torch.nn.functional.layer_norm)
         record("rope", f"rope {mode}", list(xq.shape), bench(lambda: r(xq, cos, sin)), nbytes=2 * xq.numel() * 2)
         record("rope", f"rope+qknorm {mode}", list(xq.shape), bench(lambda: rq(xq, cos, sin)),
                nbytes=2 * xq.numel() * 2)
         record("rmsnorm", f"rmsnorm {mode}", list(xn.shape), bench(lambda: n(xn)), nbytes=2 * xn.numel() * 2)
+        record("layernorm", f"layernorm {mode}", list(xn.shape), bench(lambda: ln(xn, (768,), g, bt, 1e-6)),
+               nbytes=2 * xn.numel() * 2)
         record("loss", f"softcap_ce {mode}", list(z.shape), bench(lambda: c(z, yt)), nbytes=z.numel() * 2)
 
     # the residual add (the engine's axpby): 2 tensors read, 1 written

@@ -207,6 +207,12 @@ pub fn all(r: &mut Runner, o: &BenchOptions) -> Result<()> {
     let names = ["rmsnorm eager", "rmsnorm compiled"];
     let spec = Case::spec("rmsnorm", "rmsnorm fwd", &[rows, dim], None, Some(bytes)).vs(&names);
     r.case(spec, Short, &[&y, &rstd], || norm::rmsnorm_forward(be, &x, dim, &y, &rstd))?;
+    // LayerNorm (affine; the V3.2 indexer's key norm) on the same [8192, 768]: x read, y written
+    let (gamma, beta) = (random_bf16(be, dim, 10)?, random_bf16(be, dim, 11)?);
+    let stats = DeviceBuffer::<f32>::zeros(be, 2 * rows)?;
+    let names = ["layernorm eager", "layernorm compiled"];
+    let spec = Case::spec("layernorm", "layernorm fwd", &[rows, dim], None, Some(bytes)).vs(&names);
+    r.case(spec, Short, &[&y, &stats], || norm::layernorm_forward(be, &x, (&gamma, &beta), dim, &y, &stats))?;
 
     // The residual add (axpby: out = a + b) over 2^26 bf16 values: 2 read, 1 written.
     let n = 1usize << 26;

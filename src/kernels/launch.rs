@@ -104,9 +104,10 @@ pub mod rope {
 
 /// Parameter-free RMSNorm: `rmsnorm_forward(be, x [rows, dim] bf16, dim, y bf16, rstd [rows]
 /// f32)` (rstd = 1/rms, kept for the backward); dim a multiple of 8. Twin of
-/// [`super::cuda::rmsnorm`].
+/// [`super::cuda::rmsnorm`]. Affine LayerNorm: `layernorm_forward(be, x, (gamma, beta), dim, y,
+/// stats [2·rows] f32)` and `layernorm_backward`; twins of [`super::cuda::layernorm`].
 pub mod norm {
-    pub use crate::backend::cuda::norm::rmsnorm_forward;
+    pub use crate::backend::cuda::norm::{layernorm_backward, layernorm_forward, rmsnorm_forward};
 }
 
 /// Softcap cross-entropy: `softcap_cross_entropy_forward(be, logits [rows, vocab] bf16, vocab,
